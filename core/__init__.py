@@ -1,0 +1,85 @@
+"""
+The types every part of callward shares, the tool registry, parsing of model
+output, the gateway pipeline and the CLI.
+
+Example::
+
+    >>> from callward.core import ToolCall
+    >>> call = ToolCall.create(id="c1", name="square", arguments={"x": 3}, dialect="api")
+    >>> call.arguments
+    {'x': 3}
+"""
+
+from callward.core._canonical import (
+    JSONValue,
+    Sha256Hex,
+    canonical_bytes,
+    canonical_sha256,
+    sha256_hex,
+    strict_loads,
+)
+from callward.core.errors import (
+    AuditUnavailable,
+    CallwardError,
+    ConfigurationError,
+    InfrastructureError,
+    MalformedCall,
+    PolicyDenied,
+    PolicyInvalid,
+    SandboxUnavailable,
+    ToolFailed,
+    UnknownTool,
+    VerificationFailed,
+)
+from callward.core.protocols import AuditLog, PolicyEngine, ToolRunner
+from callward.core.types import (
+    AuditRecord,
+    CallContext,
+    CallId,
+    Decision,
+    Execution,
+    KeyId,
+    Receipt,
+    ResourceLimits,
+    RuleId,
+    ToolCall,
+    ToolResult,
+    ToolSpec,
+    Usage,
+)
+
+__all__ = [
+    "AuditLog",
+    "AuditRecord",
+    "AuditUnavailable",
+    "CallContext",
+    "CallId",
+    "CallwardError",
+    "ConfigurationError",
+    "Decision",
+    "Execution",
+    "InfrastructureError",
+    "JSONValue",
+    "KeyId",
+    "MalformedCall",
+    "PolicyDenied",
+    "PolicyEngine",
+    "PolicyInvalid",
+    "Receipt",
+    "ResourceLimits",
+    "RuleId",
+    "SandboxUnavailable",
+    "Sha256Hex",
+    "ToolCall",
+    "ToolFailed",
+    "ToolResult",
+    "ToolRunner",
+    "ToolSpec",
+    "Usage",
+    "UnknownTool",
+    "VerificationFailed",
+    "canonical_bytes",
+    "canonical_sha256",
+    "sha256_hex",
+    "strict_loads",
+]

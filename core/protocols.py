@@ -1,0 +1,71 @@
+"""
+The three stages the gateway is handed, as small Protocols.
+
+``callward.policies``, ``callward.sandbox`` and ``callward.audit`` each provide
+a concrete class that satisfies one of these without importing the others;
+tests pass ``Fake*``/``Stub*`` implementations the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+from callward.core._canonical import JSONValue, Sha256Hex
+from callward.core.types import (
+    AuditRecord,
+    CallContext,
+    Decision,
+    Execution,
+    ResourceLimits,
+    ToolCall,
+    ToolSpec,
+)
+
+
+class PolicyEngine(Protocol):
+    """Decides whether one call may run. Never raises for a bad call: it denies."""
+
+    @property
+    def digest(self) -> Sha256Hex: ...
+
+    def decide(self, call: ToolCall, spec: ToolSpec | None, context: CallContext) -> Decision:
+        """
+        Decide one call.
+
+        Args:
+            spec: The registered tool, or None when the name is unknown (always a denial).
+        """
+        ...
+
+
+class ToolRunner(Protocol):
+    """Runs one tool invocation in isolation and reports how it ended."""
+
+    @property
+    def image_digest(self) -> Sha256Hex: ...
+
+    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
+        """
+        Run ``spec`` with ``call``'s arguments under ``limits``.
+
+        Returns an ``Execution`` for every way the tool itself can end (a value,
+        an exception, a limit hit).
+
+        Raises:
+            SandboxUnavailable: The sandbox could not run the tool at all.
+        """
+        ...
+
+
+class AuditLog(Protocol):
+    """An append-only log of signed records."""
+
+    def append(self, kind: str, body: Mapping[str, JSONValue]) -> AuditRecord:
+        """
+        Sign ``body`` as the next record and make it durable before returning.
+
+        Raises:
+            AuditUnavailable: The record is not durable; the caller must not proceed.
+        """
+        ...

@@ -1,0 +1,467 @@
+"""
+The values that flow through callward's pipeline.
+
+Each is a frozen dataclass validated in ``__post_init__``, so an invalid one
+cannot exist. JSON payloads (arguments, schemas, results) are held as RFC 8785
+canonical bytes, which are immutable and are exactly what gets hashed; the
+``arguments``/``value`` properties decode a fresh copy on every access.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final, Literal, NewType
+
+from callward.core._canonical import (
+    JSONValue,
+    Sha256Hex,
+    canonical_bytes,
+    sha256_hex,
+)
+from callward.core.errors import (
+    DENY_KINDS,
+    RESULT_KINDS,
+    TOOL_FAILURE_KINDS,
+    DenyKind,
+    ResultKind,
+    ToolFailureKind,
+)
+
+RuleId = NewType("RuleId", str)
+KeyId = NewType("KeyId", str)
+CallId = NewType("CallId", str)
+
+Dialect = Literal["article", "openai", "hermes", "api"]
+Effect = Literal["allow", "deny"]
+
+_HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
+_TOOL_NAME = re.compile(r"\A[a-z][a-z0-9_]{0,63}\Z")
+_VERSION = re.compile(r"\A[0-9A-Za-z][0-9A-Za-z.+-]{0,31}\Z")
+MIB: Final = 1 << 20
+
+
+def is_tool_name(name: str) -> bool:
+    """Tool names are ASCII snake_case, so look-alike Unicode names cannot exist."""
+    return bool(_TOOL_NAME.match(name))
+
+
+def _require_sha256(value: str, what: str) -> None:
+    if not _HEX64.match(value):
+        raise ValueError(f"{what} must be 64 lower-case hex digits")
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceLimits:
+    """
+    What one execution may use. Every limit is finite; the defaults are tight.
+
+    Attributes:
+        wall_seconds: Wall-clock time from start to result; the container is killed after it.
+        memory_bytes: Memory, with no swap on top.
+        pids: Processes and threads, the runner included.
+        cpus: CPU share, in cores.
+        output_bytes: Bytes the tool may write to stdout and stderr together.
+        tmp_bytes: Size of the writable /tmp (the only writable path).
+        open_files: Open file descriptors.
+    """
+
+    wall_seconds: float = 5.0
+    memory_bytes: int = 128 * MIB
+    pids: int = 32
+    cpus: float = 0.5
+    output_bytes: int = 64 * 1024
+    tmp_bytes: int = 8 * MIB
+    open_files: int = 64
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.wall_seconds) and 0 < self.wall_seconds <= 3600):
+            raise ValueError("wall_seconds must be in (0, 3600]")
+        if not (math.isfinite(self.cpus) and 0 < self.cpus <= 64):
+            raise ValueError("cpus must be in (0, 64]")
+        for name, low in (
+            ("memory_bytes", 16 * MIB),
+            ("pids", 4),
+            ("output_bytes", 1),
+            ("tmp_bytes", 4096),
+            ("open_files", 16),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer of at least {low}")
+
+    def tightened_by(self, other: ResourceLimits) -> ResourceLimits:
+        """The stricter of two limits, field by field: a policy can only tighten a tool."""
+        return ResourceLimits(
+            wall_seconds=min(self.wall_seconds, other.wall_seconds),
+            memory_bytes=min(self.memory_bytes, other.memory_bytes),
+            pids=min(self.pids, other.pids),
+            cpus=min(self.cpus, other.cpus),
+            output_bytes=min(self.output_bytes, other.output_bytes),
+            tmp_bytes=min(self.tmp_bytes, other.tmp_bytes),
+            open_files=min(self.open_files, other.open_files),
+        )
+
+    def to_json(self) -> dict[str, JSONValue]:
+        return {
+            "wall_seconds": self.wall_seconds,
+            "memory_bytes": self.memory_bytes,
+            "pids": self.pids,
+            "cpus": self.cpus,
+            "output_bytes": self.output_bytes,
+            "tmp_bytes": self.tmp_bytes,
+            "open_files": self.open_files,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """
+    One call, as the model asked for it, in any dialect.
+
+    Attributes:
+        id: The call id (the model's own where it gave one, else generated).
+        name: The tool name as the model wrote it (not yet checked).
+        arguments_json: The arguments object, RFC 8785 canonical.
+        dialect: Which syntax it was parsed from.
+        expected_json: The article syntax's expected output, canonical; never trusted,
+            only compared with the result afterwards.
+    """
+
+    id: CallId
+    name: str
+    arguments_json: bytes
+    dialect: Dialect
+    expected_json: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if not self.id or len(self.id) > 128:
+            raise ValueError("a call id must have 1 to 128 characters")
+        if not isinstance(json.loads(self.arguments_json), dict):
+            raise ValueError("arguments must be a JSON object")
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        id: str,  # noqa: A002 - mirrors the field name
+        name: str,
+        arguments: Mapping[str, JSONValue],
+        dialect: Dialect,
+        expected: JSONValue = None,
+        has_expected: bool = False,
+    ) -> ToolCall:
+        """
+        Build a call from decoded arguments.
+
+        Raises:
+            CanonicalizationError: The arguments are not I-JSON.
+        """
+        return cls(
+            id=CallId(id),
+            name=name,
+            arguments_json=canonical_bytes(dict(arguments)),
+            dialect=dialect,
+            expected_json=canonical_bytes(expected) if has_expected else None,
+        )
+
+    @property
+    def arguments(self) -> dict[str, JSONValue]:
+        """A fresh copy of the arguments."""
+        value: dict[str, JSONValue] = json.loads(self.arguments_json)
+        return value
+
+    @property
+    def arguments_sha256(self) -> Sha256Hex:
+        return sha256_hex(self.arguments_json)
+
+    @property
+    def expected(self) -> JSONValue:
+        return None if self.expected_json is None else json.loads(self.expected_json)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """
+    A registered tool: a Python function, its JSON Schema and its version.
+
+    Attributes:
+        source: The function's source, decorators removed; it runs in the sandbox.
+        entrypoint: The function's name inside ``source``.
+        parameters_json: The JSON Schema (2020-12) of the arguments object, canonical.
+        digest: SHA-256 over name, version, source and schema.
+        limits: The tool's own limits; a policy can only tighten them.
+    """
+
+    name: str
+    version: str
+    description: str
+    source: str
+    entrypoint: str
+    parameters_json: bytes
+    digest: Sha256Hex
+    limits: ResourceLimits = field(default_factory=ResourceLimits)
+    labels: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not is_tool_name(self.name):
+            raise ValueError("a tool name is ASCII snake_case, 1 to 64 characters")
+        if not _VERSION.match(self.version):
+            raise ValueError("a tool version is 1 to 32 characters of [0-9A-Za-z.+-]")
+        if not self.entrypoint.isidentifier():
+            raise ValueError("the entrypoint must be a Python identifier")
+        _require_sha256(self.digest, "a tool digest")
+        if not isinstance(json.loads(self.parameters_json), dict):
+            raise ValueError("a parameters schema is a JSON object")
+
+    @property
+    def parameters(self) -> dict[str, JSONValue]:
+        """A fresh copy of the JSON Schema."""
+        value: dict[str, JSONValue] = json.loads(self.parameters_json)
+        return value
+
+    @property
+    def parameter_order(self) -> tuple[str, ...]:
+        """
+        The property names in the order the schema's author wrote them.
+
+        Canonical JSON sorts keys, so the order is kept in the schema's
+        ``x-callward-order`` (set by the registry from the author's dict).
+        """
+        schema = self.parameters
+        order = schema.get("x-callward-order")
+        if isinstance(order, list):
+            return tuple(str(name) for name in order)
+        properties = schema.get("properties")
+        return tuple(properties) if isinstance(properties, dict) else ()
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """Who is calling, and in which session."""
+
+    principal: str
+    session_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.principal or len(self.principal) > 256:
+            raise ValueError("a principal has 1 to 256 characters")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """
+    The policy's answer to one call, with every rule that decided it.
+
+    Attributes:
+        kind: For a denial, the first failed check (in the order of the pipeline).
+        reasons: Ids of the rules that decided, the failing ones first for a denial.
+        json_path: For a schema denial, where in the arguments it failed.
+        limits: For an allow, the limits the execution runs under.
+    """
+
+    effect: Effect
+    reasons: tuple[RuleId, ...]
+    policy_digest: Sha256Hex
+    kind: DenyKind | None = None
+    message: str = ""
+    json_path: str | None = None
+    limits: ResourceLimits | None = None
+
+    def __post_init__(self) -> None:
+        if not self.reasons:
+            raise ValueError("a decision must name the rule that made it")
+        _require_sha256(self.policy_digest, "a policy digest")
+        if self.effect == "deny":
+            if self.kind not in DENY_KINDS:
+                raise ValueError("a denial must say which check failed")
+            if self.limits is not None:
+                raise ValueError("a denial carries no limits")
+        elif self.effect == "allow":
+            if self.kind is not None:
+                raise ValueError("an allow has no deny kind")
+            if self.limits is None:
+                raise ValueError("an allow must carry the limits it runs under")
+        else:
+            raise ValueError("effect is allow or deny")
+
+    def to_json(self) -> dict[str, JSONValue]:
+        return {
+            "effect": self.effect,
+            "kind": self.kind,
+            "reasons": list(self.reasons),
+            "policy_digest": self.policy_digest,
+            "message": self.message,
+            "json_path": self.json_path,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What one execution used, as the host measured it."""
+
+    wall_ms: float
+    exit_code: int | None
+    output_bytes: int
+    container_id: str = ""
+
+    def to_json(self) -> dict[str, JSONValue]:
+        return {
+            "wall_ms": round(self.wall_ms, 3),
+            "exit_code": self.exit_code,
+            "output_bytes": self.output_bytes,
+            "container_id": self.container_id[:12],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """
+    The outcome of running a tool: a value, or a tool failure kind.
+
+    ``value_json`` is canonical JSON when ``kind == "ok"`` and ``None`` otherwise.
+    """
+
+    kind: Literal["ok"] | ToolFailureKind
+    value_json: bytes | None
+    message: str
+    usage: Usage
+
+    def __post_init__(self) -> None:
+        if self.kind == "ok":
+            if self.value_json is None:
+                raise ValueError("an ok execution has a value")
+        elif self.kind in TOOL_FAILURE_KINDS:
+            if self.value_json is not None:
+                raise ValueError("a failed execution has no value")
+        else:
+            raise ValueError("an execution ends ok or in a tool failure kind")
+
+    @property
+    def value(self) -> JSONValue:
+        return None if self.value_json is None else json.loads(self.value_json)
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """Where the call's final record sits in the audit log, and what it hashes to."""
+
+    seq: int
+    record_hash: Sha256Hex
+    key_id: KeyId
+
+    def __post_init__(self) -> None:
+        if self.seq < 1:
+            raise ValueError("a seq starts at 1")
+        _require_sha256(self.record_hash, "a record hash")
+
+    def to_json(self) -> dict[str, JSONValue]:
+        return {"seq": self.seq, "record_hash": self.record_hash, "key_id": self.key_id}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    """
+    What goes back to the model: a value or an error, and the receipt of its record.
+
+    Attributes:
+        kind: ``ok`` or the stable error kind.
+        content_json: Canonical JSON for the model: the value, or ``{"error", "message"}``.
+        receipt: The signed record this result was written to. Every result has one.
+        expected_matched: For article calls with an expected output, whether it matched.
+    """
+
+    call_id: CallId
+    tool: str
+    kind: ResultKind
+    content_json: bytes
+    receipt: Receipt
+    expected_matched: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in RESULT_KINDS:
+            raise ValueError("unknown result kind")
+
+    @property
+    def ok(self) -> bool:
+        return self.kind == "ok"
+
+    @property
+    def content(self) -> JSONValue:
+        return json.loads(self.content_json)
+
+    def to_json(self) -> dict[str, JSONValue]:
+        return {
+            "call_id": self.call_id,
+            "tool": self.tool,
+            "kind": self.kind,
+            "content": self.content,
+            "expected_matched": self.expected_matched,
+            "receipt": self.receipt.to_json(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """
+    One signed entry of the audit log.
+
+    ``record_bytes`` is the RFC 8785 encoding of ``{seq, ts, kind, prev, key_id, body}``;
+    ``record_hash`` is its SHA-256 and ``signature`` its Ed25519 signature.
+    """
+
+    seq: int
+    ts: str
+    kind: str
+    prev: Sha256Hex
+    key_id: KeyId
+    body_json: bytes
+    record_bytes: bytes
+    record_hash: Sha256Hex
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        if self.seq < 1:
+            raise ValueError("a seq starts at 1")
+        _require_sha256(self.prev, "prev")
+        _require_sha256(self.record_hash, "a record hash")
+
+    @property
+    def body(self) -> dict[str, JSONValue]:
+        value: dict[str, JSONValue] = json.loads(self.body_json)
+        return value
+
+    @property
+    def receipt(self) -> Receipt:
+        return Receipt(self.seq, self.record_hash, self.key_id)
+
+
+__all__ = [
+    "AuditRecord",
+    "CallContext",
+    "CallId",
+    "Decision",
+    "Dialect",
+    "Effect",
+    "Execution",
+    "JSONValue",
+    "KeyId",
+    "Receipt",
+    "ResourceLimits",
+    "ResultKind",
+    "RuleId",
+    "Sha256Hex",
+    "ToolCall",
+    "ToolFailureKind",
+    "ToolResult",
+    "ToolSpec",
+    "Usage",
+    "is_tool_name",
+]
