@@ -31,6 +31,7 @@ from callward.core.errors import (
     UnknownTool,
     VerificationFailed,
 )
+from callward.core._registry import ToolRegistry, tool
 from callward.core.protocols import AuditLog, PolicyEngine, ToolRunner
 from callward.core.types import (
     AuditRecord,
@@ -72,6 +73,7 @@ __all__ = [
     "Sha256Hex",
     "ToolCall",
     "ToolFailed",
+    "ToolRegistry",
     "ToolResult",
     "ToolRunner",
     "ToolSpec",
@@ -82,4 +84,5 @@ __all__ = [
     "canonical_sha256",
     "sha256_hex",
     "strict_loads",
+    "tool",
 ]

@@ -193,7 +193,9 @@ class ToolSpec:
         entrypoint: The function's name inside ``source``.
         parameters_json: The JSON Schema (2020-12) of the arguments object, canonical.
         digest: SHA-256 over name, version, source and schema.
-        limits: The tool's own limits; a policy can only tighten them.
+        limits: The tool's own limits; a policy may set others for it.
+        parameter_order: The property names in the order the author wrote them, which
+            canonical JSON (sorted keys) loses; positional calls map onto it.
     """
 
     name: str
@@ -205,6 +207,7 @@ class ToolSpec:
     digest: Sha256Hex
     limits: ResourceLimits = field(default_factory=ResourceLimits)
     labels: tuple[str, ...] = ()
+    parameter_order: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not is_tool_name(self.name):
@@ -222,21 +225,6 @@ class ToolSpec:
         """A fresh copy of the JSON Schema."""
         value: dict[str, JSONValue] = json.loads(self.parameters_json)
         return value
-
-    @property
-    def parameter_order(self) -> tuple[str, ...]:
-        """
-        The property names in the order the schema's author wrote them.
-
-        Canonical JSON sorts keys, so the order is kept in the schema's
-        ``x-callward-order`` (set by the registry from the author's dict).
-        """
-        schema = self.parameters
-        order = schema.get("x-callward-order")
-        if isinstance(order, list):
-            return tuple(str(name) for name in order)
-        properties = schema.get("properties")
-        return tuple(properties) if isinstance(properties, dict) else ()
 
     @property
     def ref(self) -> str:
@@ -376,6 +364,7 @@ class ToolResult:
         content_json: Canonical JSON for the model: the value, or ``{"error", "message"}``.
         receipt: The signed record this result was written to. Every result has one.
         expected_matched: For article calls with an expected output, whether it matched.
+        decision: The policy's decision (None when the message could not be parsed).
     """
 
     call_id: CallId
@@ -384,6 +373,7 @@ class ToolResult:
     content_json: bytes
     receipt: Receipt
     expected_matched: bool | None = None
+    decision: Decision | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in RESULT_KINDS:
@@ -404,6 +394,7 @@ class ToolResult:
             "kind": self.kind,
             "content": self.content,
             "expected_matched": self.expected_matched,
+            "decision": None if self.decision is None else self.decision.to_json(),
             "receipt": self.receipt.to_json(),
         }
 

@@ -1,0 +1,174 @@
+"""
+Gateway configuration (``callward.yaml``) and the state directory (``CALLWARD_HOME``).
+
+Configuration, version 1; paths are relative to the file::
+
+    tools:                 # Python files (or module:dotted.name) holding @tool functions
+      - tools.py
+    policy: policy.yaml    # required: there is no default policy
+    sandbox:
+      runtime: runc        # or runsc (gVisor)
+
+State lives under the home directory: ``audit.db``, ``keys/``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import structlog
+import yaml
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
+from referencing import Registry
+
+from callward.core._registry import ToolRegistry
+from callward.core.errors import ConfigurationError, SandboxUnavailable
+
+log = structlog.get_logger()
+
+if TYPE_CHECKING:
+    from callward.core.gateway import Gateway
+
+CONFIG_SCHEMA: Final = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["tools", "policy"],
+    "properties": {
+        "tools": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+        "policy": {"type": "string", "minLength": 1},
+        "sandbox": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"runtime": {"enum": ["runc", "runsc"]}},
+        },
+    },
+}
+_CONFIG_VALIDATOR: Final = Draft202012Validator(CONFIG_SCHEMA, registry=Registry())
+
+
+@dataclass(frozen=True, slots=True)
+class Home:
+    """Where callward keeps its state."""
+
+    root: Path
+
+    @classmethod
+    def resolve(cls, given: str | os.PathLike[str] | None = None) -> Home:
+        """``given``, else ``$CALLWARD_HOME``, else ``~/.callward``."""
+        if given is not None:
+            return cls(Path(given).expanduser())
+        env = os.environ.get("CALLWARD_HOME")
+        return cls(Path(env).expanduser() if env else Path.home() / ".callward")
+
+    @property
+    def audit_db(self) -> Path:
+        return self.root / "audit.db"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def public_key(self) -> Path:
+        return self.keys_dir / "audit-ed25519.pub"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "callward.yaml"
+
+    def create(self) -> None:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    tool_sources: tuple[str, ...]
+    policy_path: Path
+    runtime: str
+    source: Path
+
+
+def example_config_path() -> Path:
+    """The configuration the demo uses, shipped inside the package."""
+    return Path(str(resources.files("callward.core") / "examples" / "callward.yaml"))
+
+
+def load_config(path: Path) -> GatewayConfig:
+    """
+    Raises:
+        ConfigurationError: The file is missing, not YAML, or not a valid configuration.
+    """
+    try:
+        raw: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigurationError(
+            f"configuration {path} cannot be read ({type(exc).__name__})"
+        ) from exc
+    if not isinstance(raw, dict):
+        raise ConfigurationError(f"configuration {path} is not a YAML mapping")
+    error = best_match(_CONFIG_VALIDATOR.iter_errors(raw))
+    if error is not None:
+        raise ConfigurationError(f"configuration {path}: invalid at {error.json_path}: "
+                                 f"{error.message}")
+    base = path.parent
+
+    def resolve(entry: str) -> str:
+        return entry if entry.startswith("module:") else str((base / entry).resolve())
+
+    return GatewayConfig(
+        tool_sources=tuple(resolve(entry) for entry in raw["tools"]),
+        policy_path=Path(resolve(raw["policy"])),
+        runtime=(raw.get("sandbox") or {}).get("runtime", "runc"),
+        source=path,
+    )
+
+
+def load_registry(config: GatewayConfig) -> ToolRegistry:
+    registry = ToolRegistry()
+    for source in config.tool_sources:
+        registry.load(source)
+    return registry
+
+
+def build_gateway(path: object, *, home: object = None) -> Gateway:
+    """
+    The gateway a configuration file describes, with its state under ``home``.
+
+    The policy, the tools and the signing key are loaded here, so that a broken
+    file is an error at start, never at the first call.
+
+    Raises:
+        ConfigurationError: A file is missing or invalid (PolicyInvalid for the policy).
+    """
+    # The edge that wires the stages imports them; the stages never import each other.
+    from callward.audit import FileSigner, SQLiteAuditStore  # noqa: PLC0415
+    from callward.core.gateway import Gateway  # noqa: PLC0415
+    from callward.policies import Policy  # noqa: PLC0415
+    from callward.sandbox import DockerSandbox, expected_image_tag  # noqa: PLC0415
+
+    config = load_config(Path(str(path)))
+    state = Home.resolve(None if home is None else str(home))
+    state.create()
+    registry = load_registry(config)
+    policy = Policy.from_file(config.policy_path)
+    signer = FileSigner.load_or_create(state.keys_dir)
+    audit = SQLiteAuditStore(state.audit_db, signer)
+    audit.open()
+    runner = DockerSandbox.from_env(image=expected_image_tag(), runtime=config.runtime)
+    try:
+        runner.remove_leftovers()
+    except SandboxUnavailable:
+        # The gateway still starts: each call will then end, audited, as sandbox_unavailable.
+        log.warning("sandbox_unavailable_at_start")
+    return Gateway(
+        registry=registry,
+        policy=policy,
+        runner=runner,
+        audit=audit,
+        closers=(audit.close, runner.close),
+    )

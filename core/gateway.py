@@ -1,0 +1,362 @@
+"""
+The gateway: the one path every model-emitted call takes.
+
+Invariants, in the order a call meets them:
+
+1. A call that cannot be parsed, names an unknown tool, or is denied by the
+   policy is written to the audit log (``call.rejected`` / ``call.denied``)
+   and never runs.
+2. ``call.authorized`` is durable in the audit log before the sandbox is
+   asked to run anything; if it cannot be written, nothing runs and the
+   caller gets ``AuditUnavailable``.
+3. No result reaches the model without a signed ``call.completed``; if that
+   write fails, the result is withheld and the caller gets
+   ``AuditUnavailable``.
+
+Every ``ToolResult`` that leaves the gateway therefore carries the receipt of
+the signed record that explains it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from callward.core._canonical import JSONValue, canonical_bytes, sha256_hex
+from callward.core._parse import parse_model_output
+from callward.core._registry import ToolRegistry
+from callward.core.errors import CallwardError, MalformedCall, SandboxUnavailable
+from callward.core.protocols import AuditLog, PolicyEngine, ToolRunner
+from callward.core.types import (
+    CallContext,
+    CallId,
+    Decision,
+    Execution,
+    ResultKind,
+    RuleId,
+    ToolCall,
+    ToolResult,
+    ToolSpec,
+)
+
+log = structlog.get_logger()
+
+Clock = Callable[[], float]
+NewId = Callable[[], str]
+
+
+def new_call_id() -> str:
+    """A fresh call id for calls whose model gave none."""
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _ms(start: float, end: float) -> float:
+    return round((end - start) * 1000, 3)
+
+
+def _error_content(kind: str, message: str, **extra: JSONValue) -> bytes:
+    return canonical_bytes({"error": kind, "message": message, **extra})
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    execution: Execution | None
+    kind: ResultKind
+    content_json: bytes
+    message: str
+
+
+class Gateway:
+    """
+    Wires registry, policy, sandbox and audit log in the order of DESIGN.md.
+
+    The gateway holds what it was handed; it does no I/O when constructed.
+    """
+
+    def __init__(
+        self,
+        *,
+        registry: ToolRegistry,
+        policy: PolicyEngine,
+        runner: ToolRunner,
+        audit: AuditLog,
+        clock: Clock = time.perf_counter,
+        new_id: NewId = new_call_id,
+        closers: tuple[Callable[[], None], ...] = (),
+    ) -> None:
+        self.registry = registry
+        self.policy = policy
+        self.runner = runner
+        self.audit = audit
+        self._clock = clock
+        self._new_id = new_id
+        self._closers = closers
+
+    def close(self) -> None:
+        """Release what the gateway was handed to own (the audit store, the engine client)."""
+        for closer in self._closers:
+            closer()
+
+    def __enter__(self) -> Gateway:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @classmethod
+    def from_config(cls, path: object, *, home: object = None) -> Gateway:
+        """
+        Build a gateway from a configuration file (see ``callward.core.config``).
+
+        Raises:
+            ConfigurationError: The configuration, a tool file or the policy is invalid.
+        """
+        from callward.core._config import build_gateway  # noqa: PLC0415 - avoids an import cycle
+
+        return build_gateway(path, home=home)
+
+    # -- entry points ---------------------------------------------------------
+
+    def handle_text(
+        self,
+        text: str | Mapping[str, object],
+        *,
+        principal: str,
+        session_id: str = "",
+    ) -> tuple[ToolResult, ...]:
+        """
+        Parse one model message and run every call in it through the gateway.
+
+        Returns:
+            One result per call, in order; a single ``malformed`` result when the
+            message could not be read (then nothing ran); an empty tuple when the
+            message asks for no tool.
+
+        Raises:
+            AuditUnavailable: A record could not be written; see the module invariants.
+        """
+        context = CallContext(principal=principal, session_id=session_id)
+        started = self._clock()
+        try:
+            calls = parse_model_output(
+                text, parameter_order=self.registry.parameter_order, new_id=self._new_id
+            )
+        except MalformedCall as exc:
+            return (self._reject(text, exc, context),)
+        parse_ms = _ms(started, self._clock())
+        return tuple(self.handle(call, principal=principal, session_id=session_id,
+                                 parse_ms=parse_ms) for call in calls)
+
+    def handle(
+        self,
+        call: ToolCall,
+        *,
+        principal: str,
+        session_id: str = "",
+        parse_ms: float = 0.0,
+    ) -> ToolResult:
+        """
+        Run one parsed call: decide, audit, execute, audit, return.
+
+        Denials and tool failures come back as results with their kind; only a
+        failed audit write raises.
+
+        Raises:
+            AuditUnavailable: A record could not be written; nothing is returned.
+        """
+        context = CallContext(principal=principal, session_id=session_id)
+        clog = log.bind(call_id=call.id, tool_name_sha256=sha256_hex(call.name.encode())[:16])
+        clog.info("call_received", dialect=call.dialect, arguments_bytes=len(call.arguments_json))
+
+        spec = self.registry.get(call.name)
+        started = self._clock()
+        decision = self._decide(call, spec, context)
+        policy_ms = _ms(started, self._clock())
+
+        if decision.effect == "deny" or spec is None:
+            return self._deny(call, spec, decision, context, parse_ms, policy_ms)
+
+        started = self._clock()
+        authorized = self.audit.append(
+            "call.authorized", self._call_body(call, spec, decision, context)
+        )
+        authorize_ms = _ms(started, self._clock())
+        clog.info("call_authorized", seq=authorized.seq)
+
+        started = self._clock()
+        outcome = self._execute(call, spec, decision)
+        sandbox_ms = _ms(started, self._clock())
+
+        expected_matched = None
+        if call.expected_json is not None and outcome.kind == "ok":
+            expected_matched = outcome.content_json == call.expected_json
+        execution = outcome.execution
+        completed = self.audit.append(
+            "call.completed",
+            {
+                "call_id": call.id,
+                "tool": spec.ref,
+                "authorized_seq": authorized.seq,
+                "outcome": outcome.kind,
+                "message": outcome.message,
+                "result_sha256": sha256_hex(outcome.content_json),
+                "result_bytes": len(outcome.content_json),
+                "expected_matched": expected_matched,
+                "usage": execution.usage.to_json() if execution else None,
+                "durations_ms": {
+                    "parse": parse_ms,
+                    "policy": policy_ms,
+                    "audit_authorized": authorize_ms,
+                    "sandbox": sandbox_ms,
+                },
+                "image_digest": self._image_digest(),
+            },
+        )
+        clog.info("call_completed", outcome=outcome.kind, seq=completed.seq,
+                  result_bytes=len(outcome.content_json))
+        return ToolResult(
+            call_id=call.id,
+            tool=spec.name,
+            kind=outcome.kind,
+            content_json=outcome.content_json,
+            receipt=completed.receipt,
+            expected_matched=expected_matched,
+            decision=decision,
+        )
+
+    # -- stages ---------------------------------------------------------------
+
+    def _decide(self, call: ToolCall, spec: ToolSpec | None, context: CallContext) -> Decision:
+        try:
+            return self.policy.decide(call, spec, context)
+        except Exception:  # noqa: BLE001 - stage boundary: a policy that breaks denies
+            log.exception("policy_failed", call_id=call.id)
+            return Decision(
+                "deny",
+                (RuleId("gateway.policy-error"),),
+                self.policy.digest,
+                kind="permission",
+                message="the policy could not decide this call, so it is denied",
+            )
+
+    def _execute(self, call: ToolCall, spec: ToolSpec, decision: Decision) -> _Outcome:
+        limits = decision.limits if decision.limits is not None else spec.limits
+        try:
+            execution = self.runner.run(spec, call, limits)
+        except CallwardError as exc:
+            if isinstance(exc, SandboxUnavailable):
+                return _Outcome(None, "sandbox_unavailable",
+                                _error_content(exc.kind, exc.message), exc.message)
+            raise
+        except Exception as exc:  # noqa: BLE001 - stage boundary; audited as sandbox_unavailable
+            log.exception("sandbox_failed", call_id=call.id)
+            message = f"the sandbox failed unexpectedly ({type(exc).__name__})"
+            return _Outcome(None, "sandbox_unavailable",
+                            _error_content("sandbox_unavailable", message), message)
+        if execution.kind == "ok" and execution.value_json is not None:
+            return _Outcome(execution, "ok", execution.value_json, "")
+        return _Outcome(execution, execution.kind,
+                        _error_content(execution.kind, execution.message), execution.message)
+
+    def _deny(
+        self,
+        call: ToolCall,
+        spec: ToolSpec | None,
+        decision: Decision,
+        context: CallContext,
+        parse_ms: float,
+        policy_ms: float,
+    ) -> ToolResult:
+        kind = decision.kind if decision.kind is not None else "permission"
+        body = self._call_body(call, spec, decision, context)
+        body["durations_ms"] = {"parse": parse_ms, "policy": policy_ms}
+        record = self.audit.append("call.denied", body)
+        log.info("call_denied", call_id=call.id, kind=kind, rule=decision.reasons[0],
+                 seq=record.seq)
+        extra: dict[str, JSONValue] = {"rule": decision.reasons[0]}
+        if decision.json_path is not None:
+            extra["json_path"] = decision.json_path
+        return ToolResult(
+            call_id=call.id,
+            tool=call.name if spec is not None else "",
+            kind=kind,
+            content_json=_error_content(kind, decision.message, **extra),
+            receipt=record.receipt,
+            decision=decision,
+        )
+
+    def _reject(
+        self, text: str | Mapping[str, object], error: MalformedCall, context: CallContext
+    ) -> ToolResult:
+        raw = _message_bytes(text)
+        call_id = CallId(self._new_id())
+        record = self.audit.append(
+            "call.rejected",
+            {
+                "call_id": call_id,
+                "principal": context.principal,
+                "session_id": context.session_id,
+                "kind": "malformed",
+                "dialect": error.dialect,
+                "offset": error.offset,
+                "message": error.message,
+                "text_sha256": sha256_hex(raw),
+                "text_bytes": len(raw),
+            },
+        )
+        log.info("call_rejected", call_id=call_id, dialect=error.dialect, offset=error.offset,
+                 seq=record.seq)
+        return ToolResult(
+            call_id=call_id,
+            tool="",
+            kind="malformed",
+            content_json=_error_content("malformed", error.message, offset=error.offset),
+            receipt=record.receipt,
+        )
+
+    # -- records --------------------------------------------------------------
+
+    def _image_digest(self) -> str | None:
+        try:
+            return str(self.runner.image_digest)
+        except CallwardError:
+            return None
+
+    def _call_body(
+        self,
+        call: ToolCall,
+        spec: ToolSpec | None,
+        decision: Decision,
+        context: CallContext,
+    ) -> dict[str, JSONValue]:
+        return {
+            "call": {
+                "id": call.id,
+                "name": call.name[:256],
+                "name_sha256": sha256_hex(call.name.encode("utf-8", "surrogatepass")),
+                "dialect": call.dialect,
+                "arguments": call.arguments if spec is not None else None,
+                "arguments_sha256": call.arguments_sha256,
+                "expected": call.expected,
+            },
+            "principal": context.principal,
+            "session_id": context.session_id,
+            "decision": decision.to_json(),
+            "limits": decision.limits.to_json() if decision.limits is not None else None,
+            "tool": None if spec is None else {"ref": spec.ref, "digest": spec.digest},
+            "image_digest": self._image_digest(),
+        }
+
+
+def _message_bytes(text: str | Mapping[str, object]) -> bytes:
+    """The bytes of a model message, for its hash in a ``call.rejected`` record."""
+    if isinstance(text, str):
+        return text.encode("utf-8", "surrogatepass")
+    try:
+        return canonical_bytes(dict(text))
+    except ValueError:
+        return repr(text).encode("utf-8", "backslashreplace")
