@@ -1,0 +1,41 @@
+# The README's two commands: `make demo` and `make test`. Each does all the set-up it
+# needs (virtualenv, pinned dependencies, Docker Engine, gVisor, sandbox image), and is
+# quick the second time.
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+
+.PHONY: demo test setup engine image lint unit bench clean-containers
+
+demo: image
+	$(VENV)/bin/callward demo
+
+test: image lint
+	$(PY) -m pytest
+
+unit: setup
+	$(PY) -m pytest tests/unit
+
+lint: setup
+	$(VENV)/bin/ruff check core policies sandbox audit tests bench
+	$(VENV)/bin/mypy
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	scripts/setup-venv.sh
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+engine:
+	scripts/ensure-engine.sh
+
+image: setup engine
+	$(VENV)/bin/callward sandbox build-image >/dev/null
+
+bench: image
+	$(PY) bench/governance.py
+
+clean-containers:
+	docker ps -aq --filter label=callward | xargs -r docker rm -f
