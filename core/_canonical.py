@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from typing import Final, NewType, TypeAlias
+from typing import Any, Final, NewType, TypeAlias
 
 import rfc8785
 
@@ -54,6 +54,25 @@ def sha256_hex(data: bytes, *, domain: bytes = b"") -> Sha256Hex:
 def canonical_sha256(value: object, *, domain: bytes = b"") -> Sha256Hex:
     """SHA-256 of the canonical bytes of a JSON value."""
     return sha256_hex(canonical_bytes(value), domain=domain)
+
+
+_SAFE_INTEGER: Final = 2**53 - 1
+
+
+def _parse_canonical_int(text: str) -> int | float:
+    # JCS writes a float with an integral value (5.6e16) as digits; beyond the
+    # I-JSON safe range only a float can have been meant.
+    value = int(text)
+    return float(value) if abs(value) > _SAFE_INTEGER else value
+
+
+def canonical_loads(data: bytes) -> Any:
+    """
+    Decode canonical bytes back into the value they were made from.
+
+    ``canonical_loads(canonical_bytes(v)) == v`` for any I-JSON value ``v``.
+    """
+    return json.loads(data, parse_int=_parse_canonical_int)
 
 
 def _reject_constant(name: str) -> object:

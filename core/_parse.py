@@ -184,9 +184,11 @@ def _parse_hermes(text: str, new_id: NewId) -> list[_Found]:
         if end == -1:
             raise _fail(f"{_HERMES_OPEN} is never closed", start, "hermes")
         document, after = _decode_at(text, body_start, "hermes")
-        if _skip_ws(text, after) != end:
+        if (stray_text := _skip_ws(text, after)) != end:
             raise _fail(
-                f"unexpected text after the JSON object, before {_HERMES_CLOSE}", after, "hermes"
+                f"unexpected text after the JSON object, before {_HERMES_CLOSE}",
+                stray_text,
+                "hermes",
             )
         if not isinstance(document, dict):
             raise _fail("the tag must hold one JSON object", body_start, "hermes")

@@ -9,7 +9,6 @@ canonical bytes, which are immutable and are exactly what gets hashed; the
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from callward.core._canonical import (
     JSONValue,
     Sha256Hex,
     canonical_bytes,
+    canonical_loads,
     sha256_hex,
 )
 from callward.core.errors import (
@@ -140,7 +140,7 @@ class ToolCall:
     def __post_init__(self) -> None:
         if not self.id or len(self.id) > 128:
             raise ValueError("a call id must have 1 to 128 characters")
-        if not isinstance(json.loads(self.arguments_json), dict):
+        if not isinstance(canonical_loads(self.arguments_json), dict):
             raise ValueError("arguments must be a JSON object")
 
     @classmethod
@@ -171,7 +171,7 @@ class ToolCall:
     @property
     def arguments(self) -> dict[str, JSONValue]:
         """A fresh copy of the arguments."""
-        value: dict[str, JSONValue] = json.loads(self.arguments_json)
+        value: dict[str, JSONValue] = canonical_loads(self.arguments_json)
         return value
 
     @property
@@ -180,7 +180,7 @@ class ToolCall:
 
     @property
     def expected(self) -> JSONValue:
-        return None if self.expected_json is None else json.loads(self.expected_json)
+        return None if self.expected_json is None else canonical_loads(self.expected_json)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,13 +217,13 @@ class ToolSpec:
         if not self.entrypoint.isidentifier():
             raise ValueError("the entrypoint must be a Python identifier")
         _require_sha256(self.digest, "a tool digest")
-        if not isinstance(json.loads(self.parameters_json), dict):
+        if not isinstance(canonical_loads(self.parameters_json), dict):
             raise ValueError("a parameters schema is a JSON object")
 
     @property
     def parameters(self) -> dict[str, JSONValue]:
         """A fresh copy of the JSON Schema."""
-        value: dict[str, JSONValue] = json.loads(self.parameters_json)
+        value: dict[str, JSONValue] = canonical_loads(self.parameters_json)
         return value
 
     @property
@@ -334,7 +334,7 @@ class Execution:
 
     @property
     def value(self) -> JSONValue:
-        return None if self.value_json is None else json.loads(self.value_json)
+        return None if self.value_json is None else canonical_loads(self.value_json)
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,7 +385,7 @@ class ToolResult:
 
     @property
     def content(self) -> JSONValue:
-        return json.loads(self.content_json)
+        return canonical_loads(self.content_json)
 
     def to_json(self) -> dict[str, JSONValue]:
         return {
@@ -426,7 +426,7 @@ class AuditRecord:
 
     @property
     def body(self) -> dict[str, JSONValue]:
-        value: dict[str, JSONValue] = json.loads(self.body_json)
+        value: dict[str, JSONValue] = canonical_loads(self.body_json)
         return value
 
     @property

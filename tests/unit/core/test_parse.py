@@ -1,0 +1,234 @@
+"""Parsing model output in every dialect into the same ToolCall."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from callward.core import MalformedCall
+from callward.core._parse import MAX_CALLS_PER_MESSAGE, parse_model_output
+
+ORDERS = {"square": ("x",), "add": ("a", "b"), "capital": ("country",)}
+
+
+@pytest.fixture(name="parse")
+def _parse():
+    counter = itertools.count(1)
+
+    def parse(text):
+        return parse_model_output(
+            text, parameter_order=ORDERS.get, new_id=lambda: f"gen_{next(counter)}"
+        )
+
+    return parse
+
+
+def openai_message(*calls):
+    return json.dumps(
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": name, "arguments": json.dumps(arguments)},
+                }
+                for call_id, name, arguments in calls
+            ],
+        }
+    )
+
+
+class TestDialects:
+    def test_each_dialect_gives_the_same_call(self, parse):
+        """The article, OpenAI and Hermes forms of one call parse to the same name and arguments."""
+        article = parse('call function("add", [2, 40], 42)')
+        openai = parse(openai_message(("c1", "add", {"a": 2, "b": 40})))
+        hermes = parse('<tool_call>{"name": "add", "arguments": {"a": 2, "b": 40}}</tool_call>')
+
+        assert [("add", {"a": 2, "b": 40})] * 3 == [
+            (calls[0].name, calls[0].arguments) for calls in (article, openai, hermes)
+        ]
+        assert ["article", "openai", "hermes"] == [
+            calls[0].dialect for calls in (article, openai, hermes)
+        ]
+
+    def test_article_expected_output_is_kept_apart(self, parse):
+        """The article's third argument is the expected output, not an argument."""
+        (call,) = parse('call function("square", [3], 9)')
+
+        assert {"x": 3} == call.arguments
+        assert 9 == call.expected
+
+    def test_article_without_expected_output(self, parse):
+        """The expected output is optional."""
+        (call,) = parse('Sure. call function("square", [5])')
+
+        assert (None, None) == (call.expected_json, call.expected)
+
+    def test_article_named_arguments(self, parse):
+        """An object in place of the positional list is taken as named arguments."""
+        (call,) = parse('call function("add", {"b": 1, "a": 2})')
+
+        assert {"a": 2, "b": 1} == call.arguments
+
+    def test_article_unknown_tool_keeps_no_arguments(self, parse):
+        """Positional values for an unknown tool cannot be mapped; the gateway denies by name."""
+        (call,) = parse('call function("rm_rf", ["/"])')
+
+        assert ("rm_rf", {}) == (call.name, call.arguments)
+
+    def test_openai_whole_response_and_ids(self, parse):
+        """A full chat-completions response works too, and the model's call ids are kept."""
+        message = json.loads(openai_message(("call_a", "square", {"x": 2})))
+        response = json.dumps({"id": "r", "choices": [{"index": 0, "message": message}]})
+
+        (call,) = parse(response)
+
+        assert "call_a" == call.id
+
+    def test_openai_empty_arguments_string_is_no_arguments(self, parse):
+        """OpenAI sends "" for a call without arguments."""
+        text = json.dumps(
+            {"tool_calls": [{"id": "c", "type": "function",
+                             "function": {"name": "square", "arguments": ""}}]}
+        )
+
+        (call,) = parse(text)
+
+        assert {} == call.arguments
+
+    def test_decoded_openai_message(self):
+        """An already-decoded message (a dict) is accepted as well as text."""
+        message = json.loads(openai_message(("c1", "square", {"x": 2})))
+
+        (call,) = parse_model_output(message, parameter_order=ORDERS.get, new_id=lambda: "x")
+
+        assert "square" == call.name
+
+    def test_parallel_calls_come_out_in_order(self, parse):
+        """Several calls in one message, mixing dialects, come out in the order written."""
+        text = (
+            '<tool_call>{"name": "square", "arguments": {"x": 1}}</tool_call>\n'
+            'call function("add", [1, 2])\n'
+            '<tool_call>\n{"name": "capital", "arguments": {"country": "Peru"}}\n</tool_call>'
+        )
+
+        calls = parse(text)
+
+        assert ["square", "add", "capital"] == [call.name for call in calls]
+        assert 3 == len({call.id for call in calls})
+
+    def test_plain_answer_has_no_calls(self, parse):
+        """Text that asks for no tool gives no calls."""
+        assert () == parse("The answer is 9. {not a call}")
+
+
+class TestMalformed:
+    @pytest.mark.parametrize(
+        ("text", "where"),
+        [
+            ('call function("square", [3]', 27),
+            ('call function("square", [3,], 9)', 27),
+            ('call function(square, [3])', 14),
+            ('<tool_call>{"name": "square", "arguments": {"x": 3}</tool_call>', 51),
+            ('<tool_call>{"name": "square", "arguments": {"x": 3}}', 0),
+            ('<tool_call>{"name": "square", "arguments": {"x": NaN}}</tool_call>', None),
+            ('<tool_call>{"name": "a", "name": "b", "arguments": {}}</tool_call>', None),
+            ('<tool_call>{"name": "square", "arguments": [3]}</tool_call>', 11),
+            ('<tool_call>{"name": "square", "args": {"x": 3}}</tool_call>', 11),
+            ('<tool_call>{"name": "square", "arguments": {}} trailing</tool_call>', 47),
+            ('{"tool_calls": [{"function": {"name": "square", "arguments": "{\\"x\\": 3"}}]}',
+             None),
+            ('{"tool_calls": [', 16),
+            ('call function("square", [1, 2])', 14),
+            ('done </tool_call>', 5),
+            ('call function("square", [1], 1, 2)', None),
+        ],
+    )
+    def test_malformed_text_says_where(self, parse, text, where):
+        """Each malformed call raises MalformedCall of kind malformed, naming the offset."""
+        with pytest.raises(MalformedCall) as caught:
+            parse(text)
+
+        assert "malformed" == caught.value.kind
+        if where is not None:
+            assert where == caught.value.offset
+
+    def test_one_bad_call_rejects_the_whole_message(self, parse):
+        """A message with a good and a bad call yields nothing to run."""
+        text = (
+            '<tool_call>{"name": "square", "arguments": {"x": 1}}</tool_call>'
+            'call function("add", [1,'
+        )
+
+        with pytest.raises(MalformedCall):
+            parse(text)
+
+    def test_too_many_calls(self, parse):
+        """A message cannot fan out into unbounded calls."""
+        text = 'call function("square", [1])' * (MAX_CALLS_PER_MESSAGE + 1)
+
+        with pytest.raises(MalformedCall, match="at most"):
+            parse(text)
+
+    def test_deep_json_is_refused_before_parsing(self, parse):
+        """Deeply nested JSON is bounded before it reaches the decoder."""
+        text = '<tool_call>{"name": "square", "arguments": {"x": ' + "[" * 5000 + "]" * 5000 + "}}"
+
+        with pytest.raises(MalformedCall, match="nested"):
+            parse(text + "</tool_call>")
+
+    def test_duplicate_ids_are_refused(self, parse):
+        """Two calls with one id would make receipts ambiguous."""
+        text = openai_message(("same", "square", {"x": 1}), ("same", "square", {"x": 2}))
+
+        with pytest.raises(MalformedCall, match="share an id"):
+            parse(text)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | st.text(max_size=20)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+class TestProperties:
+    @settings(max_examples=300, deadline=None)
+    @given(text=st.text(max_size=300))
+    def test_any_text_raises_only_malformed(self, text):
+        """Whatever the text, the parser returns calls or raises MalformedCall, nothing else."""
+        try:
+            parse_model_output(text, parameter_order=ORDERS.get, new_id=lambda: "x")
+        except MalformedCall:
+            pass
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        prefix=st.sampled_from(["", "call function(", "<tool_call>", '{"tool_calls": [']),
+        text=st.text(alphabet='{}[]",:0123456789 \nabcxyz<>/()_', max_size=120),
+    )
+    def test_call_shaped_noise_raises_only_malformed(self, prefix, text):
+        """Noise that starts like a call still ends in a call list or MalformedCall."""
+        try:
+            parse_model_output(prefix + text, parameter_order=ORDERS.get, new_id=lambda: "x")
+        except MalformedCall:
+            pass
+
+    @settings(max_examples=200, deadline=None)
+    @given(arguments=st.dictionaries(st.text(min_size=1, max_size=10), json_values, max_size=5))
+    def test_hermes_round_trip(self, arguments):
+        """Any JSON arguments object survives a Hermes round trip exactly."""
+        text = "<tool_call>" + json.dumps({"name": "t", "arguments": arguments}) + "</tool_call>"
+
+        (call,) = parse_model_output(text, parameter_order=ORDERS.get, new_id=lambda: "x")
+
+        assert arguments == call.arguments
