@@ -1,0 +1,52 @@
+"""The public surface of each subpackage, and what importing it loads."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+PACKAGES = ["callward.core", "callward.policies", "callward.sandbox", "callward.audit"]
+
+
+class TestExportedMembers:
+    @pytest.mark.parametrize("name", PACKAGES)
+    def test_all_is_sorted_and_complete(self, name):
+        """__all__ is sorted and names exactly the public names the package defines."""
+        module = importlib.import_module(name)
+        public = {
+            attribute
+            for attribute in vars(module)
+            if not attribute.startswith("_")
+            and not isinstance(getattr(module, attribute), type(sys))
+        }
+        public -= {"annotations"}
+
+        assert sorted(module.__all__) == list(module.__all__)
+        assert set(module.__all__) == public
+
+
+class TestLazyImports:
+    @pytest.mark.parametrize(
+        ("name", "forbidden"),
+        [
+            ("callward.policies", ["docker", "torch", "callward.sandbox", "callward.audit"]),
+            ("callward.audit", ["docker", "torch", "callward.sandbox", "callward.policies"]),
+            ("callward.sandbox", ["torch", "callward.audit", "callward.policies"]),
+            ("callward.core", ["docker", "torch", "callward.sandbox", "callward.audit",
+                               "callward.policies"]),
+        ],
+    )
+    def test_subpackages_do_not_load_each_other(self, name, forbidden):
+        """Each subpackage depends on core only; policies never loads docker or torch."""
+        code = (
+            f"import sys, {name}; "
+            f"print(','.join(m for m in {forbidden!r} if m in sys.modules))"
+        )
+        loaded = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+        assert "" == loaded
