@@ -1,0 +1,265 @@
+"""
+The audit record format, defined once: what is hashed, what is signed, how records chain.
+
+A record's bytes are the RFC 8785 encoding of::
+
+    {"body": {...}, "key_id": "<16 hex>", "kind": "call.completed",
+     "prev": "<64 hex>", "seq": 7, "ts": "2026-11-25T08:00:00.123456Z"}
+
+Invariants:
+
+- ``record_hash`` is SHA-256 over exactly those bytes, and ``signature`` is Ed25519
+  over exactly those bytes; nothing else is hashed or signed.
+- ``seq`` starts at 1 and grows by exactly 1; ``prev`` is the previous record's hash,
+  ``GENESIS_PREV`` for seq 1. Removing, inserting or reordering a record therefore
+  breaks the chain at the first record after the change.
+- ``ts`` is RFC 3339 UTC with microseconds, fixed width, so text order is time order,
+  and it never goes backwards along the chain.
+- A record never exceeds ``MAX_RECORD_BYTES``, so a verifier can bound what it reads.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Final, NoReturn
+
+from callward.audit.signer import Signer
+from callward.core._canonical import (
+    STRICT_DECODER,
+    JSONValue,
+    Sha256Hex,
+    canonical_bytes,
+    sha256_hex,
+)
+from callward.core.errors import VerificationFailed
+from callward.core.types import AuditRecord, KeyId
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+GENESIS_PREV: Final = Sha256Hex("0" * 64)
+MAX_RECORD_BYTES: Final = 4 << 20
+RECORD_FIELDS: Final = frozenset({"body", "key_id", "kind", "prev", "seq", "ts"})
+
+_KIND = re.compile(r"\A[a-z]+(\.[a-z_]+)+\Z")
+_MAX_KIND_LENGTH: Final = 64
+_TS = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z\Z")
+_TS_FORMAT: Final = "%Y-%m-%dT%H:%M:%S.%fZ"
+# RFC 8785 sorts members by name and "body" sorts first, so the record is this
+# prefix, the body's canonical bytes, then the other five members.
+_BODY_PREFIX: Final = b'{"body":'
+
+
+def is_record_kind(kind: str) -> bool:
+    """Kinds are dotted lower-case names: ``call.authorized``, ``call.completed``."""
+    return len(kind) <= _MAX_KIND_LENGTH and bool(_KIND.match(kind))
+
+
+def is_record_ts(ts: str) -> bool:
+    """Whether ``ts`` is fixed-width RFC 3339 UTC with microseconds, and a real instant."""
+    if not _TS.match(ts):
+        return False
+    try:
+        datetime.strptime(ts, _TS_FORMAT)
+    except ValueError:
+        return False
+    return True
+
+
+def format_ts(now: datetime) -> str:
+    """
+    ``now`` as RFC 3339 UTC with microseconds, e.g. ``2026-11-25T08:00:00.123456Z``.
+
+    Raises:
+        ValueError: ``now`` is naive: a time without a zone cannot be put in UTC.
+    """
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("an audit timestamp needs a timezone-aware datetime")
+    return now.astimezone(UTC).strftime(_TS_FORMAT)
+
+
+def canonical_body(body: Mapping[str, JSONValue]) -> bytes:
+    """
+    The canonical bytes of a record body, which must be a JSON object.
+
+    Raises:
+        TypeError: ``body`` is not a mapping.
+        CanonicalizationError: ``body`` is not I-JSON (NaN, a huge integer, a non-str key).
+    """
+    if not isinstance(body, Mapping):
+        raise TypeError("an audit record body is a JSON object")
+    return canonical_bytes(dict(body))
+
+
+def record_bytes(
+    *, seq: int, ts: str, kind: str, prev: str, key_id: str, body_json: bytes
+) -> bytes:
+    """
+    The bytes that are hashed and signed: ``canonical_bytes`` of the six members.
+
+    ``body_json`` must already be canonical; it is placed as is, so it is the same
+    byte string whether it came from ``canonical_body`` or from a stored column.
+    """
+    rest = canonical_bytes({"key_id": key_id, "kind": kind, "prev": prev, "seq": seq, "ts": ts})
+    return _BODY_PREFIX + body_json + b"," + rest[1:]
+
+
+def seal(
+    *, seq: int, ts: str, kind: str, prev: Sha256Hex, body_json: bytes, signer: Signer
+) -> AuditRecord:
+    """
+    Build and sign the record ``seq`` that follows the record hashing to ``prev``.
+
+    Args:
+        body_json: The body's canonical bytes, from ``canonical_body``.
+
+    Raises:
+        ValueError: A field is malformed, or the record is over ``MAX_RECORD_BYTES``.
+    """
+    if not is_record_kind(kind):
+        raise ValueError("a record kind is dotted lower-case, like call.completed")
+    if not is_record_ts(ts):
+        raise ValueError("a record ts is RFC 3339 UTC with microseconds")
+    key_id = signer.key_id
+    data = record_bytes(seq=seq, ts=ts, kind=kind, prev=prev, key_id=key_id, body_json=body_json)
+    if len(data) > MAX_RECORD_BYTES:
+        raise ValueError(f"an audit record is at most {MAX_RECORD_BYTES} bytes")
+    return AuditRecord(
+        seq=seq,
+        ts=ts,
+        kind=kind,
+        prev=prev,
+        key_id=key_id,
+        body_json=body_json,
+        record_bytes=data,
+        record_hash=sha256_hex(data),
+        signature=signer.sign(data),
+    )
+
+
+def check_record(
+    record: AuditRecord,
+    *,
+    public_key: Ed25519PublicKey,
+    key_id: KeyId,
+    expected_seq: int,
+    prev: Sha256Hex,
+    not_before: str | None,
+) -> None:
+    """
+    Check one stored record against the public key and the record before it.
+
+    ``record`` holds what the store holds: its fields other than ``record_bytes``
+    and ``signature`` are columns, which are trusted only once they equal the
+    signed bytes.
+
+    Args:
+        key_id: ``key_id_of(public_key)``.
+        expected_seq: One more than the previous record's seq (1 for the first).
+        prev: The previous record's hash (``GENESIS_PREV`` for the first).
+        not_before: The previous record's ts, or None for the first.
+
+    Raises:
+        VerificationFailed: With ``seq=record.seq`` and the first check that failed.
+    """
+    seq = record.seq
+    if seq != expected_seq:
+        if seq > expected_seq:
+            raise VerificationFailed(
+                f"record {expected_seq} is missing: seq {seq} follows seq {expected_seq - 1}",
+                seq=seq,
+            )
+        raise VerificationFailed(f"seq {seq} is out of order after seq {expected_seq - 1}", seq=seq)
+    data = record.record_bytes
+    if sha256_hex(data) != record.record_hash:
+        raise VerificationFailed(
+            f"record {seq}: the stored hash is not the SHA-256 of the record bytes", seq=seq
+        )
+    try:
+        public_key.verify(record.signature, data)
+    except InvalidSignature:
+        if record.key_id != key_id:
+            message = (
+                f"record {seq}: signed under key id {record.key_id}, but the public key given "
+                f"has key id {key_id}"
+            )
+        else:
+            message = f"record {seq}: the signature does not verify with the public key"
+        raise VerificationFailed(message, seq=seq) from None
+    expected = record_bytes(
+        seq=seq,
+        ts=record.ts,
+        kind=record.kind,
+        prev=prev,
+        key_id=key_id,
+        body_json=record.body_json,
+    )
+    if data != expected:
+        _raise_mismatch(record, prev=prev, key_id=key_id)
+    for column, signed in (("prev", prev), ("key_id", key_id)):
+        if getattr(record, column) != signed:
+            raise VerificationFailed(
+                f"record {seq}: the {column} column differs from the signed record", seq=seq
+            )
+    if not is_record_ts(record.ts):
+        raise VerificationFailed(f"record {seq}: ts is not RFC 3339 UTC with microseconds", seq=seq)
+    if not_before is not None and record.ts < not_before:
+        raise VerificationFailed(
+            f"record {seq}: ts {record.ts} goes back before record {seq - 1}'s {not_before}",
+            seq=seq,
+        )
+
+
+def _raise_mismatch(record: AuditRecord, *, prev: Sha256Hex, key_id: KeyId) -> NoReturn:
+    """Say which part of a validly signed record disagrees with its row or its chain."""
+    seq = record.seq
+    data = record.record_bytes
+
+    def fail(problem: str) -> NoReturn:
+        raise VerificationFailed(f"record {seq}: {problem}", seq=seq)
+
+    try:
+        if len(data) > MAX_RECORD_BYTES:
+            raise ValueError("too large")  # noqa: TRY301 - same outcome as a parse error
+        signed = STRICT_DECODER.decode(data.decode("utf-8"))
+    except (ValueError, RecursionError):
+        fail("the signed bytes are not a JSON object")
+    if not isinstance(signed, dict) or set(signed) != RECORD_FIELDS:
+        fail("the signed bytes are not a callward record")
+    if signed["seq"] != seq or isinstance(signed["seq"], bool):
+        fail(
+            f"the signed record says seq {signed['seq']!r}, but it is stored at seq {seq} "
+            "(records moved or swapped)"
+        )
+    if signed["prev"] != prev:
+        if seq == 1:
+            fail("prev is not the genesis value, so the log does not start here")
+        fail(f"prev is not the hash of record {seq - 1}")
+    if signed["key_id"] != key_id:
+        fail(f"the signed key_id is not the id of the public key given ({key_id})")
+    for column in ("kind", "ts"):
+        if signed[column] != getattr(record, column):
+            fail(f"the {column} column differs from the signed record")
+    try:
+        rest = b"," + canonical_bytes({k: v for k, v in signed.items() if k != "body"})[1:]
+    except ValueError:
+        fail("the signed bytes are not in canonical form")
+    if data.startswith(_BODY_PREFIX) and data.endswith(rest):
+        signed_body = data[len(_BODY_PREFIX) : len(data) - len(rest)]
+        if signed_body != record.body_json:
+            fail("the body column differs from the signed record")
+    fail("the signed bytes are not in canonical form")
+
+
+__all__ = [
+    "GENESIS_PREV",
+    "MAX_RECORD_BYTES",
+    "canonical_body",
+    "check_record",
+    "format_ts",
+    "is_record_kind",
+    "is_record_ts",
+    "record_bytes",
+    "seal",
+]
