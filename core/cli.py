@@ -136,15 +136,24 @@ def _cmd_tools_list(args: argparse.Namespace, home: Home) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--home", help="state directory (default $CALLWARD_HOME or ~/.callward)")
-    common.add_argument("--log-level", default=os.environ.get("CALLWARD_LOG_LEVEL", "warning"),
-                        help="operational log level on stderr (default warning)")
+    # The options every command takes, before or after its name. Subcommands get
+    # their own copies with SUPPRESS, so that a value given before the command name
+    # is not reset (parents share action objects, so one parser cannot serve both).
+    def common_options(default_home: object, default_level: object) -> argparse.ArgumentParser:
+        options = argparse.ArgumentParser(add_help=False)
+        options.add_argument("--home", default=default_home,
+                             help="state directory (default $CALLWARD_HOME or ~/.callward)")
+        options.add_argument("--log-level", default=default_level,
+                             help="operational log level on stderr (default warning)")
+        return options
+
+    top = common_options(None, os.environ.get("CALLWARD_LOG_LEVEL", "warning"))
+    common = common_options(argparse.SUPPRESS, argparse.SUPPRESS)
     with_config = argparse.ArgumentParser(add_help=False)
     with_config.add_argument("--config", help="gateway configuration (callward.yaml)")
 
     parser = argparse.ArgumentParser(
-        prog="callward", parents=[common],
+        prog="callward", parents=[top],
         description="Run model tool calls through policy, a hardened sandbox and a signed log.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -1,0 +1,84 @@
+"""
+End-to-end latency of one allowed call through the whole path (parse, policy,
+signed call.authorized, a fresh hardened container, signed call.completed),
+per stage, against `docker run --rm` of the same image in the same process.
+
+Run: .venv/bin/python bench/call_latency.py --calls 60
+Stage times come from the durations each call.completed record carries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _table import print_table, summarize  # noqa: E402
+
+from callward.core._config import example_config_path  # noqa: E402
+from callward.core.gateway import Gateway  # noqa: E402
+from callward.sandbox import expected_image_tag  # noqa: E402
+
+
+def docker_run_baseline(count: int) -> list[float]:
+    """`docker run --rm` with the same image and network none, as a user would type it."""
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        subprocess.run(
+            ["docker", "run", "--rm", "--network", "none", expected_image_tag(),
+             "python3", "-c", "print(3 * 3)"],
+            check=True, capture_output=True,
+        )
+        samples.append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=60)
+    parser.add_argument("--baseline-runs", type=int, default=20)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as home:
+        with Gateway.from_config(example_config_path(), home=home) as gateway:
+            gateway.handle_text('call function("square", [1])', principal="alice")  # warm-up
+            wall: list[float] = []
+            stages: dict[str, list[float]] = {}
+            for number in range(args.calls):
+                start = time.perf_counter()
+                (result,) = gateway.handle_text(
+                    f'call function("square", [{number}])', principal="alice"
+                )
+                wall.append((time.perf_counter() - start) * 1000)
+                if result.kind != "ok":
+                    raise SystemExit(f"call {number} ended {result.kind}")
+                completed = gateway.audit.get(result.receipt.seq)  # type: ignore[attr-defined]
+                for stage, value in completed.body["durations_ms"].items():
+                    stages.setdefault(stage, []).append(float(value))
+                stages.setdefault("audit_completed+rest", []).append(
+                    wall[-1] - sum(float(v) for v in completed.body["durations_ms"].values())
+                )
+        baseline = docker_run_baseline(args.baseline_runs)
+
+    rows = []
+    for stage in ("parse", "policy", "audit_authorized", "sandbox", "audit_completed+rest"):
+        rows.append((stage, *summarize(stages[stage])))
+    rows.append(("end to end (callward, cold container per call)", *summarize(wall)))
+    rows.append(("baseline: docker run --rm (no limits, no audit)", *summarize(baseline)))
+    print_table(
+        f"One allowed call, {args.calls} calls (baseline {args.baseline_runs} runs)",
+        ["stage", "p50 ms", "p99 ms", "mean ms"],
+        rows,
+    )
+    ratio = summarize(wall)[0] / summarize(baseline)[0]
+    print(f"\ncallward end-to-end p50 / docker run --rm p50 = {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()

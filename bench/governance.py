@@ -1,0 +1,113 @@
+"""
+Governance overhead: parse + policy + two signed, fsynced audit records per call,
+against baselines measured in the same process (run: .venv/bin/python bench/governance.py).
+
+The sandbox is left out on purpose: ``NullRunner`` answers at once, so what is
+timed is what callward adds around a tool. Baselines: strict JSON parsing alone,
+jsonschema validation alone, one Ed25519 signature alone, and one SQLite insert
+with synchronous=FULL alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from jsonschema import Draft202012Validator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _table import print_table, summarize  # noqa: E402
+
+from callward.audit import FileSigner, SQLiteAuditStore  # noqa: E402
+from callward.core import (  # noqa: E402
+    Execution,
+    ResourceLimits,
+    Sha256Hex,
+    ToolCall,
+    ToolRegistry,
+    ToolSpec,
+    Usage,
+    strict_loads,
+)
+from callward.core.gateway import Gateway  # noqa: E402
+from callward.policies import Policy  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "core" / "examples"
+TEXT = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 40}}</tool_call>'
+
+
+class NullRunner:
+    """Answers at once, so that only governance is timed. A benchmark baseline, not a sandbox."""
+
+    image_digest = Sha256Hex("0" * 64)
+
+    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
+        return Execution("ok", b"42", "", Usage(0.0, 0, 2))
+
+
+def timed(function, count: int) -> list[float]:
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        function()
+        samples.append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=2000)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as directory:
+        root = Path(directory)
+        registry = ToolRegistry()
+        registry.load(EXAMPLES / "tools.py")
+        policy = Policy.from_file(EXAMPLES / "policy.yaml")
+        signer = FileSigner.load_or_create(root / "keys")
+        store = SQLiteAuditStore(root / "audit.db", signer)
+        store.open()
+        gateway = Gateway(registry=registry, policy=policy, runner=NullRunner(), audit=store)
+
+        validator = Draft202012Validator(registry.get("add").parameters)
+        plain = sqlite3.connect(root / "plain.db", isolation_level=None)
+        plain.execute("PRAGMA journal_mode=WAL")
+        plain.execute("PRAGMA synchronous=FULL")
+        plain.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB)")
+        body = b'{"x":' + b"1" * 400 + b"}"
+
+        for _ in range(200):  # warm-up
+            gateway.handle_text(TEXT, principal="alice")
+
+        rows = []
+        governed = timed(lambda: gateway.handle_text(TEXT, principal="alice"), args.calls)
+        baselines = {
+            "strict JSON parse only": timed(lambda: strict_loads('{"a": 2, "b": 40}'), args.calls),
+            "jsonschema validate only": timed(lambda: validator.validate({"a": 2, "b": 40}),
+                                              args.calls),
+            "Ed25519 sign only": timed(lambda: signer.sign(body), args.calls),
+            "SQLite insert, sync=FULL": timed(
+                lambda: plain.execute("INSERT INTO t (body) VALUES (?)", (body,)), args.calls),
+        }
+        p50, p99, mean = summarize(governed)
+        rows.append(("callward governance (parse+policy+2 signed records)", p50, p99, mean,
+                     1000 / mean, "1.00"))
+        for name, samples in baselines.items():
+            b50, b99, bmean = summarize(samples)
+            rows.append((name, b50, b99, bmean, 1000 / bmean, f"{p50 / b50:.2f}"))
+        store.close()
+
+    print_table(
+        f"Governance overhead per call ({args.calls} calls, one process, 1 thread)",
+        ["path", "p50 ms", "p99 ms", "mean ms", "calls/s", "callward p50 / this p50"],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
