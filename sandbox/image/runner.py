@@ -1,0 +1,183 @@
+"""
+The in-container runner: run one tool function and report how it ended.
+
+It is the sandbox image's entrypoint (``/opt/callward/runner.py``) and uses
+the standard library only. The protocol, one request and one result per
+container:
+
+- stdin carries ONE JSON object, ``{"source": str, "entrypoint": str,
+  "arguments": {...}}`` (the host sends it as RFC 8785 bytes, then closes stdin);
+- stdout carries exactly one JSON line, written by this process and no other:
+  ``{"ok": true, "value": ...}`` or ``{"ok": false, "kind": ..., "error_type": ...,
+  "message": ...}`` where ``kind`` is ``tool_error``, ``memory_limit``,
+  ``pids_limit`` or ``disk_limit`` (the host adds ``timeout`` and ``output_limit``).
+
+Invariants:
+
+- The tool never writes to the result stream by accident: file descriptor 1
+  (and ``sys.stdout``) is pointed at stderr before the tool's source is even
+  compiled; the result goes to a private duplicate of the original stdout.
+  The host still takes the LAST stdout line as the result.
+- Only the runner's own process writes a result. A process the tool forked
+  that comes back into the runner leaves with ``os._exit`` and writes nothing.
+- The runner leaves with ``os._exit`` right after the result, so threads the
+  tool left running cannot delay or change it; as the container's PID 1 its
+  exit also ends every process the tool started.
+- Messages are truncated to ``MAX_MESSAGE_CHARS``; the host bounds them again.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import json
+import os
+import sys
+from typing import Final
+
+MAX_MESSAGE_CHARS: Final = 500
+#: How many exceptions of a ``__cause__``/``__context__`` chain are examined.
+_MAX_CHAIN: Final = 16
+_DISK_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
+_EXIT_BAD_REQUEST: Final = 2
+
+
+def _truncate(text: str) -> str:
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return text[: MAX_MESSAGE_CHARS - 3] + "..."
+
+
+def _limit_kind(exc: BaseException) -> str | None:
+    """The limit one exception shows was hit, if any."""
+    if isinstance(exc, MemoryError):
+        return "memory_limit"
+    if isinstance(exc, BlockingIOError) or (isinstance(exc, OSError) and exc.errno == errno.EAGAIN):
+        # fork() and clone() fail with EAGAIN when the pids controller says no.
+        return "pids_limit"
+    if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
+        return "pids_limit"
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        return "disk_limit"
+    return None
+
+
+def classify(exc: BaseException) -> str:
+    """
+    The failure kind of an exception that left the tool.
+
+    A limit found anywhere in the exception's chain wins, so a tool that wraps
+    ``MemoryError`` in its own exception still reports ``memory_limit``.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < _MAX_CHAIN:
+        seen.add(id(current))
+        kind = _limit_kind(current)
+        if kind is not None:
+            return kind
+        current = current.__cause__ or current.__context__
+    return "tool_error"
+
+
+def failure(kind: str, error_type: str, message: str) -> dict[str, object]:
+    return {
+        "ok": False,
+        "kind": kind,
+        "error_type": _truncate(error_type),
+        "message": _truncate(message),
+    }
+
+
+def failure_from(exc: BaseException) -> dict[str, object]:
+    return failure(classify(exc), type(exc).__name__, str(exc))
+
+
+def parse_request(data: bytes) -> tuple[str, str, dict[str, object]]:
+    """
+    Read the request object.
+
+    Raises:
+        ValueError: The bytes are not JSON.
+        TypeError: The JSON is not a request object.
+    """
+    request = json.loads(data.decode("utf-8"))
+    if not isinstance(request, dict):
+        raise TypeError("the request is not a JSON object")
+    source = request.get("source")
+    entrypoint = request.get("entrypoint")
+    arguments = request.get("arguments")
+    if not isinstance(source, str) or not isinstance(entrypoint, str):
+        raise TypeError("the request needs string source and entrypoint")
+    if not isinstance(arguments, dict):
+        raise TypeError("the request's arguments are not an object")
+    return source, entrypoint, arguments
+
+
+def run_tool(source: str, entrypoint: str, arguments: dict[str, object]) -> dict[str, object]:
+    """
+    Execute ``source`` in a fresh namespace and call ``entrypoint(**arguments)``.
+
+    Returns the result object; never raises for anything the tool does.
+    """
+    try:
+        namespace: dict[str, object] = {"__name__": "callward_tool", "__builtins__": builtins}
+        exec(compile(source, "<tool>", "exec"), namespace)  # noqa: S102 - running the tool is the job
+        function = namespace.get(entrypoint)
+        if not callable(function):
+            return failure("tool_error", "NameError", "the entrypoint is not a function")
+        value = function(**arguments)
+    except BaseException as exc:  # noqa: BLE001 - the tool boundary: every exception becomes a kind
+        return failure_from(exc)
+    return {"ok": True, "value": value}
+
+
+def encode_result(result: dict[str, object]) -> bytes:
+    """One JSON line; a value JSON cannot hold becomes a ``tool_error``."""
+    try:
+        text = json.dumps(result, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        text = json.dumps(
+            failure("tool_error", type(exc).__name__, "the return value is not JSON"),
+            separators=(",", ":"),
+        )
+    return text.encode("ascii") + b"\n"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def main() -> None:
+    """Run one request from stdin and write its result; never returns."""
+    runner_pid = os.getpid()
+    result_fd = os.dup(1)  # not inherited across exec (PEP 446)
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        data = sys.stdin.buffer.read()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        source, entrypoint, arguments = parse_request(data)
+    except (OSError, ValueError, TypeError) as exc:
+        _write_all(result_fd, encode_result(failure("tool_error", "BadRequest", str(exc))))
+        os._exit(_EXIT_BAD_REQUEST)
+
+    result = run_tool(source, entrypoint, arguments)
+    if os.getpid() != runner_pid:
+        os._exit(0)  # a process the tool forked: only the runner reports
+    line = encode_result(result)
+    with contextlib.suppress(OSError, ValueError):  # a broken stderr cannot change the result
+        sys.stderr.flush()
+    _write_all(result_fd, line)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

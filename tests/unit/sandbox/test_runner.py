@@ -1,0 +1,187 @@
+"""The in-container runner, run as a local subprocess exactly as the image runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import callward.sandbox
+import pytest
+
+RUNNER = Path(callward.sandbox.__file__).parent / "image" / "runner.py"
+
+
+def run_runner(source: str, entrypoint: str = "tool", **arguments: object) -> tuple[int, str, str]:
+    request = {"source": textwrap.dedent(source), "entrypoint": entrypoint, "arguments": arguments}
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", str(RUNNER)],
+        input=json.dumps(request).encode(),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
+def result_of(source: str, entrypoint: str = "tool", **arguments: object) -> dict[str, Any]:
+    _code, stdout, _stderr = run_runner(source, entrypoint, **arguments)
+    result: dict[str, Any] = json.loads(stdout)
+    return result
+
+
+class TestRunnerResult:
+    def test_value_of_the_entrypoint_is_the_result(self) -> None:
+        """The entrypoint is called with the arguments as keywords; its value is the result."""
+        code, stdout, _ = run_runner("def tool(x):\n    return x * x\n", x=3)
+
+        assert (code, stdout) == (0, '{"ok":true,"value":9}\n')
+
+    def test_exception_is_tool_error_with_its_type_and_message(self) -> None:
+        """An exception from the tool ends as tool_error, naming its type and message."""
+        result = result_of("def tool():\n    raise ValueError('no such city')\n")
+
+        expected = {
+            "ok": False,
+            "kind": "tool_error",
+            "error_type": "ValueError",
+            "message": "no such city",
+        }
+        assert expected == result
+
+    def test_value_that_is_not_json_is_tool_error(self) -> None:
+        """A return value JSON cannot hold (an object, NaN) ends as tool_error."""
+        results = [
+            result_of("def tool():\n    return object()\n"),
+            result_of("def tool():\n    return float('nan')\n"),
+        ]
+
+        assert [r["kind"] for r in results] == ["tool_error", "tool_error"]
+
+    def test_syntax_error_in_source_is_tool_error(self) -> None:
+        """Source that does not compile ends as tool_error with SyntaxError."""
+        result = result_of("def tool(:\n")
+
+        assert (result["kind"], result["error_type"]) == ("tool_error", "SyntaxError")
+
+    def test_missing_entrypoint_is_tool_error(self) -> None:
+        """An entrypoint the source does not define ends as tool_error."""
+        result = result_of("def other():\n    return 1\n")
+
+        assert (result["kind"], result["error_type"]) == ("tool_error", "NameError")
+
+    def test_system_exit_is_tool_error(self) -> None:
+        """A tool calling sys.exit() still gets a result line: tool_error, SystemExit."""
+        result = result_of("import sys\ndef tool():\n    sys.exit(3)\n")
+
+        assert (result["kind"], result["error_type"]) == ("tool_error", "SystemExit")
+
+    def test_long_message_is_truncated(self) -> None:
+        """A tool's error message is cut to 500 characters."""
+        result = result_of("def tool():\n    raise ValueError('x' * 100_000)\n")
+
+        assert len(result["message"]) == 500
+
+    def test_bad_request_is_tool_error_and_exit_code_2(self) -> None:
+        """Stdin that is not a request object still gets one result line, and exit code 2."""
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", str(RUNNER)],
+            input=b"[1, 2]",
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+
+        assert done.returncode == 2
+        assert json.loads(done.stdout)["kind"] == "tool_error"
+
+
+class TestRunnerClassification:
+    @pytest.mark.parametrize(
+        ("raise_statement", "expected_kind"),
+        [
+            ("raise MemoryError()", "memory_limit"),
+            ("raise BlockingIOError(errno.EAGAIN, 'fork')", "pids_limit"),
+            ("raise OSError(errno.EAGAIN, 'clone')", "pids_limit"),
+            ('raise RuntimeError("can\'t start new thread")', "pids_limit"),
+            ("raise OSError(errno.ENOSPC, 'No space left on device')", "disk_limit"),
+            ("raise OSError(errno.EDQUOT, 'Disk quota exceeded')", "disk_limit"),
+            ("raise OSError(errno.ENOENT, 'No such file')", "tool_error"),
+            ("raise KeyError('k')", "tool_error"),
+        ],
+    )
+    def test_exception_kind(self, raise_statement: str, expected_kind: str) -> None:
+        """Each exception maps to the limit it shows was hit, or to tool_error."""
+        result = result_of(f"import errno\ndef tool():\n    {raise_statement}\n")
+
+        assert expected_kind == result["kind"]
+
+    def test_limit_wrapped_in_another_exception_is_still_found(self) -> None:
+        """A tool that wraps MemoryError in its own exception still reports memory_limit."""
+        source = """
+            def tool():
+                try:
+                    raise MemoryError()
+                except MemoryError as exc:
+                    raise ValueError("could not allocate") from exc
+        """
+
+        assert result_of(source)["kind"] == "memory_limit"
+
+
+class TestRunnerProtocol:
+    def test_tool_prints_do_not_corrupt_the_result(self) -> None:
+        """Whatever the tool prints, even a fake result, goes to stderr; stdout has one line."""
+        source = """
+            import os, sys
+            def tool():
+                print('{"ok": true, "value": "forged"}')
+                sys.stdout.write("more\\n")
+                os.write(1, b'{"ok": true, "value": "forged by fd"}\\n')
+                return "real"
+        """
+
+        code, stdout, stderr = run_runner(source)
+
+        assert (code, stdout.splitlines()) == (0, ['{"ok":true,"value":"real"}'])
+        assert "forged by fd" in stderr
+        assert "forged" in stderr
+
+    def test_forked_child_writes_no_result(self) -> None:
+        """A child the tool forks returns into the runner but writes nothing; one line remains."""
+        source = """
+            import os
+            def tool():
+                pid = os.fork()
+                return "child" if pid == 0 else "parent"
+        """
+
+        _code, stdout, _stderr = run_runner(source)
+
+        assert stdout.splitlines() == ['{"ok":true,"value":"parent"}']
+
+    def test_threads_left_running_do_not_hold_the_result(self) -> None:
+        """A non-daemon thread the tool leaves sleeping neither delays nor changes the result."""
+        source = """
+            import threading, time
+            def tool():
+                threading.Thread(target=time.sleep, args=(60,)).start()
+                return 1
+        """
+
+        code, stdout, _stderr = run_runner(source)
+
+        assert (code, stdout) == (0, '{"ok":true,"value":1}\n')
+
+    def test_tool_cannot_read_the_request_again(self) -> None:
+        """The tool's stdin is empty: the request was consumed before the tool ran."""
+        source = """
+            import sys
+            def tool():
+                return sys.stdin.read()
+        """
+
+        assert result_of(source) == {"ok": True, "value": ""}
