@@ -38,7 +38,8 @@ class TestRunnerResult:
         """The entrypoint is called with the arguments as keywords; its value is the result."""
         code, stdout, _ = run_runner("def tool(x):\n    return x * x\n", x=3)
 
-        assert (code, stdout) == (0, '{"ok":true,"value":9}\n')
+        expected = (0, '{"ok":true,"value":9}\n')
+        assert expected == (code, stdout)
 
     def test_exception_is_tool_error_with_its_type_and_message(self) -> None:
         """An exception from the tool ends as tool_error, naming its type and message."""
@@ -59,31 +60,36 @@ class TestRunnerResult:
             result_of("def tool():\n    return float('nan')\n"),
         ]
 
-        assert [r["kind"] for r in results] == ["tool_error", "tool_error"]
+        expected = ["tool_error", "tool_error"]
+        assert expected == [r["kind"] for r in results]
 
     def test_syntax_error_in_source_is_tool_error(self) -> None:
         """Source that does not compile ends as tool_error with SyntaxError."""
         result = result_of("def tool(:\n")
 
-        assert (result["kind"], result["error_type"]) == ("tool_error", "SyntaxError")
+        expected = ("tool_error", "SyntaxError")
+        assert expected == (result["kind"], result["error_type"])
 
     def test_missing_entrypoint_is_tool_error(self) -> None:
         """An entrypoint the source does not define ends as tool_error."""
         result = result_of("def other():\n    return 1\n")
 
-        assert (result["kind"], result["error_type"]) == ("tool_error", "NameError")
+        expected = ("tool_error", "NameError")
+        assert expected == (result["kind"], result["error_type"])
 
     def test_system_exit_is_tool_error(self) -> None:
         """A tool calling sys.exit() still gets a result line: tool_error, SystemExit."""
         result = result_of("import sys\ndef tool():\n    sys.exit(3)\n")
 
-        assert (result["kind"], result["error_type"]) == ("tool_error", "SystemExit")
+        expected = ("tool_error", "SystemExit")
+        assert expected == (result["kind"], result["error_type"])
 
     def test_long_message_is_truncated(self) -> None:
         """A tool's error message is cut to 500 characters."""
         result = result_of("def tool():\n    raise ValueError('x' * 100_000)\n")
 
-        assert len(result["message"]) == 500
+        expected = 500
+        assert expected == len(result["message"])
 
     def test_bad_request_is_tool_error_and_exit_code_2(self) -> None:
         """Stdin that is not a request object still gets one result line, and exit code 2."""
@@ -95,8 +101,8 @@ class TestRunnerResult:
             check=False,
         )
 
-        assert done.returncode == 2
-        assert json.loads(done.stdout)["kind"] == "tool_error"
+        expected = (2, "tool_error")
+        assert expected == (done.returncode, json.loads(done.stdout)["kind"])
 
 
 class TestRunnerClassification:
@@ -129,7 +135,8 @@ class TestRunnerClassification:
                     raise ValueError("could not allocate") from exc
         """
 
-        assert result_of(source)["kind"] == "memory_limit"
+        expected = "memory_limit"
+        assert expected == result_of(source)["kind"]
 
 
 class TestRunnerProtocol:
@@ -146,7 +153,8 @@ class TestRunnerProtocol:
 
         code, stdout, stderr = run_runner(source)
 
-        assert (code, stdout.splitlines()) == (0, ['{"ok":true,"value":"real"}'])
+        expected = (0, ['{"ok":true,"value":"real"}'])
+        assert expected == (code, stdout.splitlines())
         assert "forged by fd" in stderr
         assert "forged" in stderr
 
@@ -161,7 +169,8 @@ class TestRunnerProtocol:
 
         _code, stdout, _stderr = run_runner(source)
 
-        assert stdout.splitlines() == ['{"ok":true,"value":"parent"}']
+        expected = ['{"ok":true,"value":"parent"}']
+        assert expected == stdout.splitlines()
 
     def test_threads_left_running_do_not_hold_the_result(self) -> None:
         """A non-daemon thread the tool leaves sleeping neither delays nor changes the result."""
@@ -174,7 +183,8 @@ class TestRunnerProtocol:
 
         code, stdout, _stderr = run_runner(source)
 
-        assert (code, stdout) == (0, '{"ok":true,"value":1}\n')
+        expected = (0, '{"ok":true,"value":1}\n')
+        assert expected == (code, stdout)
 
     def test_tool_cannot_read_the_request_again(self) -> None:
         """The tool's stdin is empty: the request was consumed before the tool ran."""
@@ -184,4 +194,5 @@ class TestRunnerProtocol:
                 return sys.stdin.read()
         """
 
-        assert result_of(source) == {"ok": True, "value": ""}
+        expected = {"ok": True, "value": ""}
+        assert expected == result_of(source)
