@@ -58,13 +58,23 @@ def is_record_kind(kind: str) -> bool:
 
 def is_record_ts(ts: str) -> bool:
     """Whether ``ts`` is fixed-width RFC 3339 UTC with microseconds, and a real instant."""
-    if not _TS.match(ts):
-        return False
     try:
-        datetime.strptime(ts, _TS_FORMAT)
+        parse_ts(ts)
     except ValueError:
         return False
     return True
+
+
+def parse_ts(ts: str) -> datetime:
+    """
+    The instant a record ts names.
+
+    Raises:
+        ValueError: ``ts`` is not fixed-width RFC 3339 UTC with microseconds.
+    """
+    if not _TS.match(ts):
+        raise ValueError("a record ts is RFC 3339 UTC with microseconds")
+    return datetime.strptime(ts, _TS_FORMAT).replace(tzinfo=UTC)
 
 
 def format_ts(now: datetime) -> str:
@@ -260,6 +270,7 @@ __all__ = [
     "format_ts",
     "is_record_kind",
     "is_record_ts",
+    "parse_ts",
     "record_bytes",
     "seal",
 ]

@@ -22,14 +22,22 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
 import structlog
-from callward.audit._chain import GENESIS_PREV, canonical_body, format_ts, is_record_kind, seal
+from callward.audit._chain import (
+    GENESIS_PREV,
+    canonical_body,
+    format_ts,
+    is_record_kind,
+    parse_ts,
+    seal,
+)
 from callward.audit.signer import Signer
 from callward.core._canonical import JSONValue, Sha256Hex
 from callward.core.errors import AuditUnavailable
@@ -63,6 +71,10 @@ _INSERT: Final = (
 )
 _HEAD: Final = "SELECT seq, hash, ts FROM records ORDER BY seq DESC LIMIT 1"
 _PAGE_ROWS: Final = 512
+_POLL_SECONDS: Final = 0.0005
+# A writer that waited for the lock stamps a time just before the head's; that is
+# expected. A step back larger than this is the clock itself going backwards.
+_CLOCK_STEP_BACK_SECONDS: Final = 1.0
 # What SQLite says when a read-only WAL database sits where it cannot make its -shm.
 _NEEDS_IMMUTABLE: Final = frozenset({"SQLITE_READONLY_DIRECTORY", "SQLITE_CANTOPEN"})
 
@@ -141,7 +153,7 @@ class SQLiteAuditStore:
                     check_same_thread=False,
                 )
                 try:
-                    _prepare(conn, self._path)
+                    _prepare(conn, self._path, self._busy_timeout_seconds)
                 except BaseException:
                     conn.close()
                     raise
@@ -192,11 +204,14 @@ class SQLiteAuditStore:
             body_json = canonical_body(body)
         with self._lock:
             conn = self._require_open()
-            with _store_errors("append", self._path, kind=kind), _transaction(conn):
+            with (
+                _store_errors("append", self._path, kind=kind),
+                _transaction(conn, self._busy_timeout_seconds),
+            ):
                 head = conn.execute(_HEAD).fetchone()
                 seq, prev, head_ts = (0, GENESIS_PREV, None) if head is None else head
                 if head_ts is not None and ts < str(head_ts):
-                    log.warning("audit_clock_went_backwards", clock_ts=ts, head_ts=head_ts)
+                    _log_held_ts(ts, str(head_ts))
                     ts = str(head_ts)
                 record = seal(
                     seq=seq + 1,
@@ -289,14 +304,26 @@ class SQLiteAuditStore:
         return self._conn
 
 
-def _prepare(conn: sqlite3.Connection, path: Path) -> None:
+def _log_held_ts(ts: str, head_ts: str) -> None:
+    """Log a ts held at the head's: a warning only if the clock really stepped back."""
+    try:
+        behind = parse_ts(head_ts) - parse_ts(ts)
+    except ValueError:
+        behind = timedelta.max
+    if behind.total_seconds() > _CLOCK_STEP_BACK_SECONDS:
+        log.warning("audit_clock_went_backwards", clock_ts=ts, head_ts=head_ts)
+    else:
+        log.debug("audit_ts_held_at_head", clock_ts=ts, head_ts=head_ts)
+
+
+def _prepare(conn: sqlite3.Connection, path: Path, wait_seconds: float) -> None:
     """Set WAL and full sync, and create or recognise the table, in one transaction."""
     (journal_mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
     if str(journal_mode).lower() != "wal":
         raise AuditUnavailable(f"{path} cannot be put in WAL mode (it is in {journal_mode})")
     conn.execute("PRAGMA synchronous=FULL")
     created = False
-    with _transaction(conn):
+    with _transaction(conn, wait_seconds):
         (application_id,) = conn.execute("PRAGMA application_id").fetchone()
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         (tables,) = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
@@ -372,10 +399,35 @@ def error_name(exc: sqlite3.Error) -> str:
     return getattr(exc, "sqlite_errorname", None) or type(exc).__name__
 
 
+def _begin_immediate(conn: sqlite3.Connection, wait_seconds: float) -> None:
+    """
+    ``BEGIN IMMEDIATE``, retried every ``_POLL_SECONDS`` for up to ``wait_seconds``.
+
+    SQLite's own busy handler backs off to 100 ms sleeps, so a process appending in a
+    loop can keep the write lock from a waiting one until its timeout; polling at a
+    fixed short interval gives each writer its turn.
+    """
+    deadline = time.monotonic() + wait_seconds
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+                if not busy or time.monotonic() >= deadline:
+                    raise
+                time.sleep(_POLL_SECONDS)
+            else:
+                return
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {round(wait_seconds * 1000)}")
+
+
 @contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+def _transaction(conn: sqlite3.Connection, wait_seconds: float) -> Iterator[None]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT``; on any exception, roll back and re-raise."""
-    conn.execute("BEGIN IMMEDIATE")
+    _begin_immediate(conn, wait_seconds)
     try:
         yield
         conn.execute("COMMIT")
