@@ -8,14 +8,14 @@ Example::
     >>> import tempfile
     >>> from pathlib import Path
     >>> from callward.audit import FileSigner, SQLiteAuditStore, verify
-    >>> home = Path(tempfile.mkdtemp())
-    >>> signer = FileSigner.load_or_create(home / "keys")
-    >>> with SQLiteAuditStore(home / "audit.db", signer) as log:
-    ...     record = log.append("call.denied", {"call_id": "c1", "kind": "schema"})
-    >>> record.seq
-    1
-    >>> verify(home / "audit.db", home / "keys" / "audit-ed25519.pub").records
-    1
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     home = Path(tmp)
+    ...     signer = FileSigner.load_or_create(home / "keys")
+    ...     with SQLiteAuditStore(home / "audit.db", signer) as log:
+    ...         record = log.append("call.denied", {"call_id": "c1", "kind": "schema"})
+    ...     verified = verify(home / "audit.db", home / "keys" / "audit-ed25519.pub")
+    >>> (record.seq, verified.records)
+    (1, 1)
 """
 
 from callward.audit._query import read_records

@@ -175,6 +175,8 @@ def check_record(
     """
     seq = record.seq
     if seq != expected_seq:
+        if seq > expected_seq == 1:
+            raise VerificationFailed(f"record 1 is missing: the log starts at seq {seq}", seq=seq)
         if seq > expected_seq:
             raise VerificationFailed(
                 f"record {expected_seq} is missing: seq {seq} follows seq {expected_seq - 1}",

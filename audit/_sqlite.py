@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import TYPE_CHECKING, Final, Self
 
 import structlog
 from callward.audit._chain import (
@@ -489,6 +489,14 @@ def _blob(value: object, column: str) -> bytes:
     if isinstance(value, bytes):
         return value
     raise ValueError(f"the {column} column is not a blob")
+
+
+if TYPE_CHECKING:
+    from callward.core.protocols import AuditLog
+
+    def _is_an_audit_log(store: SQLiteAuditStore) -> AuditLog:
+        """mypy proves the store satisfies the protocol the gateway is handed."""
+        return store
 
 
 __all__ = [
