@@ -194,9 +194,9 @@ def apt_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
         except OSError:
             continue
         for line in text.splitlines():
-            words = line.split("#", 1)[0].split()
+            words = re.sub(r"\[[^]]*\]", " ", line.split("#", 1)[0]).split()
             if words[:1] == ["deb"]:
-                uris = [w for w in words[1:] if not w.startswith("[")][:1]
+                uris = words[1:2]
             elif words[:1] == ["URIs:"]:
                 uris = words[1:]
             else:
