@@ -1,1 +1,41 @@
-"""x"""
+"""
+Runs each tool call in its own hardened, single-use container.
+
+A container has no network, a read-only root, only a small ``noexec`` tmpfs
+at ``/tmp`` to write to, no capabilities, ``no-new-privileges``, the user
+``nobody`` and finite memory, pids, CPU, open files, time and output. It is
+removed after the call, whatever happened. The image is built offline
+(``debootstrap``, then ``docker import``) and identified by its digest.
+
+Example (needs a Docker Engine; the first ``ensure_image()`` takes a minute)::
+
+    >>> from callward.core import ToolCall, ToolSpec, ResourceLimits, canonical_bytes, sha256_hex
+    >>> from callward.sandbox import DockerSandbox, ensure_image
+    >>> image = ensure_image()
+    >>> spec = ToolSpec(
+    ...     name="square", version="1.0.0", description="x squared",
+    ...     source="def square(x):\\n    return x * x\\n", entrypoint="square",
+    ...     parameters_json=canonical_bytes({"type": "object"}), digest=sha256_hex(b"square"),
+    ... )
+    >>> call = ToolCall.create(id="c1", name="square", arguments={"x": 3}, dialect="api")
+    >>> sandbox = DockerSandbox(image=image)
+    >>> execution = sandbox.run(spec, call, ResourceLimits())
+    >>> (execution.kind, execution.value)
+    ('ok', 9)
+"""
+
+from callward.sandbox._docker import DockerSandbox
+from callward.sandbox._image import SandboxImage, ensure_image, expected_image_tag
+from callward.sandbox._limits import Runtime
+from callward.sandbox.base import RawExecution, Sandbox, SandboxBackend
+
+__all__ = [
+    "DockerSandbox",
+    "RawExecution",
+    "Runtime",
+    "Sandbox",
+    "SandboxBackend",
+    "SandboxImage",
+    "ensure_image",
+    "expected_image_tag",
+]
