@@ -183,12 +183,13 @@ class DockerSandbox:
         """
         client = self._docker()
         with map_docker_errors("list sandbox containers"):
-            containers = client.containers.list(all=True, filters={"label": OWNER_LABEL})
+            # The low-level list: one request, and no inspect that a removal could race.
+            containers = client.api.containers(all=True, filters={"label": OWNER_LABEL})
         removed: list[str] = []
         for container in containers:
-            if _owner_alive(container.labels.get(OWNER_PID_LABEL, "")):
+            if _owner_alive((container.get("Labels") or {}).get(OWNER_PID_LABEL, "")):
                 continue
-            container_id = str(container.id)
+            container_id = str(container["Id"])
             with map_docker_errors("remove a leftover sandbox container"):
                 try:
                     client.api.remove_container(container_id, force=True, v=True)
