@@ -235,41 +235,52 @@ def _build_base(client: docker.DockerClient, mirror: str) -> str:
             "building the base image needs root (debootstrap)",
             remediation="run `callward sandbox build-image` as root once",
         )
-    retry = f"check that the apt mirror {mirror} answers, then run `callward sandbox build-image`"
-    with tempfile.TemporaryDirectory(prefix="callward-rootfs-") as tmp:
-        rootfs = Path(tmp, "rootfs")
-        log.info("base_image_debootstrap_started", suite=SUITE, mirror=mirror)
-        try:
-            _run(
-                [debootstrap, "--variant=minbase", "--include=python3", SUITE, str(rootfs), mirror],
-                what="debootstrap",
-                remediation=retry,
-            )
-        finally:
-            _unmount_below(rootfs)
-        _trim(rootfs)
-        archive = Path(tmp, "rootfs.tar")
-        _run(
-            [
-                "tar",
-                "--numeric-owner",
-                "--one-file-system",
-                "-C",
-                str(rootfs),
-                "-cf",
-                str(archive),
-                ".",
-            ],
-            what="tar",
-            remediation=retry,
-        )
-        log.info("base_image_import_started", image=BASE_IMAGE, bytes=archive.stat().st_size)
-        client.api.import_image(src=str(archive), repository=BASE_REPOSITORY, tag=SUITE)
+    workdir = Path(tempfile.mkdtemp(prefix="callward-rootfs-"))
+    try:
+        _debootstrap_and_import(client, debootstrap, mirror, workdir)
+    finally:
+        if _unmount_below(workdir):
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            # Deleting through a leftover mount (/proc, a bind-mounted /dev)
+            # would delete the host's files: keep the directory instead.
+            log.error("base_image_workdir_kept", path=str(workdir), reason="mounts below it")
     base_id = _image_id(client, BASE_IMAGE)
     if base_id is None:
         raise SandboxUnavailable(f"the engine did not keep the imported image {BASE_IMAGE}")
     log.info("base_image_built", image=BASE_IMAGE, image_id=base_id)
     return base_id
+
+
+def _debootstrap_and_import(
+    client: docker.DockerClient, debootstrap: str, mirror: str, workdir: Path
+) -> None:
+    retry = f"check that the apt mirror {mirror} answers, then run `callward sandbox build-image`"
+    rootfs = workdir / "rootfs"
+    log.info("base_image_debootstrap_started", suite=SUITE, mirror=mirror)
+    _run(
+        [debootstrap, "--variant=minbase", "--include=python3", SUITE, str(rootfs), mirror],
+        what="debootstrap",
+        remediation=retry,
+    )
+    _trim(rootfs)
+    archive = workdir / "rootfs.tar"
+    _run(
+        [
+            "tar",
+            "--numeric-owner",
+            "--one-file-system",
+            "-C",
+            str(rootfs),
+            "-cf",
+            str(archive),
+            ".",
+        ],
+        what="tar",
+        remediation=retry,
+    )
+    log.info("base_image_import_started", image=BASE_IMAGE, bytes=archive.stat().st_size)
+    client.api.import_image(src=str(archive), repository=BASE_REPOSITORY, tag=SUITE)
 
 
 def _run(argv: list[str], *, what: str, remediation: str) -> None:
@@ -292,30 +303,26 @@ def _run(argv: list[str], *, what: str, remediation: str) -> None:
         )
 
 
-def _unmount_below(rootfs: Path) -> None:
+def _unmount_below(directory: Path) -> bool:
     """
-    Unmount anything a failed debootstrap left mounted inside ``rootfs``.
+    Unmount anything a failed debootstrap left mounted below ``directory``.
 
-    Deleting the temporary directory through a leftover mount (``/proc``, or a
-    bind-mounted ``/dev``) would delete the host's files, so a mount that will
-    not go away stops the build instead.
+    Returns:
+        Whether nothing is mounted below it any more, so it is safe to delete.
     """
-    prefix = f"{rootfs}/"
-    with open("/proc/self/mounts", encoding="utf-8") as mounts:
-        points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
-    for point in sorted(points, key=len, reverse=True):
+    prefix = f"{directory}/"
+
+    def mounted() -> list[str]:
+        with open("/proc/self/mounts", encoding="utf-8") as mounts:
+            return [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+
+    for point in sorted(mounted(), key=len, reverse=True):
         subprocess.run(  # noqa: S603 - a fixed command on a path read from /proc
             ["umount", "--lazy", point],  # noqa: S607 - umount from PATH, as debootstrap uses it
             check=False,
             capture_output=True,
         )
-    with open("/proc/self/mounts", encoding="utf-8") as mounts:
-        if any(line.split()[1].startswith(prefix) for line in mounts):
-            raise SandboxUnavailable(
-                f"debootstrap left mounts below {rootfs} that could not be unmounted",
-                remediation=f"unmount them (see /proc/self/mounts), remove {rootfs.parent}, "
-                "then run `callward sandbox build-image` again",
-            )
+    return not mounted()
 
 
 def _trim(rootfs: Path) -> None:
@@ -328,7 +335,8 @@ def _trim(rootfs: Path) -> None:
                     shutil.rmtree(entry)
                 else:
                     entry.unlink()
-    for parent, _dirs, names in os.walk(rootfs):
+    for parent, dirs, names in os.walk(rootfs):
+        dirs[:] = [d for d in dirs if not os.path.ismount(os.path.join(parent, d))]
         for name in names:
             path = os.path.join(parent, name)
             mode = os.lstat(path).st_mode
