@@ -92,6 +92,25 @@ class TestRecordBytes:
 
         assert expected == actual
 
+    @given(
+        st.integers(min_value=1, max_value=2**53 - 1),
+        st.text(max_size=30),
+        st.text(max_size=20),
+        st.text(max_size=70),
+        st.text(max_size=20),
+    )
+    def test_record_bytes_match_canonical_bytes_for_any_text(self, seq, ts, kind, prev, key_id):
+        """Whatever the member strings hold (quotes, controls, non-ASCII), the bytes are JCS."""
+        expected = canonical_bytes(
+            {"seq": seq, "ts": ts, "kind": kind, "prev": prev, "key_id": key_id, "body": {}}
+        )
+
+        actual = record_bytes(
+            seq=seq, ts=ts, kind=kind, prev=prev, key_id=key_id, body_json=b"{}"
+        )
+
+        assert expected == actual
+
     def test_layout_of_one_record(self):
         """The members appear sorted, without whitespace, body first."""
         expected = (

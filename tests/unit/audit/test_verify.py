@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
+import sqlite3
 from datetime import UTC, datetime
 
 import pytest
@@ -284,3 +286,96 @@ class TestNotALog:
 
         with pytest.raises(ConfigurationError):
             verify(db, bogus)
+
+
+@pytest.fixture(name="long_log", scope="module")
+def _long_log(tmp_path_factory):
+    """A pristine log of 2,500 records (three signature batches) and its public key."""
+    directory = tmp_path_factory.mktemp("long")
+    signer = FileSigner(Ed25519PrivateKey.generate())
+    with SQLiteAuditStore(directory / "audit.db", signer) as store:
+        for i in range(2500):
+            store.append("call.completed", {"call_id": f"c{i}", "i": i})
+    return directory / "audit.db", signer.public_key()
+
+
+class TestWorkers:
+    @pytest.fixture(name="copy")
+    def _copy(self, long_log, tmp_path):
+        """A copy of the long log to tamper with, and a way to run statements on it."""
+        db = tmp_path / "audit.db"
+        shutil.copyfile(long_log[0], db)
+
+        def sql(statement, *params):
+            conn = sqlite3.connect(db, isolation_level=None)
+            try:
+                conn.execute(statement, params)
+            finally:
+                conn.close()
+
+        return db, sql
+
+    def _outcomes(self, db, public_key):
+        """What verify says with one process and with two workers."""
+        outcomes = []
+        for workers in (1, 2):
+            try:
+                outcomes.append(verify(db, public_key, workers=workers))
+            except VerificationFailed as failure:
+                outcomes.append((failure.seq, failure.message))
+        return outcomes
+
+    def test_workers_verify_an_untouched_log_alike(self, long_log):
+        """Two worker processes reach the same result as one process."""
+        one, two = self._outcomes(*long_log)
+
+        assert 2500 == one.records
+        assert one == two
+
+    @pytest.mark.parametrize(
+        ("statements", "seq", "message"),
+        [
+            (["UPDATE records SET signature = zeroblob(64) WHERE seq = 1500"], 1500, "signature"),
+            (["UPDATE records SET body = '{}' WHERE seq = 1500"], 1500, "body column"),
+            (
+                [
+                    "UPDATE records SET signature = zeroblob(64) WHERE seq = 1100",
+                    "DELETE FROM records WHERE seq = 2000",
+                ],
+                1100,
+                "signature",
+            ),
+            (
+                [
+                    "UPDATE records SET key_id = 'ffffffffffffffff' WHERE seq = 1500",
+                    "UPDATE records SET signature = zeroblob(64) WHERE seq = 1500",
+                ],
+                1500,
+                "signed under key id ffffffffffffffff",
+            ),
+            (["DELETE FROM records WHERE seq = 2"], 3, "record 2 is missing"),
+        ],
+        ids=["signature", "body", "signature-before-gap", "signature-before-column", "gap"],
+    )
+    def test_workers_report_the_same_first_failure(self, copy, long_log, statements, seq, message):
+        """With workers, the failure reported is the same first failure, same seq and message."""
+        db, sql = copy
+        for statement in statements:
+            sql(statement)
+
+        one, two = self._outcomes(db, long_log[1])
+
+        assert seq == one[0]
+        assert message in one[1]
+        assert one == two
+
+    def test_auto_uses_this_process_for_a_short_log(self, log):
+        """workers="auto" verifies a short log without starting processes."""
+        db, public_key = log
+
+        assert N == verify(db, public_key, workers="auto").records
+
+    def test_workers_below_one_are_refused(self, log):
+        """Zero or negative workers is a caller's mistake."""
+        with pytest.raises(ValueError, match="workers"):
+            verify(log[0], log[1], workers=0)
