@@ -195,6 +195,7 @@ class SQLiteAuditStore:
 
         Raises:
             ValueError: ``kind`` is malformed or ``now`` is naive.
+            TypeError: ``body`` is not a mapping.
             AuditUnavailable: The record is not durable; the caller must not proceed.
         """
         if not is_record_kind(kind):
@@ -322,6 +323,7 @@ def _prepare(conn: sqlite3.Connection, path: Path, wait_seconds: float) -> None:
     if str(journal_mode).lower() != "wal":
         raise AuditUnavailable(f"{path} cannot be put in WAL mode (it is in {journal_mode})")
     conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA fullfsync=ON")  # macOS: fsync alone does not reach the disk
     created = False
     with _transaction(conn, wait_seconds):
         (application_id,) = conn.execute("PRAGMA application_id").fetchone()

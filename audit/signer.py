@@ -71,7 +71,8 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     try:
         data = _read_bounded(path)
     except OSError as exc:
-        raise ConfigurationError(f"cannot read public key {path}: {exc.strerror}") from exc
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigurationError(f"cannot read public key {path}: {reason}") from exc
     return _public_key_from_pem(data, path)
 
 
@@ -116,7 +117,7 @@ class FileSigner:
             _ensure_public_key(public_path, signer.public_key_pem())
         except OSError as exc:
             raise ConfigurationError(
-                f"cannot use audit keys in {keys_dir}: {exc.strerror}",
+                f"cannot use audit keys in {keys_dir}: {exc.strerror or type(exc).__name__}",
                 remediation="make the keys directory writable by this user only",
             ) from exc
         log.info("audit_key_loaded", key_id=signer.key_id, keys_dir=str(keys_dir))

@@ -4,7 +4,8 @@ Verify an audit log offline, with nothing but the database file and the public k
 Invariants:
 
 - The database is opened read-only; verifying never changes the file.
-- Rows are streamed in seq order, one at a time: memory does not grow with the log.
+- Rows are streamed in seq order, one at a time: memory does not grow with the log
+  (with worker processes, a fixed number of batches is in flight).
 - Every record is checked in full (hash, signature, seq, prev, ts, and every column
   against the signed bytes) and the first failure raises ``VerificationFailed`` with
   that record's seq and which check failed. There is no boolean result to ignore.
@@ -50,8 +51,6 @@ log = structlog.get_logger()
 _SELECT_ALL: Final = (
     "SELECT seq, ts, kind, prev, key_id, body, record, hash, signature FROM records ORDER BY seq"
 )
-
-
 #: Logs at least this long are verified with worker processes when ``workers="auto"``.
 PARALLEL_MIN_RECORDS: Final = 50_000
 _MAX_WORKERS: Final = 8
