@@ -19,7 +19,7 @@ unit: setup
 
 lint: setup
 	$(VENV)/bin/ruff check core policies sandbox audit tests bench
-	$(VENV)/bin/mypy
+	scripts/typecheck.sh
 
 setup: $(STAMP)
 

@@ -25,6 +25,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Final, NoReturn
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from callward.audit.signer import Signer
 from callward.core._canonical import (
     STRICT_DECODER,
@@ -35,8 +38,6 @@ from callward.core._canonical import (
 )
 from callward.core.errors import VerificationFailed
 from callward.core.types import AuditRecord, KeyId
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 GENESIS_PREV: Final = Sha256Hex("0" * 64)
 MAX_RECORD_BYTES: Final = 4 << 20

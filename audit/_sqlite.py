@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Final, Self
 
 import structlog
+
 from callward.audit._chain import (
     GENESIS_PREV,
     canonical_body,

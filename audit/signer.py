@@ -20,14 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol
 
 import structlog
-from callward.core.errors import ConfigurationError
-from callward.core.types import KeyId
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+
+from callward.core.errors import ConfigurationError
+from callward.core.types import KeyId
 
 log = structlog.get_logger()
 

@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Final, Literal, NoReturn, Protocol
 
 import structlog
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from callward.audit._chain import (
     GENESIS_PREV,
     check_contents,
@@ -43,8 +46,6 @@ from callward.audit.signer import key_id_of, load_public_key
 from callward.core._canonical import Sha256Hex
 from callward.core.errors import VerificationFailed
 from callward.core.types import AuditRecord, KeyId
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 log = structlog.get_logger()
 

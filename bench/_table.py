@@ -27,7 +27,10 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[objec
     ]
     widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
     print(f"\n{title}")
-    print("| " + " | ".join(cell.ljust(width) for cell, width in zip(cells[0], widths)) + " |")
+    def line(row: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+
+    print(line(cells[0]))
     print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
     for row in cells[1:]:
-        print("| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |")
+        print(line(row))

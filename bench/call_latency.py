@@ -18,11 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _table import print_table, summarize  # noqa: E402
+from _table import print_table, summarize
 
-from callward.core._config import example_config_path  # noqa: E402
-from callward.core.gateway import Gateway  # noqa: E402
-from callward.sandbox import expected_image_tag  # noqa: E402
+from callward.core._config import example_config_path
+from callward.core.gateway import Gateway
+from callward.sandbox import expected_image_tag
 
 
 def docker_run_baseline(count: int) -> list[float]:

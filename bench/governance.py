@@ -21,10 +21,10 @@ from jsonschema import Draft202012Validator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _table import print_table, summarize  # noqa: E402
+from _table import print_table, summarize
 
-from callward.audit import FileSigner, SQLiteAuditStore  # noqa: E402
-from callward.core import (  # noqa: E402
+from callward.audit import FileSigner, SQLiteAuditStore
+from callward.core import (
     Execution,
     ResourceLimits,
     Sha256Hex,
@@ -34,8 +34,8 @@ from callward.core import (  # noqa: E402
     Usage,
     strict_loads,
 )
-from callward.core.gateway import Gateway  # noqa: E402
-from callward.policies import Policy  # noqa: E402
+from callward.core.gateway import Gateway
+from callward.policies import Policy
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "core" / "examples"
 TEXT = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 40}}</tool_call>'

@@ -18,6 +18,7 @@ from callward.core._canonical import (
     sha256_hex,
     strict_loads,
 )
+from callward.core._registry import ToolRegistry, tool
 from callward.core.errors import (
     AuditUnavailable,
     CallwardError,
@@ -31,7 +32,6 @@ from callward.core.errors import (
     UnknownTool,
     VerificationFailed,
 )
-from callward.core._registry import ToolRegistry, tool
 from callward.core.protocols import AuditLog, PolicyEngine, ToolRunner
 from callward.core.types import (
     AuditRecord,

@@ -17,7 +17,7 @@ import rfc8785
 
 Sha256Hex = NewType("Sha256Hex", str)
 
-JSONScalar: TypeAlias = None | bool | int | float | str
+JSONScalar: TypeAlias = bool | int | float | str | None
 JSONValue: TypeAlias = JSONScalar | Sequence["JSONValue"] | Mapping[str, "JSONValue"]
 
 #: Bounds on JSON that callward reads from outside (model text, files).
@@ -41,7 +41,7 @@ def canonical_bytes(value: object) -> bytes:
         CanonicalizationError: The value is not representable in I-JSON.
     """
     try:
-        return rfc8785.dumps(value)
+        return rfc8785.dumps(value)  # type: ignore[arg-type] # checked by rfc8785 itself
     except (rfc8785.CanonicalizationError, TypeError, ValueError, RecursionError) as exc:
         raise CanonicalizationError(f"not canonical JSON: {type(exc).__name__}") from exc
 

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import structlog
 import yaml
@@ -89,7 +89,7 @@ class Home:
 class GatewayConfig:
     tool_sources: tuple[str, ...]
     policy_path: Path
-    runtime: str
+    runtime: Literal["runc", "runsc"]
     source: Path
 
 

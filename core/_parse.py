@@ -97,7 +97,7 @@ def _make_call(
         )
     except CanonicalizationError as exc:
         raise _fail(f"the arguments are not I-JSON ({exc})", offset, dialect) from exc
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         raise _fail(str(exc), offset, dialect) from exc
 
 
@@ -179,16 +179,18 @@ def _parse_hermes(text: str, new_id: NewId) -> list[_Found]:
     found: list[_Found] = []
     position = 0
     while (start := text.find(_HERMES_OPEN, position)) != -1:
+        _refuse_stray_close(text, position, start)
         body_start = _skip_ws(text, start + len(_HERMES_OPEN))
-        end = text.find(_HERMES_CLOSE, body_start)
-        if end == -1:
+        if body_start >= len(text):
             raise _fail(f"{_HERMES_OPEN} is never closed", start, "hermes")
+        # Decode first: a JSON string may itself contain the closing tag.
         document, after = _decode_at(text, body_start, "hermes")
-        if (stray_text := _skip_ws(text, after)) != end:
+        close = _skip_ws(text, after)
+        if not text.startswith(_HERMES_CLOSE, close):
+            if close >= len(text):
+                raise _fail(f"{_HERMES_OPEN} is never closed", start, "hermes")
             raise _fail(
-                f"unexpected text after the JSON object, before {_HERMES_CLOSE}",
-                stray_text,
-                "hermes",
+                f"unexpected text after the JSON object, before {_HERMES_CLOSE}", close, "hermes"
             )
         if not isinstance(document, dict):
             raise _fail("the tag must hold one JSON object", body_start, "hermes")
@@ -211,11 +213,16 @@ def _parse_hermes(text: str, new_id: NewId) -> list[_Found]:
                 ),
             )
         )
-        position = end + len(_HERMES_CLOSE)
-    stray = text.find(_HERMES_CLOSE, position)
+        position = close + len(_HERMES_CLOSE)
+    _refuse_stray_close(text, position, len(text))
+    return found
+
+
+def _refuse_stray_close(text: str, start: int, end: int) -> None:
+    """Outside the calls, a closing tag means the model lost track of its own tags."""
+    stray = text.find(_HERMES_CLOSE, start, end)
     if stray != -1:
         raise _fail(f"{_HERMES_CLOSE} without an opening tag", stray, "hermes")
-    return found
 
 
 # --- article ----------------------------------------------------------------
@@ -266,7 +273,9 @@ def _parse_article(text: str, new_id: NewId, parameter_order: ParameterOrder) ->
             raise _fail("a call takes a name, arguments and an expected output", index, "article")
         name = values[0]
         if not isinstance(name, str):
-            raise _fail("the first argument must be the tool name as a string", match.end(), "article")
+            raise _fail(
+                "the first argument must be the tool name as a string", match.end(), "article"
+            )
         arguments = _article_arguments(
             name, values[1] if len(values) > 1 else [], match.end(), parameter_order
         )

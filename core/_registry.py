@@ -183,7 +183,7 @@ def _load_module_from_path(path: Path) -> object:
     sys.modules[module_name] = module  # inspect.getsource needs the module registered
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - loading operator code; any failure is a config error
+    except Exception as exc:
         del sys.modules[module_name]
         raise ConfigurationError(
             f"tool file {path} failed to import: {type(exc).__name__}"

@@ -178,7 +178,14 @@ class Gateway:
         policy_ms = _ms(started, self._clock())
 
         if decision.effect == "deny" or spec is None:
-            return self._deny(call, spec, decision, context, parse_ms, policy_ms)
+            return self._deny(
+                call=call,
+                spec=spec,
+                decision=decision,
+                context=context,
+                parse_ms=parse_ms,
+                policy_ms=policy_ms,
+            )
 
         started = self._clock()
         authorized = self.audit.append(
@@ -233,7 +240,7 @@ class Gateway:
     def _decide(self, call: ToolCall, spec: ToolSpec | None, context: CallContext) -> Decision:
         try:
             return self.policy.decide(call, spec, context)
-        except Exception:  # noqa: BLE001 - stage boundary: a policy that breaks denies
+        except Exception:
             log.exception("policy_failed", call_id=call.id)
             return Decision(
                 "deny",
@@ -252,7 +259,7 @@ class Gateway:
                 return _Outcome(None, "sandbox_unavailable",
                                 _error_content(exc.kind, exc.message), exc.message)
             raise
-        except Exception as exc:  # noqa: BLE001 - stage boundary; audited as sandbox_unavailable
+        except Exception as exc:
             log.exception("sandbox_failed", call_id=call.id)
             message = f"the sandbox failed unexpectedly ({type(exc).__name__})"
             return _Outcome(None, "sandbox_unavailable",
@@ -264,6 +271,7 @@ class Gateway:
 
     def _deny(
         self,
+        *,
         call: ToolCall,
         spec: ToolSpec | None,
         decision: Decision,

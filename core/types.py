@@ -141,13 +141,13 @@ class ToolCall:
         if not self.id or len(self.id) > 128:
             raise ValueError("a call id must have 1 to 128 characters")
         if not isinstance(canonical_loads(self.arguments_json), dict):
-            raise ValueError("arguments must be a JSON object")
+            raise TypeError("arguments must be a JSON object")
 
     @classmethod
     def create(
         cls,
         *,
-        id: str,  # noqa: A002 - mirrors the field name
+        id: str,
         name: str,
         arguments: Mapping[str, JSONValue],
         dialect: Dialect,
@@ -218,7 +218,7 @@ class ToolSpec:
             raise ValueError("the entrypoint must be a Python identifier")
         _require_sha256(self.digest, "a tool digest")
         if not isinstance(canonical_loads(self.parameters_json), dict):
-            raise ValueError("a parameters schema is a JSON object")
+            raise TypeError("a parameters schema is a JSON object")
 
     @property
     def parameters(self) -> dict[str, JSONValue]:
@@ -385,7 +385,8 @@ class ToolResult:
 
     @property
     def content(self) -> JSONValue:
-        return canonical_loads(self.content_json)
+        value: JSONValue = canonical_loads(self.content_json)
+        return value
 
     def to_json(self) -> dict[str, JSONValue]:
         return {

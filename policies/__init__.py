@@ -20,10 +20,10 @@ from callward.policies._evaluator import DEFAULT_DENY_RULE, UNKNOWN_TOOL_RULE, P
 
 __all__ = [
     "DEFAULT_DENY_RULE",
+    "UNKNOWN_TOOL_RULE",
     "Policy",
     "PolicyDocument",
     "Rule",
-    "UNKNOWN_TOOL_RULE",
     "load_policy",
     "parse_policy",
 ]

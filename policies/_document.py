@@ -160,18 +160,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     mapping: dict[Any, Any] = {}
     for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=True)
         if key in mapping:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
             )
-        mapping[key] = loader.construct_object(value_node, deep=True)  # type: ignore[no-untyped-call]
+        mapping[key] = loader.construct_object(value_node, deep=True)
     return mapping
 
 
 _UniqueKeyLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_unique_mapping,  # type: ignore[arg-type]
+    _construct_unique_mapping,
 )
 
 
@@ -216,7 +216,8 @@ def parse_policy(text: str, *, source: str = "<string>") -> PolicyDocument:
         for name, settings in (raw.get("principals") or {}).items()
     }
     tool_limits = {
-        name: dict(settings.get("limits", {})) for name, settings in (raw.get("tools") or {}).items()
+        name: dict(settings.get("limits", {}))
+        for name, settings in (raw.get("tools") or {}).items()
     }
     document = PolicyDocument(
         rules=tuple(rules),

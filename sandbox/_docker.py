@@ -35,6 +35,7 @@ from typing import Final
 import docker
 import docker.errors
 import structlog
+
 from callward.core import (
     Execution,
     ResourceLimits,

@@ -15,6 +15,7 @@ from typing import Final
 import docker
 import docker.errors
 import requests
+
 from callward.core import SandboxUnavailable
 
 #: Pinned so that building a client never asks the engine for its version (no I/O).

@@ -35,6 +35,7 @@ from typing import Final
 import docker
 import docker.errors
 import structlog
+
 from callward.core import SandboxUnavailable, Sha256Hex
 from callward.sandbox._engine import (
     BUILD_IMAGE_REMEDIATION,

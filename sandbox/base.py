@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 import structlog
+
 from callward.core import (
     Execution,
     ResourceLimits,

@@ -4,9 +4,9 @@ source (without the decorator) is all that is sent there, so a tool imports
 what it needs inside its own body.
 """
 
-from callward.core import ResourceLimits, tool
+from callward.core import JSONValue, ResourceLimits, tool
 
-_NUMBER = {"type": "number", "minimum": -1e12, "maximum": 1e12}
+_NUMBER: JSONValue = {"type": "number", "minimum": -1e12, "maximum": 1e12}
 
 
 @tool(

@@ -107,7 +107,7 @@ class TestAuditVerify:
         ("tamper", "seq"),
         [
             ("UPDATE records SET body = replace(body, 'alice', 'admin') WHERE seq = 3", 3),
-            ("DELETE FROM records WHERE seq = 2", 2),
+            ("DELETE FROM records WHERE seq = 2", 3),
             ("UPDATE records SET seq = -seq WHERE seq IN (2, 4);"
              "UPDATE records SET seq = 4 WHERE seq = -2;"
              "UPDATE records SET seq = 2 WHERE seq = -4", 2),
@@ -115,7 +115,10 @@ class TestAuditVerify:
         ids=["edit", "delete", "reorder"],
     )
     def test_tampering_names_the_first_broken_seq(self, cli, filled_log, tamper, seq):
-        """Editing, deleting or reordering a row fails verification at that seq (exit 1)."""
+        """
+        Editing, deleting or reordering a row fails verification at the first record
+        that no longer verifies (for a deletion, the one after the gap), with exit 1.
+        """
         with sqlite3.connect(filled_log) as db:
             db.executescript(tamper)
 

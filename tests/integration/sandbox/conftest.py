@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import docker
 import pytest
+
 from callward.core import ToolSpec, canonical_bytes, sha256_hex
 from callward.sandbox import DockerSandbox, SandboxImage, ensure_image
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import docker
 import pytest
+
 from callward.core import (
     Execution,
     ResourceLimits,

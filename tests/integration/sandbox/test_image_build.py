@@ -5,13 +5,14 @@ from __future__ import annotations
 import doctest
 import hashlib
 
-import callward.sandbox
 import docker
 import pytest
+from structlog.testing import capture_logs
+
+import callward.sandbox
 from callward.core import SandboxUnavailable
 from callward.sandbox import SandboxImage, ensure_image, expected_image_tag
 from callward.sandbox._image import runner_source
-from structlog.testing import capture_logs
 
 pytestmark = pytest.mark.docker
 

@@ -8,8 +8,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from callward.audit import FileSigner, SQLiteAuditStore
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from callward.audit import FileSigner, SQLiteAuditStore
 
 START = datetime(2026, 11, 25, 8, 0, 0, tzinfo=UTC)
 

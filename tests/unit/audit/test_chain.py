@@ -1,6 +1,6 @@
 """The record format: the bytes hashed and signed, sealing, and checking one record."""
 
-# ruff: noqa: SIM300 - STYLE.md §6: asserts read `expected == actual`
+
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import hashlib
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given
+from hypothesis import strategies as st
+
 from callward.audit import FileSigner
 from callward.audit._chain import (
     GENESIS_PREV,
@@ -21,9 +25,6 @@ from callward.audit._chain import (
     seal,
 )
 from callward.core import VerificationFailed, canonical_bytes
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from hypothesis import given
-from hypothesis import strategies as st
 
 TS = "2026-11-25T08:00:00.123456Z"
 SIGNER = FileSigner(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))

@@ -1,16 +1,17 @@
 """Reading records for review (callward audit show), read-only and filtered."""
 
-# ruff: noqa: SIM300 - STYLE.md §6: asserts read `expected == actual`
+
 
 from __future__ import annotations
 
 import doctest
 
-import callward.audit
 import pytest
+from structlog.testing import capture_logs
+
+import callward.audit
 from callward.audit import read_records
 from callward.core import ConfigurationError
-from structlog.testing import capture_logs
 
 
 @pytest.fixture(name="filled")

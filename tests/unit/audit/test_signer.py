@@ -1,6 +1,6 @@
 """Ed25519 audit keys on disk: creation, permissions, reuse, key ids, signatures."""
 
-# ruff: noqa: SIM300 - STYLE.md §6: asserts read `expected == actual`
+
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from callward.audit import FileSigner, Signer, key_id_of, load_public_key
-from callward.core import ConfigurationError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from callward.audit import FileSigner, Signer, key_id_of, load_public_key
+from callward.core import ConfigurationError
 
 
 def _mode(path: Path) -> int:

@@ -1,6 +1,6 @@
 """The SQLite audit store: durable, chained appends from threads and processes."""
 
-# ruff: noqa: SIM300 - STYLE.md §6: asserts read `expected == actual`
+
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
+
 from callward.audit import FileSigner, SQLiteAuditStore, verify
 from callward.audit._sqlite import APPLICATION_ID
 from callward.core import AuditLog, AuditUnavailable, KeyId
-from structlog.testing import capture_logs
 
 GENESIS = "0" * 64
 

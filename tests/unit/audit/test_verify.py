@@ -1,6 +1,6 @@
 """Offline verification: an untouched log verifies, every kind of tampering is found."""
 
-# ruff: noqa: SIM300 - STYLE.md §6: asserts read `expected == actual`
+
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import sqlite3
 from datetime import UTC, datetime
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from callward.audit import FileSigner, SQLiteAuditStore, VerifiedLog, key_id_of, verify
 from callward.audit._chain import GENESIS_PREV, canonical_body, format_ts, seal
 from callward.core import ConfigurationError, VerificationFailed
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 N = 6
 

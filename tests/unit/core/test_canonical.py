@@ -7,6 +7,9 @@ import math
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from callward.core._canonical import (
     MAX_JSON_BYTES,
     MAX_JSON_DEPTH,
@@ -16,8 +19,6 @@ from callward.core._canonical import (
     sha256_hex,
     strict_loads,
 )
-from hypothesis import given
-from hypothesis import strategies as st
 
 SAFE_INTEGER = 2**53 - 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 
@@ -124,6 +125,12 @@ class TestDialects:
         assert ["square", "add", "capital"] == [call.name for call in calls]
         assert 3 == len({call.id for call in calls})
 
+    def test_closing_tag_inside_a_string_is_data(self, parse):
+        """A JSON string may contain the closing tag; it is read as data, not as the end."""
+        (call,) = parse('<tool_call>{"name": "t", "arguments": {"s": "</tool_call>"}}</tool_call>')
+
+        assert {"s": "</tool_call>"} == call.arguments
+
     def test_plain_answer_has_no_calls(self, parse):
         """Text that asks for no tool gives no calls."""
         assert () == parse("The answer is 9. {not a call}")
@@ -206,10 +213,8 @@ class TestProperties:
     @given(text=st.text(max_size=300))
     def test_any_text_raises_only_malformed(self, text):
         """Whatever the text, the parser returns calls or raises MalformedCall, nothing else."""
-        try:
+        with contextlib.suppress(MalformedCall):
             parse_model_output(text, parameter_order=ORDERS.get, new_id=lambda: "x")
-        except MalformedCall:
-            pass
 
     @settings(max_examples=300, deadline=None)
     @given(
@@ -218,10 +223,8 @@ class TestProperties:
     )
     def test_call_shaped_noise_raises_only_malformed(self, prefix, text):
         """Noise that starts like a call still ends in a call list or MalformedCall."""
-        try:
+        with contextlib.suppress(MalformedCall):
             parse_model_output(prefix + text, parameter_order=ORDERS.get, new_id=lambda: "x")
-        except MalformedCall:
-            pass
 
     @settings(max_examples=200, deadline=None)
     @given(arguments=st.dictionaries(st.text(min_size=1, max_size=10), json_values, max_size=5))

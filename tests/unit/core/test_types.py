@@ -59,21 +59,21 @@ class TestValues:
     )
     def test_limits_are_finite(self, fields):
         """Every limit is finite and positive."""
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="must be"):
             ResourceLimits(**fields)
 
     def test_execution_value_matches_kind(self):
         """An ok execution has a value; a failed one has none."""
         usage = Usage(wall_ms=1.0, exit_code=0, output_bytes=1)
 
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="has a value"):
             Execution("ok", None, "", usage)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="has no value"):
             Execution("timeout", b"1", "", usage)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="ends ok or"):
             Execution("denied", None, "", usage)  # type: ignore[arg-type]
 
     def test_receipt_checks_its_hash(self):
         """A receipt holds a real SHA-256 hex digest."""
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="hex"):
             Receipt(1, "abc", "k")  # type: ignore[arg-type]

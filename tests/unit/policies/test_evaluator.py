@@ -77,7 +77,8 @@ class TestDecide:
 
     def test_lookalike_name_is_unknown(self, registry):
         """A Unicode look-alike of a tool name is a different, unknown name."""
-        decision = decide(registry, "alice", "squаre", {"x": 3})  # Cyrillic a
+        lookalike = "squ\u0430re"  # a Cyrillic a in place of the Latin one
+        decision = decide(registry, "alice", lookalike, {"x": 3})
 
         assert "unknown_tool" == decision.kind
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from callward.core import ResourceLimits
 from callward.sandbox._limits import ContainerOptions, container_options
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+
 from callward.sandbox import DockerSandbox
 from callward.sandbox._docker import _Demultiplexer
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import callward.sandbox
 import pytest
+
+import callward.sandbox
 from callward.core import Sha256Hex
 from callward.sandbox import SandboxImage
 from callward.sandbox._image import DEFAULT_MIRROR, apt_mirror, runner_source, sandbox_tag

@@ -9,8 +9,9 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import callward.sandbox
 import pytest
+
+import callward.sandbox
 
 RUNNER = Path(callward.sandbox.__file__).parent / "image" / "runner.py"
 
