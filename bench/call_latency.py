@@ -10,11 +10,15 @@ Stage times come from the durations each call.completed record carries.
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -26,20 +30,32 @@ from callward.sandbox import expected_image_tag
 
 
 def docker_run_baseline(count: int) -> list[float]:
-    """`docker run --rm` with the same image and network none, as a user would type it."""
+    """
+    `docker run --rm -i` of the same image and runner with the same request on stdin,
+    network none and no other limits, as a user would type it.
+    """
+    request = json.dumps({"source": "def square(x):\n    return x * x\n",
+                          "entrypoint": "square", "arguments": {"x": 3}})
     samples = []
     for _ in range(count):
         start = time.perf_counter()
-        subprocess.run(
-            ["docker", "run", "--rm", "--network", "none", expected_image_tag(),
-             "python3", "-c", "print(3 * 3)"],
-            check=True, capture_output=True,
+        done = subprocess.run(
+            ["docker", "run", "--rm", "-i", "--network", "none", expected_image_tag()],
+            check=True, capture_output=True, input=request.encode(),
         )
         samples.append((time.perf_counter() - start) * 1000)
+        if b'"value":9' not in done.stdout:
+            raise SystemExit(f"baseline gave {done.stdout!r}")
     return samples
 
 
 def main() -> None:
+    # As the CLI runs by default: JSON logs on stderr, warnings and above.
+    structlog.configure(
+        processors=[structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    )
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=60)
     parser.add_argument("--baseline-runs", type=int, default=20)
