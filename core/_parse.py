@@ -1,13 +1,21 @@
 """
-Parsing of model output into ``ToolCall`` values, in three dialects.
+Parsing of model output into ``ToolCall`` values, whatever the dialect.
 
 - ``openai``: a chat-completions assistant message (or a whole response, or a
   bare list) whose ``tool_calls[].function.arguments`` is a JSON string.
+- ``anthropic``: a Messages API message (or its ``content`` list) whose
+  ``tool_use`` blocks carry ``id``, ``name`` and an ``input`` object.
 - ``hermes``: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``,
   as Hermes and Qwen models write it; several per message.
+- ``json``: the same object without the tags, as small models write it: in a
+  fenced ```` ```json ```` block, or bare at the start of a line (one or several,
+  or a list of them). ``parameters`` is read as ``arguments`` (Llama's spelling).
+- ``llama``: ``<|python_tag|>`` followed by JSON calls or ``name.call(k=v, ...)``
+  calls (JSON values), separated by ``;``.
 - ``article``: ``call function("square", [3], 9)``: a name, positional (or
   named) arguments and an expected output that is compared afterwards, never
-  trusted.
+  trusted; and its natural-language form ``请执行square, 参数为3, 期望输出为9``
+  (full-width commas as often as ASCII ones; arguments joined by ``和``).
 
 Invariants:
 
@@ -15,7 +23,12 @@ Invariants:
   ``MalformedCall`` naming the character offset where reading failed. A
   message with one malformed call yields no calls at all.
 - Only ``MalformedCall`` ever leaves ``parse_model_output``, whatever the text.
-- JSON is read strictly: no NaN/Infinity, no duplicate keys, bounded size and depth.
+- JSON is read strictly: no NaN/Infinity, no duplicate keys, no trailing
+  commas, bounded size and depth. Nothing is repaired: a truncated or
+  ill-formed call is refused, so the model can correct it.
+- JSON that is not shaped like a call (no ``name`` with ``arguments``) is text,
+  not a call; JSON that fails to decode but names a ``name`` key is a call that
+  cannot be read, and is refused.
 """
 
 from __future__ import annotations
@@ -45,12 +58,27 @@ _HERMES_OPEN: Final = "<tool_call>"
 _HERMES_CLOSE: Final = "</tool_call>"
 _ARTICLE: Final = re.compile(r"\bcall\s+function\s*\(")
 _WHITESPACE: Final = re.compile(r"\s*")
+_PYTHON_TAG: Final = "<|python_tag|>"
+_LLAMA_END: Final = re.compile(r"<\|eom_id\|>|<\|eot_id\|>|<\|python_tag\|>")
+_LLAMA_CALL: Final = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:\.call)?\s*\(")
+_IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_FENCE_OPEN: Final = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\r?\n")
+_CALL_FENCES: Final = frozenset({"", "json", "JSON", "tool_call", "tool_code"})
+_FENCE_CLOSE: Final = "```"
+_LINE_JSON: Final = re.compile(r"^[ \t]*([{\[])", re.MULTILINE)
+_NAME_KEY: Final = re.compile(r"""["']name["']\s*:""")
+_NATURAL: Final = re.compile(r"请执行\s*([A-Za-z_][A-Za-z0-9_]*)")
+_NATURAL_ARGUMENTS: Final = re.compile(r"\s*[\uff0c,]?\s*参数为\s*")
+_NATURAL_EXPECTED: Final = re.compile(r"\s*[\uff0c,]\s*期望输出为\s*")
+_NATURAL_STOP: Final = "和、\uff0c,。\uff1b;\n"
+_CALL_KEYS: Final = frozenset({"name", "arguments", "parameters", "id", "type"})
 
 
 @dataclass(frozen=True, slots=True)
 class _Found:
     offset: int
     call: ToolCall
+    end: int = -1
 
 
 def _fail(message: str, offset: int | None, dialect: str) -> MalformedCall:
@@ -211,6 +239,7 @@ def _parse_hermes(text: str, new_id: NewId) -> list[_Found]:
                     dialect="hermes",
                     offset=body_start,
                 ),
+                close + len(_HERMES_CLOSE),
             )
         )
         position = close + len(_HERMES_CLOSE)
@@ -291,9 +320,314 @@ def _parse_article(text: str, new_id: NewId, parameter_order: ParameterOrder) ->
                     expected=values[2] if len(values) > 2 else None,  # type: ignore[arg-type]
                     has_expected=len(values) > 2,
                 ),
+                index + 1,
             )
         )
     return found
+
+
+# --- article, natural-language form ---------------------------------------------
+
+
+def _natural_value(text: str, index: int) -> tuple[object, int]:
+    """A JSON value if one stands there whole, else the bare words up to the next separator."""
+    if index < len(text) and text[index] in '"{[-0123456789tfn':
+        try:
+            value, end = STRICT_DECODER.raw_decode(text, index)
+        except (ValueError, RecursionError):
+            if text[index] in '"{[':
+                raise _fail("a quoted or bracketed value is not valid JSON", index,
+                            "article") from None
+        else:
+            if end >= len(text) or text[end] in _NATURAL_STOP or text[end].isspace():
+                return value, end
+    end = index
+    while end < len(text) and text[end] not in _NATURAL_STOP:
+        end += 1
+    word = text[index:end].strip()
+    if not word:
+        raise _fail("an argument is empty", index, "article")
+    return word, end
+
+
+def _natural_values(text: str, index: int) -> tuple[list[object], int]:
+    values: list[object] = []
+    while True:
+        value, index = _natural_value(text, index)
+        values.append(value)
+        index = _skip_inline_ws(text, index)
+        if index < len(text) and text[index] in "和、":
+            index = _skip_inline_ws(text, index + 1)
+            continue
+        return values, index
+
+
+def _skip_inline_ws(text: str, index: int) -> int:
+    while index < len(text) and text[index] in " \t":
+        index += 1
+    return index
+
+
+def _parse_natural(text: str, new_id: NewId, parameter_order: ParameterOrder) -> list[_Found]:
+    found: list[_Found] = []
+    for match in _NATURAL.finditer(text):
+        name = match.group(1)
+        index = match.end()
+        values: list[object] = []
+        arguments_match = _NATURAL_ARGUMENTS.match(text, index)
+        if arguments_match:
+            values, index = _natural_values(text, arguments_match.end())
+        expected: object = None
+        expected_match = _NATURAL_EXPECTED.match(text, index)
+        if expected_match:
+            expected, index = _natural_value(text, expected_match.end())
+        found.append(
+            _Found(
+                match.start(),
+                _make_call(
+                    call_id=new_id(),
+                    name=name,
+                    arguments=_article_arguments(name, values, match.start(), parameter_order),
+                    dialect="article",
+                    offset=match.start(),
+                    expected=expected,  # type: ignore[arg-type]
+                    has_expected=expected_match is not None,
+                ),
+                index,
+            )
+        )
+    return found
+
+
+# --- anthropic --------------------------------------------------------------
+
+
+def _anthropic_blocks(document: object) -> list[object] | None:
+    """The content blocks of a message, or a bare list of them; None if not that shape."""
+    if isinstance(document, dict):
+        if "tool_calls" in document:
+            return None
+        document = document.get("content")
+    if not isinstance(document, list) or not document:
+        return None
+    if not all(isinstance(block, dict) and isinstance(block.get("type"), str)
+               for block in document):
+        return None
+    if not any(block.get("type") == "tool_use" for block in document):
+        return None
+    return document
+
+
+def _parse_anthropic(blocks: list[object], new_id: NewId) -> list[_Found]:
+    found: list[_Found] = []
+    for index, block in enumerate(blocks):
+        assert isinstance(block, dict)  # noqa: S101 - checked by _anthropic_blocks
+        if block.get("type") != "tool_use":
+            continue
+        call_id = block.get("id")
+        if call_id is not None and (not isinstance(call_id, str) or not call_id):
+            raise _fail(f"content[{index}].id must be a non-empty string", index, "anthropic")
+        if "input" not in block:
+            raise _fail(f"content[{index}] has no input", index, "anthropic")
+        found.append(
+            _Found(
+                index,
+                _make_call(
+                    call_id=call_id or new_id(),
+                    name=block.get("name"),
+                    arguments=block["input"],
+                    dialect="anthropic",
+                    offset=index,
+                ),
+            )
+        )
+    return found
+
+
+# --- json: call objects without tags -----------------------------------------
+
+
+def _is_call_object(value: object) -> bool:
+    return isinstance(value, dict) and "name" in value and (
+        "arguments" in value or "parameters" in value
+    )
+
+
+def _call_from_object(
+    document: dict[str, object], offset: int, end: int, dialect: Dialect, new_id: NewId
+) -> _Found:
+    unexpected = sorted(set(document) - _CALL_KEYS)
+    if unexpected:
+        raise _fail(f"unexpected keys {unexpected}", offset, dialect)
+    if "arguments" in document and "parameters" in document:
+        raise _fail("give arguments or parameters, not both", offset, dialect)
+    if document.get("type", "function") != "function":
+        raise _fail("a call has no type other than function", offset, dialect)
+    call_id = document.get("id")
+    if call_id is not None and (not isinstance(call_id, str) or not call_id):
+        raise _fail("the id must be a non-empty string", offset, dialect)
+    raw = document["arguments"] if "arguments" in document else document.get("parameters")
+    return _Found(
+        offset,
+        _make_call(
+            call_id=call_id or new_id(),
+            name=document.get("name"),
+            arguments=_arguments_from(raw, offset, dialect),
+            dialect=dialect,
+            offset=offset,
+        ),
+        end,
+    )
+
+
+def _calls_from_value(
+    value: object, offset: int, end: int, dialect: Dialect, new_id: NewId
+) -> list[_Found] | None:
+    """The calls a decoded JSON value states, or None when it is data, not calls."""
+    if isinstance(value, dict):
+        return [_call_from_object(value, offset, end, dialect, new_id)] if _is_call_object(
+            value) else None
+    if isinstance(value, list) and value and any(_is_call_object(item) for item in value):
+        if not all(_is_call_object(item) for item in value):
+            raise _fail("a list of calls holds something that is not a call", offset, dialect)
+        return [_call_from_object(item, offset, end, dialect, new_id)
+                for item in value]
+    return None
+
+
+def _decode_candidate(
+    text: str, index: int, dialect: Dialect
+) -> tuple[object, int] | None:
+    """
+    Decode the JSON value at ``index``; None when it fails and does not look like a call.
+
+    A value that fails to decode and names a ``name`` key was meant as a call: it is
+    refused with the offset where decoding stopped, never repaired.
+    """
+    try:
+        return STRICT_DECODER.raw_decode(text, index)
+    except json.JSONDecodeError as exc:
+        line_end = text.find("\n", index)
+        region = text[index : max(exc.pos, len(text) if line_end == -1 else line_end)]
+        if _NAME_KEY.search(region):
+            raise _fail(f"invalid JSON ({exc.msg})", exc.pos, dialect) from exc
+        return None
+    except (ValueError, RecursionError) as exc:
+        raise _fail(f"invalid JSON ({exc})", index, dialect) from exc
+
+
+def _parse_fenced(text: str, new_id: NewId) -> tuple[list[_Found], list[tuple[int, int]]]:
+    found: list[_Found] = []
+    spans: list[tuple[int, int]] = []
+    position = 0
+    while match := _FENCE_OPEN.search(text, position):
+        close = text.find(_FENCE_CLOSE, match.end())
+        body_end = len(text) if close == -1 else close
+        end = len(text) if close == -1 else close + len(_FENCE_CLOSE)
+        spans.append((match.start(), end))
+        index = _skip_ws(text, match.end())
+        # Code in another language is the model's prose, never a call.
+        while match.group(1) in _CALL_FENCES and index < body_end and text[index] in "{[":
+            decoded = _decode_candidate(text, index, "json")
+            if decoded is None:
+                break
+            value, after = decoded
+            if after > body_end:
+                raise _fail(f"the JSON runs past the closing {_FENCE_CLOSE}", body_end, "json")
+            calls = _calls_from_value(value, index, after, "json", new_id)
+            if calls is None:
+                break
+            found.extend(calls)
+            index = _skip_ws(text, after)
+        position = end
+    return found, spans
+
+
+def _parse_bare_json(
+    text: str, new_id: NewId, taken: list[tuple[int, int]]
+) -> list[_Found]:
+    """Call objects standing at the start of a line, outside every span already read."""
+    found: list[_Found] = []
+    position = 0
+    while match := _LINE_JSON.search(text, position):
+        index = match.start(1)
+        inside = next((end for start, end in taken if start <= index < end), None)
+        if inside is not None:
+            position = inside
+            continue
+        decoded = _decode_candidate(text, index, "json")
+        if decoded is None:
+            position = index + 1
+            continue
+        value, after = decoded
+        calls = _calls_from_value(value, index, after, "json", new_id)
+        if calls is not None:
+            found.extend(calls)
+        position = after
+    return found
+
+
+# --- llama ------------------------------------------------------------------
+
+
+def _llama_keywords(text: str, index: int) -> tuple[dict[str, object], int]:
+    """``k=v, ...)`` with JSON values; returns the arguments and the index after ')'."""
+    arguments: dict[str, object] = {}
+    index = _skip_ws(text, index)
+    if index < len(text) and text[index] == ")":
+        return arguments, index + 1
+    while True:
+        key = _IDENTIFIER.match(text, index)
+        if key is None:
+            raise _fail("expected an argument name", index, "llama")
+        index = _skip_ws(text, key.end())
+        if index >= len(text) or text[index] != "=":
+            raise _fail("expected '=' after the argument name", index, "llama")
+        if key.group() in arguments:
+            raise _fail("an argument is given twice", key.start(), "llama")
+        value, index = _decode_at(text, _skip_ws(text, index + 1), "llama")
+        arguments[key.group()] = value
+        index = _skip_ws(text, index)
+        if index < len(text) and text[index] == ",":
+            index = _skip_ws(text, index + 1)
+            continue
+        if index < len(text) and text[index] == ")":
+            return arguments, index + 1
+        raise _fail("expected ',' or ')'", index, "llama")
+
+
+def _parse_llama(text: str, new_id: NewId) -> tuple[list[_Found], list[tuple[int, int]]]:
+    found: list[_Found] = []
+    spans: list[tuple[int, int]] = []
+    position = 0
+    while (start := text.find(_PYTHON_TAG, position)) != -1:
+        end_match = _LLAMA_END.search(text, start + len(_PYTHON_TAG))
+        end = len(text) if end_match is None else end_match.start()
+        spans.append((start, end))
+        index = _skip_ws(text, start + len(_PYTHON_TAG))
+        if index >= end:
+            raise _fail(f"{_PYTHON_TAG} is followed by no call", index, "llama")
+        while index < end:
+            if text[index] == "{":
+                value, after = _decode_at(text, index, "llama")
+                if not isinstance(value, dict) or not _is_call_object(value):
+                    raise _fail("expected an object with name and parameters", index, "llama")
+                found.append(_call_from_object(value, index, after, "llama", new_id))
+            else:
+                call = _LLAMA_CALL.match(text, index)
+                if call is None:
+                    raise _fail("expected a JSON call or name(key=value, ...)", index, "llama")
+                arguments, after = _llama_keywords(text, call.end())
+                found.append(_Found(index, _make_call(call_id=new_id(), name=call.group(1),
+                                                      arguments=arguments, dialect="llama",
+                                                      offset=index), after))
+            index = _skip_ws(text, after)
+            if index < end and text[index] == ";":
+                index = _skip_ws(text, index + 1)
+            elif index < end:
+                raise _fail("expected ';' between calls", index, "llama")
+        position = end
+    return found, spans
 
 
 # --- front ------------------------------------------------------------------
@@ -302,6 +636,39 @@ def _parse_article(text: str, new_id: NewId, parameter_order: ParameterOrder) ->
 def _looks_like_json_document(text: str) -> bool:
     stripped = text.lstrip()
     return stripped.startswith(("{", "["))
+
+
+def _is_openai_document(document: object) -> bool:
+    if isinstance(document, dict):
+        return "tool_calls" in document or "choices" in document
+    return isinstance(document, list) and any(
+        isinstance(entry, dict) and ("function" in entry or entry.get("type") == "function")
+        for entry in document
+    )
+
+
+def _parse_document(document: object, new_id: NewId) -> list[_Found] | None:
+    """The calls of a whole-message JSON document; None when it states none in any API form."""
+    if _is_openai_document(document):
+        return _parse_openai(document, new_id)
+    blocks = _anthropic_blocks(document)
+    if blocks is not None:
+        return _parse_anthropic(blocks, new_id)
+    return None
+
+
+def _parse_text(text: str, new_id: NewId, parameter_order: ParameterOrder) -> list[_Found]:
+    found = (
+        _parse_hermes(text, new_id)
+        + _parse_article(text, new_id, parameter_order)
+        + _parse_natural(text, new_id, parameter_order)
+    )
+    llama, llama_spans = _parse_llama(text, new_id)
+    fenced, fence_spans = _parse_fenced(text, new_id)
+    taken = [(item.offset, item.end) for item in found] + llama_spans + fence_spans
+    found += llama + fenced + _parse_bare_json(text, new_id, sorted(taken))
+    found.sort(key=lambda item: item.offset)
+    return found
 
 
 def parse_model_output(
@@ -314,7 +681,7 @@ def parse_model_output(
     Every call in one model message, in the order the model wrote them.
 
     Args:
-        text: The model's text, or an already-decoded OpenAI-style message.
+        text: The model's text, or an already-decoded OpenAI- or Anthropic-style message.
         parameter_order: A tool's property names in order (for positional arguments),
             or None for a tool the registry does not know.
         new_id: Makes an id for a call that carries none.
@@ -326,8 +693,7 @@ def parse_model_output(
         MalformedCall: Some part of the message is a call that cannot be read.
     """
     if not isinstance(text, str):
-        found = _parse_openai(dict(text), new_id)
-        return tuple(item.call for item in found or [])
+        return _bounded(_parse_document(dict(text), new_id) or [])
     try:
         check_json_bounds(text)
     except ValueError as exc:
@@ -346,12 +712,10 @@ def parse_model_output(
                 raise _fail(f"invalid JSON ({exc})", None, "openai") from exc
             document = None
         if document is not None:
-            openai = _parse_openai(document, new_id)
-            if openai is not None:
-                return _bounded(openai)
-    found = _parse_hermes(text, new_id) + _parse_article(text, new_id, parameter_order)
-    found.sort(key=lambda item: item.offset)
-    return _bounded(found)
+            found = _parse_document(document, new_id)
+            if found is not None:
+                return _bounded(found)
+    return _bounded(_parse_text(text, new_id, parameter_order))
 
 
 def _bounded(found: list[_Found]) -> tuple[ToolCall, ...]:

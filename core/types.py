@@ -35,7 +35,7 @@ RuleId = NewType("RuleId", str)
 KeyId = NewType("KeyId", str)
 CallId = NewType("CallId", str)
 
-Dialect = Literal["article", "openai", "hermes", "api"]
+Dialect = Literal["article", "openai", "hermes", "api", "anthropic", "json", "llama"]
 Effect = Literal["allow", "deny"]
 
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
@@ -338,20 +338,71 @@ class Execution:
 
 
 @dataclass(frozen=True, slots=True)
+class ReceiptProof:
+    """
+    That a record is in the audit log's Merkle tree, under a signed checkpoint.
+
+    Attributes:
+        leaf_hash: ``SHA-256(0x00 || record bytes)``, the record's leaf (RFC 9162).
+        tree_size: The size of the tree the checkpoint signs (at least the record's seq).
+        inclusion_proof: The audit path from the leaf to the checkpoint's root.
+        checkpoint: The signed note (C2SP tlog-checkpoint) naming ``tree_size`` and the root.
+    """
+
+    leaf_hash: Sha256Hex
+    tree_size: int
+    inclusion_proof: tuple[Sha256Hex, ...]
+    checkpoint: str
+
+    def __post_init__(self) -> None:
+        if self.tree_size < 1:
+            raise ValueError("a receipt's tree holds at least its record")
+        _require_sha256(self.leaf_hash, "a leaf hash")
+        for node in self.inclusion_proof:
+            _require_sha256(node, "an inclusion proof hash")
+        if not self.checkpoint:
+            raise ValueError("a receipt proof names its signed checkpoint")
+
+    def to_json(self) -> dict[str, JSONValue]:
+        return {
+            "leaf_hash": self.leaf_hash,
+            "tree_size": self.tree_size,
+            "inclusion_proof": list(self.inclusion_proof),
+            "checkpoint": self.checkpoint,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Receipt:
-    """Where the call's final record sits in the audit log, and what it hashes to."""
+    """
+    Where the call's final record sits in the audit log, and what it hashes to.
+
+    Two receipts for one record are equal whatever proof they carry: the proof is
+    evidence for the record (under one checkpoint or a later one), not part of it.
+
+    Attributes:
+        proof: The inclusion proof under a signed checkpoint, when the log gives one.
+    """
 
     seq: int
     record_hash: Sha256Hex
     key_id: KeyId
+    proof: ReceiptProof | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.seq < 1:
             raise ValueError("a seq starts at 1")
         _require_sha256(self.record_hash, "a record hash")
+        if self.proof is not None and self.proof.tree_size < self.seq:
+            raise ValueError("a receipt's checkpoint must cover its record")
 
     def to_json(self) -> dict[str, JSONValue]:
-        return {"seq": self.seq, "record_hash": self.record_hash, "key_id": self.key_id}
+        value: dict[str, JSONValue] = {
+            "seq": self.seq, "record_hash": self.record_hash, "key_id": self.key_id
+        }
+        if self.proof is not None:
+            value.update(self.proof.to_json())
+        return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,6 +497,7 @@ __all__ = [
     "JSONValue",
     "KeyId",
     "Receipt",
+    "ReceiptProof",
     "ResourceLimits",
     "ResultKind",
     "RuleId",

@@ -235,3 +235,160 @@ class TestProperties:
         (call,) = parse_model_output(text, parameter_order=ORDERS.get, new_id=lambda: "x")
 
         assert arguments == call.arguments
+
+
+class TestMoreDialects:
+    def test_anthropic_tool_use_blocks(self, parse):
+        """Anthropic tool_use blocks give calls with the model's ids; text blocks are ignored."""
+        message = json.dumps({"role": "assistant", "content": [
+            {"type": "text", "text": "Let me add."},
+            {"type": "tool_use", "id": "toolu_1", "name": "add", "input": {"a": 1, "b": 2}},
+            {"type": "tool_use", "id": "toolu_2", "name": "square", "input": {"x": 3}},
+        ]})
+
+        calls = parse(message)
+
+        assert [("toolu_1", "add", {"a": 1, "b": 2}, "anthropic"),
+                ("toolu_2", "square", {"x": 3}, "anthropic")] == [
+            (call.id, call.name, call.arguments, call.dialect) for call in calls
+        ]
+
+    def test_decoded_anthropic_content_list(self):
+        """An already-decoded Anthropic message is accepted like an OpenAI one."""
+        message = {"content": [{"type": "tool_use", "id": "t", "name": "square",
+                                "input": {"x": 2}}]}
+
+        (call,) = parse_model_output(message, parameter_order=ORDERS.get, new_id=lambda: "x")
+
+        assert ("t", {"x": 2}) == (call.id, call.arguments)
+
+    def test_fenced_json_block(self, parse):
+        """A fenced json block holding a call object is a call (small models write these)."""
+        (call,) = parse('Here:\n```json\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n```')
+
+        assert ("add", {"a": 1, "b": 2}, "json") == (call.name, call.arguments, call.dialect)
+
+    def test_bare_json_objects_one_per_line(self, parse):
+        """Bare call objects, one per line, all come out in order; parameters reads as arguments."""
+        calls = parse(
+            'I will call two tools.\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n'
+            '  {"name": "square", "parameters": {"x": 3}}\nDone.'
+        )
+
+        assert [("add", {"a": 1, "b": 2}), ("square", {"x": 3})] == [
+            (call.name, call.arguments) for call in calls
+        ]
+
+    def test_list_of_call_objects(self, parse):
+        """A JSON list of call objects is parallel calls."""
+        calls = parse('[{"name": "square", "arguments": {"x": 1}}, '
+                      '{"name": "square", "arguments": {"x": 2}}]')
+
+        assert [{"x": 1}, {"x": 2}] == [call.arguments for call in calls]
+
+    def test_hermes_body_is_not_read_twice(self, parse):
+        """The JSON line inside a <tool_call> tag is one call, not a hermes and a json call."""
+        calls = parse('<tool_call>\n{"name": "square", "arguments": {"x": 1}}\n</tool_call>')
+
+        assert ["hermes"] == [call.dialect for call in calls]
+
+    def test_llama_python_tag_json_and_builtin_calls(self, parse):
+        """<|python_tag|> holds JSON calls and name.call(k=v) calls separated by ';'."""
+        calls = parse('<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}; '
+                      'square.call(x=4)<|eom_id|>')
+
+        assert [("add", {"a": 1, "b": 2}, "llama"), ("square", {"x": 4}, "llama")] == [
+            (call.name, call.arguments, call.dialect) for call in calls
+        ]
+
+    def test_natural_language_article_form(self, parse):
+        """The Chinese form maps A和B onto the parameters and keeps the expected output."""
+        (call,) = parse("请执行add\uff0c参数为2和40\uff0c期望输出为42")
+
+        assert ("add", {"a": 2, "b": 40}, 42, "article") == (
+            call.name, call.arguments, call.expected, call.dialect
+        )
+
+    def test_natural_language_bare_words_are_strings(self, parse):
+        """A bare word is a string argument; a quoted one may hold separators."""
+        (bare,) = parse("请执行capital\uff0c参数为France。")
+        (quoted,) = parse('请执行capital, 参数为"Kenya和Peru"')
+
+        assert [{"country": "France"}, {"country": "Kenya和Peru"}] == [
+            bare.arguments, quoted.arguments
+        ]
+
+    def test_json_that_is_data_is_not_a_call(self, parse):
+        """JSON without name and arguments, or in a python fence, is text, not a call."""
+        for text in ('{"name": "Alice", "age": 3}', "[1, 2]", '```json\n{"a": 1}\n```',
+                     '```python\n{"name": "x"\n```', "The set {1, 2} has two items."):
+            assert () == parse(text), text
+
+    def test_mixed_dialects_in_one_message_keep_order(self, parse):
+        """Calls in several dialects in one message come out in the order written."""
+        text = (
+            '请执行square\uff0c参数为2\n'
+            '{"name": "add", "arguments": {"a": 1, "b": 2}}\n'
+            '<tool_call>{"name": "capital", "arguments": {"country": "Peru"}}</tool_call>'
+        )
+
+        assert ["square", "add", "capital"] == [call.name for call in parse(text)]
+
+
+class TestMoreMalformed:
+    @pytest.mark.parametrize(
+        ("text", "where"),
+        [
+            ('{"name": "add", "arguments": {"a": 1, "b": 2,}}', 45),
+            ('{"name": "add", "arguments": {"a": 1', 36),
+            ("{'name': 'add', 'arguments': {}}", 1),
+            ('```json\n{"name": "add", "arguments": {"a": 1\n```', 45),
+            ('{"name": "add", "arguments": {}, "extra": 1}', 0),
+            ('{"name": "add", "arguments": "not json"}', 0),
+            ('[{"name": "add", "arguments": {}}, 3]', 0),
+            ("<|python_tag|>square(x=True)", 23),
+            ("<|python_tag|>", 14),
+            ("<|python_tag|>square(x=1) square(x=2)", 26),
+            ('{"content": [{"type": "tool_use", "id": "t", "name": "add"}]}', 0),
+            ('请执行capital\uff0c参数为"Kenya', 14),
+        ],
+    )
+    def test_refusal_says_where(self, parse, text, where):
+        """Truncated JSON, trailing commas, Python literals, stray text: refused at an offset."""
+        with pytest.raises(MalformedCall) as caught:
+            parse(text)
+
+        assert "malformed" == caught.value.kind
+        assert where == caught.value.offset
+        assert f"offset {where}" in caught.value.message
+
+
+class TestMoreProperties:
+    @settings(max_examples=300, deadline=None)
+    @given(
+        prefix=st.sampled_from(["```json\n", "<|python_tag|>", "请执行add\uff0c参数为", "\n{",
+                                '{"content": [', "[{"]),
+        text=st.text(alphabet='{}[]",:0123456789 \nabcnamesrgtx<>/()_;=和\uff0c。`', max_size=120),
+    )
+    def test_new_dialect_noise_raises_only_malformed(self, prefix, text):
+        """Noise that starts like a new-dialect call ends in calls or MalformedCall, only."""
+        with contextlib.suppress(MalformedCall):
+            parse_model_output(prefix + text, parameter_order=ORDERS.get, new_id=lambda: "x")
+
+    @settings(max_examples=200, deadline=None)
+    @given(arguments=st.dictionaries(st.text(min_size=1, max_size=10), json_values, max_size=5),
+           form=st.sampled_from(["fence", "bare", "python_tag", "anthropic"]))
+    def test_untagged_round_trip(self, arguments, form):
+        """Any JSON arguments object survives each untagged form exactly."""
+        body = json.dumps({"name": "t", "arguments": arguments})
+        text = {
+            "fence": f"```json\n{body}\n```",
+            "bare": f"Calling.\n{body}\n",
+            "python_tag": "<|python_tag|>" + json.dumps({"name": "t", "parameters": arguments}),
+            "anthropic": json.dumps({"content": [{"type": "tool_use", "id": "i", "name": "t",
+                                                  "input": arguments}]}),
+        }[form]
+
+        (call,) = parse_model_output(text, parameter_order=ORDERS.get, new_id=lambda: "x")
+
+        assert arguments == call.arguments
