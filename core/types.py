@@ -262,6 +262,8 @@ class Decision:
     message: str = ""
     json_path: str | None = None
     limits: ResourceLimits | None = None
+    diagnostics: tuple[str, ...] = ()
+    policy_version: int = 1
 
     def __post_init__(self) -> None:
         if not self.reasons:
@@ -288,7 +290,31 @@ class Decision:
             "policy_digest": self.policy_digest,
             "message": self.message,
             "json_path": self.json_path,
+            "diagnostics": list(self.diagnostics),
+            "policy_version": self.policy_version,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class ResultTreatment:
+    """
+    What the policy does with a result before it reaches the model and the audit log.
+
+    Attributes:
+        content_json: The (possibly redacted) canonical JSON the model receives.
+        keep_body: Whether ``call.completed`` keeps ``content_json`` or only its hash.
+        labels: The data-flow labels the result carries into its session.
+        rules: Ids of the result rules that applied.
+        redactions: How many matches were replaced.
+        withheld_kind: Set when the result must not reach the model at all.
+    """
+
+    content_json: bytes
+    keep_body: bool = False
+    labels: tuple[str, ...] = ()
+    rules: tuple[RuleId, ...] = ()
+    redactions: int = 0
+    withheld_kind: DenyKind | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,6 +526,7 @@ __all__ = [
     "ReceiptProof",
     "ResourceLimits",
     "ResultKind",
+    "ResultTreatment",
     "RuleId",
     "Sha256Hex",
     "ToolCall",

@@ -5,26 +5,46 @@ A document that is missing, unreadable, not YAML, has a duplicate key, an
 unknown field or a default other than ``deny`` is refused with
 ``PolicyInvalid``; callward never starts with an allow-all in its place.
 
-Format, version 1::
+Format, version 1 (every section but ``version`` and ``default`` is optional,
+and a document needs ``rules`` or ``cedar``)::
 
     version: 1
     default: deny                 # the only accepted value
     principals:
-      alice: {roles: [analyst]}
-    rules:
+      alice: {roles: [analyst], groups: [emea]}
+    rules:                        # simple rules, compiled to Cedar policies
       - id: analysts-do-math      # unique, named in every decision it makes
         effect: allow             # or deny; a matching deny overrides any allow
-        roles: [analyst]          # who: roles and/or principals ("*" = anyone)
+        roles: [analyst]          # who: roles, groups and/or principals ("*" = anyone)
         tools: [square, add]      # what: tool names ("*" = any registered tool)
+    cedar: [team.cedar]           # Cedar policy files, relative to this document
+    cedar_inline: |               # or Cedar text inline
+      @id("no-big-refunds")
+      forbid (principal, action, resource == Tool::"refund")
+        when { context.arguments.amount_cents > 50000 };
     tools:
-      spin:
+      read_file:
         limits: {wall_seconds: 1}
+        labels: [filesystem]      # added to the tool's own labels
+        output_labels: [secret]   # every result of this tool carries these
+        confine: {root: /workspace, arguments: [path]}
+    rate_limits:
+      - {id: refunds-per-hour, tools: [refund], limit: 5, window_seconds: 3600,
+         algorithm: sliding_window, per: [principal, tool]}
+    approvals:
+      - {id: refunds-need-a-manager, tools: [refund], approvers: {roles: [manager]},
+         expires_seconds: 900}
+    flows:
+      - {id: no-secret-egress, from: [secret], to: [egress]}
+    results:
+      - {id: redact-credentials, tools: ["*"], redact: [credentials], audit_body: hash}
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -39,9 +59,15 @@ from callward.core.types import MIB
 
 MAX_POLICY_BYTES: Final = 1 << 20
 
+_ID: Final = {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,127}$"}
 _NAME_LIST: Final = {
     "type": "array",
     "items": {"type": "string", "minLength": 1, "maxLength": 256},
+    "uniqueItems": True,
+}
+_LABEL_LIST: Final = {
+    "type": "array",
+    "items": {"type": "string", "pattern": "^[a-z][a-z0-9_.-]{0,63}$"},
     "uniqueItems": True,
 }
 _LIMITS: Final = {
@@ -57,11 +83,13 @@ _LIMITS: Final = {
         "open_files": {"type": "integer", "minimum": 16, "maximum": 65536},
     },
 }
+_WHO: Final = {"roles": _NAME_LIST, "groups": _NAME_LIST, "principals": _NAME_LIST}
 DOCUMENT_SCHEMA: Final[Mapping[str, Any]] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
     "additionalProperties": False,
-    "required": ["version", "default", "rules"],
+    "required": ["version", "default"],
+    "anyOf": [{"required": ["rules"]}, {"required": ["cedar"]}, {"required": ["cedar_inline"]}],
     "properties": {
         "version": {"const": 1},
         "default": {"const": "deny"},
@@ -71,7 +99,7 @@ DOCUMENT_SCHEMA: Final[Mapping[str, Any]] = {
             "additionalProperties": {
                 "type": "object",
                 "additionalProperties": False,
-                "properties": {"roles": _NAME_LIST},
+                "properties": {"roles": _NAME_LIST, "groups": _NAME_LIST},
             },
         },
         "rules": {
@@ -80,39 +108,183 @@ DOCUMENT_SCHEMA: Final[Mapping[str, Any]] = {
                 "type": "object",
                 "additionalProperties": False,
                 "required": ["id", "effect", "tools"],
-                "anyOf": [{"required": ["roles"]}, {"required": ["principals"]}],
+                "anyOf": [{"required": ["roles"]}, {"required": ["principals"]},
+                          {"required": ["groups"]}],
                 "properties": {
-                    "id": {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,127}$"},
+                    "id": _ID,
                     "effect": {"enum": ["allow", "deny"]},
                     "description": {"type": "string"},
-                    "roles": _NAME_LIST,
-                    "principals": _NAME_LIST,
+                    **_WHO,
                     "tools": {**_NAME_LIST, "minItems": 1},
                 },
             },
         },
+        "cedar": {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1, "maxLength": 4096},
+            "uniqueItems": True,
+        },
+        "cedar_inline": {"type": "string"},
         "tools": {
             "type": "object",
             "additionalProperties": {
                 "type": "object",
                 "additionalProperties": False,
-                "properties": {"limits": _LIMITS},
+                "properties": {
+                    "limits": _LIMITS,
+                    # Sandbox settings, read by the gateway's sandbox stage.
+                    "isolation": {"type": "string", "minLength": 1, "maxLength": 64},
+                    "runtime": {"type": "string", "minLength": 1, "maxLength": 64},
+                    "labels": _LABEL_LIST,
+                    "output_labels": _LABEL_LIST,
+                    "confine": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["root", "arguments"],
+                        "properties": {
+                            "root": {"type": "string", "pattern": "^/"},
+                            "arguments": {**_NAME_LIST, "minItems": 1},
+                        },
+                    },
+                },
+            },
+        },
+        "rate_limits": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["id", "limit", "window_seconds"],
+                "properties": {
+                    "id": _ID,
+                    "description": {"type": "string"},
+                    "tools": _NAME_LIST,
+                    "labels": _LABEL_LIST,
+                    **_WHO,
+                    "per": {
+                        "type": "array",
+                        "items": {"enum": ["principal", "tool", "session"]},
+                        "uniqueItems": True,
+                    },
+                    "algorithm": {"enum": ["sliding_window", "token_bucket"]},
+                    "limit": {"type": "integer", "minimum": 1, "maximum": 1_000_000_000},
+                    "window_seconds": {"type": "number", "exclusiveMinimum": 0,
+                                       "maximum": 366 * 86400},
+                },
+            },
+        },
+        "approvals": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["id", "tools", "approvers"],
+                "properties": {
+                    "id": _ID,
+                    "description": {"type": "string"},
+                    "tools": {**_NAME_LIST, "minItems": 1},
+                    **_WHO,
+                    "approvers": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "minProperties": 1,
+                        "properties": _WHO,
+                    },
+                    "expires_seconds": {"type": "number", "exclusiveMinimum": 0,
+                                        "maximum": 7 * 86400},
+                },
+            },
+        },
+        "flows": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["id", "from", "to"],
+                "properties": {
+                    "id": _ID,
+                    "description": {"type": "string"},
+                    "from": {**_LABEL_LIST, "minItems": 1},
+                    "to": {**_LABEL_LIST, "minItems": 1},
+                },
+            },
+        },
+        "results": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["id"],
+                "properties": {
+                    "id": _ID,
+                    "description": {"type": "string"},
+                    "tools": _NAME_LIST,
+                    "redact": {"type": "array", "items": {"type": "string", "minLength": 1,
+                                                          "maxLength": 1024}},
+                    "audit_body": {"enum": ["hash", "body"]},
+                },
             },
         },
     },
 }
 _DOCUMENT_VALIDATOR: Final = Draft202012Validator(DOCUMENT_SCHEMA, registry=Registry())
 
+#: Named redaction patterns a ``results`` rule can use besides its own regexes.
+NAMED_PATTERNS: Final[Mapping[str, str]] = {
+    "credentials": "|".join((
+        r"AKIA[0-9A-Z]{16}",                                  # AWS access key id
+        r"gh[pousr]_[A-Za-z0-9]{36,255}",                     # GitHub tokens
+        r"sk-[A-Za-z0-9_-]{20,}",                             # API keys of the sk- form
+        r"xox[abprs]-[A-Za-z0-9-]{10,}",                      # Slack tokens
+        r"(?i:bearer)\s+[A-Za-z0-9._~+/=-]{16,}",             # bearer tokens
+        r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",  # JWTs
+        r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
+    )),
+    "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Who:
+    """Whom a rule applies to: anyone named, or holding one of the roles or groups."""
+
+    principals: frozenset[str] = frozenset()
+    roles: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+
+    @property
+    def anyone(self) -> bool:
+        return not (self.principals or self.roles or self.groups) or "*" in (
+            self.principals | self.roles | self.groups
+        )
+
+    def matches(self, principal: str, roles: frozenset[str], groups: frozenset[str]) -> bool:
+        return (
+            self.anyone
+            or principal in self.principals
+            or bool(self.roles & roles)
+            or bool(self.groups & groups)
+        )
+
+
+def _who(entry: Mapping[str, Any]) -> Who:
+    return Who(
+        principals=frozenset(entry.get("principals", ())),
+        roles=frozenset(entry.get("roles", ())),
+        groups=frozenset(entry.get("groups", ())),
+    )
+
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One permission rule: who may (or may not) call which tools."""
+    """One simple permission rule: who may (or may not) call which tools."""
 
     id: RuleId
     effect: Literal["allow", "deny"]
     roles: frozenset[str]
     principals: frozenset[str]
     tools: frozenset[str]
+    groups: frozenset[str] = frozenset()
 
     def matches(self, principal: str, roles: frozenset[str], tool: str) -> bool:
         who = (
@@ -125,6 +297,69 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class Confinement:
+    """Path arguments of a tool that must stay inside ``root``."""
+
+    root: str
+    arguments: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most ``limit`` calls per ``window_seconds`` for each key (``per``)."""
+
+    id: RuleId
+    tools: frozenset[str]
+    labels: frozenset[str]
+    who: Who
+    per: tuple[Literal["principal", "tool", "session"], ...]
+    algorithm: Literal["sliding_window", "token_bucket"]
+    limit: int
+    window_seconds: float
+
+    def applies(self, principal: str, roles: frozenset[str], groups: frozenset[str],
+                tool: str, labels: frozenset[str]) -> bool:
+        if not self.who.matches(principal, roles, groups):
+            return False
+        if not self.tools and not self.labels:
+            return True
+        return "*" in self.tools or tool in self.tools or bool(self.labels & labels)
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRule:
+    """Calls of ``tools`` by ``who`` run only with a signed approval by ``approvers``."""
+
+    id: RuleId
+    tools: frozenset[str]
+    who: Who
+    approvers: Who
+    expires_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class FlowRule:
+    """Nothing from a result labelled ``sources`` may reach a tool labelled ``sinks``."""
+
+    id: RuleId
+    sources: frozenset[str]
+    sinks: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRule:
+    """What happens to a result before it reaches the model and the audit log."""
+
+    id: RuleId
+    tools: frozenset[str]
+    redact: tuple[re.Pattern[str], ...]
+    audit_body: Literal["hash", "body"] | None
+
+    def applies(self, tool: str) -> bool:
+        return not self.tools or "*" in self.tools or tool in self.tools
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyDocument:
     """A loaded, validated policy, and the digest of exactly what was loaded."""
 
@@ -133,9 +368,23 @@ class PolicyDocument:
     tool_limits: Mapping[str, Mapping[str, float | int]]
     digest: Sha256Hex
     source: str
+    principal_groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    cedar_sources: tuple[tuple[str, str], ...] = ()
+    tool_labels: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    output_labels: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    confinements: Mapping[str, Confinement] = field(default_factory=dict)
+    tool_settings: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    rate_limits: tuple[RateLimit, ...] = ()
+    approvals: tuple[ApprovalRule, ...] = ()
+    flows: tuple[FlowRule, ...] = ()
+    results: tuple[ResultRule, ...] = ()
+    version: int = 1
 
     def roles_of(self, principal: str) -> frozenset[str]:
         return self.principal_roles.get(principal, frozenset())
+
+    def groups_of(self, principal: str) -> frozenset[str]:
+        return self.principal_groups.get(principal, frozenset())
 
     def limits_for(self, tool: str, defaults: ResourceLimits) -> ResourceLimits:
         """The tool's limits with the policy's settings for it applied on top."""
@@ -151,6 +400,10 @@ class PolicyDocument:
             else:
                 fields[key] = value
         return ResourceLimits(**fields)  # type: ignore[arg-type]
+
+    def labels_of(self, tool: str, own: tuple[str, ...]) -> frozenset[str]:
+        """A tool's labels: its own and those the policy adds."""
+        return frozenset(own) | self.tool_labels.get(tool, frozenset())
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -175,14 +428,45 @@ _UniqueKeyLoader.add_constructor(
 )
 
 
-def parse_policy(text: str, *, source: str = "<string>") -> PolicyDocument:
+def _compile_patterns(source: str, rule_id: str, entries: list[str]
+                      ) -> tuple[re.Pattern[str], ...]:
+    patterns = []
+    for entry in entries:
+        text = NAMED_PATTERNS.get(entry, entry)
+        try:
+            patterns.append(re.compile(text))
+        except re.error as exc:
+            raise PolicyInvalid(f"{source}: results rule {rule_id!r}: a redact pattern is not "
+                                f"a valid regular expression ({exc.msg})") from exc
+    return tuple(patterns)
+
+
+def _read_cedar(source: str, base: Path | None, names: list[str]) -> list[tuple[str, str]]:
+    texts = []
+    for name in names:
+        if base is None:
+            raise PolicyInvalid(f"{source}: Cedar files need a policy loaded from a file")
+        path = base / name
+        try:
+            texts.append((name, path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyInvalid(f"{source}: Cedar file {name} cannot be read "
+                                f"({type(exc).__name__})") from exc
+    return texts
+
+
+def parse_policy(text: str, *, source: str = "<string>", base: Path | None = None
+                 ) -> PolicyDocument:
     """
     Parse and validate a policy document.
+
+    Args:
+        base: The directory Cedar files are named relative to.
 
     Raises:
         PolicyInvalid: The text is not a valid version-1 policy; the message says where.
     """
-    if len(text.encode("utf-8")) > MAX_POLICY_BYTES:
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_POLICY_BYTES:
         raise PolicyInvalid(f"{source}: the policy is over {MAX_POLICY_BYTES} bytes")
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
@@ -196,37 +480,88 @@ def parse_policy(text: str, *, source: str = "<string>") -> PolicyDocument:
     error = best_match(_DOCUMENT_VALIDATOR.iter_errors(raw))
     if error is not None:
         raise PolicyInvalid(f"{source}: invalid at {error.json_path}: {error.message}")
-    rules: list[Rule] = []
     seen: set[str] = set()
-    for entry in raw["rules"]:
-        if entry["id"] in seen:
-            raise PolicyInvalid(f"{source}: two rules have the id {entry['id']!r}")
-        seen.add(entry["id"])
-        rules.append(
-            Rule(
-                id=RuleId(entry["id"]),
-                effect=entry["effect"],
-                roles=frozenset(entry.get("roles", ())),
-                principals=frozenset(entry.get("principals", ())),
-                tools=frozenset(entry["tools"]),
-            )
+
+    def unique(rule_id: str) -> RuleId:
+        if rule_id in seen:
+            raise PolicyInvalid(f"{source}: two rules have the id {rule_id!r}")
+        seen.add(rule_id)
+        return RuleId(rule_id)
+
+    rules = tuple(
+        Rule(
+            id=unique(entry["id"]),
+            effect=entry["effect"],
+            roles=frozenset(entry.get("roles", ())),
+            principals=frozenset(entry.get("principals", ())),
+            tools=frozenset(entry["tools"]),
+            groups=frozenset(entry.get("groups", ())),
         )
-    principals = {
-        name: frozenset(settings.get("roles", ()))
-        for name, settings in (raw.get("principals") or {}).items()
-    }
-    tool_limits = {
-        name: dict(settings.get("limits", {}))
-        for name, settings in (raw.get("tools") or {}).items()
-    }
-    document = PolicyDocument(
-        rules=tuple(rules),
-        principal_roles=principals,
-        tool_limits=tool_limits,
-        digest=canonical_sha256(raw, domain=POLICY_DIGEST_DOMAIN),
-        source=source,
+        for entry in raw.get("rules", ())
     )
-    for tool in tool_limits:
+    principals = raw.get("principals") or {}
+    tools = raw.get("tools") or {}
+    cedar_sources = _read_cedar(source, base, raw.get("cedar", []))
+    if "cedar_inline" in raw:
+        cedar_sources.append(("<inline>", raw["cedar_inline"]))
+    document = PolicyDocument(
+        rules=rules,
+        principal_roles={name: frozenset(s.get("roles", ())) for name, s in principals.items()},
+        principal_groups={name: frozenset(s.get("groups", ())) for name, s in principals.items()},
+        tool_limits={name: dict(s.get("limits", {})) for name, s in tools.items()},
+        # The digest covers the Cedar texts too, so it names exactly what decides.
+        digest=canonical_sha256({"document": raw, "cedar": [list(c) for c in cedar_sources]},
+                                domain=POLICY_DIGEST_DOMAIN),
+        source=source,
+        cedar_sources=tuple(cedar_sources),
+        tool_labels={name: frozenset(s.get("labels", ())) for name, s in tools.items()},
+        output_labels={name: frozenset(s.get("output_labels", ())) for name, s in tools.items()},
+        confinements={
+            name: Confinement(s["confine"]["root"], tuple(s["confine"]["arguments"]))
+            for name, s in tools.items() if "confine" in s
+        },
+        tool_settings={
+            name: {key: s[key] for key in ("isolation", "runtime") if key in s}
+            for name, s in tools.items()
+        },
+        rate_limits=tuple(
+            RateLimit(
+                id=unique(entry["id"]),
+                tools=frozenset(entry.get("tools", ())),
+                labels=frozenset(entry.get("labels", ())),
+                who=_who(entry),
+                per=tuple(entry.get("per", ["principal", "tool"])),
+                algorithm=entry.get("algorithm", "sliding_window"),
+                limit=entry["limit"],
+                window_seconds=float(entry["window_seconds"]),
+            )
+            for entry in raw.get("rate_limits", ())
+        ),
+        approvals=tuple(
+            ApprovalRule(
+                id=unique(entry["id"]),
+                tools=frozenset(entry["tools"]),
+                who=_who(entry),
+                approvers=_who(entry["approvers"]),
+                expires_seconds=float(entry.get("expires_seconds", 900)),
+            )
+            for entry in raw.get("approvals", ())
+        ),
+        flows=tuple(
+            FlowRule(unique(entry["id"]), frozenset(entry["from"]), frozenset(entry["to"]))
+            for entry in raw.get("flows", ())
+        ),
+        results=tuple(
+            ResultRule(
+                id=unique(entry["id"]),
+                tools=frozenset(entry.get("tools", ())),
+                redact=_compile_patterns(source, entry["id"], entry.get("redact", [])),
+                audit_body=entry.get("audit_body"),
+            )
+            for entry in raw.get("results", ())
+        ),
+    )
+    for tool in document.tool_limits:
         try:
             document.limits_for(tool, ResourceLimits())
         except ValueError as exc:
@@ -236,13 +571,13 @@ def parse_policy(text: str, *, source: str = "<string>") -> PolicyDocument:
 
 def load_policy(path: Path) -> PolicyDocument:
     """
-    Load a policy file.
+    Load a policy file; Cedar files it names are read relative to it.
 
     Raises:
-        PolicyInvalid: The file is missing, unreadable or invalid.
+        PolicyInvalid: The file (or a Cedar file it names) is missing, unreadable or invalid.
     """
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyInvalid(f"policy file {path} cannot be read ({type(exc).__name__})") from exc
-    return parse_policy(text, source=str(path))
+    return parse_policy(text, source=str(path), base=path.parent)

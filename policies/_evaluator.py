@@ -4,45 +4,198 @@ The policy evaluator: default deny, every decision explained.
 Invariants:
 
 - Whatever cannot prove "allow" denies: an unknown tool, arguments that fail
-  the schema, a principal no allow rule names, an error inside a check.
-- A matching ``deny`` rule overrides every ``allow`` rule.
-- ``decide()`` evaluates every check and returns a ``Decision`` listing every
-  rule that decided; its ``kind`` is the first failed check in pipeline order
-  (unknown_tool, schema, permission). ``enforce()`` raises ``PolicyDenied``.
+  the schema or a constraint, a principal no permit names, a Cedar policy
+  that errors, a labelled result that would flow where a rule forbids, a
+  missing or spent approval, an exhausted rate limit, and any error inside a
+  check (the policy state unreadable included).
+- A matching ``forbid`` (a ``deny`` rule) overrides every ``permit``.
+- ``decide()`` evaluates the checks in pipeline order (unknown_tool, schema,
+  constraint, permission, flow, approval_required, rate_limit) and returns a
+  ``Decision`` listing every rule that decided; its ``kind`` is the first
+  failed check. Checks with side effects (a proposal recorded, an approval
+  used, a rate-limit token taken) run only when every check before them
+  passed. ``explain()`` runs the same checks without any side effect.
+- The Cedar policy set is parsed once per loaded document. A reload swaps the
+  whole compiled policy at once, or keeps the last good one.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 import structlog
 
 from callward.core import (
     CallContext,
     Decision,
+    JSONValue,
     PolicyDenied,
+    PolicyInvalid,
     RuleId,
     Sha256Hex,
     ToolCall,
     ToolSpec,
+    canonical_bytes,
+    sha256_hex,
 )
+from callward.core._canonical import MAX_JSON_BYTES, canonical_loads, check_json_bounds
 from callward.core.errors import DenyKind
+from callward.core.types import ResultTreatment
+from callward.policies._approvals import (
+    ApprovalRefused,
+    ApprovalSigner,
+    approval_payload,
+    signature_valid,
+)
+from callward.policies._cedar import CedarPermissions, ContextError
+from callward.policies._constraints import confinement_violation
 from callward.policies._document import PolicyDocument, load_policy, parse_policy
+from callward.policies._results import redact
 from callward.policies._schema import SchemaCheck
+from callward.policies._state import PolicyState, Proposal, RateCharge, StateUnavailable
 
 log = structlog.get_logger()
 
-UNKNOWN_TOOL_RULE = RuleId("registry.unknown-tool")
-DEFAULT_DENY_RULE = RuleId("default-deny")
+UNKNOWN_TOOL_RULE: Final = RuleId("registry.unknown-tool")
+DEFAULT_DENY_RULE: Final = RuleId("default-deny")
+BOUNDS_RULE: Final = RuleId("input.bounds")
+CEDAR_ERROR_RULE: Final = RuleId("cedar.evaluation-error")
+CEDAR_CONTEXT_RULE: Final = RuleId("cedar.context")
+STATE_RULE: Final = RuleId("policy.state-unavailable")
+RELOAD_INTERVAL_SECONDS: Final = 1.0
+
+Clock = Callable[[], float]
 
 
 def _schema_rule(spec: ToolSpec) -> RuleId:
     return RuleId(f"schema.{spec.name}")
 
 
+def _proposal_id() -> str:
+    return f"apr_{uuid.uuid4().hex[:20]}"
+
+
+def session_key(context: CallContext) -> str:
+    """Labels are kept per principal and session; calls without a session share one."""
+    return f"{context.principal}\x00{context.session_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One step of a decision trace: which check, which rule, what it found."""
+
+    check: str
+    passed: bool
+    rules: tuple[RuleId, ...] = ()
+    detail: str = ""
+    json_path: str | None = None
+
+    def to_json(self) -> dict[str, JSONValue]:
+        return {"check": self.check, "passed": self.passed, "rules": list(self.rules),
+                "detail": self.detail, "json_path": self.json_path}
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """The full decision trace of one call: every check in order, and the decision."""
+
+    decision: Decision
+    checks: tuple[Check, ...]
+    labels: tuple[str, ...] = ()
+    session_labels: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, JSONValue]:
+        return {"decision": self.decision.to_json(),
+                "checks": [c.to_json() for c in self.checks],
+                "tool_labels": list(self.labels), "session_labels": list(self.session_labels)}
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    """What a reload did: the new digest in force, or why the last good one was kept."""
+
+    ok: bool
+    digest: Sha256Hex
+    previous_digest: Sha256Hex
+    source: str
+    message: str = ""
+
+    def to_json(self) -> dict[str, JSONValue]:
+        return {"ok": self.ok, "digest": self.digest, "previous_digest": self.previous_digest,
+                "source": self.source, "message": self.message}
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    document: PolicyDocument
+    cedar: CedarPermissions
+
+
+def _compile(document: PolicyDocument) -> _Compiled:
+    return _Compiled(document, CedarPermissions(document))
+
+
+class _Checks:
+    """The checks of one decision in order, and those that failed with their kind."""
+
+    def __init__(self) -> None:
+        self.checks: list[Check] = []
+        self.failed: list[tuple[DenyKind, Check]] = []
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def add(self, kind: DenyKind, check: Check) -> None:
+        self.checks.append(check)
+        if not check.passed:
+            self.failed.append((kind, check))
+
+    def add_trace(self, check: Check) -> None:
+        self.checks.append(check)
+
+    def decision(self, document: PolicyDocument, spec: ToolSpec, permits: tuple[RuleId, ...],
+                 pending: _Pending, diagnostics: tuple[str, ...]) -> Decision:
+        if self.failed:
+            kind, first = self.failed[0]
+            reasons: list[RuleId] = []
+            for _, check in self.failed:
+                reasons.extend(r for r in check.rules if r not in reasons)
+            return Decision("deny", tuple(reasons), document.digest, kind=kind,
+                            message=first.detail, json_path=first.json_path,
+                            diagnostics=diagnostics, policy_version=document.version)
+        reasons = [_schema_rule(spec), *permits]
+        if pending.approval is not None:
+            reasons.append(RuleId(f"approval.{pending.approval.id}"))
+        return Decision("allow", tuple(reasons), document.digest, message="allowed",
+                        limits=document.limits_for(spec.name, spec.limits),
+                        diagnostics=diagnostics, policy_version=document.version)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Side effects a decision takes only if it allows."""
+
+    charges: list[RateCharge] = field(default_factory=list)
+    approval: Proposal | None = None
+
+
 class Policy:
     """
-    A loaded policy document, ready to decide calls. Satisfies ``PolicyEngine``.
+    A loaded policy, ready to decide calls. Satisfies ``PolicyEngine``.
+
+    Args:
+        state: Where rate limits, session labels and approvals live (in memory if None).
+        signer: Signs and verifies approvals; without one no approval is ever valid.
+        clock: Seconds since the epoch (injected so tests can move time).
+        path: The file the document came from, watched for hot reload.
 
     Example::
 
@@ -55,81 +208,61 @@ class Policy:
         64
     """
 
-    def __init__(self, document: PolicyDocument) -> None:
-        self._document = document
+    def __init__(
+        self,
+        document: PolicyDocument,
+        *,
+        state: PolicyState | None = None,
+        signer: ApprovalSigner | None = None,
+        clock: Clock = time.time,
+        new_proposal_id: Callable[[], str] = _proposal_id,
+        path: Path | None = None,
+    ) -> None:
+        self._compiled = _compile(document)
         self._schema = SchemaCheck()
+        self.state = state if state is not None else PolicyState()
+        self._signer = signer
+        self._clock = clock
+        self._new_proposal_id = new_proposal_id
+        self._path = path
+        self._stamp = self._file_stamp()
+        self._next_poll = 0.0
+        self._reload_lock = threading.Lock()
+        self.last_reload: ReloadResult | None = None
 
     @classmethod
-    def from_file(cls, path: Path) -> Policy:
+    def from_file(cls, path: Path, **options: object) -> Policy:
         """
         Raises:
             PolicyInvalid: The file is missing or invalid; nothing is allowed in its place.
         """
-        return cls(load_policy(path))
+        return cls(load_policy(path), path=path, **options)  # type: ignore[arg-type]
 
     @classmethod
-    def from_text(cls, text: str, *, source: str = "<string>") -> Policy:
-        return cls(parse_policy(text, source=source))
+    def from_text(cls, text: str, *, source: str = "<string>", **options: object) -> Policy:
+        return cls(parse_policy(text, source=source), **options)  # type: ignore[arg-type]
 
     @property
     def digest(self) -> Sha256Hex:
-        return self._document.digest
+        return self._compiled.document.digest
 
     @property
     def document(self) -> PolicyDocument:
-        return self._document
+        return self._compiled.document
+
+    @property
+    def cedar_text(self) -> str:
+        return self._compiled.cedar.text
+
+    # -- deciding -------------------------------------------------------------
 
     def decide(self, call: ToolCall, spec: ToolSpec | None, context: CallContext) -> Decision:
         """Decide one call; never raises for anything about the call itself."""
-        digest = self._document.digest
-        if spec is None or spec.name != call.name:
-            return Decision(
-                "deny",
-                (UNKNOWN_TOOL_RULE,),
-                digest,
-                kind="unknown_tool",
-                message="no tool of that name is registered",
-            )
-        failed: list[tuple[DenyKind, RuleId, str, str | None]] = []
-        violation = self._schema.violation(call, spec)
-        if violation is not None:
-            failed.append(("schema", _schema_rule(spec), violation.message, violation.json_path))
+        return self._evaluate(call, spec, context, commit=True).decision
 
-        roles = self._document.roles_of(context.principal)
-        matching = [
-            rule
-            for rule in self._document.rules
-            if rule.matches(context.principal, roles, spec.name)
-        ]
-        denying = [rule.id for rule in matching if rule.effect == "deny"]
-        allowing = [rule.id for rule in matching if rule.effect == "allow"]
-        if denying:
-            failed.extend(
-                ("permission", rule, "a deny rule forbids this principal this tool", None)
-                for rule in denying
-            )
-        elif not allowing:
-            failed.append(
-                ("permission", DEFAULT_DENY_RULE, "no rule allows this principal this tool", None)
-            )
-
-        if failed:
-            kind, _, message, json_path = failed[0]
-            return Decision(
-                "deny",
-                tuple(rule for _, rule, _, _ in failed),
-                digest,
-                kind=kind,
-                message=message,
-                json_path=json_path,
-            )
-        return Decision(
-            "allow",
-            (_schema_rule(spec), *allowing),
-            digest,
-            message="allowed",
-            limits=self._document.limits_for(spec.name, spec.limits),
-        )
+    def explain(self, call: ToolCall, spec: ToolSpec | None, context: CallContext) -> Trace:
+        """The full decision trace of a call, without recording or consuming anything."""
+        return self._evaluate(call, spec, context, commit=False)
 
     def enforce(self, call: ToolCall, spec: ToolSpec | None, context: CallContext) -> Decision:
         """
@@ -140,12 +273,356 @@ class Policy:
         """
         decision = self.decide(call, spec, context)
         if decision.effect == "deny":
-            # Decision.__post_init__ guarantees a kind on a denial; fall back closed anyway.
             kind: DenyKind = decision.kind if decision.kind is not None else "permission"
-            raise PolicyDenied(
-                decision.message,
-                kind=kind,
-                rule=decision.reasons[0],
-                json_path=decision.json_path,
-            )
+            raise PolicyDenied(decision.message, kind=kind, rule=decision.reasons[0],
+                               json_path=decision.json_path)
         return decision
+
+    def _evaluate(self, call: ToolCall, spec: ToolSpec | None, context: CallContext, *,
+                  commit: bool) -> Trace:
+        compiled = self._compiled
+        document = compiled.document
+        if spec is None or spec.name != call.name:
+            decision = Decision("deny", (UNKNOWN_TOOL_RULE,), document.digest,
+                                kind="unknown_tool", message="no tool of that name is registered")
+            return Trace(decision, (Check("unknown_tool", False, (UNKNOWN_TOOL_RULE,)),))
+        checks = _Checks()
+        in_bounds = self._input_checks(document, call, spec, checks)
+        now = self._clock()
+        labels = document.labels_of(spec.name, spec.labels)
+        try:
+            session_labels = self.state.session_labels(session_key(context))
+        except StateUnavailable:
+            session_labels = frozenset()
+            checks.add("flow", Check("state", False, (STATE_RULE,), "policy state unreadable"))
+        permits: tuple[RuleId, ...] = ()
+        diagnostics: tuple[str, ...] = ()
+        if in_bounds:
+            permits, diagnostics = self._permission_check(
+                compiled.cedar, call, spec, context, session_labels, now, checks)
+        else:
+            checks.add_trace(Check("permission", False, (), "not evaluated: input out of bounds"))
+
+        flows = tuple(flow.id for flow in document.flows
+                      if flow.sources & session_labels and flow.sinks & labels)
+        if flows:
+            checks.add("flow", Check("flow", False, flows,
+                                     "labelled data from this session may not reach this tool"))
+        elif document.flows:
+            checks.add("flow", Check("flow", True, ()))
+
+        pending = _Pending()
+        if checks.ok:
+            self._rate_limits(document, spec, context, labels, pending, checks, now)
+        if checks.ok:
+            self._approvals(document, call, spec, context=context, pending=pending,
+                            record=checks, now=now, commit=commit)
+        if checks.ok and commit:
+            self._commit(call, pending, checks, now)
+        decision = checks.decision(document, spec, permits, pending, diagnostics)
+        return Trace(decision, tuple(checks.checks), tuple(sorted(labels)),
+                     tuple(sorted(session_labels)))
+
+    def _input_checks(self, document: PolicyDocument, call: ToolCall, spec: ToolSpec,
+                      checks: _Checks) -> bool:
+        """Bounds, schema and path constraints; False when the input is out of bounds."""
+        bounds = self._bounds(call)
+        if bounds is not None:
+            checks.add("schema", Check("bounds", False, (BOUNDS_RULE,), bounds, "$"))
+            return False
+        violation = self._schema.violation(call, spec)
+        checks.add("schema", Check(
+            "schema", violation is None, (_schema_rule(spec),),
+            "" if violation is None else violation.message,
+            None if violation is None else violation.json_path))
+        confinement = document.confinements.get(spec.name)
+        if confinement is not None:
+            path = confinement_violation(confinement, call.arguments)
+            checks.add("constraint", Check(
+                "constraint", path is None, (RuleId(f"confine.{spec.name}"),),
+                "" if path is None else f"a path argument leaves {confinement.root}", path))
+        return True
+
+    @staticmethod
+    def _permission_check(cedar: CedarPermissions, call: ToolCall, spec: ToolSpec,  # noqa: PLR0917 - one private step
+                          context: CallContext, session_labels: frozenset[str], now: float,
+                          checks: _Checks) -> tuple[tuple[RuleId, ...], tuple[str, ...]]:
+        try:
+            answer = cedar.decide(
+                principal=context.principal, spec=spec, arguments=call.arguments,
+                session_id=context.session_id, session_labels=session_labels, now=now)
+        except ContextError as exc:
+            checks.add("constraint", Check("cedar.context", False, (CEDAR_CONTEXT_RULE,),
+                                           str(exc), exc.json_path))
+            return (), ()
+        if answer.errors:
+            checks.add("permission", Check("permission", False, (CEDAR_ERROR_RULE,),
+                                           "a Cedar policy failed to evaluate"))
+        elif answer.forbids:
+            checks.add("permission", Check("permission", False, answer.forbids,
+                                           "a forbid policy matches this call"))
+        elif not answer.allowed:
+            checks.add("permission", Check("permission", False, (DEFAULT_DENY_RULE,),
+                                           "no rule allows this principal this tool"))
+        else:
+            checks.add("permission", Check("permission", True, answer.permits))
+        return answer.permits, answer.errors
+
+    @staticmethod
+    def _bounds(call: ToolCall) -> str | None:
+        if len(call.arguments_json) > MAX_JSON_BYTES:
+            return f"the arguments are over {MAX_JSON_BYTES} bytes"
+        # Nesting deeper than the bound needs more characters than this.
+        if len(call.arguments_json) > 128:
+            try:
+                check_json_bounds(call.arguments_json.decode("utf-8"))
+            except ValueError as exc:
+                return str(exc)
+        return None
+
+    def _rate_limits(self, document: PolicyDocument, spec: ToolSpec,  # noqa: PLR0917 - one private step
+                     context: CallContext, labels: frozenset[str], pending: _Pending,
+                     record: _Checks, now: float) -> None:
+        roles = document.roles_of(context.principal)
+        groups = document.groups_of(context.principal)
+        for limit in document.rate_limits:
+            if not limit.applies(context.principal, roles, groups, spec.name, labels):
+                continue
+            parts = {"principal": context.principal, "tool": spec.name,
+                     "session": context.session_id}
+            key = "\x00".join([limit.id, *(f"{p}={parts[p]}" for p in limit.per)])
+            pending.charges.append(RateCharge(limit.id, key, limit.algorithm, limit.limit,
+                                              limit.window_seconds))
+        if not pending.charges:
+            return
+        try:
+            exhausted = self.state.charge(pending.charges, now, commit=False)
+        except StateUnavailable:
+            record.add("rate_limit", Check("rate_limit", False, (STATE_RULE,),
+                                       "policy state unavailable"))
+            return
+        if exhausted is not None:
+            record.add("rate_limit", Check("rate_limit", False, (exhausted,),
+                                       "the rate limit for this call is exhausted"))
+        else:
+            record.add("rate_limit", Check("rate_limit", True,
+                                       tuple(c.rule for c in pending.charges)))
+
+    def _approvals(self, document: PolicyDocument, call: ToolCall, spec: ToolSpec, *,
+                   context: CallContext, pending: _Pending, record: _Checks,
+                   now: float, commit: bool) -> None:
+        roles = document.roles_of(context.principal)
+        groups = document.groups_of(context.principal)
+        rules = [rule for rule in document.approvals
+                 if (spec.name in rule.tools or "*" in rule.tools)
+                 and rule.who.matches(context.principal, roles, groups)]
+        if not rules:
+            return
+        rule = rules[0]
+        digest = call.arguments_sha256
+        try:
+            approved = self.state.approved_for(context.principal, spec.name, digest, now)
+            if approved is not None and approved.tool_digest == spec.digest and (
+                self._signer is not None and signature_valid(self._signer, approved)
+            ):
+                pending.approval = approved
+                record.add("approval_required", Check("approval", True, (rule.id,),
+                                                  f"approved by {approved.decided_by}"))
+                return
+            proposal = Proposal(
+                id=self._new_proposal_id(), rule_id=rule.id, call_id=call.id,
+                principal=context.principal, session=context.session_id, tool=spec.name,
+                tool_digest=spec.digest, arguments_sha256=digest, created=now,
+                expires=now + rule.expires_seconds, status="proposed", decided_by=None,
+                approval=None, signature=None, key_id=None, used_call_id=None)
+            if commit:
+                proposal = self.state.propose(proposal)
+        except StateUnavailable:
+            record.add("approval_required", Check("approval", False, (STATE_RULE,),
+                                              "policy state unavailable"))
+            return
+        record.add("approval_required", Check(
+            "approval", False, (rule.id, RuleId(f"proposal.{proposal.id}")),
+            f"this call needs an approval: proposal {proposal.id}"))
+
+    def _commit(self, call: ToolCall, pending: _Pending, record: _Checks, now: float) -> None:
+        try:
+            if pending.approval is not None and not self.state.use_approval(
+                pending.approval.id, call.id, now
+            ):
+                record.add("approval_required", Check(
+                    "approval", False, (RuleId(f"proposal.{pending.approval.id}"),),
+                    "the approval was used or expired in the meantime"))
+                return
+            exhausted = self.state.charge(pending.charges, now)
+        except StateUnavailable:
+            record.add("rate_limit", Check("state", False, (STATE_RULE,),
+                                           "policy state unavailable"))
+            return
+        if exhausted is not None:
+            record.add("rate_limit", Check("rate_limit", False, (exhausted,),
+                                       "the rate limit for this call is exhausted"))
+
+    # -- results --------------------------------------------------------------
+
+    def observe_result(self, call: ToolCall, spec: ToolSpec, context: CallContext,
+                       content_json: bytes) -> ResultTreatment:
+        """
+        Apply the result rules to a result and record its labels in the session.
+
+        Called by the gateway after the run and before ``call.completed`` is
+        written. When the labels cannot be recorded, the result is withheld
+        (``withheld_kind="flow"``): a later call could otherwise slip past a flow rule.
+        """
+        document = self._compiled.document
+        labels = document.output_labels.get(spec.name, frozenset())
+        rules = [rule for rule in document.results if rule.applies(spec.name)]
+        try:
+            self.state.add_session_labels(session_key(context), labels, call.id, self._clock())
+        except StateUnavailable:
+            log.warning("policy_state_unavailable", call_id=call.id, stage="observe_result")
+            return ResultTreatment(
+                canonical_bytes({"error": "flow", "message":
+                                 "the result's labels could not be recorded; it is withheld"}),
+                labels=tuple(sorted(labels)), withheld_kind="flow")
+        patterns = [p for rule in rules for p in rule.redact]
+        content, redactions = content_json, 0
+        if patterns:
+            value, redactions = redact(canonical_loads(content_json), patterns)
+            if redactions:
+                content = canonical_bytes(value)
+        keep = [rule.audit_body for rule in rules if rule.audit_body is not None]
+        return ResultTreatment(
+            content_json=content,
+            keep_body=bool(keep) and keep[-1] == "body",
+            labels=tuple(sorted(labels)),
+            rules=tuple(rule.id for rule in rules),
+            redactions=redactions,
+        )
+
+    # -- approvals --------------------------------------------------------------
+
+    def approve(self, proposal_id: str, *, by: str) -> Proposal:
+        """
+        Record a signed, single-use approval of one proposal.
+
+        Raises:
+            ApprovalRefused: Unknown, closed or expired proposal; an approver the
+                rule does not name; the proposer approving their own call; no signer.
+        """
+        proposal, rule_id = self._approvable(proposal_id, by)
+        if self._signer is None:
+            raise ApprovalRefused("no signer is configured, so no approval can be recorded",
+                                  rule=rule_id)
+        now = self._clock()
+        payload = approval_payload(proposal, by=by, at=now)
+        signature = self._signer.sign(payload)
+        if not self.state.decide_proposal(proposal_id, status="approved", by=by, now=now,
+                                          approval=payload, signature=signature,
+                                          key_id=self._signer.key_id):
+            raise ApprovalRefused("the proposal is no longer open", rule=rule_id)
+        approved = self.state.proposal(proposal_id)
+        assert approved is not None  # noqa: S101 - just written in the same file
+        return approved
+
+    def reject(self, proposal_id: str, *, by: str) -> Proposal:
+        """
+        Record that a proposal is denied; the call can then never run on it.
+
+        Raises:
+            ApprovalRefused: As for ``approve``.
+        """
+        _, rule_id = self._approvable(proposal_id, by)
+        if not self.state.decide_proposal(proposal_id, status="rejected", by=by,
+                                          now=self._clock(), approval=None, signature=None,
+                                          key_id=None):
+            raise ApprovalRefused("the proposal is no longer open", rule=rule_id)
+        rejected = self.state.proposal(proposal_id)
+        assert rejected is not None  # noqa: S101 - just written in the same file
+        return rejected
+
+    def _approvable(self, proposal_id: str, by: str) -> tuple[Proposal, str]:
+        proposal = self.state.proposal(proposal_id)
+        if proposal is None:
+            raise ApprovalRefused("no proposal has that id", rule="approval.unknown")
+        status = proposal.status_at(self._clock())
+        if status != "proposed":
+            raise ApprovalRefused(f"the proposal is {status}", rule=proposal.rule_id)
+        document = self._compiled.document
+        rule = next((r for r in document.approvals if r.id == proposal.rule_id), None)
+        if rule is None:
+            raise ApprovalRefused("the rule that asked for approval is no longer in the policy",
+                                  rule=proposal.rule_id)
+        if by == proposal.principal:
+            raise ApprovalRefused("a principal cannot approve their own call",
+                                  rule=proposal.rule_id)
+        if rule.approvers.anyone or not rule.approvers.matches(
+            by, document.roles_of(by), document.groups_of(by)
+        ):
+            raise ApprovalRefused("that principal may not approve this call",
+                                  rule=proposal.rule_id)
+        return proposal, proposal.rule_id
+
+    # -- reload -----------------------------------------------------------------
+
+    def _file_stamp(self) -> tuple[tuple[int, int], ...]:
+        if self._path is None:
+            return ()
+        paths = [self._path, *(self._path.parent / name
+                               for name, _ in self._compiled.document.cedar_sources
+                               if name != "<inline>")]
+        stamps = []
+        for path in paths:
+            try:
+                stat = os.stat(path)
+                stamps.append((stat.st_mtime_ns, stat.st_size))
+            except OSError:
+                stamps.append((-1, -1))
+        return tuple(stamps)
+
+    def poll_reload(self) -> ReloadResult | None:
+        """
+        Reload when the policy file (or a Cedar file) changed; at most once a second.
+
+        Returns:
+            None when nothing changed; else what the reload did, for the gateway to audit.
+        """
+        if self._path is None:
+            return None
+        now = time.monotonic()
+        if now < self._next_poll:
+            return None
+        self._next_poll = now + RELOAD_INTERVAL_SECONDS
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return None
+        self._stamp = stamp
+        return self.reload()
+
+    def _load_again(self) -> _Compiled:
+        if self._path is None:
+            raise PolicyInvalid("this policy was not loaded from a file")
+        return _compile(load_policy(self._path))
+
+    def reload(self) -> ReloadResult:
+        """Load the file again: swap it in whole, or keep the last good policy."""
+        previous = self.digest
+        source = str(self._path)
+        with self._reload_lock:
+            try:
+                compiled = self._load_again()
+            except PolicyInvalid as exc:
+                result = ReloadResult(False, previous, previous, source, exc.message[:1000])
+                log.warning("policy_reload_failed", digest=previous)
+            else:
+                self._compiled = compiled
+                self._stamp = self._file_stamp()
+                result = ReloadResult(True, compiled.document.digest, previous, source)
+                log.info("policy_reloaded", digest=compiled.document.digest, previous=previous)
+        self.last_reload = result
+        return result
+
+
+def arguments_digest(arguments: dict[str, JSONValue]) -> Sha256Hex:
+    """The digest an approval is bound to: SHA-256 of the canonical arguments."""
+    return sha256_hex(canonical_bytes(arguments))
