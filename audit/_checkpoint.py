@@ -170,6 +170,21 @@ def open_checkpoint(
     return checkpoint
 
 
+def read_unverified(note: str | bytes) -> Checkpoint:
+    """
+    What a checkpoint *claims*, before any signature is checked: only to decide which
+    tree size to compare it at. Call ``open_checkpoint`` before trusting it.
+
+    Raises:
+        VerificationFailed: The note is malformed.
+    """
+    text = _note_text(note)
+    body, separator, _ = text.rpartition("\n\n")
+    if not separator:
+        raise _fail("the checkpoint is not a signed note (text, blank line, signatures)")
+    return _parse_body(body + "\n", text)
+
+
 def _note_text(note: str | bytes) -> str:
     data = note if isinstance(note, bytes) else note.encode("utf-8", "surrogatepass")
     if len(data) > MAX_NOTE_BYTES:
@@ -208,6 +223,7 @@ __all__ = [
     "checkpoint_body",
     "note_key_hash",
     "open_checkpoint",
+    "read_unverified",
     "sign_checkpoint",
     "verifier_key",
 ]

@@ -14,22 +14,36 @@ Invariants:
   as ``AuditUnavailable``; no ``sqlite3`` type escapes this module.
 - Timestamps never go backwards along the chain: a clock that steps back is held at
   the head's ts (and logged), so a verifier never sees a false alarm.
+- Group commit: appends from many threads that arrive while one transaction is
+  being written queue up, and the next transaction writes them all with one fsync;
+  no append returns before the transaction holding its record has committed.
+- The Merkle tree (``_tree``) and the set of authorized-but-unfinished calls are
+  written in the same transaction as the records, so they never disagree with them.
+- A signed checkpoint is written every ``checkpoint_every`` records, every
+  ``checkpoint_seconds`` while records arrive, and on ``close``; each is offered to
+  the witnesses after it commits.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import fcntl
 import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Self
 
 import structlog
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from callward.audit._chain import (
     GENESIS_PREV,
@@ -39,17 +53,36 @@ from callward.audit._chain import (
     parse_ts,
     seal,
 )
+from callward.audit._checkpoint import Checkpoint, note_key_hash, sign_checkpoint
+from callward.audit._merkle import leaf_hash, root_from_inclusion_proof
+from callward.audit._tree import (
+    TREE_TABLES,
+    MissingNode,
+    add_leaf,
+    get_meta,
+    inclusion_path,
+    root_at,
+    set_meta,
+)
+from callward.audit._witness import Witness, publish_to_all
 from callward.audit.signer import Signer
 from callward.core._canonical import JSONValue, Sha256Hex
-from callward.core.errors import AuditUnavailable
-from callward.core.types import AuditRecord, KeyId
+from callward.core.errors import AuditUnavailable, ConfigurationError, VerificationFailed
+from callward.core.types import AuditRecord, KeyId, Receipt, ReceiptProof
 
 log = structlog.get_logger()
 
 #: ``PRAGMA application_id`` of a callward audit database ("cwal").
 APPLICATION_ID: Final = 0x6377616C
-#: ``PRAGMA user_version``: the version of the table layout below.
-SCHEMA_VERSION: Final = 1
+#: ``PRAGMA user_version``: the version of the table layout below (2 adds the tree,
+#: checkpoints, meta and pending calls; a version 1 file is upgraded when opened).
+SCHEMA_VERSION: Final = 2
+#: The record kind that hands the log to a new key, signed by the old one.
+KEY_ROTATED: Final = "key.rotated"
+#: The record kind written at start for an authorized call that never completed.
+CALL_INTERRUPTED: Final = "call.interrupted"
+DEFAULT_CHECKPOINT_EVERY: Final = 1000
+DEFAULT_CHECKPOINT_SECONDS: Final = 60.0
 COLUMNS: Final = ("seq", "ts", "kind", "prev", "key_id", "body", "record", "hash", "signature")
 
 _CREATE_TABLE: Final = """
@@ -88,19 +121,45 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(slots=True)
+class _Request:
+    """One append waiting for a transaction; the leader fills ``record`` or ``error``."""
+
+    kind: str
+    body_json: bytes
+    ts: str
+    authorizes: str | None = None
+    completes: int | None = None
+    only_if_pending: bool = False
+    rotate_to: Signer | None = None
+    record: AuditRecord | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+    def result(self) -> AuditRecord | None:
+        if self.error is not None:
+            raise self.error
+        return self.record
+
+
 class SQLiteAuditStore:
     """
     An append-only log of signed records in one SQLite file; ``callward.core.AuditLog``.
 
     The constructor does no I/O: call ``open()`` (or use ``with``), which creates the
-    file and its table on first use. Safe to share between threads, and between
+    file and its tables on first use. Safe to share between threads, and between
     processes that open the same file.
 
     Args:
         path: The database file. Its directory must exist.
-        signer: Signs every record.
+        signer: Signs every record and checkpoint.
         clock: Returns the current time, timezone-aware; injected for tests.
         busy_timeout_seconds: How long an append waits for another process's write.
+        checkpoint_every: Write a signed checkpoint once this many records follow the
+            last one.
+        checkpoint_seconds: Also write one when this long has passed since the last
+            and records arrived (checked by a background thread; 0 turns it off).
+        witnesses: Where each new checkpoint is copied.
 
     Example::
 
@@ -115,15 +174,35 @@ class SQLiteAuditStore:
         *,
         clock: Callable[[], datetime] = _utc_now,
         busy_timeout_seconds: float = 5.0,
+        checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+        checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
+        witnesses: Sequence[Witness] = (),
     ) -> None:
         if not busy_timeout_seconds >= 0:
             raise ValueError("busy_timeout_seconds must be zero or more")
+        if checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be at least 1")
+        if not checkpoint_seconds >= 0:
+            raise ValueError("checkpoint_seconds must be zero or more")
         self._path = Path(path)
         self._signer = signer
         self._clock = clock
         self._busy_timeout_seconds = busy_timeout_seconds
+        self._checkpoint_every = checkpoint_every
+        self._checkpoint_seconds = checkpoint_seconds
+        self._witnesses = tuple(witnesses)
         self._lock = threading.Lock()
+        self._queue_cond = threading.Condition()
+        self._queue: list[_Request] = []
+        self._leading = False
         self._conn: sqlite3.Connection | None = None
+        self._origin = ""
+        self._key_hash = b""
+        self._writer_id = uuid.uuid4().hex
+        self._writer_lock: int | None = None
+        self._last_checkpoint_at = time.monotonic()
+        self._ticker_stop = threading.Event()
+        self._ticker: threading.Thread | None = None
 
     @property
     def path(self) -> Path:
@@ -133,9 +212,19 @@ class SQLiteAuditStore:
     def key_id(self) -> KeyId:
         return self._signer.key_id
 
+    @property
+    def origin(self) -> str:
+        """The log's name in its checkpoints (``callward.audit/<first key id>``)."""
+        return self._origin
+
+    @property
+    def writer_id(self) -> str:
+        """This store's id in the pending-calls table, unique per ``open``."""
+        return self._writer_id
+
     def open(self) -> None:
         """
-        Open the file (WAL, ``synchronous=FULL``), creating the table on first use.
+        Open the file (WAL, ``synchronous=FULL``), creating the tables on first use.
 
         Opening an open store does nothing.
 
@@ -154,19 +243,44 @@ class SQLiteAuditStore:
                     check_same_thread=False,
                 )
                 try:
-                    _prepare(conn, self._path, self._busy_timeout_seconds)
+                    origin = _prepare(conn, self._path, self._busy_timeout_seconds, self._signer)
+                    self._writer_lock = _hold_writer_lock(self._path, self._writer_id)
                 except BaseException:
                     conn.close()
                     raise
+            self._origin = origin
+            self._key_hash = note_key_hash(origin, _public_key_of(self._signer))
             self._conn = conn
+            self._last_checkpoint_at = time.monotonic()
+        if self._checkpoint_seconds > 0:
+            self._ticker_stop.clear()
+            self._ticker = threading.Thread(
+                target=self._tick, name="callward-audit-checkpoints", daemon=True
+            )
+            self._ticker.start()
         log.info("audit_store_opened", path=str(self._path), key_id=self._signer.key_id)
 
     def close(self) -> None:
-        """Close the file. Appends after this raise ``AuditUnavailable``."""
+        """
+        Write a final checkpoint if records followed the last one, then close the file.
+        Appends after this raise ``AuditUnavailable``.
+        """
+        ticker, self._ticker = self._ticker, None
+        if ticker is not None:
+            self._ticker_stop.set()
+            ticker.join()
+        if self._conn is not None:
+            try:
+                self.checkpoint(only_if_grown=True)
+            except AuditUnavailable:
+                log.warning("audit_final_checkpoint_failed", path=str(self._path))
         with self._lock:
             conn, self._conn = self._conn, None
             if conn is not None:
                 conn.close()
+            if self._writer_lock is not None:
+                _release_writer_lock(self._path, self._writer_id, self._writer_lock)
+                self._writer_lock = None
 
     def __enter__(self) -> Self:
         self.open()
@@ -199,45 +313,343 @@ class SQLiteAuditStore:
             TypeError: ``body`` is not a mapping.
             AuditUnavailable: The record is not durable; the caller must not proceed.
         """
+        request = self._request(kind, body, now)
+        record = self._commit(request)
+        if record is None:  # pragma: no cover - only conditional appends skip
+            raise AuditUnavailable(f"audit append on {self._path} was skipped")
+        return record
+
+    def _request(
+        self,
+        kind: str,
+        body: Mapping[str, JSONValue],
+        now: datetime,
+        *,
+        only_if_pending: bool = False,
+        rotate_to: Signer | None = None,
+    ) -> _Request:
         if not is_record_kind(kind):
             raise ValueError("a record kind is dotted lower-case, like call.completed")
         ts = format_ts(now)
         with _store_errors("append", self._path, kind=kind):
             body_json = canonical_body(body)
+        request = _Request(
+            kind=kind, body_json=body_json, ts=ts, only_if_pending=only_if_pending,
+            rotate_to=rotate_to,
+        )
+        if kind == "call.authorized":
+            call = body.get("call")
+            call_id = call.get("id") if isinstance(call, Mapping) else None
+            request.authorizes = call_id if isinstance(call_id, str) else ""
+        elif kind in ("call.completed", CALL_INTERRUPTED):
+            seq = body.get("authorized_seq")
+            if isinstance(seq, int) and not isinstance(seq, bool):
+                request.completes = seq
+        return request
+
+    def _commit(self, request: _Request) -> AuditRecord | None:
+        """Queue ``request``; lead a transaction for the queue or wait for the leader's."""
+        with self._queue_cond:
+            self._queue.append(request)
+            while not request.done:
+                if not self._leading:
+                    self._leading = True
+                    batch, self._queue = self._queue, []
+                    break
+                self._queue_cond.wait()
+            else:
+                return request.result()
+        checkpoint = None
+        try:
+            checkpoint = self._write(batch)
+        finally:
+            with self._queue_cond:
+                for item in batch:
+                    item.done = True
+                self._leading = False
+                self._queue_cond.notify_all()
+        if checkpoint is not None:
+            publish_to_all(self._witnesses, self._origin, checkpoint.note)
+        return request.result()
+
+    def _write(self, batch: list[_Request]) -> Checkpoint | None:
+        """Write ``batch`` in one transaction (one fsync); set each request's outcome."""
+        written: list[tuple[_Request, AuditRecord]] = []
+        checkpoint = None
+        signer_before = self._signer
+        try:
+            with self._lock:
+                conn = self._require_open()
+                with (
+                    _store_errors("append", self._path, kind=batch[0].kind),
+                    _transaction(conn, self._busy_timeout_seconds),
+                ):
+                    self._check_current_key(conn)
+                    head = conn.execute(_HEAD).fetchone()
+                    seq, prev, head_ts = (0, GENESIS_PREV, None) if head is None else head
+                    for request in batch:
+                        record = self._write_one(conn, request, seq, Sha256Hex(prev), head_ts)
+                        if record is not None:
+                            written.append((request, record))
+                            seq, prev, head_ts = record.seq, record.record_hash, record.ts
+                    checkpoint = self._checkpoint_if_due(conn, seq)
+        except BaseException as exc:  # noqa: BLE001 - each request of the batch re-raises it
+            self._signer = signer_before  # a rotation whose record rolled back never happened
+            for request in batch:
+                if request.error is None:
+                    request.error = exc
+            return None
+        for request, record in written:
+            request.record = record
+        return checkpoint
+
+    def _write_one(
+        self,
+        conn: sqlite3.Connection,
+        request: _Request,
+        seq: int,
+        prev: Sha256Hex,
+        head_ts: object,
+    ) -> AuditRecord | None:
+        if request.only_if_pending and request.completes is not None:
+            still = conn.execute(
+                "SELECT 1 FROM pending_calls WHERE authorized_seq = ?", (request.completes,)
+            ).fetchone()
+            if still is None:
+                return None
+        ts = request.ts
+        if head_ts is not None and ts < str(head_ts):
+            _log_held_ts(ts, str(head_ts))
+            ts = str(head_ts)
+        try:
+            record = seal(
+                seq=seq + 1,
+                ts=ts,
+                kind=request.kind,
+                prev=prev,
+                body_json=request.body_json,
+                signer=self._signer,
+            )
+        except ValueError as exc:
+            # This record alone is malformed (too large): it fails, the batch goes on.
+            request.error = AuditUnavailable(f"audit append on {self._path} failed ({exc})")
+            return None
+        conn.execute(
+            _INSERT,
+            (
+                record.seq,
+                record.ts,
+                record.kind,
+                record.prev,
+                record.key_id,
+                record.body_json.decode("utf-8"),
+                record.record_bytes,
+                record.record_hash,
+                record.signature,
+            ),
+        )
+        add_leaf(conn, record.seq - 1, record.record_bytes)
+        if request.authorizes is not None:
+            conn.execute(
+                "INSERT INTO pending_calls (authorized_seq, call_id, writer) VALUES (?, ?, ?)",
+                (record.seq, request.authorizes, self._writer_id),
+            )
+        elif request.completes is not None:
+            conn.execute(
+                "DELETE FROM pending_calls WHERE authorized_seq = ?", (request.completes,)
+            )
+        if request.rotate_to is not None:
+            set_meta(conn, "current_key_id", request.rotate_to.key_id)
+            self._signer = request.rotate_to
+        return record
+
+    def _check_current_key(self, conn: sqlite3.Connection) -> None:
+        current = get_meta(conn, "current_key_id")
+        if current is not None and current != self._signer.key_id:
+            raise ConfigurationError(
+                f"the audit log {self._path} is now signed by key {current}, not by this "
+                f"store's key {self._signer.key_id} (the key was rotated)",
+                remediation="restart this gateway so it loads the current audit key",
+            )
+
+    def _checkpoint_if_due(self, conn: sqlite3.Connection, size: int) -> Checkpoint | None:
+        (last,) = conn.execute("SELECT coalesce(max(size), 0) FROM checkpoints").fetchone()
+        grown = size - int(last)
+        if grown <= 0:
+            return None
+        elapsed = time.monotonic() - self._last_checkpoint_at
+        if grown < self._checkpoint_every and not (
+            self._checkpoint_seconds > 0 and elapsed >= self._checkpoint_seconds
+        ):
+            return None
+        return self._write_checkpoint(conn, size)
+
+    def _write_checkpoint(self, conn: sqlite3.Connection, size: int) -> Checkpoint:
+        checkpoint = sign_checkpoint(
+            self._origin, size, root_at(conn, size), signer=self._signer, key_hash=self._key_hash
+        )
+        conn.execute(
+            "INSERT INTO checkpoints (size, ts, note) VALUES (?, ?, ?)",
+            (size, format_ts(self._clock()), checkpoint.note),
+        )
+        self._last_checkpoint_at = time.monotonic()
+        log.info("audit_checkpoint_written", size=size)
+        return checkpoint
+
+    def checkpoint(self, *, only_if_grown: bool = False) -> Checkpoint | None:
+        """
+        Sign and store a checkpoint of the whole log now, and offer it to the witnesses.
+
+        Args:
+            only_if_grown: Write nothing (return None) if the latest checkpoint
+                already covers every record.
+
+        Returns:
+            The checkpoint written, or the latest one when nothing grew (None if the
+            log is empty or ``only_if_grown`` found nothing new).
+
+        Raises:
+            AuditUnavailable: The checkpoint could not be written.
+        """
         with self._lock:
             conn = self._require_open()
             with (
-                _store_errors("append", self._path, kind=kind),
+                _store_errors("checkpoint", self._path),
                 _transaction(conn, self._busy_timeout_seconds),
             ):
+                self._check_current_key(conn)
                 head = conn.execute(_HEAD).fetchone()
-                seq, prev, head_ts = (0, GENESIS_PREV, None) if head is None else head
-                if head_ts is not None and ts < str(head_ts):
-                    _log_held_ts(ts, str(head_ts))
-                    ts = str(head_ts)
-                record = seal(
-                    seq=seq + 1,
-                    ts=ts,
-                    kind=kind,
-                    prev=Sha256Hex(prev),
-                    body_json=body_json,
-                    signer=self._signer,
-                )
-                conn.execute(
-                    _INSERT,
-                    (
-                        record.seq,
-                        record.ts,
-                        record.kind,
-                        record.prev,
-                        record.key_id,
-                        record.body_json.decode("utf-8"),
-                        record.record_bytes,
-                        record.record_hash,
-                        record.signature,
-                    ),
-                )
+                size = 0 if head is None else int(head[0])
+                row = conn.execute(
+                    "SELECT size, note FROM checkpoints ORDER BY size DESC LIMIT 1"
+                ).fetchone()
+                if size == 0 or (row is not None and int(row[0]) >= size):
+                    if only_if_grown or row is None:
+                        return None
+                    return Checkpoint(self._origin, int(row[0]), root_at(conn, int(row[0])),
+                                      str(row[1]))
+                checkpoint = self._write_checkpoint(conn, size)
+        publish_to_all(self._witnesses, self._origin, checkpoint.note)
+        return checkpoint
+
+    def _tick(self) -> None:
+        while not self._ticker_stop.wait(self._checkpoint_seconds):
+            try:
+                self.checkpoint(only_if_grown=True)
+            except (AuditUnavailable, ConfigurationError):
+                log.warning("audit_timed_checkpoint_failed", path=str(self._path))
+
+    def receipt_for(self, record: AuditRecord) -> Receipt:
+        """
+        The receipt of ``record`` with its inclusion proof under a checkpoint of the
+        tree at its own seq, signed now. ``callward.core.ReceiptIssuer``.
+
+        The proof is checked against the stored tree before it is returned, so a
+        damaged tree table fails here rather than in a reviewer's hands.
+
+        Raises:
+            AuditUnavailable: The tree cannot be read or disagrees with the record.
+        """
+        size = record.seq
+        with self._lock:
+            conn = self._require_open()
+            with _store_errors("receipt", self._path):
+                path = inclusion_path(conn, record.seq, size)
+                root = root_at(conn, size)
+        leaf = leaf_hash(record.record_bytes)
+        try:
+            derived = root_from_inclusion_proof(record.seq - 1, size, leaf, path)
+        except VerificationFailed as exc:
+            raise AuditUnavailable(f"the Merkle tree in {self._path} is damaged") from exc
+        if derived != root:
+            raise AuditUnavailable(
+                f"the Merkle tree in {self._path} does not hold record {record.seq}"
+            )
+        checkpoint = sign_checkpoint(
+            self._origin, size, root, signer=self._signer, key_hash=self._key_hash
+        )
+        return Receipt(
+            seq=record.seq,
+            record_hash=record.record_hash,
+            key_id=record.key_id,
+            proof=ReceiptProof(
+                leaf_hash=Sha256Hex(leaf.hex()),
+                tree_size=size,
+                inclusion_proof=tuple(Sha256Hex(node.hex()) for node in path),
+                checkpoint=checkpoint.note,
+            ),
+        )
+
+    def rotate_key(self, new_signer: Signer) -> AuditRecord:
+        """
+        Hand the log to ``new_signer``: a ``key.rotated`` record signed by the current
+        key names the new key, and every later record and checkpoint is signed by it.
+
+        Other stores still holding the old key refuse to append from then on.
+
+        Raises:
+            AuditUnavailable: The rotation record is not durable; the old key stays.
+        """
+        raw = _public_key_of(new_signer).public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        body: dict[str, JSONValue] = {
+            "previous_key_id": self._signer.key_id,
+            "new_key_id": new_signer.key_id,
+            "new_public_key": base64.b64encode(raw).decode(),
+        }
+        request = self._request(KEY_ROTATED, body, self._clock(), rotate_to=new_signer)
+        record = self._commit(request)
+        if record is None:  # pragma: no cover - a rotation is never conditional
+            raise AuditUnavailable("the key rotation was not written")
+        self._key_hash = note_key_hash(self._origin, _public_key_of(new_signer))
+        log.info("audit_key_rotated", previous=body["previous_key_id"], new=new_signer.key_id)
         return record
+
+    def recover_interrupted(self) -> list[AuditRecord]:
+        """
+        Close out calls that were authorized by a gateway that is gone: each gets a
+        ``call.interrupted`` record naming its ``call.authorized`` seq.
+
+        A writer is gone when its lock file is free (its process ended, crashed or
+        was killed); calls of writers still running are left alone. Safe to run from
+        several processes at once: each call is closed out exactly once.
+
+        Raises:
+            AuditUnavailable: The records could not be written.
+        """
+        with self._lock:
+            conn = self._require_open()
+            with _store_errors("read", self._path):
+                rows = conn.execute(
+                    "SELECT authorized_seq, call_id, writer FROM pending_calls"
+                    " WHERE writer != ? ORDER BY authorized_seq",
+                    (self._writer_id,),
+                ).fetchall()
+        gone: dict[str, bool] = {}
+        written = []
+        for authorized_seq, call_id, writer in rows:
+            if writer not in gone:
+                gone[writer] = not _writer_alive(self._path, str(writer))
+            if not gone[writer]:
+                continue
+            body: dict[str, JSONValue] = {
+                "call_id": str(call_id),
+                "authorized_seq": int(authorized_seq),
+                "outcome": "interrupted",
+                "message": "the gateway stopped before the call completed; its result, "
+                "if any, never reached the model",
+            }
+            request = self._request(CALL_INTERRUPTED, body, self._clock(), only_if_pending=True)
+            record = self._commit(request)
+            if record is not None:
+                written.append(record)
+        for writer, is_gone in gone.items():
+            if is_gone:
+                _writer_lock_path(self._path, writer).unlink(missing_ok=True)
+        if written:
+            log.warning("audit_calls_interrupted", count=len(written))
+        return written
 
     def last(self) -> AuditRecord | None:
         """
@@ -318,8 +730,11 @@ def _log_held_ts(ts: str, head_ts: str) -> None:
         log.debug("audit_ts_held_at_head", clock_ts=ts, head_ts=head_ts)
 
 
-def _prepare(conn: sqlite3.Connection, path: Path, wait_seconds: float) -> None:
-    """Set WAL and full sync, and create or recognise the table, in one transaction."""
+def _prepare(conn: sqlite3.Connection, path: Path, wait_seconds: float, signer: Signer) -> str:
+    """
+    Set WAL and full sync, and create, upgrade or recognise the tables, in one
+    transaction. Returns the log's origin.
+    """
     (journal_mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
     if str(journal_mode).lower() != "wal":
         raise AuditUnavailable(f"{path} cannot be put in WAL mode (it is in {journal_mode})")
@@ -332,22 +747,106 @@ def _prepare(conn: sqlite3.Connection, path: Path, wait_seconds: float) -> None:
         (tables,) = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         if application_id == 0 and version == 0 and tables == 0:
             conn.execute(_CREATE_TABLE)
+            _create_tree_tables(conn, signer)
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             created = True
+        elif application_id == APPLICATION_ID and version == 1:
+            _upgrade_from_version_1(conn, path, signer)
         elif application_id != APPLICATION_ID or version != SCHEMA_VERSION:
             raise AuditUnavailable(
                 f"{path} is not a callward audit database (version {SCHEMA_VERSION})",
                 remediation="point the audit store at a callward audit.db, or at a new path",
             )
+        origin = get_meta(conn, "origin")
+        if origin is None:
+            raise AuditUnavailable(f"{path} has lost its origin (the meta table was edited)")
     if created:
         # The new file's directory entry must survive a crash, like its records.
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_directory(path.parent)
         log.info("audit_store_created", path=str(path))
+    return origin
+
+
+def _create_tree_tables(conn: sqlite3.Connection, signer: Signer) -> None:
+    for statement in TREE_TABLES:
+        conn.execute(statement)
+    set_meta(conn, "origin", f"callward.audit/{signer.key_id}")
+
+
+def _upgrade_from_version_1(conn: sqlite3.Connection, path: Path, signer: Signer) -> None:
+    """Add the version 2 tables and build the tree over the records already there."""
+    _create_tree_tables(conn, signer)
+    first = conn.execute("SELECT key_id FROM records ORDER BY seq LIMIT 1").fetchone()
+    if first is not None:
+        set_meta(conn, "origin", f"callward.audit/{first[0]}")
+    for seq, data in conn.execute("SELECT seq, record FROM records ORDER BY seq").fetchall():
+        add_leaf(conn, int(seq) - 1, bytes(data))
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    log.info("audit_store_upgraded", path=str(path), version=SCHEMA_VERSION)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _public_key_of(signer: Signer) -> Ed25519PublicKey:
+    key = serialization.load_pem_public_key(signer.public_key_pem())
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigurationError("the audit signer's public key is not Ed25519")
+    return key
+
+
+def _writer_lock_path(db: Path, writer_id: str) -> Path:
+    return db.with_name(db.name + ".writers") / writer_id
+
+
+def _hold_writer_lock(db: Path, writer_id: str) -> int:
+    """
+    Create and lock this store's writer file; the lock lives as long as the process
+    holds it open, so a crashed or killed writer frees it and can be recognised.
+    """
+    directory = db.with_name(db.name + ".writers")
+    directory.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(
+        _writer_lock_path(db, writer_id),
+        os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+        0o600,
+    )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _release_writer_lock(db: Path, writer_id: str, fd: int) -> None:
+    _writer_lock_path(db, writer_id).unlink(missing_ok=True)
+    os.close(fd)
+
+
+def _writer_alive(db: Path, writer_id: str) -> bool:
+    """Whether the writer ``writer_id`` still holds its lock (its process still runs)."""
+    try:
+        fd = os.open(_writer_lock_path(db, writer_id), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell: never close out a call that may still be running
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def connect_read_only(path: Path) -> sqlite3.Connection:
@@ -389,7 +888,7 @@ def _connect_and_check(uri: str, path: Path) -> sqlite3.Connection:
     except BaseException:
         conn.close()
         raise
-    if application_id != APPLICATION_ID or version != SCHEMA_VERSION or columns != COLUMNS:
+    if application_id != APPLICATION_ID or version not in (1, SCHEMA_VERSION) or columns != COLUMNS:
         conn.close()
         raise UnreadableDatabase(
             f"{path} is not a callward audit database (version {SCHEMA_VERSION})"
@@ -450,7 +949,7 @@ def _store_errors(operation: str, path: Path, *, kind: str = "") -> Iterator[Non
     """The one place SQLite, OS, signer and encoding failures become ``AuditUnavailable``."""
     try:
         yield
-    except (sqlite3.Error, OSError, ValueError) as exc:
+    except (sqlite3.Error, OSError, ValueError, MissingNode) as exc:
         error = error_name(exc) if isinstance(exc, sqlite3.Error) else type(exc).__name__
         log.exception(
             "audit_store_failed", operation=operation, path=str(path), kind=kind, error=error

@@ -6,8 +6,9 @@ Invariants:
 - ``merkle_nodes`` holds the root of every *perfect* subtree the records form:
   ``(level, idx)`` is the subtree of ``2**level`` leaves starting at leaf
   ``idx * 2**level``. A perfect subtree never changes once complete, so each row is
-  written once, in the same transaction as the record that completes it: appending
-  writes one leaf row and at most log2(n) node rows (one on average).
+  written in the same transaction as the record that completes it: appending
+  writes one leaf row and at most log2(n) node rows (one on average). A row past
+  the head (records removed by hand) is stale and is replaced, never trusted.
 - Any root or proof for any size up to the head is computed from those rows with
   O(log n) lookups; nothing else is stored, so nothing else can disagree.
 - ``checkpoints`` holds signed notes; ``verify`` recomputes each one's root from the
@@ -60,7 +61,7 @@ TREE_TABLES: Final = (
     """,
 )
 _GET_NODE: Final = "SELECT hash FROM merkle_nodes WHERE level = ? AND idx = ?"
-_PUT_NODE: Final = "INSERT INTO merkle_nodes (level, idx, hash) VALUES (?, ?, ?)"
+_PUT_NODE: Final = "INSERT OR REPLACE INTO merkle_nodes (level, idx, hash) VALUES (?, ?, ?)"
 
 
 class MissingNode(LookupError):

@@ -32,7 +32,7 @@ from callward.core.errors import (
     UnknownTool,
     VerificationFailed,
 )
-from callward.core.protocols import AuditLog, PolicyEngine, ToolRunner
+from callward.core.protocols import AuditLog, PolicyEngine, ReceiptIssuer, ToolRunner
 from callward.core.types import (
     AuditRecord,
     CallContext,
@@ -41,6 +41,7 @@ from callward.core.types import (
     Execution,
     KeyId,
     Receipt,
+    ReceiptProof,
     ResourceLimits,
     RuleId,
     ToolCall,
@@ -67,6 +68,8 @@ __all__ = [
     "PolicyEngine",
     "PolicyInvalid",
     "Receipt",
+    "ReceiptIssuer",
+    "ReceiptProof",
     "ResourceLimits",
     "RuleId",
     "SandboxUnavailable",

@@ -159,6 +159,8 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
     signer = FileSigner.load_or_create(state.keys_dir)
     audit = SQLiteAuditStore(state.audit_db, signer)
     audit.open()
+    # Calls a crashed gateway authorized but never completed are closed out now.
+    audit.recover_interrupted()
     runner = DockerSandbox.from_env(runtime=config.runtime)
     try:
         runner.remove_leftovers()

@@ -30,12 +30,14 @@ from callward.core._canonical import JSONValue, canonical_bytes, sha256_hex
 from callward.core._parse import parse_model_output
 from callward.core._registry import ToolRegistry
 from callward.core.errors import CallwardError, MalformedCall, SandboxUnavailable
-from callward.core.protocols import AuditLog, PolicyEngine, ToolRunner
+from callward.core.protocols import AuditLog, PolicyEngine, ReceiptIssuer, ToolRunner
 from callward.core.types import (
+    AuditRecord,
     CallContext,
     CallId,
     Decision,
     Execution,
+    Receipt,
     ResultKind,
     RuleId,
     ToolCall,
@@ -230,7 +232,7 @@ class Gateway:
             tool=spec.name,
             kind=outcome.kind,
             content_json=outcome.content_json,
-            receipt=completed.receipt,
+            receipt=self._receipt(completed),
             expected_matched=expected_matched,
             decision=decision,
         )
@@ -293,7 +295,7 @@ class Gateway:
             tool=call.name if spec is not None else "",
             kind=kind,
             content_json=_error_content(kind, decision.message, **extra),
-            receipt=record.receipt,
+            receipt=self._receipt(record),
             decision=decision,
         )
 
@@ -323,10 +325,16 @@ class Gateway:
             tool="",
             kind="malformed",
             content_json=_error_content("malformed", error.message, offset=error.offset),
-            receipt=record.receipt,
+            receipt=self._receipt(record),
         )
 
     # -- records --------------------------------------------------------------
+
+    def _receipt(self, record: AuditRecord) -> Receipt:
+        """The record's receipt, with an inclusion proof when the log can give one."""
+        if isinstance(self.audit, ReceiptIssuer):
+            return self.audit.receipt_for(record)
+        return record.receipt
 
     def _image_digest(self) -> str | None:
         try:

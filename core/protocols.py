@@ -9,7 +9,7 @@ tests pass ``Fake*``/``Stub*`` implementations the same way.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from callward.core._canonical import JSONValue, Sha256Hex
 from callward.core.types import (
@@ -17,6 +17,7 @@ from callward.core.types import (
     CallContext,
     Decision,
     Execution,
+    Receipt,
     ResourceLimits,
     ToolCall,
     ToolSpec,
@@ -67,5 +68,19 @@ class AuditLog(Protocol):
 
         Raises:
             AuditUnavailable: The record is not durable; the caller must not proceed.
+        """
+        ...
+
+
+@runtime_checkable
+class ReceiptIssuer(Protocol):
+    """An audit log that can prove a record's inclusion under a signed checkpoint."""
+
+    def receipt_for(self, record: AuditRecord) -> Receipt:
+        """
+        The record's receipt with its inclusion proof and signed checkpoint.
+
+        Raises:
+            AuditUnavailable: The proof could not be made; the caller must not proceed.
         """
         ...

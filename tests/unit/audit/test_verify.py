@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from callward.audit import FileSigner, SQLiteAuditStore, VerifiedLog, key_id_of, verify
 from callward.audit._chain import GENESIS_PREV, canonical_body, format_ts, seal
+from callward.audit._merkle import leaf_hash, root_from_leaf_hashes
 from callward.core import ConfigurationError, VerificationFailed
 
 N = 6
@@ -62,6 +63,8 @@ class TestUntouchedLog:
         head = store.last()
         first = store.get(1)
 
+        root = root_from_leaf_hashes([leaf_hash(r.record_bytes) for r in store.records()])
+
         verified = verify(store.path, signer.public_key())
 
         assert (
@@ -71,6 +74,8 @@ class TestUntouchedLog:
                 first_ts=first.ts,
                 last_ts=head.ts,
                 key_id=signer.key_id,
+                root_hash=root.hex(),
+                key_ids=(signer.key_id,),
             )
             == verified
         )
