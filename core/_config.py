@@ -71,6 +71,10 @@ class Home:
 
     @property
     def keys_dir(self) -> Path:
+    @property
+    def policy_state_db(self) -> Path:
+        return self.root / "policy-state.db"
+
         return self.root / "keys"
 
     @property
@@ -148,17 +152,20 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
     # The edge that wires the stages imports them; the stages never import each other.
     from callward.audit import FileSigner, SQLiteAuditStore  # noqa: PLC0415
     from callward.core.gateway import Gateway  # noqa: PLC0415
-    from callward.policies import Policy  # noqa: PLC0415
+    from callward.policies import Policy, PolicyState  # noqa: PLC0415
     from callward.sandbox import DockerSandbox  # noqa: PLC0415
 
     config = load_config(Path(str(path)))
     state = Home.resolve(None if home is None else str(home))
     state.create()
     registry = load_registry(config)
-    policy = Policy.from_file(config.policy_path)
     signer = FileSigner.load_or_create(state.keys_dir)
     audit = SQLiteAuditStore(state.audit_db, signer)
     audit.open()
+    # Rate limits, session labels and approvals survive restarts in their own file;
+    # approvals are signed with the audit key.
+    policy = Policy.from_file(config.policy_path, state=PolicyState(state.policy_state_db),
+                              signer=signer)
     # Calls a crashed gateway authorized but never completed are closed out now.
     audit.recover_interrupted()
     runner = DockerSandbox.from_env(runtime=config.runtime)
@@ -172,5 +179,6 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
         policy=policy,
         runner=runner,
         audit=audit,
-        closers=(audit.close, runner.close) if hasattr(runner, "close") else (audit.close,),
+        closers=((audit.close, policy.state.close, runner.close) if hasattr(runner, "close")
+                 else (audit.close, policy.state.close)),
     )

@@ -26,11 +26,17 @@ from dataclasses import dataclass
 
 import structlog
 
-from callward.core._canonical import JSONValue, canonical_bytes, sha256_hex
+from callward.core._canonical import JSONValue, canonical_bytes, canonical_loads, sha256_hex
 from callward.core._parse import parse_model_output
 from callward.core._registry import ToolRegistry
 from callward.core.errors import CallwardError, MalformedCall, SandboxUnavailable
-from callward.core.protocols import AuditLog, PolicyEngine, ReceiptIssuer, ToolRunner
+from callward.core.protocols import (
+    AuditLog,
+    PolicyEngine,
+    PolicyHooks,
+    ReceiptIssuer,
+    ToolRunner,
+)
 from callward.core.types import (
     AuditRecord,
     CallContext,
@@ -94,6 +100,7 @@ class Gateway:
         self.policy = policy
         self.runner = runner
         self.audit = audit
+        self._policy_hooks = policy if isinstance(policy, PolicyHooks) else None
         self._clock = clock
         self._new_id = new_id
         self._closers = closers
@@ -197,6 +204,7 @@ class Gateway:
         clog.info("call_authorized", seq=authorized.seq)
 
         started = self._clock()
+        self._poll_policy_reload()
         outcome = self._execute(call, spec, decision)
         sandbox_ms = _ms(started, self._clock())
 
@@ -224,6 +232,7 @@ class Gateway:
                 },
                 "image_digest": self._image_digest(),
             },
+        outcome, result_body = self._treat_result(call, spec, context, outcome)
         )
         clog.info("call_completed", outcome=outcome.kind, seq=completed.seq,
                   result_bytes=len(outcome.content_json))
@@ -244,6 +253,7 @@ class Gateway:
             return self.policy.decide(call, spec, context)
         except Exception:
             log.exception("policy_failed", call_id=call.id)
+                **result_body,
             return Decision(
                 "deny",
                 (RuleId("gateway.policy-error"),),
@@ -260,6 +270,44 @@ class Gateway:
             if isinstance(exc, SandboxUnavailable):
                 return _Outcome(None, "sandbox_unavailable",
                                 _error_content(exc.kind, exc.message), exc.message)
+    def _poll_policy_reload(self) -> None:
+        """Audit a policy reload (or a failed one, which keeps the last good policy)."""
+        if self._policy_hooks is None:
+            return
+        report = self._policy_hooks.poll_reload()
+        if report is not None:
+            kind = "policy.reloaded" if report.ok else "policy.reload_failed"
+            record = self.audit.append(kind, report.to_json())
+            log.info("policy_reload_audited", kind=kind, seq=record.seq)
+
+    def _treat_result(
+        self, call: ToolCall, spec: ToolSpec, context: CallContext, outcome: _Outcome
+    ) -> tuple[_Outcome, dict[str, JSONValue]]:
+        """The policy's result rules, applied before the result is audited or returned."""
+        if self._policy_hooks is None:
+            return outcome, {}
+        try:
+            treatment = self._policy_hooks.observe_result(call, spec, context,
+                                                          outcome.content_json)
+        except Exception:  # stage boundary: the result is withheld, and audited
+            log.exception("policy_result_failed", call_id=call.id)
+            message = "the policy could not check the result, so it is withheld"
+            return (_Outcome(outcome.execution, "flow", _error_content("flow", message), message),
+                    {"result_rules": ["gateway.result-policy-error"]})
+        if treatment.withheld_kind is not None:
+            message = "the policy withheld the result"
+            outcome = _Outcome(outcome.execution, treatment.withheld_kind,
+                               treatment.content_json, message)
+        elif treatment.content_json != outcome.content_json:
+            outcome = _Outcome(outcome.execution, outcome.kind, treatment.content_json,
+                               outcome.message)
+        return outcome, {
+            "result_labels": list(treatment.labels),
+            "result_rules": list(treatment.rules),
+            "redactions": treatment.redactions,
+            "result": canonical_loads(outcome.content_json) if treatment.keep_body else None,
+        }
+
             raise
         except Exception as exc:
             log.exception("sandbox_failed", call_id=call.id)

@@ -19,6 +19,7 @@ from callward.core.types import (
     Execution,
     Receipt,
     ResourceLimits,
+    ResultTreatment,
     ToolCall,
     ToolSpec,
 )
@@ -38,6 +39,33 @@ class PolicyEngine(Protocol):
             spec: The registered tool, or None when the name is unknown (always a denial).
         """
         ...
+
+
+class PolicyReload(Protocol):
+    """What a policy reload did; the gateway audits it (policy.reloaded / policy.reload_failed)."""
+
+    @property
+    def ok(self) -> bool: ...
+
+    def to_json(self) -> dict[str, JSONValue]: ...
+
+
+@runtime_checkable
+class PolicyHooks(Protocol):
+    """
+    What a policy engine may add to deciding; the gateway uses it when the engine has it.
+
+    ``observe_result`` runs after the tool and before ``call.completed`` is written:
+    it may redact the result, decides whether the audit keeps its body, and records
+    the result's data-flow labels for later calls in the session. ``poll_reload``
+    runs before each decision and reports a reload for the gateway to audit.
+    """
+
+    def observe_result(
+        self, call: ToolCall, spec: ToolSpec, context: CallContext, content_json: bytes
+    ) -> ResultTreatment: ...
+
+    def poll_reload(self) -> PolicyReload | None: ...
 
 
 class ToolRunner(Protocol):

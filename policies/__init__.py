@@ -1,6 +1,10 @@
 """
 The policy language and its evaluator: default deny, every decision explained.
 
+Permissions are Cedar policies (evaluated with ``cedarpy``); the YAML document
+names them and carries what Cedar cannot: sandbox limits, rate limits and
+quotas, approvals, data-flow labels and result rules.
+
 Example::
 
     >>> from callward.policies import Policy
@@ -15,15 +19,31 @@ Example::
     frozenset({'analyst'})
 """
 
+from callward.policies._approvals import ApprovalRefused, ApprovalSigner
 from callward.policies._document import PolicyDocument, Rule, load_policy, parse_policy
-from callward.policies._evaluator import DEFAULT_DENY_RULE, UNKNOWN_TOOL_RULE, Policy
+from callward.policies._evaluator import (
+    DEFAULT_DENY_RULE,
+    UNKNOWN_TOOL_RULE,
+    Check,
+    Policy,
+    ReloadResult,
+    Trace,
+)
+from callward.policies._state import PolicyState, Proposal
 
 __all__ = [
     "DEFAULT_DENY_RULE",
     "UNKNOWN_TOOL_RULE",
+    "ApprovalRefused",
+    "ApprovalSigner",
+    "Check",
     "Policy",
     "PolicyDocument",
+    "PolicyState",
+    "Proposal",
+    "ReloadResult",
     "Rule",
+    "Trace",
     "load_policy",
     "parse_policy",
 ]
