@@ -70,11 +70,11 @@ class Home:
         return self.root / "audit.db"
 
     @property
-    def keys_dir(self) -> Path:
-    @property
     def policy_state_db(self) -> Path:
         return self.root / "policy-state.db"
 
+    @property
+    def keys_dir(self) -> Path:
         return self.root / "keys"
 
     @property
@@ -160,12 +160,12 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
     state.create()
     registry = load_registry(config)
     signer = FileSigner.load_or_create(state.keys_dir)
-    audit = SQLiteAuditStore(state.audit_db, signer)
-    audit.open()
     # Rate limits, session labels and approvals survive restarts in their own file;
     # approvals are signed with the audit key.
     policy = Policy.from_file(config.policy_path, state=PolicyState(state.policy_state_db),
                               signer=signer)
+    audit = SQLiteAuditStore(state.audit_db, signer)
+    audit.open()
     # Calls a crashed gateway authorized but never completed are closed out now.
     audit.recover_interrupted()
     runner = DockerSandbox.from_env(runtime=config.runtime)

@@ -98,9 +98,9 @@ class Gateway:
     ) -> None:
         self.registry = registry
         self.policy = policy
+        self._policy_hooks = policy if isinstance(policy, PolicyHooks) else None
         self.runner = runner
         self.audit = audit
-        self._policy_hooks = policy if isinstance(policy, PolicyHooks) else None
         self._clock = clock
         self._new_id = new_id
         self._closers = closers
@@ -183,6 +183,7 @@ class Gateway:
 
         spec = self.registry.get(call.name)
         started = self._clock()
+        self._poll_policy_reload()
         decision = self._decide(call, spec, context)
         policy_ms = _ms(started, self._clock())
 
@@ -204,13 +205,13 @@ class Gateway:
         clog.info("call_authorized", seq=authorized.seq)
 
         started = self._clock()
-        self._poll_policy_reload()
         outcome = self._execute(call, spec, decision)
         sandbox_ms = _ms(started, self._clock())
 
         expected_matched = None
         if call.expected_json is not None and outcome.kind == "ok":
             expected_matched = outcome.content_json == call.expected_json
+        outcome, result_body = self._treat_result(call, spec, context, outcome)
         execution = outcome.execution
         completed = self.audit.append(
             "call.completed",
@@ -231,8 +232,8 @@ class Gateway:
                     "sandbox": sandbox_ms,
                 },
                 "image_digest": self._image_digest(),
+                **result_body,
             },
-        outcome, result_body = self._treat_result(call, spec, context, outcome)
         )
         clog.info("call_completed", outcome=outcome.kind, seq=completed.seq,
                   result_bytes=len(outcome.content_json))
@@ -248,28 +249,6 @@ class Gateway:
 
     # -- stages ---------------------------------------------------------------
 
-    def _decide(self, call: ToolCall, spec: ToolSpec | None, context: CallContext) -> Decision:
-        try:
-            return self.policy.decide(call, spec, context)
-        except Exception:
-            log.exception("policy_failed", call_id=call.id)
-                **result_body,
-            return Decision(
-                "deny",
-                (RuleId("gateway.policy-error"),),
-                self.policy.digest,
-                kind="permission",
-                message="the policy could not decide this call, so it is denied",
-            )
-
-    def _execute(self, call: ToolCall, spec: ToolSpec, decision: Decision) -> _Outcome:
-        limits = decision.limits if decision.limits is not None else spec.limits
-        try:
-            execution = self.runner.run(spec, call, limits)
-        except CallwardError as exc:
-            if isinstance(exc, SandboxUnavailable):
-                return _Outcome(None, "sandbox_unavailable",
-                                _error_content(exc.kind, exc.message), exc.message)
     def _poll_policy_reload(self) -> None:
         """Audit a policy reload (or a failed one, which keeps the last good policy)."""
         if self._policy_hooks is None:
@@ -308,6 +287,27 @@ class Gateway:
             "result": canonical_loads(outcome.content_json) if treatment.keep_body else None,
         }
 
+    def _decide(self, call: ToolCall, spec: ToolSpec | None, context: CallContext) -> Decision:
+        try:
+            return self.policy.decide(call, spec, context)
+        except Exception:
+            log.exception("policy_failed", call_id=call.id)
+            return Decision(
+                "deny",
+                (RuleId("gateway.policy-error"),),
+                self.policy.digest,
+                kind="permission",
+                message="the policy could not decide this call, so it is denied",
+            )
+
+    def _execute(self, call: ToolCall, spec: ToolSpec, decision: Decision) -> _Outcome:
+        limits = decision.limits if decision.limits is not None else spec.limits
+        try:
+            execution = self.runner.run(spec, call, limits)
+        except CallwardError as exc:
+            if isinstance(exc, SandboxUnavailable):
+                return _Outcome(None, "sandbox_unavailable",
+                                _error_content(exc.kind, exc.message), exc.message)
             raise
         except Exception as exc:
             log.exception("sandbox_failed", call_id=call.id)
