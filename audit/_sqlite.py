@@ -203,6 +203,7 @@ class SQLiteAuditStore:
         self._last_checkpoint_at = time.monotonic()
         self._ticker_stop = threading.Event()
         self._ticker: threading.Thread | None = None
+        self._commits = 0
 
     @property
     def path(self) -> Path:
@@ -216,6 +217,14 @@ class SQLiteAuditStore:
     def origin(self) -> str:
         """The log's name in its checkpoints (``callward.audit/<first key id>``)."""
         return self._origin
+
+    @property
+    def commits(self) -> int:
+        """
+        How many append transactions (each one fsync) this store committed; with many
+        concurrent appends it is smaller than the number of records.
+        """
+        return self._commits
 
     @property
     def writer_id(self) -> str:
@@ -376,7 +385,7 @@ class SQLiteAuditStore:
         """Write ``batch`` in one transaction (one fsync); set each request's outcome."""
         written: list[tuple[_Request, AuditRecord]] = []
         checkpoint = None
-        signer_before = self._signer
+        signer_before, key_hash_before = self._signer, self._key_hash
         try:
             with self._lock:
                 conn = self._require_open()
@@ -394,13 +403,15 @@ class SQLiteAuditStore:
                             seq, prev, head_ts = record.seq, record.record_hash, record.ts
                     checkpoint = self._checkpoint_if_due(conn, seq)
         except BaseException as exc:  # noqa: BLE001 - each request of the batch re-raises it
-            self._signer = signer_before  # a rotation whose record rolled back never happened
+            # A rotation whose record rolled back never happened.
+            self._signer, self._key_hash = signer_before, key_hash_before
             for request in batch:
                 if request.error is None:
                     request.error = exc
             return None
         for request, record in written:
             request.record = record
+        self._commits += 1
         return checkpoint
 
     def _write_one(
@@ -461,12 +472,13 @@ class SQLiteAuditStore:
         if request.rotate_to is not None:
             set_meta(conn, "current_key_id", request.rotate_to.key_id)
             self._signer = request.rotate_to
+            self._key_hash = note_key_hash(self._origin, _public_key_of(request.rotate_to))
         return record
 
     def _check_current_key(self, conn: sqlite3.Connection) -> None:
         current = get_meta(conn, "current_key_id")
         if current is not None and current != self._signer.key_id:
-            raise ConfigurationError(
+            raise AuditUnavailable(
                 f"the audit log {self._path} is now signed by key {current}, not by this "
                 f"store's key {self._signer.key_id} (the key was rotated)",
                 remediation="restart this gateway so it loads the current audit key",
@@ -536,7 +548,7 @@ class SQLiteAuditStore:
         while not self._ticker_stop.wait(self._checkpoint_seconds):
             try:
                 self.checkpoint(only_if_grown=True)
-            except (AuditUnavailable, ConfigurationError):
+            except AuditUnavailable:
                 log.warning("audit_timed_checkpoint_failed", path=str(self._path))
 
     def receipt_for(self, record: AuditRecord) -> Receipt:
@@ -602,7 +614,6 @@ class SQLiteAuditStore:
         record = self._commit(request)
         if record is None:  # pragma: no cover - a rotation is never conditional
             raise AuditUnavailable("the key rotation was not written")
-        self._key_hash = note_key_hash(self._origin, _public_key_of(new_signer))
         log.info("audit_key_rotated", previous=body["previous_key_id"], new=new_signer.key_id)
         return record
 

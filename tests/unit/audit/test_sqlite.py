@@ -7,17 +7,30 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import signal
 import sqlite3
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from structlog.testing import capture_logs
 
 from callward.audit import FileSigner, SQLiteAuditStore, verify
+from callward.audit._checkpoint import note_key_hash, open_checkpoint, sign_checkpoint
+from callward.audit._merkle import leaf_hash, root_from_leaf_hashes
+from callward.audit._proofs import verify_receipt
 from callward.audit._sqlite import APPLICATION_ID
-from callward.core import AuditLog, AuditUnavailable, KeyId
+from callward.audit._tree import root_at
+from callward.audit._witness import CommandWitness, DirectoryWitness
+from callward.core import (
+    AuditLog,
+    AuditUnavailable,
+    KeyId,
+    VerificationFailed,
+)
 
 GENESIS = "0" * 64
 
@@ -329,3 +342,350 @@ class TestConcurrency:
             sum(1 for record in records if record.body["worker"] == w) for w in (0, 1)
         ]
         assert 200 == verify(db, keys_dir / "audit-ed25519.pub").records
+
+
+class StubBlockingSigner:
+    """A signer whose first signature waits until ``waiting`` other appends are queued."""
+
+    def __init__(self, inner: FileSigner, store_ref: list[SQLiteAuditStore], waiting: int):
+        self.inner = inner
+        self.store_ref = store_ref
+        self.waiting = waiting
+        self.first = True
+
+    @property
+    def key_id(self) -> KeyId:
+        return self.inner.key_id
+
+    def sign(self, data: bytes) -> bytes:
+        if self.first:
+            self.first = False
+            deadline = time.monotonic() + 30
+            while len(self.store_ref[0]._queue) < self.waiting and time.monotonic() < deadline:
+                time.sleep(0.001)
+        return self.inner.sign(data)
+
+    def public_key_pem(self) -> bytes:
+        return self.inner.public_key_pem()
+
+
+def _write_until_killed(db: str, keys_dir: str, ready) -> None:
+    """Child process: authorize one call that never completes, then append from 4 threads."""
+    store = SQLiteAuditStore(Path(db), FileSigner.load_or_create(Path(keys_dir)),
+                             checkpoint_every=50)
+    store.open()
+    store.append("call.authorized", {"call": {"id": "stuck"}, "principal": "p"})
+
+    def work(worker: int) -> None:
+        for i in range(1_000_000):
+            authorized = store.append("call.authorized", {"call": {"id": f"c{worker}-{i}"}})
+            store.append("call.completed", {"call_id": f"c{worker}-{i}",
+                                            "authorized_seq": authorized.seq})
+
+    for worker in range(4):
+        threading.Thread(target=work, args=(worker,), daemon=True).start()
+    ready.set()
+    time.sleep(600)
+
+
+class TestGroupCommit:
+    def test_appends_waiting_for_a_commit_share_the_next_one(self, db, signer):
+        """Appends queued while a transaction is written go out together in the next one."""
+        store_ref: list[SQLiteAuditStore] = []
+        blocking = StubBlockingSigner(signer, store_ref, waiting=15)
+        store = SQLiteAuditStore(db, blocking)
+        store_ref.append(store)
+        with store:
+            threads = [
+                threading.Thread(target=store.append, args=("call.completed", {"i": i}))
+                for i in range(16)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+
+            assert 2 == store.commits
+        assert 16 == verify(db, signer.public_key()).records
+
+    def test_failed_batch_fails_every_append_in_it(self, db, signer):
+        """When the shared transaction fails, every append of the batch raises."""
+        with SQLiteAuditStore(db, StubSigner(signer)) as store:
+            errors: list[BaseException] = []
+
+            def work() -> None:
+                try:
+                    store.append("call.completed", {})
+                except AuditUnavailable as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=work) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+
+            assert 8 == len(errors)
+            assert 0 == store.count()
+
+
+class TestMerkleTree:
+    def test_stored_tree_has_the_root_of_the_records(self, store, fill, sql):
+        """After appends the stored tree's root equals the RFC root over the record bytes."""
+        fill(37)
+        leaves = [leaf_hash(record.record_bytes) for record in store.records()]
+        conn = sqlite3.connect(store.path)
+        try:
+            stored = root_at(conn, 37)
+        finally:
+            conn.close()
+
+        assert root_from_leaf_hashes(leaves) == stored
+
+    def test_receipt_proves_the_record_offline(self, store, fill, signer):
+        """A receipt from the store verifies with nothing but the public key."""
+        fill(11)
+        record = store.get(7)
+
+        receipt = store.receipt_for(record)
+        verified = verify_receipt(receipt.to_json(), [signer.public_key()])
+
+        assert (7, 7, record.record_hash) == (
+            verified.seq, verified.tree_size, verified.record_hash
+        )
+
+    def test_damaged_tree_fails_the_receipt(self, store, fill, sql):
+        """A receipt is never issued from a tree that does not hold the record."""
+        fill(8)
+        sql("UPDATE merkle_nodes SET hash = zeroblob(32) WHERE level = 1 AND idx = 2")
+
+        with pytest.raises(AuditUnavailable, match="Merkle tree"):
+            store.receipt_for(store.get(8))
+
+    def test_version_1_file_is_upgraded_with_its_tree(self, db, signer, sql):
+        """A log written before the tree existed gets its tree built when opened."""
+        with SQLiteAuditStore(db, signer) as store:
+            for i in range(5):
+                store.append("call.completed", {"i": i})
+        for table in ("merkle_nodes", "checkpoints", "meta", "pending_calls"):
+            sql(f"DROP TABLE {table}")
+        sql("PRAGMA user_version=1")
+
+        with SQLiteAuditStore(db, signer) as store:
+            store.append("call.completed", {"i": 5})
+            receipt = store.receipt_for(store.get(3))
+
+        verify_receipt(receipt.to_json(), [signer.public_key()])
+        assert 1 == verify(db, signer.public_key()).checkpoints
+
+
+class TestCheckpoints:
+    def test_checkpoint_every_n_records_and_on_close(self, db, signer, sql):
+        """Checkpoints are written at every N records and once more on close."""
+        with SQLiteAuditStore(db, signer, checkpoint_every=4) as store:
+            for i in range(10):
+                store.append("call.completed", {"i": i})
+
+        assert [(4,), (8,), (10,)] == sql("SELECT size FROM checkpoints ORDER BY size")
+        assert 3 == verify(db, signer.public_key()).checkpoints
+
+    def test_checkpoint_after_t_seconds_while_idle(self, db, signer, sql):
+        """A log that stops growing is still checkpointed after checkpoint_seconds."""
+        with SQLiteAuditStore(db, signer, checkpoint_seconds=0.05) as store:
+            store.append("call.completed", {})
+            deadline = time.monotonic() + 10
+            while not sql("SELECT size FROM checkpoints") and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+            assert [(1,)] == sql("SELECT size FROM checkpoints")
+
+    def test_witness_directory_gets_each_checkpoint(self, tmp_path, db, signer):
+        """Each checkpoint is copied to a directory witness, which keeps the latest."""
+        witness = DirectoryWitness(tmp_path / "witness")
+        with SQLiteAuditStore(db, signer, checkpoint_every=3, witnesses=[witness]) as store:
+            for i in range(7):
+                store.append("call.completed", {"i": i})
+            origin = store.origin
+
+        held = open_checkpoint(witness.path_for(origin).read_text(), [signer.public_key()])
+        assert 7 == held.size
+
+    def test_command_witness_gets_the_note_on_stdin(self, tmp_path, db, signer):
+        """A command witness runs the operator's command with the checkpoint on stdin."""
+        out = tmp_path / "pushed"
+        witness = CommandWitness(["sh", "-c", f'cat > "{out}"'])
+        with SQLiteAuditStore(db, signer, witnesses=[witness]) as store:
+            store.append("call.completed", {})
+
+        assert 1 == open_checkpoint(out.read_text(), [signer.public_key()]).size
+
+    def test_failing_witness_never_fails_an_append(self, db, signer):
+        """A witness that cannot be reached is logged; the append still succeeds."""
+        witness = CommandWitness(["false"])
+        with capture_logs() as logs, SQLiteAuditStore(
+            db, signer, checkpoint_every=1, witnesses=[witness]
+        ) as store:
+            record = store.append("call.completed", {})
+
+        assert 1 == record.seq
+        assert "audit_witness_failed" in [e["event"] for e in logs]
+
+    def test_database_rolled_back_to_an_older_copy_is_detected(self, tmp_path, db, signer):
+        """Restoring an older copy of the database is caught against a witness."""
+        witness_dir = tmp_path / "witness"
+        with SQLiteAuditStore(db, signer, witnesses=[DirectoryWitness(witness_dir)]) as store:
+            for i in range(3):
+                store.append("call.completed", {"i": i})
+        backup = tmp_path / "backup.db"
+        shutil.copy(db, backup)
+        with SQLiteAuditStore(db, signer, witnesses=[DirectoryWitness(witness_dir)]) as store:
+            for i in range(3):
+                store.append("call.completed", {"i": i})
+        shutil.copy(backup, db)
+
+        with pytest.raises(VerificationFailed, match="rolled back"):
+            verify(db, signer.public_key(), witnesses=[witness_dir])
+
+    def test_whole_log_rewritten_with_the_key_is_detected(self, tmp_path, db, signer):
+        """Someone holding the file and the key who rewrites history is caught by a witness."""
+        witness_dir = tmp_path / "witness"
+        with SQLiteAuditStore(db, signer, witnesses=[DirectoryWitness(witness_dir)]) as store:
+            for i in range(3):
+                store.append("call.completed", {"i": i})
+        db.unlink()
+        with SQLiteAuditStore(db, signer) as store:
+            for i in range(4):
+                store.append("call.completed", {"i": i, "rewritten": True})
+
+        with pytest.raises(VerificationFailed, match="rewritten"):
+            verify(db, signer.public_key(), witnesses=[witness_dir])
+
+    def test_truncated_log_fails_against_its_own_checkpoint(self, db, signer, sql):
+        """Removing records from the end is caught by the last checkpoint."""
+        with SQLiteAuditStore(db, signer) as store:
+            for i in range(5):
+                store.append("call.completed", {"i": i})
+        sql("DELETE FROM records WHERE seq = 5")
+
+        with pytest.raises(VerificationFailed, match="removed from the end") as caught:
+            verify(db, signer.public_key())
+
+        assert 5 == caught.value.seq
+
+    def test_checkpoint_with_a_wrong_root_fails_at_its_size(self, db, signer, sql):
+        """A stored checkpoint whose root is not the records' is reported at its size."""
+        other = FileSigner(signer._private_key)
+        with SQLiteAuditStore(db, signer, checkpoint_every=2) as store:
+            for i in range(4):
+                store.append("call.completed", {"i": i})
+        note = sign_checkpoint(
+            sql("SELECT value FROM meta WHERE name = 'origin'")[0][0], 2, bytes(32),
+            signer=other,
+            key_hash=note_key_hash(sql("SELECT value FROM meta WHERE name = 'origin'")[0][0],
+                                   signer.public_key()),
+        ).note
+        sql("UPDATE checkpoints SET note = ? WHERE size = 2", note)
+
+        with pytest.raises(VerificationFailed, match="checkpoint 2: its root") as caught:
+            verify(db, signer.public_key())
+
+        assert 2 == caught.value.seq
+
+
+class TestKeyRotation:
+    def test_rotation_verifies_across_the_boundary(self, db, signer):
+        """Records before and after a rotation verify from the old key alone."""
+        new = FileSigner(Ed25519PrivateKey.generate())
+        with SQLiteAuditStore(db, signer, checkpoint_every=2) as store:
+            store.append("call.completed", {"i": 0})
+            rotation = store.rotate_key(new)
+            store.append("call.completed", {"i": 1})
+            last = store.append("call.completed", {"i": 2})
+
+        verified = verify(db, signer.public_key())
+
+        assert (signer.key_id, new.key_id) == verified.key_ids
+        assert (signer.key_id, new.key_id) == (rotation.key_id, last.key_id)
+        assert 4 == verified.records
+
+    def test_key_set_accepts_either_key(self, db, signer):
+        """Given both keys, a rotated log verifies too."""
+        new = FileSigner(Ed25519PrivateKey.generate())
+        with SQLiteAuditStore(db, signer) as store:
+            store.append("call.completed", {})
+            store.rotate_key(new)
+            store.append("call.completed", {})
+
+        assert 3 == verify(db, [new.public_key(), signer.public_key()]).records
+
+    def test_old_key_after_rotation_fails(self, db, signer, sql):
+        """A record signed by the old key after the rotation does not verify."""
+        new = FileSigner(Ed25519PrivateKey.generate())
+        with SQLiteAuditStore(db, signer) as store:
+            store.rotate_key(new)
+        sql("DELETE FROM meta WHERE name = 'current_key_id'")
+        with SQLiteAuditStore(db, signer) as stale:
+            stale.append("call.completed", {})
+
+        with pytest.raises(VerificationFailed, match="record 2") as caught:
+            verify(db, signer.public_key())
+
+        assert 2 == caught.value.seq
+
+    def test_store_with_the_old_key_refuses_to_append(self, db, signer):
+        """Another gateway still holding the old key cannot append after a rotation."""
+        new = FileSigner(Ed25519PrivateKey.generate())
+        with SQLiteAuditStore(db, signer) as old, SQLiteAuditStore(db, signer) as rotating:
+            rotating.rotate_key(new)
+
+            with pytest.raises(AuditUnavailable, match="rotated"):
+                old.append("call.completed", {})
+
+
+class TestCrashRecovery:
+    def test_killed_writer_leaves_a_verifiable_log_and_interrupted_calls(self, tmp_path):
+        """
+        Killing a writer mid-batch loses no committed record; its unfinished
+        authorized calls get call.interrupted at the next start, each exactly once.
+        """
+        db, keys_dir = tmp_path / "audit.db", tmp_path / "keys"
+        signer = FileSigner.load_or_create(keys_dir)
+        context = multiprocessing.get_context("spawn")
+        ready = context.Event()
+        child = context.Process(target=_write_until_killed, args=(str(db), str(keys_dir), ready))
+        child.start()
+        assert ready.wait(60)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            conn = sqlite3.connect(db)
+            try:
+                (count,) = conn.execute("SELECT count(*) FROM records").fetchone()
+            finally:
+                conn.close()
+            if count >= 300:
+                break
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(30)
+
+        before = verify(db, signer.public_key())
+        with SQLiteAuditStore(db, signer) as store:
+            interrupted = store.recover_interrupted()
+            again = store.recover_interrupted()
+            records = list(store.records())
+        authorized = {r.seq for r in records if r.kind == "call.authorized"}
+        closed = [r.body["authorized_seq"] for r in records
+                  if r.kind in ("call.completed", "call.interrupted")]
+
+        assert before.records >= 300
+        assert "stuck" in [r.body["call_id"] for r in interrupted]
+        assert [] == again
+        assert sorted(authorized) == sorted(closed)
+        assert len(records) == verify(db, signer.public_key()).records
+
+    def test_running_writer_calls_are_left_alone(self, db, signer):
+        """A call authorized by a gateway that is still running is not interrupted."""
+        with SQLiteAuditStore(db, signer) as running, SQLiteAuditStore(db, signer) as starting:
+            running.append("call.authorized", {"call": {"id": "c1"}})
+
+            assert [] == starting.recover_interrupted()
