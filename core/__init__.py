@@ -10,6 +10,7 @@ Example::
     {'x': 3}
 """
 
+from callward.core._agent import Agent, AgentLimits, AgentRun, AgentStep
 from callward.core._canonical import (
     JSONValue,
     Sha256Hex,
@@ -18,6 +19,7 @@ from callward.core._canonical import (
     sha256_hex,
     strict_loads,
 )
+from callward.core._models import ChatMessage, ChatModel, GenerationConfig, ModelTurn
 from callward.core._registry import ToolRegistry, tool
 from callward.core.errors import (
     AuditUnavailable,
@@ -25,6 +27,7 @@ from callward.core.errors import (
     ConfigurationError,
     InfrastructureError,
     MalformedCall,
+    ModelUnavailable,
     PolicyDenied,
     PolicyInvalid,
     SandboxUnavailable,
@@ -51,19 +54,28 @@ from callward.core.types import (
 )
 
 __all__ = [
+    "Agent",
+    "AgentLimits",
+    "AgentRun",
+    "AgentStep",
     "AuditLog",
     "AuditRecord",
     "AuditUnavailable",
     "CallContext",
     "CallId",
     "CallwardError",
+    "ChatMessage",
+    "ChatModel",
     "ConfigurationError",
     "Decision",
     "Execution",
+    "GenerationConfig",
     "InfrastructureError",
     "JSONValue",
     "KeyId",
     "MalformedCall",
+    "ModelTurn",
+    "ModelUnavailable",
     "PolicyDenied",
     "PolicyEngine",
     "PolicyInvalid",

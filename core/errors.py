@@ -16,7 +16,8 @@ Every error callward raises, in one tree, each with a stable ``kind``.
     │   ├── SandboxUnavailable       sandbox_unavailable
     │   └── AuditUnavailable         audit_unavailable
     └── ConfigurationError           configuration_invalid  the operator's files
-        └── PolicyInvalid            policy_invalid
+        ├── PolicyInvalid            policy_invalid
+        └── ModelUnavailable         model_unavailable  the model's files or runtime
 
     VerificationFailed               verification_failed  (an audit log does not verify)
 
@@ -49,7 +50,7 @@ ToolFailureKind = Literal[
     "disk_limit",
 ]
 InfrastructureKind = Literal["sandbox_unavailable", "audit_unavailable"]
-ConfigurationKind = Literal["configuration_invalid", "policy_invalid"]
+ConfigurationKind = Literal["configuration_invalid", "policy_invalid", "model_unavailable"]
 ErrorKind = (
     DenyKind
     | ToolFailureKind
@@ -204,6 +205,21 @@ class PolicyInvalid(ConfigurationError):
             kind="policy_invalid",
             remediation="fix the policy file; callward never falls back to allowing calls",
         )
+
+
+class ModelUnavailable(ConfigurationError):
+    """
+    The model cannot be loaded or run: missing files, a digest that does not match,
+    a template that does not render. callward never falls back to another model.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        remediation: str = "reinstall the model (scripts/setup-venv.sh) or point to another",
+    ) -> None:
+        super().__init__(message, kind="model_unavailable", remediation=remediation)
 
 
 class VerificationFailed(CallwardError):

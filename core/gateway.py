@@ -19,6 +19,7 @@ the signed record that explains it.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -55,6 +56,7 @@ log = structlog.get_logger()
 
 Clock = Callable[[], float]
 NewId = Callable[[], str]
+_RECORD_KIND = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
 
 
 def new_call_id() -> str:
@@ -127,6 +129,25 @@ class Gateway:
         from callward.core._config import build_gateway  # noqa: PLC0415 - avoids an import cycle
 
         return build_gateway(path, home=home)
+
+    @property
+    def new_id(self) -> NewId:
+        """Makes an id for a call whose model gave none (callers that parse use it too)."""
+        return self._new_id
+
+    def record(self, kind: str, body: Mapping[str, JSONValue]) -> Receipt:
+        """
+        Sign ``body`` into the same audit log as the calls, e.g. a ``model.turn``.
+
+        ``call.*`` kinds are the gateway's own and cannot be written through here.
+
+        Raises:
+            ValueError: ``kind`` is a ``call.*`` kind or not dotted snake_case.
+            AuditUnavailable: The record is not durable.
+        """
+        if kind.startswith("call.") or not _RECORD_KIND.match(kind):
+            raise ValueError("a record kind is dotted snake_case and not call.*")
+        return self.audit.append(kind, body).receipt
 
     # -- entry points ---------------------------------------------------------
 

