@@ -19,7 +19,7 @@ from typing import NoReturn
 
 import structlog
 
-from callward.core import _cli_audit, _cli_sandbox
+from callward.core import _cli_audit, _cli_policy, _cli_sandbox
 from callward.core._cli_common import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_core_commands(commands)
     _cli_audit.add_commands(commands)
+    _cli_policy.add_commands(commands)
     _cli_sandbox.add_commands(commands)
     return parser
 

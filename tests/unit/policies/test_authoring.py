@@ -1,0 +1,185 @@
+"""Tools for policy authors: the three team examples, lint, test files, explain, replay."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from callward.audit import FileSigner, SQLiteAuditStore
+from callward.core import (
+    CallContext,
+    Execution,
+    ResourceLimits,
+    Sha256Hex,
+    ToolCall,
+    ToolRegistry,
+    ToolSpec,
+    Usage,
+    canonical_bytes,
+)
+from callward.core.gateway import Gateway
+from callward.policies import Policy
+from callward.policies._authoring import lint, load_cases, replay, run_cases
+
+EXAMPLES = Path(__file__).parents[3] / "policies" / "examples"
+TEAMS = ["analyst", "support", "coding"]
+
+
+class StubRunner:
+    """Every tool returns "done", as a sandboxed tool would return its value."""
+
+    @property
+    def image_digest(self) -> Sha256Hex:
+        return Sha256Hex("cd" * 32)
+
+    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
+        return Execution("ok", canonical_bytes("done"), "", Usage(1.0, 0, 4))
+
+
+def team_registry(team: str) -> ToolRegistry:
+    registry = ToolRegistry()
+    registry.load(EXAMPLES / team / "tools.py")
+    return registry
+
+
+class TestTeamExamples:
+    @pytest.mark.parametrize("team", TEAMS)
+    def test_every_case_passes(self, team, tmp_path):
+        """Each team's cases file passes against its policy (approvals really signed)."""
+        signer = FileSigner.load_or_create(tmp_path / "keys")
+        results = run_cases(EXAMPLES / team / "policy.yaml", team_registry(team),
+                            load_cases(EXAMPLES / team / "cases.yaml"),
+                            signer=signer)
+
+        assert [] == [(r.name, r.why) for r in results if not r.passed]
+        assert len(results) >= 8
+
+    @pytest.mark.parametrize("team", TEAMS)
+    def test_lint_is_clean(self, team):
+        """Each team's policy validates against its registry with no finding."""
+        policy = Policy.from_file(EXAMPLES / team / "policy.yaml")
+
+        assert [] == lint(policy, team_registry(team))
+
+    def test_the_command_exits_1_and_says_why(self, tmp_path):
+        """`callward policy test` exits 1 on a failing case and names it and the reason."""
+        cases = tmp_path / "cases.yaml"
+        cases.write_text(
+            f"policy: {EXAMPLES / 'support' / 'policy.yaml'}\ncases:\n"
+            "  - name: wrongly expected\n    principal: support-agent\n"
+            "    call: {name: lookup_order, arguments: {order_id: ORD-000001}}\n"
+            "    expect: {effect: deny}\n")
+        config = EXAMPLES / "support" / "callward.yaml"
+
+        failing = subprocess.run(
+            [sys.executable, "-m", "callward.core.cli", "--home", str(tmp_path), "policy",
+             "test", str(cases), "--config", str(config)], capture_output=True, text=True,
+            check=False)
+        passing = subprocess.run(
+            [sys.executable, "-m", "callward.core.cli", "--home", str(tmp_path), "policy",
+             "test", str(EXAMPLES / "support" / "cases.yaml"), "--config", str(config)],
+            capture_output=True, text=True, check=False)
+
+        assert (1, 0) == (failing.returncode, passing.returncode)
+        assert "FAIL wrongly expected: expected deny, got allow" in failing.stderr
+
+
+class TestLint:
+    def test_findings(self, registry):
+        """Lint reports validation errors, unreachable and shadowed rules, unknown tools."""
+        policy = Policy.from_text("""
+version: 1
+default: deny
+principals: {ana: {roles: [agent]}}
+rules:
+  - {id: ghosts-refund, effect: allow, roles: [ghost], tools: [refund]}
+  - {id: agents-read, effect: allow, roles: [agent], tools: [read_file]}
+  - {id: nobody-reads, effect: deny, principals: ["*"], tools: [read_file, refund]}
+  - {id: agents-fly, effect: allow, roles: [agent], tools: [fly]}
+cedar_inline: |
+  @id("typo") permit (principal, action, resource) when { context.arguments has pth };
+  @id("wrong-type") forbid (principal, action, resource)
+    when { context.arguments has path && context.arguments.path > 3 };
+  permit (principal in Role::"nobody-has-this", action, resource);
+""")
+        findings = {(f.severity, f.rule, f.message.split(":")[0])
+                    for f in lint(policy, registry)}
+
+        assert {
+            ("warning", "ghosts-refund", "unreachable"),
+            ("warning", "agents-read", "shadowed"),
+            ("warning", "agents-fly", "unreachable"),
+            ("error", "wrong-type", "fails validation against the registry"),
+            ("warning", "cedar.policy6", "has no @id; decisions will name it by position, "
+                                         "which changes when policies are added"),
+            ("warning", "cedar.policy6", "unreachable"),
+        } <= findings
+
+
+class TestExplain:
+    def test_explain_traces_every_check_and_changes_nothing(self, registry):
+        """explain lists each check in order and takes no rate-limit token, no proposal."""
+        policy = Policy.from_text("""
+version: 1
+default: deny
+principals: {ana: {roles: [agent]}}
+rules: [{id: agents-refund, effect: allow, roles: [agent], tools: [refund]}]
+rate_limits: [{id: one-refund, tools: [refund], limit: 1, window_seconds: 60}]
+""")
+        call = ToolCall.create(id="c", name="refund",
+                               arguments={"order_id": "A", "amount_cents": 1}, dialect="api")
+        traces = [policy.explain(call, registry.get("refund"), CallContext("ana"))
+                  for _ in range(3)]
+
+        assert ["allow"] * 3 == [t.decision.effect for t in traces]
+        assert ["schema", "permission", "rate_limit"] == [c.check for c in traces[0].checks]
+        assert "allow" == policy.decide(call, registry.get("refund"), CallContext("ana")).effect
+        assert "rate_limit" == policy.decide(call, registry.get("refund"),
+                                             CallContext("ana")).kind
+
+
+class TestReplay:
+    def test_replay_reports_what_a_candidate_changes(self, tmp_path, registry):
+        """A real log re-decided under a candidate: counts and examples of each change."""
+        enforced = tmp_path / "enforced.yaml"
+        enforced.write_text("""
+version: 1
+default: deny
+principals: {ana: {roles: [agent]}, bob: {roles: [guest]}}
+rules: [{id: agents-all, effect: allow, roles: [agent], tools: ["*"]}]
+""")
+        candidate = tmp_path / "candidate.yaml"
+        candidate.write_text("""
+version: 1
+default: deny
+principals: {ana: {roles: [agent]}, bob: {roles: [guest]}}
+rules:
+  - {id: agents-all, effect: allow, roles: [agent], tools: ["*"]}
+  - {id: no-posts, effect: deny, roles: [agent], tools: [http_post]}
+  - {id: guests-read, effect: allow, roles: [guest], tools: [read_file]}
+""")
+        store = SQLiteAuditStore(tmp_path / "audit.db",
+                                 FileSigner.load_or_create(tmp_path / "keys"))
+        store.open()
+        gateway = Gateway(registry=registry, policy=Policy.from_file(enforced),
+                          runner=StubRunner(), audit=store)
+        for principal, name, arguments in [
+            ("ana", "http_post", {"url": "u"}),
+            ("ana", "read_file", {"path": "a"}),
+            ("bob", "read_file", {"path": "a"}),
+            ("ana", "http_post", {"url": "v"}),
+        ]:
+            gateway.handle(ToolCall.create(id=f"c{len(name)}", name=name, arguments=arguments,
+                                           dialect="api"), principal=principal)
+        records = [(r.kind, r.ts, r.body) for r in store.records()]
+        store.close()
+
+        report = replay(records, candidate, registry).to_json()
+
+        assert (4, 1, 2, 1) == (report["calls"], report["unchanged"], report["allow_to_deny"],
+                                report["deny_to_allow"])
+        assert ["no-posts"] == report["examples"]["allow_to_deny"][0]["after"]["reasons"]
+        assert "bob" == report["examples"]["deny_to_allow"][0]["principal"]
