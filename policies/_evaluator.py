@@ -185,6 +185,7 @@ class _Pending:
 
     charges: list[RateCharge] = field(default_factory=list)
     approval: Proposal | None = None
+    checked: bool = False
 
 
 class Policy:
@@ -313,7 +314,8 @@ class Policy:
 
         pending = _Pending()
         if checks.ok:
-            self._rate_limits(document, spec, context, labels, pending, checks, now)
+            self._rate_limits(document, spec, context=context, labels=labels, pending=pending,
+                              record=checks, now=now, commit=commit)
         if checks.ok:
             self._approvals(document, call, spec, context=context, pending=pending,
                             record=checks, now=now, commit=commit)
@@ -380,9 +382,9 @@ class Policy:
                 return str(exc)
         return None
 
-    def _rate_limits(self, document: PolicyDocument, spec: ToolSpec,  # noqa: PLR0917 - one private step
+    def _rate_limits(self, document: PolicyDocument, spec: ToolSpec, *,
                      context: CallContext, labels: frozenset[str], pending: _Pending,
-                     record: _Checks, now: float) -> None:
+                     record: _Checks, now: float, commit: bool) -> None:
         roles = document.roles_of(context.principal)
         groups = document.groups_of(context.principal)
         for limit in document.rate_limits:
@@ -393,8 +395,11 @@ class Policy:
             key = "\x00".join([limit.id, *(f"{p}={parts[p]}" for p in limit.per)])
             pending.charges.append(RateCharge(limit.id, key, limit.algorithm, limit.limit,
                                               limit.window_seconds))
-        if not pending.charges:
+        approvals_apply = any(spec.name in r.tools or "*" in r.tools for r in document.approvals)
+        if not pending.charges or (commit and not approvals_apply):
+            # Checked and charged at once in _commit: one write transaction per decision.
             return
+        pending.checked = True
         try:
             exhausted = self.state.charge(pending.charges, now, commit=False)
         except StateUnavailable:
@@ -462,6 +467,9 @@ class Policy:
         if exhausted is not None:
             record.add("rate_limit", Check("rate_limit", False, (exhausted,),
                                        "the rate limit for this call is exhausted"))
+        elif pending.charges and not pending.checked:
+            record.add("rate_limit", Check("rate_limit", True,
+                                           tuple(c.rule for c in pending.charges)))
 
     # -- results --------------------------------------------------------------
 

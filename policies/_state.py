@@ -128,11 +128,11 @@ class PolicyState:
                 self._db = None
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
         with self._lock:
             try:
                 db = self._connect()
-                db.execute("BEGIN IMMEDIATE")
+                db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 try:
                     yield db
                 except BaseException:
@@ -162,7 +162,7 @@ class PolicyState:
         """
         if not charges:
             return None
-        with self._transaction() as db:
+        with self._transaction(write=commit) as db:
             updates: list[tuple[RateCharge, float]] = []
             for charge in charges:
                 if charge.algorithm == "token_bucket":
@@ -176,10 +176,12 @@ class PolicyState:
                         return charge.rule
                     updates.append((charge, tokens - 1.0))
                 else:
-                    db.execute("DELETE FROM rate_events WHERE key = ? AND at <= ?",
-                               (charge.key, now - charge.window_seconds))
-                    (count,) = db.execute("SELECT count(*) FROM rate_events WHERE key = ?",
-                                          (charge.key,)).fetchone()
+                    if commit:
+                        db.execute("DELETE FROM rate_events WHERE key = ? AND at <= ?",
+                                   (charge.key, now - charge.window_seconds))
+                    (count,) = db.execute(
+                        "SELECT count(*) FROM rate_events WHERE key = ? AND at > ?",
+                        (charge.key, now - charge.window_seconds)).fetchone()
                     if count >= charge.limit:
                         return charge.rule
                     updates.append((charge, 0.0))
