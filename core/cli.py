@@ -19,7 +19,7 @@ from typing import NoReturn
 
 import structlog
 
-from callward.core import _cli_audit, _cli_policy, _cli_sandbox
+from callward.core import _cli_audit, _cli_mcp, _cli_policy, _cli_sandbox
 from callward.core._cli_common import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_audit.add_commands(commands)
     _cli_policy.add_commands(commands)
     _cli_sandbox.add_commands(commands)
+    _cli_mcp.add_commands(commands)
     return parser
 
 

@@ -35,7 +35,7 @@ RuleId = NewType("RuleId", str)
 KeyId = NewType("KeyId", str)
 CallId = NewType("CallId", str)
 
-Dialect = Literal["article", "openai", "hermes", "api", "anthropic", "json", "llama"]
+Dialect = Literal["article", "openai", "hermes", "api", "anthropic", "json", "llama", "mcp"]
 Effect = Literal["allow", "deny"]
 
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")

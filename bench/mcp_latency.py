@@ -1,0 +1,146 @@
+"""
+Added latency of callward as an MCP gateway, per ``tools/call``, in one process
+(run: .venv/bin/python bench/mcp_latency.py).
+
+One upstream MCP server written with the SDK (the integration tests' ``notes``
+server) runs in one hardened callward container; every row calls its ``add``
+tool in that same container:
+
+- baseline: the SDK client calls the upstream directly (stdio through ``docker
+  start --attach``), as a client without callward would;
+- gateway: ``Gateway.handle`` (pin gate, policy with schema, signed and fsynced
+  ``call.authorized`` and ``call.completed``, forwarding through the SDK client);
+- face: the SDK client calls callward's MCP server face in-process, which runs
+  the gateway row.
+
+"added" is each row's p50 minus the baseline's p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+import yaml
+from anyio.from_thread import start_blocking_portal
+from mcp import Client, StdioServerParameters
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _table import print_table, summarize
+
+from callward.core import ToolCall
+from callward.core._mcp_gateway import open_upstreams
+from callward.core._mcp_server import McpFace
+
+REPO = Path(__file__).resolve().parent.parent
+SERVER = REPO / "tests" / "integration" / "mcp" / "servers" / "notes_server.py"
+EXAMPLES = REPO / "core" / "examples"
+POLICY = """\
+version: 1
+default: deny
+principals:
+  bench: {roles: [bench]}
+rules:
+  - {id: bench-adds, effect: allow, roles: [bench], tools: [notes__add]}
+"""
+
+
+def write_config(root: Path) -> Path:
+    shutil.copy(SERVER, root / "notes_server.py")
+    (root / "policy.yaml").write_text(POLICY)
+    path = root / "callward.yaml"
+    path.write_text(yaml.safe_dump({
+        "tools": [str(EXAMPLES / "tools.py")],
+        "policy": "policy.yaml",
+        "mcp": {"servers": {"notes": {
+            "command": ["python3", "/opt/callward/service/notes_server.py"],
+            "files": {"notes_server.py": "notes_server.py"},
+            "python_distributions": ["mcp", "cryptography"],
+            "limits": {"memory_bytes": 256 << 20, "pids": 64, "open_files": 256,
+                       "wall_seconds": 20},
+        }}},
+    }))
+    return path
+
+
+def timed(calls: int, function: Callable[[int], object]) -> list[float]:
+    for index in range(min(20, calls)):
+        function(index)
+    samples = []
+    for index in range(calls):
+        started = time.perf_counter()
+        function(index)
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def main() -> None:
+    # As the CLI does (callward.core.cli), so logging costs what it costs in use.
+    structlog.configure(
+        processors=[structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    )
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=300)
+    calls = parser.parse_args().calls
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        config = write_config(root)
+        home = root / "home"
+        with open_upstreams(config, home=home) as (_gateway, upstreams):
+            upstreams.approve("notes")
+        with contextlib.ExitStack() as stack:
+            gateway, upstreams = stack.enter_context(open_upstreams(config, home=home))
+            connection = upstreams.connections["notes"]
+
+            def through_gateway(index: int) -> None:
+                call = ToolCall.create(id=f"b{index}", name="notes__add",
+                                       arguments={"a": index, "b": 1}, dialect="mcp")
+                result = gateway.handle(call, principal="bench")
+                if not result.ok:
+                    raise SystemExit(f"gateway call failed: {result.kind}")
+
+            portal = stack.enter_context(start_blocking_portal())
+            direct_client: Any = stack.enter_context(portal.wrap_async_context_manager(Client(
+                StdioServerParameters(command="docker", args=[
+                    "exec", "-i", connection.container_id, "python3",
+                    "/opt/callward/service/notes_server.py"],
+                    env={k: v for k, v in os.environ.items() if k.startswith("DOCKER_")}))))
+            face_client: Any = stack.enter_context(portal.wrap_async_context_manager(
+                Client(McpFace(gateway, principal="bench").server())))
+
+            def direct(index: int) -> None:
+                portal.call(direct_client.call_tool, "add", {"a": index, "b": 1})
+
+            def face(index: int) -> None:
+                result = portal.call(face_client.call_tool, "notes__add", {"a": index, "b": 1})
+                if result.is_error:
+                    raise SystemExit("face call failed")
+
+            rows = []
+            baseline = summarize(timed(calls, direct))
+            rows.append(("baseline: SDK client -> upstream (same container)", *baseline, 0.0))
+            for label, function in (("gateway: Gateway.handle -> upstream", through_gateway),
+                                    ("face: SDK client -> callward MCP face -> upstream",
+                                     face)):
+                p50, p99, mean = summarize(timed(calls, function))
+                rows.append((label, p50, p99, mean, p50 - baseline[0]))
+    print_table(f"MCP tools/call latency, {calls} calls each (ms)",
+                ("path", "p50", "p99", "mean", "added p50"), rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""``callward mcp …``: callward as an MCP gateway."""
+
+from __future__ import annotations
+
+import argparse
+
+from callward.core._cli_common import (
+    EXIT_OK,
+    Subcommands,
+    config_options,
+    config_path,
+    print_json,
+    subcommand_options,
+)
+from callward.core._config import Home
+from callward.core.errors import ConfigurationError
+
+DEFAULT_PORT = 8750
+
+
+def _serve(args: argparse.Namespace, home: Home) -> int:
+    # The CLI edge loads the SDK, docker and the stages only when the command runs.
+    import anyio  # noqa: PLC0415
+
+    from callward.core._mcp_gateway import open_mcp_gateway  # noqa: PLC0415
+    from callward.core._mcp_server import (  # noqa: PLC0415
+        McpFace,
+        require_loopback,
+        serve_http,
+        serve_stdio,
+    )
+
+    if args.transport == "http":
+        require_loopback(args.host)
+    with open_mcp_gateway(config_path(args, home), home=home.root) as gateway:
+        face = McpFace(gateway, principal=args.principal, session_id=args.session)
+        if args.transport == "stdio":
+            anyio.run(serve_stdio, face)
+        else:
+            serve_http(face, host=args.host, port=args.port)
+    return EXIT_OK
+
+
+def _tools(args: argparse.Namespace, home: Home) -> int:
+    from callward.core._mcp_gateway import open_upstreams  # noqa: PLC0415
+
+    with open_upstreams(config_path(args, home), home=home.root) as (_gateway, upstreams):
+        print_json([status.to_json() for status in upstreams.statuses])
+    return EXIT_OK
+
+
+def _approve(args: argparse.Namespace, home: Home) -> int:
+    from callward.core._mcp_gateway import open_upstreams  # noqa: PLC0415
+
+    with open_upstreams(config_path(args, home), home=home.root,
+                        servers=(args.server,)) as (_gateway, upstreams):
+        if args.server not in upstreams.connections:
+            raise ConfigurationError(f"no upstream MCP server is named {args.server}")
+        approved = upstreams.approve(args.server, tuple(args.tool or ()))
+    print_json([status.to_json() for status in approved])
+    return EXIT_OK
+
+
+def add_commands(commands: Subcommands) -> None:
+    """Add ``mcp serve``, ``mcp tools`` and ``mcp approve``."""
+    mcp = commands.add_parser("mcp", help="callward as an MCP gateway")
+    mcp_commands = mcp.add_subparsers(dest="mcp_command", required=True, metavar="COMMAND")
+    serve = mcp_commands.add_parser(
+        "serve", parents=[subcommand_options(), config_options()],
+        help="serve the registry's tools (and approved upstream tools) over MCP")
+    serve.add_argument("--principal", required=True, help="who the calls are made as")
+    serve.add_argument("--session", default="", help="the policy session of the calls")
+    serve.add_argument("--transport", choices=("stdio", "http"), default="stdio")
+    serve.add_argument("--host", default="127.0.0.1", help="loopback address for http")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port for http")
+    serve.set_defaults(handler=_serve)
+
+    tools = mcp_commands.add_parser(
+        "tools", parents=[subcommand_options(), config_options()],
+        help="connect the upstream MCP servers and show each tool's digest and status")
+    tools.set_defaults(handler=_tools)
+
+    approve = mcp_commands.add_parser(
+        "approve", parents=[subcommand_options(), config_options()],
+        help="pin the current definitions of an upstream server's tools (audited)")
+    approve.add_argument("server", help="the upstream server, as named in the configuration")
+    approve.add_argument("--tool", action="append",
+                         help="the upstream tool name (repeat; all pending or changed if none)")
+    approve.set_defaults(handler=_approve)

@@ -1,0 +1,604 @@
+"""
+Upstream MCP servers behind the gateway: pinned, namespaced, policed and sandboxed.
+
+Invariants:
+
+- An upstream tool is callable only while its definition (name, description,
+  input schema) hashes to the digest an operator pinned for it. A tool never
+  approved, or whose definition changed since (a "rug pull"), is left out of the
+  registry and every call to it is denied as ``approval_required``; each such
+  finding is audited (``mcp.tool_pending``, ``mcp.tool_blocked``).
+- Tool names are ``<server>__<tool>``, ASCII snake_case, so two servers (or a
+  server and a native tool) cannot shadow each other; a name that does not map
+  is refused (``mcp.tool_refused``), never rewritten into another tool's name.
+- Calls reach an upstream only through ``UpstreamRunner.run``, which the gateway
+  calls after policy (schema included) allowed the call and ``call.authorized``
+  is durable; each call is bounded by the decision's ``wall_seconds`` and
+  ``output_bytes``.
+- Sampling, elicitation and roots requests from an upstream are refused and
+  audited (``mcp.sampling_refused`` …); resources and prompts are never proxied.
+- A stdio upstream runs in a hardened container (``callward.sandbox``'s
+  ``StdioService``); an HTTP upstream must be on a loopback address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import anyio
+import mcp_types as types
+import structlog
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
+from mcp import Client, StdioServerParameters
+from mcp.client.session import ClientRequestContext
+from mcp.shared.exceptions import MCPError
+from referencing import Registry
+
+from callward.core._canonical import JSONValue, Sha256Hex, canonical_bytes, canonical_sha256
+from callward.core.errors import ConfigurationError, SandboxUnavailable
+from callward.core.protocols import AuditLog, PolicyEngine, PolicyHooks, PolicyReload, ToolRunner
+from callward.core.types import (
+    CallContext,
+    Decision,
+    Execution,
+    ResourceLimits,
+    ResultTreatment,
+    RuleId,
+    ToolCall,
+    ToolSpec,
+    Usage,
+    is_tool_name,
+)
+
+log = structlog.get_logger()
+
+NAMESPACE_SEPARATOR: Final = "__"
+PINS_FILE: Final = "mcp-pins.json"
+UNAPPROVED_RULE: Final = RuleId("mcp.unapproved")
+RUG_PULL_RULE: Final = RuleId("mcp.rug-pull")
+_LIST_PAGES: Final = 20
+_CONNECT_SECONDS: Final = 60.0
+_SERVER_NAME = r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$"
+#: An upstream tool's own name: snake_case without a leading, trailing or double underscore.
+_TOOL_PART: Final = re.compile(r"\A[a-z0-9]+(_[a-z0-9]+)*\Z")
+_LIMITS_SCHEMA: Final = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        name: {"type": "number" if name in ("wall_seconds", "cpus") else "integer",
+               "exclusiveMinimum": 0}
+        for name in ("wall_seconds", "memory_bytes", "pids", "cpus", "output_bytes",
+                     "tmp_bytes", "open_files")
+    },
+}
+MCP_SECTION_SCHEMA: Final = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "servers": {
+            "type": "object",
+            "propertyNames": {"pattern": _SERVER_NAME, "maxLength": 24},
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "oneOf": [{"required": ["command"]}, {"required": ["url"]}],
+                "properties": {
+                    "command": {"type": "array", "minItems": 1,
+                                "items": {"type": "string", "minLength": 1}},
+                    "files": {"type": "object",
+                              "additionalProperties": {"type": "string", "minLength": 1}},
+                    "python_distributions": {"type": "array",
+                                             "items": {"type": "string", "minLength": 1}},
+                    "limits": _LIMITS_SCHEMA,
+                    "url": {"type": "string", "pattern": "^https?://"},
+                },
+            },
+        },
+    },
+}
+_SECTION_VALIDATOR: Final = Draft202012Validator(MCP_SECTION_SCHEMA, registry=Registry())
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """
+    One upstream MCP server as the operator listed it.
+
+    Attributes:
+        command: The server's argument list inside its container (stdio servers).
+        files: Files copied into the container's image, by path under the service root.
+        python_distributions: Installed distributions the server imports (``mcp``).
+        url: A Streamable HTTP endpoint on this machine (HTTP servers).
+    """
+
+    name: str
+    command: tuple[str, ...] = ()
+    files: tuple[tuple[str, Path], ...] = ()
+    python_distributions: tuple[str, ...] = ()
+    limits: ResourceLimits = field(default_factory=ResourceLimits)
+    url: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.command) == bool(self.url):
+            raise ValueError("an upstream has a command or a url, not both")
+        if self.url:
+            require_loopback_url(self.url)
+
+
+def require_loopback_url(url: str) -> None:
+    """
+    Raises:
+        ConfigurationError: ``url`` is not on a loopback address of this machine.
+    """
+    host = urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigurationError(f"an upstream MCP url must be on loopback, not {host!r}")
+
+
+def parse_mcp_section(section: object, *, base: Path) -> tuple[UpstreamConfig, ...]:
+    """
+    The upstreams of a configuration's ``mcp`` section; paths are relative to ``base``.
+
+    Raises:
+        ConfigurationError: The section is invalid.
+    """
+    if section is None:
+        return ()
+    error = best_match(_SECTION_VALIDATOR.iter_errors(section))
+    if error is not None:
+        raise ConfigurationError(f"mcp section invalid at {error.json_path}: {error.message}")
+    if not isinstance(section, dict):
+        raise ConfigurationError("mcp section is not a mapping")
+    upstreams = []
+    for name, raw in sorted((section.get("servers") or {}).items()):
+        try:
+            limits = _limits(raw.get("limits") or {})
+            upstreams.append(UpstreamConfig(
+                name=name,
+                command=tuple(raw.get("command") or ()),
+                files=tuple((target, (base / source).resolve())
+                            for target, source in sorted((raw.get("files") or {}).items())),
+                python_distributions=tuple(raw.get("python_distributions") or ()),
+                limits=limits,
+                url=raw.get("url", ""),
+            ))
+        except ValueError as exc:
+            raise ConfigurationError(f"mcp server {name}: {exc}") from exc
+    return tuple(upstreams)
+
+
+def _limits(given: dict[str, Any]) -> ResourceLimits:
+    """An upstream's container limits: the defaults, with what the operator set."""
+    default = ResourceLimits()
+    return ResourceLimits(
+        wall_seconds=float(given.get("wall_seconds", default.wall_seconds)),
+        memory_bytes=given.get("memory_bytes", default.memory_bytes),
+        pids=given.get("pids", default.pids),
+        cpus=float(given.get("cpus", default.cpus)),
+        output_bytes=given.get("output_bytes", default.output_bytes),
+        tmp_bytes=given.get("tmp_bytes", default.tmp_bytes),
+        open_files=given.get("open_files", default.open_files),
+    )
+
+
+def tool_digest(server: str, tool: types.Tool) -> Sha256Hex:
+    """SHA-256 of the canonical definition: server, name, description, input schema."""
+    return canonical_sha256({"server": server, "name": tool.name,
+                             "description": tool.description or "",
+                             "input_schema": tool.input_schema})
+
+
+def namespaced(server: str, tool_name: str) -> str | None:
+    """``server__tool`` when that is a valid callward tool name, else None."""
+    name = f"{server}{NAMESPACE_SEPARATOR}{tool_name}"
+    return name if is_tool_name(name) and _TOOL_PART.match(tool_name) else None
+
+
+class PinStore:
+    """
+    The operator's approvals: ``{server: {tool: digest}}`` in one JSON file.
+
+    Written whole to a temporary file and renamed, so a crash leaves the old or
+    the new approvals, never half of them.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, dict[str, str]]:
+        """
+        Raises:
+            ConfigurationError: The file exists but is not a pin file.
+        """
+        try:
+            raw = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(f"pin file {self.path} cannot be read") from exc
+        servers = raw.get("servers") if isinstance(raw, dict) else None
+        if not isinstance(servers, dict):
+            raise ConfigurationError(f"pin file {self.path} is not a pin file")
+        return {str(s): {str(t): str(d) for t, d in tools.items()}
+                for s, tools in servers.items() if isinstance(tools, dict)}
+
+    def get(self, server: str, tool: str) -> str | None:
+        return self.load().get(server, {}).get(tool)
+
+    def pin(self, server: str, tool: str, digest: str) -> None:
+        pins = self.load()
+        pins.setdefault(server, {})[tool] = digest
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"version": 1, "servers": pins}, indent=2,
+                                        sort_keys=True), encoding="utf-8")
+        temporary.chmod(0o600)
+        os.replace(temporary, self.path)
+
+
+class _SideDoors:
+    """Client callbacks that refuse what an upstream asks of the client, and audit it."""
+
+    def __init__(self, server: str, audit: AuditLog) -> None:
+        self._server = server
+        self._audit = audit
+
+    def _refuse(self, what: str) -> types.ErrorData:
+        self._audit.append(f"mcp.{what}_refused", {"server": self._server})
+        log.warning("mcp_side_door_refused", server=self._server, request=what)
+        return types.ErrorData(code=types.INVALID_REQUEST,
+                               message=f"callward does not allow {what} for upstream servers")
+
+    async def sampling(self, context: ClientRequestContext,
+                       params: types.CreateMessageRequestParams) -> types.ErrorData:
+        return self._refuse("sampling")
+
+    async def elicitation(self, context: ClientRequestContext,
+                          params: types.ElicitRequestParams) -> types.ErrorData:
+        return self._refuse("elicitation")
+
+    async def roots(self, context: ClientRequestContext) -> types.ErrorData:
+        return self._refuse("roots")
+
+
+class UpstreamConnection:
+    """One connected upstream: its SDK client on the portal's event loop, and its container."""
+
+    def __init__(self, config: UpstreamConfig, portal: BlockingPortal, audit: AuditLog,
+                 stack: contextlib.ExitStack) -> None:
+        self.config = config
+        self.image_digest = ""
+        self.container_id = ""
+        target: StdioServerParameters | str
+        if config.command:
+            # The edge that wires stages may import them; sandbox never imports core's MCP.
+            from callward.sandbox._stdio_service import (  # noqa: PLC0415
+                ServiceImageSpec,
+                StdioService,
+                ensure_service_image,
+            )
+
+            image = ensure_service_image(ServiceImageSpec(
+                files=dict(config.files), distributions=config.python_distributions))
+            service = stack.enter_context(StdioService(image_id=image, command=config.command,
+                                                       limits=config.limits))
+            self.image_digest = image
+            self.container_id = service.container_id
+            command = service.stdio_command()
+            docker_env = {key: value for key, value in os.environ.items()
+                          if key.startswith("DOCKER_")}
+            target = StdioServerParameters(command=command[0], args=list(command[1:]),
+                                           env=docker_env)
+        else:
+            target = config.url
+        doors = _SideDoors(config.name, audit)
+        client = Client(target, read_timeout_seconds=_CONNECT_SECONDS,
+                        sampling_callback=doors.sampling,
+                        elicitation_callback=doors.elicitation,
+                        list_roots_callback=doors.roots)
+        self._portal = portal
+        self._client: Client = stack.enter_context(portal.wrap_async_context_manager(client))
+        self.digest = canonical_sha256({"name": config.name, "command": list(config.command),
+                                        "url": config.url, "image": self.image_digest})
+
+    def list_tools(self) -> list[types.Tool]:
+        """Every tool the server lists now (pages followed, at most 20)."""
+        async def fetch() -> list[types.Tool]:
+            tools: list[types.Tool] = []
+            cursor: str | None = None
+            for _ in range(_LIST_PAGES):
+                page = await self._client.list_tools(cursor=cursor)
+                tools.extend(page.tools)
+                cursor = page.next_cursor
+                if not cursor:
+                    break
+            return tools
+
+        return self._portal.call(fetch)
+
+    def call_tool(self, name: str, arguments: dict[str, JSONValue],
+                  wall_seconds: float) -> types.CallToolResult:
+        """
+        Raises:
+            TimeoutError: No answer within ``wall_seconds``.
+            MCPError: The server answered with a protocol error.
+        """
+        async def call() -> types.CallToolResult:
+            with anyio.fail_after(wall_seconds):
+                return await self._client.call_tool(name, dict(arguments))
+
+        return self._portal.call(call)
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    connection: UpstreamConnection
+    tool: str
+
+
+def _value_of(result: types.CallToolResult) -> JSONValue:
+    if result.structured_content is not None:
+        value: JSONValue = result.structured_content
+        return value
+    texts = [block.text for block in result.content if isinstance(block, types.TextContent)]
+    if len(texts) == len(result.content) == 1:
+        return texts[0]
+    return [block.model_dump(mode="json", by_alias=True, exclude_none=True)
+            for block in result.content]
+
+
+class UpstreamRunner:
+    """
+    A ``ToolRunner`` that sends upstream tools to their server and the rest to ``inner``.
+    """
+
+    def __init__(self, inner: ToolRunner, routes: Mapping[str, _Route]) -> None:
+        self._inner = inner
+        self._routes = dict(routes)
+
+    @property
+    def image_digest(self) -> Sha256Hex:
+        return self._inner.image_digest
+
+    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
+        route = self._routes.get(spec.name)
+        if route is None:
+            return self._inner.run(spec, call, limits)
+        started = time.perf_counter()
+
+        def usage(size: int) -> Usage:
+            return Usage(wall_ms=(time.perf_counter() - started) * 1000, exit_code=None,
+                         output_bytes=size, container_id=route.connection.container_id)
+
+        try:
+            result = route.connection.call_tool(route.tool, call.arguments, limits.wall_seconds)
+        except TimeoutError:
+            return Execution("timeout", None, "the upstream did not answer in time", usage(0))
+        except MCPError as exc:
+            return Execution("tool_error", None, f"the upstream refused the call ({exc.code})",
+                             usage(0))
+        except Exception as exc:
+            raise SandboxUnavailable(
+                f"the upstream MCP server {route.connection.config.name} is unreachable "
+                f"({type(exc).__name__})") from exc
+        return _execution_of(result, limits, usage)
+
+
+def _execution_of(result: types.CallToolResult, limits: ResourceLimits,
+                  usage: Callable[[int], Usage]) -> Execution:
+    """An upstream's answer as an execution: its value, or the kind it ended in."""
+    if result.is_error:
+        return Execution("tool_error", None, "the upstream tool reported an error", usage(0))
+    try:
+        value_json = canonical_bytes(_value_of(result))
+    except ValueError:
+        return Execution("tool_error", None, "the upstream result is not I-JSON", usage(0))
+    if len(value_json) > limits.output_bytes:
+        return Execution("output_limit", None, "the upstream result is over the output limit",
+                         usage(len(value_json)))
+    return Execution("ok", value_json, "", usage(len(value_json)))
+
+
+class PinGate:
+    """
+    The policy, in front of which calls to unapproved or changed upstream tools are denied.
+
+    Everything else (schema, permissions, result rules, reloads) is ``inner``'s.
+    """
+
+    def __init__(self, inner: PolicyEngine, blocked: Mapping[str, RuleId]) -> None:
+        self._inner = inner
+        self._hooks = inner if isinstance(inner, PolicyHooks) else None
+        self._blocked = dict(blocked)
+
+    @property
+    def digest(self) -> Sha256Hex:
+        return self._inner.digest
+
+    def decide(self, call: ToolCall, spec: ToolSpec | None, context: CallContext) -> Decision:
+        rule = self._blocked.get(call.name)
+        if rule is not None:
+            message = ("this upstream tool changed since an operator approved it"
+                       if rule == RUG_PULL_RULE else
+                       "this upstream tool has not been approved by an operator")
+            return Decision("deny", (rule,), self._inner.digest, kind="approval_required",
+                            message=message)
+        return self._inner.decide(call, spec, context)
+
+    def observe_result(self, call: ToolCall, spec: ToolSpec, context: CallContext,
+                       content_json: bytes) -> ResultTreatment:
+        if self._hooks is None:
+            return ResultTreatment(content_json=content_json)
+        return self._hooks.observe_result(call, spec, context, content_json)
+
+    def poll_reload(self) -> PolicyReload | None:
+        return None if self._hooks is None else self._hooks.poll_reload()
+
+
+@dataclass(frozen=True, slots=True)
+class ToolStatus:
+    """What became of one upstream tool at connection."""
+
+    server: str
+    tool: str
+    name: str | None
+    digest: Sha256Hex
+    status: str  # approved, pending, blocked or refused
+
+    def to_json(self) -> dict[str, JSONValue]:
+        return {"server": self.server, "tool": self.tool, "name": self.name,
+                "digest": self.digest, "status": self.status}
+
+
+def upstream_spec(connection: UpstreamConnection, tool: types.Tool, name: str,
+                  digest: Sha256Hex) -> ToolSpec:
+    """The registry entry of an approved upstream tool; its version names the server digest."""
+    return ToolSpec(
+        name=name,
+        version=f"mcp+{connection.digest[:16]}",
+        description=tool.description or "",
+        source=f"# upstream MCP tool {tool.name!r} of server {connection.config.name!r}\n",
+        entrypoint="upstream",
+        parameters_json=canonical_bytes(tool.input_schema),
+        digest=digest,
+        limits=connection.config.limits,
+    )
+
+
+class Upstreams:
+    """
+    The connected upstreams of one gateway, their routes and their blocked tools.
+
+    ``connect`` does the I/O; ``close`` ends every client and removes every container.
+    """
+
+    def __init__(self, audit: AuditLog, pins: PinStore) -> None:
+        self._audit = audit
+        self._pins = pins
+        self._stack = contextlib.ExitStack()
+        self._portal: BlockingPortal | None = None
+        self.connections: dict[str, UpstreamConnection] = {}
+        self.routes: dict[str, _Route] = {}
+        self.blocked: dict[str, RuleId] = {}
+        self.specs: list[ToolSpec] = []
+        self.statuses: list[ToolStatus] = []
+
+    def connect(self, config: UpstreamConfig) -> UpstreamConnection:
+        """
+        Start and connect one upstream and sort its tools into approved and blocked.
+
+        Raises:
+            SandboxUnavailable: Its container could not be started.
+            ConfigurationError: It could not be reached or listed.
+        """
+        if self._portal is None:
+            self._portal = self._stack.enter_context(start_blocking_portal())
+        try:
+            connection = UpstreamConnection(config, self._portal, self._audit, self._stack)
+            tools = connection.list_tools()
+        except (SandboxUnavailable, ConfigurationError):
+            raise
+        except Exception as exc:
+            raise ConfigurationError(f"upstream MCP server {config.name} could not be reached "
+                                     f"({type(exc).__name__})") from exc
+        self.connections[config.name] = connection
+        self._audit.append("mcp.server_connected", {
+            "server": config.name, "server_digest": connection.digest,
+            "image_digest": connection.image_digest or None, "url": config.url or None,
+            "command": list(config.command), "tools": len(tools)})
+        for tool in tools:
+            self._sort(connection, tool)
+        return connection
+
+    def _sort(self, connection: UpstreamConnection, tool: types.Tool) -> None:
+        server = connection.config.name
+        digest = tool_digest(server, tool)
+        name = namespaced(server, tool.name)
+        body: dict[str, JSONValue] = {"server": server, "server_digest": connection.digest,
+                                      "tool": tool.name[:256], "name": name, "digest": digest}
+        if name is None:
+            status = "refused"
+            self._audit.append("mcp.tool_refused", {**body, "reason": "name"})
+        else:
+            pinned = self._pins.get(server, tool.name)
+            if pinned == digest:
+                status = "approved"
+                self.specs.append(upstream_spec(connection, tool, name, digest))
+                self.routes[name] = _Route(connection, tool.name)
+            elif pinned is None:
+                status = "pending"
+                self.blocked[name] = UNAPPROVED_RULE
+                self._audit.append("mcp.tool_pending", body)
+            else:
+                status = "blocked"
+                self.blocked[name] = RUG_PULL_RULE
+                self._audit.append("mcp.tool_blocked", {**body, "pinned_digest": pinned,
+                                                        "reason": "definition_changed"})
+                log.warning("mcp_rug_pull_blocked", server=server, tool=name)
+        self.statuses.append(ToolStatus(server, tool.name, name, digest, status))
+
+    def approve(self, server: str, tools: tuple[str, ...] = ()) -> list[ToolStatus]:
+        """
+        Pin the current definitions of ``tools`` (all when empty) of a connected server.
+
+        Returns:
+            The statuses of the tools now approved.
+        """
+        approved = []
+        for status in self.statuses:
+            if status.server != server or (tools and status.tool not in tools):
+                continue
+            if status.name is None or status.status == "approved":
+                continue
+            previous = self._pins.get(server, status.tool)
+            self._pins.pin(server, status.tool, status.digest)
+            kind = "mcp.tool_pinned" if previous is None else "mcp.tool_reapproved"
+            self._audit.append(kind, {"server": server, "tool": status.tool,
+                                      "name": status.name, "digest": status.digest,
+                                      "previous_digest": previous})
+            approved.append(ToolStatus(server, status.tool, status.name, status.digest,
+                                       "approved"))
+        return approved
+
+    def close(self) -> None:
+        """End every client and remove every container; safe to call twice."""
+        stack, self._stack = self._stack, contextlib.ExitStack()
+        stack.close()
+        self._portal = None
+
+
+@contextlib.contextmanager
+def connected_upstreams(configs: tuple[UpstreamConfig, ...], *, audit: AuditLog,
+                        pins: PinStore) -> Iterator[Upstreams]:
+    """Connect each upstream in turn; every one is closed on exit, also after a failure."""
+    upstreams = Upstreams(audit, pins)
+    try:
+        for config in configs:
+            upstreams.connect(config)
+        yield upstreams
+    finally:
+        upstreams.close()
+
+
+def raw_mcp_section(config_path: Path) -> Any:
+    """The configuration file's ``mcp`` section (validated by ``parse_mcp_section``)."""
+    import yaml  # noqa: PLC0415 - as _config reads it
+
+    raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    return raw.get("mcp") if isinstance(raw, dict) else None

@@ -1,0 +1,109 @@
+"""The SDK's own client against `callward mcp serve`, over stdio and Streamable HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client, StdioServerParameters
+
+
+def _serve_args(home: Path, examples: Path, *extra: str) -> list[str]:
+    return ["-m", "callward.core.cli", "--home", str(home), "mcp", "serve",
+            "--config", str(examples / "callward.yaml"), "--principal", "alice", *extra]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _exercise(target: Any) -> dict[str, Any]:
+    """List tools, then call an allowed, a denied and a limit-tripping tool."""
+    async with Client(target, read_timeout_seconds=60) as client:
+        listed = await client.list_tools()
+        allowed = await client.call_tool("square", {"x": 12})
+        denied = await client.call_tool("drop_table", {"table": "users"})
+        limited = await client.call_tool("spin", {"seconds": 30})
+        outside = await client.call_tool("square", {"x": "twelve"})
+    return {"tools": sorted(tool.name for tool in listed.tools), "allowed": allowed,
+            "denied": denied, "limited": limited, "outside": outside}
+
+
+def _check(seen: dict[str, Any], cli: Any) -> None:
+    assert ["add", "capital", "drop_table", "spin", "square"] == seen["tools"]
+    allowed = seen["allowed"]
+    assert (False, "144") == (allowed.is_error, allowed.content[0].text)
+    assert "ok" == allowed.structured_content["kind"]
+    assert allowed.structured_content["receipt"]["seq"] >= 2
+    for name, kind in (("denied", "permission"), ("limited", "timeout"),
+                       ("outside", "schema")):
+        result = seen[name]
+        assert (True, kind) == (result.is_error, result.structured_content["kind"])
+        assert kind == result.meta["callward/kind"]
+    verified = cli("audit", "verify")
+    assert 0 == verified.returncode, verified.stdout + verified.stderr
+
+
+class TestServeStdio:
+    def test_sdk_client_over_stdio(self, cli, engine, home, examples):
+        """
+        Over stdio, the SDK client lists the registry and every call ends in its kind,
+        with a receipt, and the log verifies.
+        """
+        params = StdioServerParameters(command=sys.executable,
+                                       args=_serve_args(home, examples),
+                                       env={**os.environ})
+
+        seen = anyio.run(_exercise, params)
+
+        _check(seen, cli)
+
+
+@pytest.fixture(name="http_server")
+def _http_server(home: Path, examples: Path) -> Iterator[str]:
+    """`callward mcp serve --transport http` on a free loopback port; its URL."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, *_serve_args(home, examples, "--transport", "http",
+                                      "--port", str(port))],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"mcp serve exited: {process.stderr.read().decode()[-2000:]}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    try:
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+class TestServeHttp:
+    def test_sdk_client_over_streamable_http(self, cli, engine, http_server):
+        """Over Streamable HTTP on loopback, the same calls end in the same kinds."""
+        seen = anyio.run(_exercise, http_server)
+
+        _check(seen, cli)
+
+    def test_non_loopback_host_is_refused(self, cli, examples):
+        """`mcp serve` refuses to listen anywhere but loopback: exit 2."""
+        done = cli("mcp", "serve", "--config", str(examples / "callward.yaml"),
+                   "--principal", "alice", "--transport", "http", "--host", "0.0.0.0")  # noqa: S104 - refused
+
+        assert 2 == done.returncode
+        assert "loopback" in done.stderr

@@ -1,0 +1,151 @@
+"""The MCP server face, driven in-process by the SDK's own client."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client, MCPError
+
+from callward.audit import FileSigner, SQLiteAuditStore
+from callward.core import (
+    AuditRecord,
+    AuditUnavailable,
+    ConfigurationError,
+    Execution,
+    JSONValue,
+    ResourceLimits,
+    Sha256Hex,
+    ToolCall,
+    ToolRegistry,
+    ToolSpec,
+    Usage,
+    canonical_bytes,
+)
+from callward.core._mcp_server import McpFace, require_loopback
+from callward.core.gateway import Gateway
+from callward.policies import Policy
+
+
+class StubRunner:
+    """Squares x, as the example tool does in a container, and remembers each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[ToolCall] = []
+
+    @property
+    def image_digest(self) -> Sha256Hex:
+        return Sha256Hex("ab" * 32)
+
+    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
+        self.calls.append(call)
+        x = call.arguments.get("x", 0)
+        assert isinstance(x, int)
+        return Execution("ok", canonical_bytes(x * x), "", Usage(1.0, 0, 10))
+
+
+class StubFailingAuditLog:
+    """A real store whose every append fails, like a full disk."""
+
+    def append(self, kind: str, body: Mapping[str, JSONValue]) -> AuditRecord:
+        raise AuditUnavailable("injected: the disk is full")
+
+
+@pytest.fixture(name="store")
+def _store(tmp_path: Path):
+    store = SQLiteAuditStore(tmp_path / "audit.db", FileSigner.load_or_create(tmp_path / "keys"))
+    store.open()
+    yield store
+    store.close()
+
+
+@pytest.fixture(name="gateway")
+def _gateway(examples: Path, store: SQLiteAuditStore) -> Gateway:
+    registry = ToolRegistry()
+    registry.load(examples / "tools.py")
+    return Gateway(registry=registry, policy=Policy.from_file(examples / "policy.yaml"),
+                   runner=StubRunner(), audit=store)
+
+
+def run_client(face: McpFace, calls: list[tuple[str, dict[str, Any]]]) -> list[Any]:
+    async def go() -> list[Any]:
+        async with Client(face.server()) as client:
+            return [await client.call_tool(name, arguments) for name, arguments in calls]
+
+    return anyio.run(go)
+
+
+class TestMcpFace:
+    def test_lists_exactly_the_registry(self, gateway):
+        """tools/list gives each registered tool with its description and input schema."""
+        async def go() -> Any:
+            async with Client(McpFace(gateway, principal="alice").server()) as client:
+                return await client.list_tools()
+
+        listed = anyio.run(go)
+
+        assert [spec.name for spec in gateway.registry] == [tool.name for tool in listed.tools]
+        square = next(tool for tool in listed.tools if tool.name == "square")
+        assert gateway.registry.require("square").parameters == square.input_schema
+
+    def test_allowed_call_returns_value_and_receipt(self, gateway, store):
+        """An allowed call is the gateway's result: value as text, kind and receipt structured."""
+        (result,) = run_client(McpFace(gateway, principal="alice"), [("square", {"x": 7})])
+
+        assert (False, "49") == (result.is_error, result.content[0].text)
+        assert store.last().seq == result.structured_content["receipt"]["seq"]
+        authorized = [record for record in store.records() if record.kind == "call.authorized"]
+        assert ["mcp"] == [record.body["call"]["dialect"] for record in authorized]
+
+    def test_denials_are_tool_errors_with_their_kind(self, gateway):
+        """Denied, unknown and schema-breaking calls come back as MCP tool errors with kinds."""
+        face = McpFace(gateway, principal="mallory")
+        results = run_client(face, [("drop_table", {"table": "users"}),
+                                    ("no_such_tool", {}), ("square", {"x": "seven"})])
+
+        assert [(True, "permission"), (True, "unknown_tool"), (True, "schema")] == [
+            (result.is_error, result.structured_content["kind"]) for result in results]
+        assert ["permission", "unknown_tool", "schema"] == [
+            result.meta["callward/kind"] for result in results]
+        assert [] == gateway.runner.calls
+
+    def test_failed_audit_returns_no_result(self, gateway):
+        """When the audit log fails, the client gets audit_unavailable and no value."""
+        broken = Gateway(registry=gateway.registry, policy=gateway.policy,
+                         runner=gateway.runner, audit=StubFailingAuditLog())
+
+        (result,) = run_client(McpFace(broken, principal="alice"), [("square", {"x": 7})])
+
+        assert (True, "audit_unavailable") == (result.is_error,
+                                               result.structured_content["kind"])
+        assert "49" not in result.content[0].text
+
+    def test_no_resources_or_prompts_are_served(self, gateway):
+        """Resources and prompts are not a side door: the face does not serve them."""
+        async def go() -> list[str]:
+            refused = []
+            async with Client(McpFace(gateway, principal="alice").server()) as client:
+                for request in (client.list_resources, client.list_prompts):
+                    try:
+                        await request()
+                    except MCPError:
+                        refused.append(request.__name__)
+            return refused
+
+        assert ["list_resources", "list_prompts"] == anyio.run(go)
+
+
+class TestRequireLoopback:
+    @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+    def test_loopback_hosts_are_accepted(self, host):
+        """Loopback addresses may be served on."""
+        require_loopback(host)
+
+    @pytest.mark.parametrize("host", ["0.0.0.0", "10.0.0.1", "::", "example.org"])  # noqa: S104
+    def test_other_hosts_are_refused(self, host):
+        """Any other address is a configuration error."""
+        with pytest.raises(ConfigurationError):
+            require_loopback(host)

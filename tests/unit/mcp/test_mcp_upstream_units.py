@@ -1,0 +1,170 @@
+"""Pinning, namespacing, configuration and the policy gate of upstream MCP tools."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mcp_types as types
+import pytest
+
+from callward.core import (
+    CallContext,
+    ConfigurationError,
+    ResourceLimits,
+    ToolCall,
+    ToolRegistry,
+    Usage,
+)
+from callward.core._mcp_upstream import (
+    RUG_PULL_RULE,
+    UNAPPROVED_RULE,
+    PinGate,
+    PinStore,
+    _execution_of,
+    namespaced,
+    parse_mcp_section,
+    tool_digest,
+)
+from callward.policies import Policy
+
+
+def make_tool(description: str = "Greets.", schema: dict | None = None) -> types.Tool:
+    return types.Tool(name="greet", description=description,
+                      input_schema=schema or {"type": "object",
+                                              "properties": {"name": {"type": "string"}}})
+
+
+class TestToolDigest:
+    def test_any_change_of_definition_changes_the_digest(self):
+        """Name, description, schema and server each change the digest."""
+        base = tool_digest("notes", make_tool())
+
+        assert base == tool_digest("notes", make_tool())
+        assert base != tool_digest("notes", make_tool(description="Greets. Also reads keys."))
+        assert base != tool_digest("notes", make_tool(schema={"type": "object"}))
+        assert base != tool_digest("other", make_tool())
+
+
+class TestNamespaced:
+    def test_names_are_server_then_tool(self):
+        """A tool is named <server>__<tool>."""
+        assert "notes__greet" == namespaced("notes", "greet")
+
+    @pytest.mark.parametrize("tool", ["Greet", "gre-et", "gr\u0435et", "a__b", "", "_x", "x_",
+                                      "x" * 80])
+    def test_names_that_do_not_map_are_refused(self, tool):
+        """Upper case, dashes, look-alike letters, the separator and long names are refused."""
+        assert namespaced("notes", tool) is None
+
+
+class TestPinStore:
+    def test_pins_round_trip_and_replace(self, tmp_path):
+        """A pin is kept per server and tool, and a re-approval replaces it."""
+        store = PinStore(tmp_path / "pins.json")
+        store.pin("notes", "greet", "a" * 64)
+        store.pin("notes", "greet", "b" * 64)
+        store.pin("files", "read", "c" * 64)
+
+        assert {"notes": {"greet": "b" * 64}, "files": {"read": "c" * 64}} == store.load()
+        assert 0o600 == (store.path.stat().st_mode & 0o777)
+
+    def test_a_corrupt_pin_file_is_an_error(self, tmp_path):
+        """A pin file that is not one fails closed: an error, not an empty set of pins."""
+        path = tmp_path / "pins.json"
+        path.write_text("[1, 2]")
+
+        with pytest.raises(ConfigurationError):
+            PinStore(path).load()
+
+
+class TestParseSection:
+    def test_a_stdio_server_is_read_with_its_limits(self, tmp_path):
+        """Command, files (relative to the configuration) and limits are read."""
+        (upstream,) = parse_mcp_section(
+            {"servers": {"notes": {"command": ["python3", "s.py"], "files": {"s.py": "s.py"},
+                                   "limits": {"memory_bytes": 64 << 20, "wall_seconds": 2}}}},
+            base=tmp_path)
+
+        assert ("notes", ("python3", "s.py"), (("s.py", tmp_path / "s.py"),)) == (
+            upstream.name, upstream.command, upstream.files)
+        assert (64 << 20, 2.0, ResourceLimits().pids) == (
+            upstream.limits.memory_bytes, upstream.limits.wall_seconds, upstream.limits.pids)
+
+    @pytest.mark.parametrize("section", [
+        {"servers": {"Notes": {"command": ["x"]}}},
+        {"servers": {"a__b": {"command": ["x"]}}},
+        {"servers": {"notes": {}}},
+        {"servers": {"notes": {"command": ["x"], "url": "http://127.0.0.1:1/mcp"}}},
+        {"servers": {"notes": {"command": ["x"], "egress": ["example.org"]}}},
+        {"servers": {"notes": {"command": ["x"], "limits": {"pids": 1.5}}}},
+        {"servers": {"notes": {"url": "http://10.1.2.3:80/mcp"}}},
+        {"servers": {"notes": {"command": ["x"], "limits": {"memory_bytes": 1}}}},
+    ])
+    def test_invalid_sections_are_refused(self, section, tmp_path):
+        """Bad names, both or neither transport, unknown keys, bad limits, remote URLs."""
+        with pytest.raises(ConfigurationError):
+            parse_mcp_section(section, base=tmp_path)
+
+
+class TestPinGate:
+    @pytest.fixture(name="policy")
+    def _policy(self, examples: Path) -> Policy:
+        return Policy.from_file(examples / "policy.yaml")
+
+    def test_blocked_tools_are_denied_as_approval_required(self, policy):
+        """A pending or changed upstream tool is denied before the policy is asked."""
+        gate = PinGate(policy, {"notes__greet": RUG_PULL_RULE, "notes__add": UNAPPROVED_RULE})
+        context = CallContext(principal="alice")
+
+        decisions = [gate.decide(ToolCall.create(id="c", name=name, arguments={},
+                                                 dialect="mcp"), None, context)
+                     for name in ("notes__greet", "notes__add")]
+
+        assert [("deny", "approval_required", RUG_PULL_RULE),
+                ("deny", "approval_required", UNAPPROVED_RULE)] == [
+            (d.effect, d.kind, d.reasons[0]) for d in decisions]
+
+    def test_other_calls_are_the_policys(self, policy, examples):
+        """Everything else is decided by the wrapped policy, schema included."""
+        registry = ToolRegistry()
+        registry.load(examples / "tools.py")
+        gate = PinGate(policy, {"notes__greet": RUG_PULL_RULE})
+        call = ToolCall.create(id="c", name="square", arguments={"x": "3"}, dialect="mcp")
+
+        decision = gate.decide(call, registry.get("square"), CallContext(principal="alice"))
+
+        assert policy.decide(call, registry.get("square"), CallContext(principal="alice")) \
+            == decision
+        assert "schema" == decision.kind
+
+
+class TestExecutionOf:
+    @staticmethod
+    def usage(size: int) -> Usage:
+        return Usage(1.0, None, size)
+
+    def test_structured_content_is_the_value(self):
+        """The structured content is the value, canonical."""
+        result = types.CallToolResult(content=[types.TextContent(text="3")],
+                                      structured_content={"result": 3})
+
+        execution = _execution_of(result, ResourceLimits(), self.usage)
+
+        assert ("ok", {"result": 3}) == (execution.kind, execution.value)
+
+    def test_an_upstream_error_is_a_tool_error(self):
+        """isError from the upstream ends as tool_error, and its text is not passed on."""
+        result = types.CallToolResult(content=[types.TextContent(text="secret")], is_error=True)
+
+        execution = _execution_of(result, ResourceLimits(), self.usage)
+
+        assert ("tool_error", None) == (execution.kind, execution.value_json)
+        assert "secret" not in execution.message
+
+    def test_a_result_over_the_output_limit_is_withheld(self):
+        """A result larger than output_bytes ends as output_limit."""
+        result = types.CallToolResult(content=[types.TextContent(text="x" * 5000)])
+
+        execution = _execution_of(result, ResourceLimits(output_bytes=1000), self.usage)
+
+        assert ("output_limit", 5002) == (execution.kind, execution.usage.output_bytes)
