@@ -35,7 +35,6 @@ import docker.errors
 import structlog
 
 from callward.core import ResourceLimits, SandboxUnavailable, Sha256Hex
-from callward.sandbox._docker import own_pid_namespace
 from callward.sandbox._engine import ClientFactory, client_from_env, map_docker_errors
 from callward.sandbox._image import BASE_IMAGE
 from callward.sandbox._limits import Runtime, container_options
@@ -214,7 +213,7 @@ class StdioService:
             SandboxUnavailable: The engine failed.
         """
         options = container_options(self._limits, image=self.image_id, runtime=self._runtime,
-                                    owner_pid=os.getpid(), owner_pidns=own_pid_namespace())
+                                    owner_pid=os.getpid())
         with map_docker_errors("create the service container"):
             self._client = self._client_factory()
             container = self._client.containers.create(command=self._command, **options)
