@@ -6,15 +6,15 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt requirements-model.txt | sha256sum | cut -c1-16)
 
-.PHONY: demo test setup engine image lint unit bench clean-containers
+.PHONY: demo test setup engine image browser lint unit bench clean-containers
 
 demo: image
 	$(VENV)/bin/callward demo
 
-test: image lint
+test: image browser lint
 	$(PY) -m pytest
 
-unit: setup
+unit: setup browser
 	$(PY) -m pytest tests/unit
 
 lint: setup
@@ -30,6 +30,10 @@ $(STAMP): pyproject.toml constraints.txt requirements-model.txt
 
 engine:
 	scripts/ensure-engine.sh
+
+# The audit report test renders the report in Debian's headless chromium.
+browser:
+	scripts/ensure-chromium.sh
 
 image: setup engine
 	$(VENV)/bin/callward sandbox build-image >/dev/null

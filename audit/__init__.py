@@ -18,18 +18,35 @@ Example::
     (1, 1)
 """
 
-from callward.audit._query import read_records
+from callward.audit._checkpoint import Checkpoint, open_checkpoint
+from callward.audit._proofs import VerifiedReceipt, consistency, prove, verify_receipt
+from callward.audit._query import CallFilter, export_records, query_calls, read_records
+from callward.audit._report import render_report
 from callward.audit._sqlite import SQLiteAuditStore
+from callward.audit._witness import CommandWitness, DirectoryWitness, Witness
 from callward.audit.signer import FileSigner, Signer, key_id_of, load_public_key
 from callward.audit.verify import VerifiedLog, verify
 
 __all__ = [
+    "CallFilter",
+    "Checkpoint",
+    "CommandWitness",
+    "DirectoryWitness",
     "FileSigner",
     "SQLiteAuditStore",
     "Signer",
     "VerifiedLog",
+    "VerifiedReceipt",
+    "Witness",
+    "consistency",
+    "export_records",
     "key_id_of",
     "load_public_key",
+    "open_checkpoint",
+    "prove",
+    "query_calls",
     "read_records",
+    "render_report",
     "verify",
+    "verify_receipt",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from callward.core._cli_common import (
@@ -18,20 +19,41 @@ from callward.core._config import Home
 from callward.core.errors import ConfigurationError, VerificationFailed
 
 
+def _db(args: argparse.Namespace, home: Home) -> Path:
+    return Path(args.db) if getattr(args, "db", None) else home.audit_db
+
+
+def _public_keys(args: argparse.Namespace, home: Home) -> list[Path]:
+    """``--public-key`` (repeatable: the keys before and after a rotation), else HOME's."""
+    keys = [Path(k) for k in (args.public_key or [])] or [home.public_key]
+    for key in keys:
+        if not key.is_file():
+            raise ConfigurationError(f"public key {key} does not exist",
+                                     remediation="pass --public-key PATH")
+    return keys
+
+
+def _failed(exc: VerificationFailed, **where: object) -> int:
+    print_json({"verdict": "FAILED", "seq": exc.seq, "reason": exc.message, **where})
+    return EXIT_CHECK_FAILED
+
+
 def _verify(args: argparse.Namespace, home: Home) -> int:
     from callward.audit import verify  # noqa: PLC0415 - the CLI edge loads the stage it runs
 
-    db = Path(args.db) if args.db else home.audit_db
-    public_key = Path(args.public_key) if args.public_key else home.public_key
-    if not public_key.is_file():
-        return fail(ConfigurationError(f"public key {public_key} does not exist",
-                                       remediation="pass --public-key PATH"))
+    db = _db(args, home)
     try:
-        verified = verify(db, public_key)
+        keys = _public_keys(args, home)
+    except ConfigurationError as exc:
+        return fail(exc)
+    witnesses = [Path(w) for w in args.witness or []]
+    try:
+        verified = verify(db, list(keys), workers=args.workers, witnesses=witnesses)
     except VerificationFailed as exc:
-        print_json({"verdict": "FAILED", "seq": exc.seq, "reason": exc.message, "log": str(db)})
-        return EXIT_CHECK_FAILED
+        return _failed(exc, log=str(db))
     print_json({"verdict": "OK", "records": verified.records, "head": verified.head_hash,
+                "root": verified.root_hash, "checkpoints": verified.checkpoints,
+                "witnesses": verified.witnessed, "key_ids": list(verified.key_ids),
                 "first_ts": verified.first_ts, "last_ts": verified.last_ts, "log": str(db)})
     return EXIT_OK
 
@@ -39,7 +61,7 @@ def _verify(args: argparse.Namespace, home: Home) -> int:
 def _show(args: argparse.Namespace, home: Home) -> int:
     from callward.audit import read_records  # noqa: PLC0415
 
-    db = Path(args.db) if args.db else home.audit_db
+    db = _db(args, home)
     for record in read_records(db, start=args.seq or 1, last=args.last, kind=args.kind):
         print(json.dumps({"seq": record.seq, "ts": record.ts, "kind": record.kind,
                           "prev": record.prev, "hash": record.record_hash,
@@ -49,19 +71,166 @@ def _show(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK
 
 
+def _prove(args: argparse.Namespace, home: Home) -> int:
+    from callward.audit import prove  # noqa: PLC0415
+
+    print_json(prove(_db(args, home), args.seq, tree_size=args.tree_size))
+    return EXIT_OK
+
+
+def _verify_receipt(args: argparse.Namespace, home: Home) -> int:
+    from callward.audit import load_public_key, verify_receipt  # noqa: PLC0415
+
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text("utf-8")
+        receipt = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return fail(ConfigurationError(f"cannot read receipt {args.file} as JSON ({exc})"))
+    if isinstance(receipt, dict) and isinstance(receipt.get("receipt"), dict):
+        receipt = receipt["receipt"]  # a whole ToolResult, as `callward call` prints it
+    if not isinstance(receipt, dict):
+        return fail(ConfigurationError(f"receipt {args.file} is not a JSON object"))
+    keys = [load_public_key(key) for key in _public_keys(args, home)]
+    try:
+        verified = verify_receipt(receipt, keys)
+    except VerificationFailed as exc:
+        return _failed(exc, receipt=args.file)
+    print_json({"verdict": "OK", "seq": verified.seq, "record_hash": verified.record_hash,
+                "log": verified.origin, "tree_size": verified.tree_size,
+                "root": verified.root_hash, "record_checked": verified.record_checked})
+    return EXIT_OK
+
+
+def _size_or_file(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+def _consistency(args: argparse.Namespace, home: Home) -> int:
+    from callward.audit import consistency, load_public_key  # noqa: PLC0415
+
+    keys = [load_public_key(key) for key in _public_keys(args, home)]
+    try:
+        proof = consistency(_db(args, home), _size_or_file(args.old), _size_or_file(args.new),
+                            keys)
+    except VerificationFailed as exc:
+        return _failed(exc, old=args.old, new=args.new)
+    print_json({"verdict": "OK", **proof})
+    return EXIT_OK
+
+
+def _checkpoint(args: argparse.Namespace, home: Home) -> int:
+    from callward.audit import FileSigner, SQLiteAuditStore  # noqa: PLC0415
+
+    signer = FileSigner.load_or_create(home.keys_dir)
+    with SQLiteAuditStore(_db(args, home), signer) as store:
+        checkpoint = store.checkpoint()
+    if checkpoint is None:
+        print_json({"checkpoint": None, "size": 0})
+    else:
+        print_json({"checkpoint": checkpoint.note, "size": checkpoint.size})
+    return EXIT_OK
+
+
+def _query(args: argparse.Namespace, home: Home) -> int:
+    from callward.audit import CallFilter, query_calls  # noqa: PLC0415
+
+    selected = CallFilter(principal=args.principal, tool=args.tool, kind=args.kind,
+                          outcome=args.outcome, since=args.since, until=args.until,
+                          session=args.session, call_id=args.call_id)
+    for row in query_calls(_db(args, home), selected):
+        print(json.dumps(row, ensure_ascii=False))
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace, home: Home) -> int:
+    from callward.audit import export_records  # noqa: PLC0415
+
+    out = sys.stdout if args.output in (None, "-") else Path(args.output).open(  # noqa: SIM115
+        "w", encoding="utf-8")
+    try:
+        count = export_records(_db(args, home), out, format=args.format)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    print(json.dumps({"exported": count, "format": args.format}), file=sys.stderr)
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace, home: Home) -> int:
+    from callward.audit import load_public_key, render_report  # noqa: PLC0415
+
+    keys = [load_public_key(key) for key in _public_keys(args, home)]
+    html = render_report(_db(args, home), keys, witnesses=[Path(w) for w in args.witness or []])
+    Path(args.output).write_text(html, encoding="utf-8")
+    print_json({"report": args.output, "bytes": len(html.encode())})
+    return EXIT_OK
+
+
+def _with_db(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--db", help="audit database (default HOME/audit.db)")
+    return parser
+
+
+def _with_keys(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--public-key", action="append",
+                        help="PEM public key (default HOME/keys/...pub); repeat for a key set")
+    return parser
+
+
 def add_commands(commands: Subcommands) -> None:
-    """Add ``audit verify`` and ``audit show``."""
+    """Add ``audit verify / show / prove / verify-receipt / consistency / checkpoint /
+    query / export / report``."""
     audit = commands.add_parser("audit", help="security review of the audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
-    verify = audit_commands.add_parser("verify", parents=[subcommand_options()],
-                                       help="verify the log offline with the public key")
-    verify.add_argument("--db", help="audit database (default HOME/audit.db)")
-    verify.add_argument("--public-key", help="PEM public key (default HOME/keys/...pub)")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return audit_commands.add_parser(name, parents=[subcommand_options()], help=help_text)
+
+    verify = _with_keys(_with_db(command("verify", "verify the log offline with the public key")))
+    verify.add_argument("--witness", action="append",
+                        help="a witness's checkpoint file or directory (repeatable)")
+    verify.add_argument("--workers", type=int, default=1,
+                        help="processes checking signatures (default 1)")
     verify.set_defaults(handler=_verify)
-    show = audit_commands.add_parser("show", parents=[subcommand_options()],
-                                     help="print records as JSON lines")
-    show.add_argument("--db", help="audit database (default HOME/audit.db)")
+
+    show = _with_db(command("show", "print records as JSON lines"))
     show.add_argument("--seq", type=int, help="the record with this seq (or start here)")
     show.add_argument("--last", type=int, help="only the last N records")
     show.add_argument("--kind", help="only records of this kind, e.g. call.denied")
     show.set_defaults(handler=_show)
+
+    prove = _with_db(command("prove", "print the receipt of record SEQ with its inclusion proof"))
+    prove.add_argument("seq", type=int, metavar="SEQ")
+    prove.add_argument("--tree-size", type=int, help="under the checkpoint of this size")
+    prove.set_defaults(handler=_prove)
+
+    receipt = _with_keys(command("verify-receipt", "check a receipt with only the public key"))
+    receipt.add_argument("file", metavar="FILE", help="receipt JSON ('-' for stdin)")
+    receipt.set_defaults(handler=_verify_receipt)
+
+    consistency = _with_keys(_with_db(command(
+        "consistency", "prove the log only grew between checkpoints OLD and NEW")))
+    consistency.add_argument("old", metavar="OLD", help="a checkpoint's tree size, or its file")
+    consistency.add_argument("new", metavar="NEW", help="a checkpoint's tree size, or its file")
+    consistency.set_defaults(handler=_consistency)
+
+    checkpoint = _with_db(command("checkpoint", "sign and store a checkpoint of the log now"))
+    checkpoint.set_defaults(handler=_checkpoint)
+
+    query = _with_db(command("query", "calls matching every filter given, as JSON lines"))
+    for option in ("principal", "tool", "kind", "outcome", "session", "call-id"):
+        query.add_argument(f"--{option}")
+    query.add_argument("--since", help="RFC 3339 UTC time, inclusive")
+    query.add_argument("--until", help="RFC 3339 UTC time, exclusive")
+    query.set_defaults(handler=_query)
+
+    export = _with_db(command("export", "every record, for a SIEM"))
+    export.add_argument("--format", choices=("jsonl", "ocsf"), default="jsonl",
+                        help="JSON Lines of records, or OCSF API Activity events")
+    export.add_argument("--output", help="file to write (default stdout)")
+    export.set_defaults(handler=_export)
+
+    report = _with_keys(_with_db(command("report", "a self-contained HTML security review")))
+    report.add_argument("--output", default="callward-report.html")
+    report.add_argument("--witness", action="append")
+    report.set_defaults(handler=_report)
