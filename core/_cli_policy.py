@@ -240,8 +240,28 @@ def _status(args: argparse.Namespace, home: Home) -> int:
     good = [e for e in events if e["kind"] == "policy.reloaded"]
     status["last_good_digest"] = good[-1]["digest"] if good else None
     status["last_reload_failed"] = bool(events) and events[-1]["kind"] == "policy.reload_failed"
+    status["shadow_differences"] = _shadow_differences(home)
     print_json(status)
     return EXIT_CHECK_FAILED if not status["loads"] else EXIT_OK
+
+
+def _shadow_differences(home: Home) -> dict[str, Any]:
+    import json  # noqa: PLC0415
+
+    from callward.policies import PolicyState  # noqa: PLC0415
+
+    if not home.policy_state_db.is_file():
+        return {"count": 0, "recent": []}
+    state = PolicyState(home.policy_state_db)
+    try:
+        count, rows = state.shadow_diffs(last=5)
+    finally:
+        state.close()
+    recent = [{"at": at, "call_id": call_id, "principal": principal, "tool": tool,
+               "enforced": json.loads(str(enforced)), "shadow": json.loads(str(shadow)),
+               "shadow_digest": digest}
+              for at, call_id, principal, tool, enforced, shadow, digest in rows]
+    return {"count": count, "recent": recent}
 
 
 def add_commands(commands: Subcommands) -> None:

@@ -6,6 +6,7 @@ Configuration, version 1; paths are relative to the file::
     tools:                 # Python files (or module:dotted.name) holding @tool functions
       - tools.py
     policy: policy.yaml    # required: there is no default policy
+    policy_shadow: candidate.yaml  # optional: decided beside it, differences recorded only
     sandbox:
       runtime: runc        # or runsc (gVisor)
 
@@ -41,13 +42,12 @@ CONFIG_SCHEMA: Final = {
     "properties": {
         "tools": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
         "policy": {"type": "string", "minLength": 1},
+        "policy_shadow": {"type": "string", "minLength": 1},
         "sandbox": {
             "type": "object",
             "additionalProperties": False,
             "properties": {"runtime": {"enum": ["runc", "runsc"]}},
         },
-        # Upstream MCP servers; callward.core._mcp_upstream validates the section itself.
-        "mcp": {"type": "object"},
     },
 }
 _CONFIG_VALIDATOR: Final = Draft202012Validator(CONFIG_SCHEMA, registry=Registry())
@@ -97,6 +97,7 @@ class GatewayConfig:
     policy_path: Path
     runtime: Literal["runc", "runsc"]
     source: Path
+    policy_shadow_path: Path | None = None
 
 
 def example_config_path() -> Path:
@@ -131,6 +132,7 @@ def load_config(path: Path) -> GatewayConfig:
         policy_path=Path(resolve(raw["policy"])),
         runtime=(raw.get("sandbox") or {}).get("runtime", "runc"),
         source=path,
+        policy_shadow_path=Path(resolve(raw["policy_shadow"])) if "policy_shadow" in raw else None,
     )
 
 
@@ -164,8 +166,12 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
     signer = FileSigner.load_or_create(state.keys_dir)
     # Rate limits, session labels and approvals survive restarts in their own file;
     # approvals are signed with the audit key.
-    policy = Policy.from_file(config.policy_path, state=PolicyState(state.policy_state_db),
-                              signer=signer)
+    # A shadow (candidate) policy decides beside it, read-only; differences are recorded.
+    policy_state = PolicyState(state.policy_state_db)
+    shadow = (Policy.from_file(config.policy_shadow_path, state=policy_state)
+              if config.policy_shadow_path is not None else None)
+    policy = Policy.from_file(config.policy_path, state=policy_state, signer=signer,
+                              shadow=shadow)
     audit = SQLiteAuditStore(state.audit_db, signer)
     audit.open()
     # Calls a crashed gateway authorized but never completed are closed out now.

@@ -197,6 +197,9 @@ class Policy:
         signer: Signs and verifies approvals; without one no approval is ever valid.
         clock: Seconds since the epoch (injected so tests can move time).
         path: The file the document came from, watched for hot reload.
+        shadow: A candidate policy decided beside this one on every call, read-only
+            (give it the same state, so it sees the same counters and labels); where
+            it differs, the difference is recorded in the state, never enforced.
 
     Example::
 
@@ -218,6 +221,7 @@ class Policy:
         clock: Clock = time.time,
         new_proposal_id: Callable[[], str] = _proposal_id,
         path: Path | None = None,
+        shadow: Policy | None = None,
     ) -> None:
         self._compiled = _compile(document)
         self._schema = SchemaCheck()
@@ -230,6 +234,7 @@ class Policy:
         self._next_poll = 0.0
         self._reload_lock = threading.Lock()
         self.last_reload: ReloadResult | None = None
+        self.shadow = shadow
 
     @classmethod
     def from_file(cls, path: Path, **options: object) -> Policy:
@@ -259,7 +264,27 @@ class Policy:
 
     def decide(self, call: ToolCall, spec: ToolSpec | None, context: CallContext) -> Decision:
         """Decide one call; never raises for anything about the call itself."""
-        return self._evaluate(call, spec, context, commit=True).decision
+        decision = self._evaluate(call, spec, context, commit=True).decision
+        if self.shadow is not None:
+            self._shadow_decide(self.shadow, call, spec, context, decision)
+        return decision
+
+    def _shadow_decide(self, shadow: Policy, call: ToolCall, spec: ToolSpec | None,
+                       context: CallContext, enforced: Decision) -> None:
+        """Decide with the shadow, read-only; record a difference in this policy's state."""
+        try:
+            candidate = shadow._evaluate(call, spec, context, commit=False).decision
+            if (candidate.effect, candidate.kind) == (enforced.effect, enforced.kind):
+                return
+            self.state.record_shadow_diff(
+                at=self._clock(), call_id=call.id, principal=context.principal,
+                tool=call.name[:256], shadow_digest=shadow.digest,
+                enforced=canonical_bytes(_summary(enforced)).decode(),
+                shadow=canonical_bytes(_summary(candidate)).decode())
+            log.info("policy_shadow_differs", call_id=call.id, enforced=enforced.effect,
+                     shadow=candidate.effect)
+        except Exception:
+            log.exception("policy_shadow_failed", call_id=call.id)
 
     def explain(self, call: ToolCall, spec: ToolSpec | None, context: CallContext) -> Trace:
         """The full decision trace of a call, without recording or consuming anything."""
@@ -629,6 +654,10 @@ class Policy:
                 log.info("policy_reloaded", digest=compiled.document.digest, previous=previous)
         self.last_reload = result
         return result
+
+
+def _summary(decision: Decision) -> dict[str, JSONValue]:
+    return {"effect": decision.effect, "kind": decision.kind, "reasons": list(decision.reasons)}
 
 
 def arguments_digest(arguments: dict[str, JSONValue]) -> Sha256Hex:

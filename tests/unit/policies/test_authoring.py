@@ -183,3 +183,36 @@ rules:
                                 report["deny_to_allow"])
         assert ["no-posts"] == report["examples"]["allow_to_deny"][0]["after"]["reasons"]
         assert "bob" == report["examples"]["deny_to_allow"][0]["principal"]
+
+
+class TestStatus:
+    def test_status_shows_the_policy_and_its_reloads(self, tmp_path):
+        """`policy status` reports whether the file loads, its digest and the last reloads."""
+        policy_path = tmp_path / "policy.yaml"
+        policy_path.write_text((EXAMPLES / "coding" / "policy.yaml").read_text())
+        for name in ("coding.cedar", "tools.py"):
+            (tmp_path / name).write_text((EXAMPLES / "coding" / name).read_text())
+        config = tmp_path / "callward.yaml"
+        config.write_text("tools: [tools.py]\npolicy: policy.yaml\n"
+                          "policy_shadow: policy.yaml\n")
+        store = SQLiteAuditStore(tmp_path / "audit.db",
+                                 FileSigner.load_or_create(tmp_path / "keys"))
+        store.open()
+        store.append("policy.reload_failed", {"ok": False, "digest": "a" * 64,
+                                              "previous_digest": "a" * 64, "source": "x",
+                                              "message": "invalid at $.default"})
+        store.close()
+
+        def status():
+            return subprocess.run(
+                [sys.executable, "-m", "callward.core.cli", "--home", str(tmp_path), "policy",
+                 "status", "--config", str(config)], capture_output=True, text=True,
+                check=False)
+
+        good = status()
+        policy_path.write_text("version: 1\ndefault: allow\nrules: []\n")
+        bad = status()
+
+        assert (0, 1) == (good.returncode, bad.returncode)
+        assert '"last_reload_failed": true' in good.stdout
+        assert '"loads": false' in bad.stdout

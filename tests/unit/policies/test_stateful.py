@@ -291,3 +291,37 @@ def test_policy_satisfies_the_gateway_hooks(make_policy):
     hooks: PolicyHooks = make_policy()
 
     assert isinstance(hooks, PolicyHooks)
+
+
+class TestShadowMode:
+    def test_differences_are_recorded_never_enforced(self, tmp_path, registry, clock):
+        """A stricter shadow never denies; each call it would decide otherwise is recorded."""
+        state = PolicyState(tmp_path / "policy-state.db")
+        shadow = Policy.from_text(POLICY.replace(
+            "rules:\n", "rules:\n  - {id: shadow-no-posts, effect: deny, roles: [agent], "
+            "tools: [http_post]}\n"), state=state, clock=clock)
+        policy = Policy.from_text(POLICY, state=state, clock=clock, shadow=shadow)
+        spec = registry.get("http_post")
+
+        decisions = [policy.decide(ToolCall.create(id=f"p{n}", name="http_post",
+                                                   arguments={"url": "u"}, dialect="api"),
+                                   spec, CallContext("ana")) for n in range(2)]
+        count, rows = state.shadow_diffs()
+
+        assert ["allow", "allow"] == [d.effect for d in decisions]
+        assert 2 == count
+        assert '"shadow-no-posts"' in str(rows[0][5])
+
+    def test_a_broken_shadow_changes_nothing(self, registry, clock):
+        """A shadow that fails inside never affects the enforced decision."""
+
+        class StubBrokenShadow:
+            digest = "0" * 64
+
+            def _evaluate(self, *args, **kwargs):
+                raise RuntimeError("injected")
+
+        policy = Policy.from_text(POLICY, clock=clock, shadow=StubBrokenShadow())
+        call = ToolCall.create(id="p", name="http_post", arguments={"url": "u"}, dialect="api")
+
+        assert "allow" == policy.decide(call, registry.get("http_post"), CallContext("ana")).effect
