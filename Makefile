@@ -40,6 +40,8 @@ image: setup engine
 
 bench: image
 	$(PY) bench/governance.py
+	$(PY) bench/audit_append.py
+	$(PY) bench/audit_verify.py
 
 clean-containers:
 	docker ps -aq --filter label=callward | xargs -r docker rm -f
