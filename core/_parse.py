@@ -51,6 +51,7 @@ from callward.core.errors import MalformedCall
 from callward.core.types import Dialect, ToolCall
 
 ParameterOrder = Callable[[str], tuple[str, ...] | None]
+Spans = tuple[tuple[int, int], ...]
 NewId = Callable[[], str]
 
 MAX_CALLS_PER_MESSAGE: Final = 64
@@ -203,11 +204,14 @@ def _parse_openai(document: object, new_id: NewId) -> list[_Found] | None:
 # --- hermes -----------------------------------------------------------------
 
 
-def _parse_hermes(text: str, new_id: NewId) -> list[_Found]:
+def _parse_hermes(text: str, new_id: NewId, protected: Spans = ()) -> list[_Found]:
     found: list[_Found] = []
     position = 0
     while (start := text.find(_HERMES_OPEN, position)) != -1:
-        _refuse_stray_close(text, position, start)
+        _refuse_stray_close(text, position, start, protected)
+        if _inside(protected, start):
+            position = start + len(_HERMES_OPEN)
+            continue
         body_start = _skip_ws(text, start + len(_HERMES_OPEN))
         if body_start >= len(text):
             raise _fail(f"{_HERMES_OPEN} is never closed", start, "hermes")
@@ -243,15 +247,20 @@ def _parse_hermes(text: str, new_id: NewId) -> list[_Found]:
             )
         )
         position = close + len(_HERMES_CLOSE)
-    _refuse_stray_close(text, position, len(text))
+    _refuse_stray_close(text, position, len(text), protected)
     return found
 
 
-def _refuse_stray_close(text: str, start: int, end: int) -> None:
+def _refuse_stray_close(text: str, start: int, end: int, protected: Spans = ()) -> None:
     """Outside the calls, a closing tag means the model lost track of its own tags."""
-    stray = text.find(_HERMES_CLOSE, start, end)
-    if stray != -1:
-        raise _fail(f"{_HERMES_CLOSE} without an opening tag", stray, "hermes")
+    while (stray := text.find(_HERMES_CLOSE, start, end)) != -1:
+        if not _inside(protected, stray):
+            raise _fail(f"{_HERMES_CLOSE} without an opening tag", stray, "hermes")
+        start = stray + len(_HERMES_CLOSE)
+
+
+def _inside(spans: Spans, index: int) -> bool:
+    return any(start <= index < end for start, end in spans)
 
 
 # --- article ----------------------------------------------------------------
@@ -277,9 +286,13 @@ def _article_arguments(
     return dict(zip(order, values, strict=False))
 
 
-def _parse_article(text: str, new_id: NewId, parameter_order: ParameterOrder) -> list[_Found]:
+def _parse_article(
+    text: str, new_id: NewId, parameter_order: ParameterOrder, protected: Spans = ()
+) -> list[_Found]:
     found: list[_Found] = []
     for match in _ARTICLE.finditer(text):
+        if _inside(protected, match.start()):
+            continue
         values: list[object] = []
         index = _skip_ws(text, match.end())
         while True:
@@ -368,9 +381,13 @@ def _skip_inline_ws(text: str, index: int) -> int:
     return index
 
 
-def _parse_natural(text: str, new_id: NewId, parameter_order: ParameterOrder) -> list[_Found]:
+def _parse_natural(
+    text: str, new_id: NewId, parameter_order: ParameterOrder, protected: Spans = ()
+) -> list[_Found]:
     found: list[_Found] = []
     for match in _NATURAL.finditer(text):
+        if _inside(protected, match.start()):
+            continue
         name = match.group(1)
         index = match.end()
         values: list[object] = []
@@ -521,24 +538,22 @@ def _parse_fenced(text: str, new_id: NewId) -> tuple[list[_Found], list[tuple[in
     spans: list[tuple[int, int]] = []
     position = 0
     while match := _FENCE_OPEN.search(text, position):
-        close = text.find(_FENCE_CLOSE, match.end())
-        body_end = len(text) if close == -1 else close
-        end = len(text) if close == -1 else close + len(_FENCE_CLOSE)
-        spans.append((match.start(), end))
         index = _skip_ws(text, match.end())
         # Code in another language is the model's prose, never a call.
-        while match.group(1) in _CALL_FENCES and index < body_end and text[index] in "{[":
+        while match.group(1) in _CALL_FENCES and index < len(text) and text[index] in "{[":
             decoded = _decode_candidate(text, index, "json")
             if decoded is None:
                 break
             value, after = decoded
-            if after > body_end:
-                raise _fail(f"the JSON runs past the closing {_FENCE_CLOSE}", body_end, "json")
             calls = _calls_from_value(value, index, after, "json", new_id)
             if calls is None:
                 break
             found.extend(calls)
             index = _skip_ws(text, after)
+        # The fence closes after the last call read: a JSON string may hold backticks.
+        close = text.find(_FENCE_CLOSE, index)
+        end = len(text) if close == -1 else close + len(_FENCE_CLOSE)
+        spans.append((match.start(), end))
         position = end
     return found, spans
 
@@ -596,11 +611,16 @@ def _llama_keywords(text: str, index: int) -> tuple[dict[str, object], int]:
         raise _fail("expected ',' or ')'", index, "llama")
 
 
-def _parse_llama(text: str, new_id: NewId) -> tuple[list[_Found], list[tuple[int, int]]]:
+def _parse_llama(
+    text: str, new_id: NewId, protected: Spans = ()
+) -> tuple[list[_Found], list[tuple[int, int]]]:
     found: list[_Found] = []
     spans: list[tuple[int, int]] = []
     position = 0
     while (start := text.find(_PYTHON_TAG, position)) != -1:
+        if _inside(protected, start):
+            position = start + len(_PYTHON_TAG)
+            continue
         end_match = _LLAMA_END.search(text, start + len(_PYTHON_TAG))
         end = len(text) if end_match is None else end_match.start()
         spans.append((start, end))
@@ -657,13 +677,36 @@ def _parse_document(document: object, new_id: NewId) -> list[_Found] | None:
     return None
 
 
+def _json_call_spans(text: str) -> Spans:
+    """
+    Where call objects stand at line starts: tags and call syntax inside their JSON
+    strings are data, never calls of their own.
+    """
+    spans: list[tuple[int, int]] = []
+    position = 0
+    while match := _LINE_JSON.search(text, position):
+        index = match.start(1)
+        try:
+            value, after = STRICT_DECODER.raw_decode(text, index)
+        except (ValueError, RecursionError):
+            position = index + 1
+            continue
+        if _is_call_object(value) or (
+            isinstance(value, list) and any(_is_call_object(item) for item in value)
+        ):
+            spans.append((index, after))
+        position = max(after, index + 1)
+    return tuple(spans)
+
+
 def _parse_text(text: str, new_id: NewId, parameter_order: ParameterOrder) -> list[_Found]:
+    protected = _json_call_spans(text)
     found = (
-        _parse_hermes(text, new_id)
-        + _parse_article(text, new_id, parameter_order)
-        + _parse_natural(text, new_id, parameter_order)
+        _parse_hermes(text, new_id, protected)
+        + _parse_article(text, new_id, parameter_order, protected)
+        + _parse_natural(text, new_id, parameter_order, protected)
     )
-    llama, llama_spans = _parse_llama(text, new_id)
+    llama, llama_spans = _parse_llama(text, new_id, protected)
     fenced, fence_spans = _parse_fenced(text, new_id)
     taken = [(item.offset, item.end) for item in found] + llama_spans + fence_spans
     found += llama + fenced + _parse_bare_json(text, new_id, sorted(taken))

@@ -19,7 +19,7 @@ from typing import NoReturn
 
 import structlog
 
-from callward.core import _cli_audit, _cli_mcp, _cli_policy, _cli_sandbox
+from callward.core import _cli_agent, _cli_audit, _cli_mcp, _cli_policy, _cli_sandbox
 from callward.core._cli_common import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
@@ -54,7 +54,8 @@ def _configure_logging(level_name: str) -> None:
 def _demo(args: argparse.Namespace, home: Home) -> int:
     from callward.core._demo import run_demo  # noqa: PLC0415 - loads docker only when used
 
-    return run_demo(home=home, config=Path(args.config) if args.config else None)
+    return run_demo(home=home, config=Path(args.config) if args.config else None,
+                    model=not args.no_model)
 
 
 def _call(args: argparse.Namespace, home: Home) -> int:
@@ -80,6 +81,8 @@ def _tools_list(args: argparse.Namespace, home: Home) -> int:
 def _add_core_commands(commands: Subcommands) -> None:
     demo = commands.add_parser("demo", parents=[subcommand_options(), config_options()],
                                help="the main job: model output through the full path, verified")
+    demo.add_argument("--no-model", action="store_true",
+                      help="feed model output in several dialects instead of running the model")
     demo.set_defaults(handler=_demo)
 
     call = commands.add_parser("call", parents=[subcommand_options(), config_options()],
@@ -108,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_audit.add_commands(commands)
     _cli_policy.add_commands(commands)
     _cli_sandbox.add_commands(commands)
+    _cli_agent.add_commands(commands)
     _cli_mcp.add_commands(commands)
     return parser
 

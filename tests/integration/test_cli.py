@@ -26,8 +26,8 @@ def _filled_log(cli, engine, home):
 
 class TestDemo:
     def test_demo_runs_every_step_and_verifies(self, cli, engine, leftover_containers):
-        """`callward demo` shows every required case and ends with a verified log."""
-        done = cli("demo")
+        """`callward demo --no-model` shows every required case and ends with a verified log."""
+        done = cli("demo", "--no-model")
 
         assert 0 == done.returncode, done.stderr
         for expected in ("expected output matched: True", "outcome:  schema",

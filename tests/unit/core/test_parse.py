@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -392,3 +393,27 @@ class TestMoreProperties:
         (call,) = parse_model_output(text, parameter_order=ORDERS.get, new_id=lambda: "x")
 
         assert arguments == call.arguments
+
+
+CORPUS = Path(__file__).resolve().parents[2] / "corpus" / "model_outputs.jsonl"
+
+
+class TestCorpus:
+    @pytest.mark.parametrize(
+        "entry",
+        [json.loads(line) for line in CORPUS.read_text(encoding="utf-8").splitlines()],
+        ids=lambda entry: entry["text"][:40],
+    )
+    def test_real_outputs_parse_to_what_was_meant(self, parse, entry):
+        """Each recorded output gives exactly its calls, or is refused at its offset."""
+        if "error_offset" in entry:
+            with pytest.raises(MalformedCall) as caught:
+                parse(entry["text"])
+            assert entry["error_offset"] == caught.value.offset
+            return
+
+        calls = parse(entry["text"])
+
+        assert [tuple(pair) for pair in entry["calls"]] == [
+            (call.name, call.arguments) for call in calls
+        ]

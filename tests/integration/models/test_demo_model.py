@@ -1,0 +1,83 @@
+"""
+The real demo model (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF from the six pinned
+chunk wheels) end to end: real Docker sandbox, real SQLite log, real keys.
+
+Kept to a few short turns: the model is converted once per session (about a
+minute on 2 cores) and each turn takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from callward.audit import verify
+from callward.core import Agent
+from callward.core._config import example_config_path
+from callward.core._models_gguf import DEMO_MODEL_ID, DEMO_MODEL_SHA256, load_demo_model
+from callward.core.gateway import Gateway
+
+
+@pytest.fixture(scope="session", name="model_cache")
+def _model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session", name="demo_model")
+def _demo_model(model_cache: Path):
+    return load_demo_model(model_cache)
+
+
+def kinds(home: Path) -> list[str]:
+    with sqlite3.connect(home / "audit.db") as db:
+        return [kind for (kind,) in db.execute("SELECT kind FROM records ORDER BY seq")]
+
+
+class TestDemoModel:
+    def test_arithmetic_through_the_gateway(self, engine, demo_model, home,
+                                            leftover_containers):
+        """The model calls add through the gateway and answers with the sum; the log verifies."""
+        with Gateway.from_config(example_config_path(), home=home) as gateway:
+            run = Agent(gateway=gateway, model=demo_model, principal="alice").run(
+                "What is 1234 + 5678?")
+            turns = [r.body for r in gateway.audit.records() if r.kind == "model.turn"]
+
+        results = [result for step in run.steps for result in step.results]
+        assert "answered" == run.stop
+        assert "6912" in (run.answer or "")
+        assert [("add", "ok", 6912)] == [(r.tool, r.kind, r.content) for r in results]
+        assert {(DEMO_MODEL_ID, DEMO_MODEL_SHA256)} == {
+            (body["model"]["id"], body["model"]["digest"]) for body in turns}
+        assert ["call.authorized", "call.completed", "model.turn", "model.turn"] == [
+            kind for kind in kinds(home) if not kind.startswith("checkpoint")]
+        verify(home / "audit.db", home / "keys" / "audit-ed25519.pub")
+        assert [] == leftover_containers()
+
+    def test_forbidden_tool_is_denied_and_explained(self, engine, demo_model, home):
+        """A guest asking to drop a table: the call is denied, never runs, and the model answers."""
+        with Gateway.from_config(example_config_path(), home=home) as gateway:
+            run = Agent(gateway=gateway, model=demo_model, principal="mallory").run(
+                "Drop the table named users.")
+
+        results = [result for step in run.steps for result in step.results]
+        assert "answered" == run.stop
+        assert {"permission"} == {result.kind for result in results}
+        assert "call.completed" not in kinds(home)
+
+    def test_callward_demo_runs_the_model(self, engine, home, model_cache):
+        """`callward demo` runs the model on its questions and ends with a verified log."""
+        (home / "models").symlink_to(model_cache, target_is_directory=True)
+
+        done = subprocess.run(
+            [sys.executable, "-m", "callward.core.cli", "--home", str(home), "demo"],
+            capture_output=True, text=True, timeout=900, check=False,
+        )
+
+        assert 0 == done.returncode, done.stderr
+        for expected in ("model:  Qwen2.5-Coder-0.5B-Instruct", "Answered correctly with tools:",
+                         "outcome:  ok", "outcome:  permission", "verdict: OK"):
+            assert expected in done.stdout
