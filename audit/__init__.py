@@ -22,6 +22,7 @@ from callward.audit._checkpoint import Checkpoint, open_checkpoint
 from callward.audit._proofs import VerifiedReceipt, consistency, prove, verify_receipt
 from callward.audit._query import CallFilter, export_records, query_calls, read_records
 from callward.audit._report import render_report
+from callward.audit._rotation import rotate_file_key
 from callward.audit._sqlite import SQLiteAuditStore
 from callward.audit._witness import CommandWitness, DirectoryWitness, Witness
 from callward.audit.signer import FileSigner, Signer, key_id_of, load_public_key
@@ -47,6 +48,7 @@ __all__ = [
     "query_calls",
     "read_records",
     "render_report",
+    "rotate_file_key",
     "verify",
     "verify_receipt",
 ]

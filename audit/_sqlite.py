@@ -617,6 +617,18 @@ class SQLiteAuditStore:
         log.info("audit_key_rotated", previous=body["previous_key_id"], new=new_signer.key_id)
         return record
 
+    def rotated_to(self, key_id: str) -> bool:
+        """
+        Whether the log was already handed to ``key_id`` by a ``key.rotated`` record.
+
+        Raises:
+            AuditUnavailable: The file cannot be read.
+        """
+        with self._lock:
+            conn = self._require_open()
+            with _store_errors("read", self._path):
+                return get_meta(conn, "current_key_id") == key_id
+
     def recover_interrupted(self) -> list[AuditRecord]:
         """
         Close out calls that were authorized by a gateway that is gone: each gets a

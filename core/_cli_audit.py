@@ -131,6 +131,17 @@ def _checkpoint(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK
 
 
+def _rotate_key(args: argparse.Namespace, home: Home) -> int:
+    from callward.audit import rotate_file_key  # noqa: PLC0415
+
+    old, new = rotate_file_key(home.keys_dir, _db(args, home))
+    print_json({"previous_key_id": old, "key_id": new,
+                "public_key": str(home.public_key),
+                "retired_public_key": str(home.keys_dir / "retired" / f"{old}.pub"),
+                "note": "restart running gateways: they refuse to append with the old key"})
+    return EXIT_OK
+
+
 def _query(args: argparse.Namespace, home: Home) -> int:
     from callward.audit import CallFilter, query_calls  # noqa: PLC0415
 
@@ -179,7 +190,7 @@ def _with_keys(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_commands(commands: Subcommands) -> None:
     """Add ``audit verify / show / prove / verify-receipt / consistency / checkpoint /
-    query / export / report``."""
+    rotate-key / query / export / report``."""
     audit = commands.add_parser("audit", help="security review of the audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
 
@@ -216,6 +227,9 @@ def add_commands(commands: Subcommands) -> None:
 
     checkpoint = _with_db(command("checkpoint", "sign and store a checkpoint of the log now"))
     checkpoint.set_defaults(handler=_checkpoint)
+
+    rotate = _with_db(command("rotate-key", "hand the log to a new key, signed by the old"))
+    rotate.set_defaults(handler=_rotate_key)
 
     query = _with_db(command("query", "calls matching every filter given, as JSON lines"))
     for option in ("principal", "tool", "kind", "outcome", "session", "call-id"):

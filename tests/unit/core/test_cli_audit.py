@@ -87,3 +87,19 @@ class TestAuditCommands:
         assert 5 == len(query.stdout.splitlines())
         assert 10 == len(jsonl.stdout.splitlines()) == len(ocsf.stdout.splitlines())
         assert "Verification OK" in (tmp_path / "r.html").read_text()
+
+    def test_rotate_key_then_verify_with_the_first_key(self, home, tmp_path):
+        """After `audit rotate-key` the log verifies from the first key across the boundary."""
+        first = tmp_path / "first.pub"
+        first.write_bytes((home / "keys" / "audit-ed25519.pub").read_bytes())
+
+        rotated = callward(home, "audit", "rotate-key")
+        signer = FileSigner.load_or_create(home / "keys")
+        with SQLiteAuditStore(home / "audit.db", signer) as store:
+            store.append("call.completed", {"after": "rotation"})
+        checked = callward(home, "audit", "verify", "--public-key", str(first))
+
+        assert (0, 0) == (rotated.returncode, checked.returncode), checked.stdout
+        assert [json.loads(rotated.stdout)["previous_key_id"], signer.key_id] == json.loads(
+            checked.stdout)["key_ids"]
+        assert (home / "keys" / "retired").is_dir()
