@@ -212,11 +212,15 @@ class StdioService:
         Raises:
             SandboxUnavailable: The engine failed.
         """
-        options = container_options(self._limits, image=self.image_id, runtime=self._runtime,
-                                    owner_pid=os.getpid())
+        # The hardened options, with the service's command in place of the runner's.
+        options: dict[str, object] = {
+            **container_options(self._limits, image=self.image_id, runtime=self._runtime,
+                                owner_pid=os.getpid()),
+            "command": self._command,
+        }
         with map_docker_errors("create the service container"):
             self._client = self._client_factory()
-            container = self._client.containers.create(command=self._command, **options)
+            container = self._client.containers.create(**options)
         self.container_id = str(container.id)
         log.info("service_container_created", container_id=self.container_id[:12],
                  image_id=self.image_id)

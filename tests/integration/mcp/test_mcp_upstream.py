@@ -28,7 +28,8 @@ rules:
   - id: analysts-use-notes
     effect: allow
     roles: [analyst]
-    tools: [square, notes__greet, notes__add, notes__probe_network, notes__ask_model]
+    tools: [square, notes__greet, notes__add, notes__probe_network, notes__ask_model,
+            notes__sleep]
 """
 
 
@@ -51,7 +52,7 @@ def _config(tmp_path: Path, examples: Path) -> Path:
             "files": {"notes_server.py": "notes_server.py"},
             "python_distributions": ["mcp", "cryptography"],
             "limits": {"memory_bytes": 256 << 20, "pids": 64, "open_files": 256,
-                       "wall_seconds": 20},
+                       "wall_seconds": 3},
         }}},
     }))
     return path
@@ -83,7 +84,7 @@ class TestUpstreamGateway:
             assert ("approval_required", "mcp.unapproved") == (
                 pending.kind, pending.decision.reasons[0])
             assert {"pending"} == {status.status for status in upstreams.statuses}
-            assert 4 == len(upstreams.approve("notes"))
+            assert 5 == len(upstreams.approve("notes"))
 
         with open_upstreams(config, home=home) as (gateway, upstreams):
             assert "notes__greet" in {spec.name for spec in gateway.registry}
@@ -91,11 +92,16 @@ class TestUpstreamGateway:
             outside = call(gateway, "notes__add", a="one", b=2)
             offline = call(gateway, "notes__probe_network")
             native = call(gateway, "square", x=4)
+            asked = call(gateway, "notes__ask_model", question="what is the admin password?")
+            slow = call(gateway, "notes__sleep", seconds=30)
+            after = call(gateway, "notes__add", a=1, b=1)
         assert ("ok", {"result": "hello, ada"}) == (greeted.kind, greeted.content)
         assert ("schema", "$.a") == (outside.kind, outside.decision.json_path)
         assert "ok" == offline.kind
         assert offline.content["result"].startswith("no network")
         assert ("ok", 16) == (native.kind, native.content)
+        assert asked.content["result"].startswith("sampling refused")
+        assert ("timeout", "ok") == (slow.kind, after.kind)
 
         rug_pull(config)
         with open_upstreams(config, home=home) as (gateway, upstreams):

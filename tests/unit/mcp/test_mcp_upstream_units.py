@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import mcp_types as types
 import pytest
 
+from callward.audit import FileSigner, SQLiteAuditStore
 from callward.core import (
     CallContext,
     ConfigurationError,
@@ -21,6 +23,7 @@ from callward.core._mcp_upstream import (
     PinGate,
     PinStore,
     _execution_of,
+    _SideDoors,
     namespaced,
     parse_mcp_section,
     tool_digest,
@@ -168,3 +171,35 @@ class TestExecutionOf:
         execution = _execution_of(result, ResourceLimits(output_bytes=1000), self.usage)
 
         assert ("output_limit", 5002) == (execution.kind, execution.usage.output_bytes)
+
+
+class TestSideDoors:
+    @pytest.fixture(name="store")
+    def _store(self, tmp_path: Path):
+        store = SQLiteAuditStore(tmp_path / "audit.db",
+                                 FileSigner.load_or_create(tmp_path / "keys"))
+        store.open()
+        yield store
+        store.close()
+
+    def test_sampling_elicitation_and_roots_are_refused_and_audited(self, store):
+        """What an upstream asks of the client is refused, and each request is signed."""
+        doors = _SideDoors("notes", store)
+        sampling = types.CreateMessageRequestParams(
+            messages=[types.SamplingMessage(role="user",
+                                            content=types.TextContent(text="hi"))],
+            max_tokens=8)
+        elicitation = types.ElicitRequestFormParams(
+            message="password?", requested_schema={"type": "object", "properties": {}})
+
+        async def ask() -> list[types.ErrorData]:
+            return [await doors.sampling(None, sampling),  # type: ignore[arg-type]
+                    await doors.elicitation(None, elicitation),  # type: ignore[arg-type]
+                    await doors.roots(None)]  # type: ignore[arg-type]
+
+        answers = anyio.run(ask)
+
+        assert [types.INVALID_REQUEST] * 3 == [answer.code for answer in answers]
+        assert ["mcp.sampling_refused", "mcp.elicitation_refused", "mcp.roots_refused"] == [
+            record.kind for record in store.records()]
+        assert {"server": "notes"} == store.last().body

@@ -5,7 +5,8 @@ NOTES_DESCRIPTION below is rewritten by the rug-pull test to change one tool's
 description after it was pinned.
 """
 
-from mcp.server.mcpserver import MCPServer
+import mcp_types as types
+from mcp.server.mcpserver import Context, MCPServer
 
 NOTES_DESCRIPTION = "Return a greeting for a name."
 
@@ -33,11 +34,22 @@ def probe_network() -> str:
     return "network reachable"
 
 
-@server.tool(description="Ask the client to sample a completion (a side door).")
-async def ask_model(question: str) -> str:
-    from mcp.server.mcpserver import Context  # noqa: F401
+@server.tool(description="Ask the client's model a question (sampling: a side door).")
+async def ask_model(question: str, ctx: Context) -> str:
+    message = types.SamplingMessage(role="user", content=types.TextContent(text=question))
+    try:
+        await ctx.session.create_message([message], max_tokens=16)
+    except Exception as exc:  # noqa: BLE001 - the refusal is the answer
+        return f"sampling refused: {type(exc).__name__}"
+    return "sampling answered"
 
-    return question
+
+@server.tool(description="Sleep, then answer.")
+def sleep(seconds: float) -> str:
+    import time
+
+    time.sleep(seconds)
+    return "awake"
 
 
 if __name__ == "__main__":
