@@ -216,3 +216,39 @@ class TestStatus:
         assert (0, 1) == (good.returncode, bad.returncode)
         assert '"last_reload_failed": true' in good.stdout
         assert '"loads": false' in bad.stdout
+
+
+class TestExplainAndReplayCommands:
+    def test_explain_prints_the_trace_and_replay_the_changes(self, tmp_path, registry):
+        """`policy explain` traces a call without running it; `policy replay` reads a real log."""
+        config = EXAMPLES / "coding" / "callward.yaml"
+
+        def cli(*args):
+            return subprocess.run(
+                [sys.executable, "-m", "callward.core.cli", "--home", str(tmp_path), "policy",
+                 *args, "--config", str(config)], capture_output=True, text=True, check=False)
+
+        explained = cli("explain", '<tool_call>{"name": "read_file", "arguments": '
+                        '{"path": "../x"}}</tool_call>', "--principal", "coding-agent")
+        store = SQLiteAuditStore(tmp_path / "audit.db",
+                                 FileSigner.load_or_create(tmp_path / "keys"))
+        store.open()
+        coding = ToolRegistry()
+        coding.load(EXAMPLES / "coding" / "tools.py")
+        gateway = Gateway(registry=coding,
+                          policy=Policy.from_file(EXAMPLES / "coding" / "policy.yaml"),
+                          runner=StubRunner(), audit=store)
+        gateway.handle(ToolCall.create(id="r1", name="run_tests", arguments={"path": "src"},
+                                       dialect="api"), principal="coding-agent")
+        store.close()
+        candidate = tmp_path / "candidate.yaml"
+        candidate.write_text((EXAMPLES / "coding" / "policy.yaml").read_text().replace(
+            "tools: [read_file, write_file, run_tests, http_get]",
+            "tools: [read_file, write_file, http_get]").replace(
+            "cedar: [coding.cedar]", f"cedar: [{EXAMPLES / 'coding' / 'coding.cedar'}]"))
+        replayed = cli("replay", "--policy", str(candidate), "--fail-on-change")
+
+        assert 0 == explained.returncode
+        assert '"kind": "constraint"' in explained.stdout
+        assert 1 == replayed.returncode
+        assert '"allow_to_deny": 1' in replayed.stdout
