@@ -30,6 +30,8 @@ rules:
     roles: [analyst]
     tools: [square, notes__greet, notes__add, notes__probe_network, notes__ask_model,
             notes__sleep]
+results:
+  - {id: redact-emails, tools: [notes__greet], redact: [email]}
 """
 
 
@@ -89,6 +91,7 @@ class TestUpstreamGateway:
         with open_upstreams(config, home=home) as (gateway, upstreams):
             assert "notes__greet" in {spec.name for spec in gateway.registry}
             greeted = call(gateway, "notes__greet", name="ada")
+            redacted = call(gateway, "notes__greet", name="ada@example.org")
             outside = call(gateway, "notes__add", a="one", b=2)
             offline = call(gateway, "notes__probe_network")
             native = call(gateway, "square", x=4)
@@ -97,6 +100,8 @@ class TestUpstreamGateway:
             after = call(gateway, "notes__add", a=1, b=1)
         assert ("ok", {"result": "hello, ada"}) == (greeted.kind, greeted.content)
         assert ("schema", "$.a") == (outside.kind, outside.decision.json_path)
+        assert "ok" == redacted.kind
+        assert "ada@example.org" not in redacted.content_json.decode()
         assert "ok" == offline.kind
         assert offline.content["result"].startswith("no network")
         assert ("ok", 16) == (native.kind, native.content)
