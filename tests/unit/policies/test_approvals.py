@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from callward.audit import FileSigner, read_records
-from callward.core import CallContext, ToolCall
+from callward.audit import FileSigner, SQLiteAuditStore, read_records
+from callward.core import CallContext, Execution, Sha256Hex, ToolCall, Usage, canonical_bytes
+from callward.core.gateway import Gateway
 from callward.policies import ApprovalRefused, Policy, PolicyState
 
 POLICY = """
@@ -175,3 +176,37 @@ class TestApproveCommand:
 
         assert (1, 0) == (refused.returncode, granted.returncode)
         assert [("approval.refused", "ivo"), ("approval.granted", "lena")] == kinds
+
+
+class TestLifecycleInTheAuditLog:
+    def test_proposed_approved_executed_completed(self, tmp_path, registry, policy):
+        """The log shows the proposal (denied with its id), then the run on the approval."""
+        class StubRunner:
+            image_digest = Sha256Hex("cd" * 32)
+
+            def run(self, spec, call, limits):
+                return Execution("ok", canonical_bytes("refunded"), "", Usage(1.0, 0, 8))
+
+        store = SQLiteAuditStore(tmp_path / "audit.db",
+                                 FileSigner.load_or_create(tmp_path / "keys"))
+        store.open()
+        gateway = Gateway(registry=registry, policy=policy, runner=StubRunner(), audit=store)
+
+        def attempt(call_id):
+            return gateway.handle(ToolCall.create(id=call_id, name="refund", arguments=ARGS,
+                                                  dialect="api"), principal="sam")
+
+        proposed = attempt("c1")
+        approval = policy.approve(proposal_of(proposed.decision), by="lena")
+        executed = attempt("c2")
+        again = attempt("c3")
+        records = [(r.kind, r.body.get("decision", {}).get("kind")) for r in store.records()]
+        authorized = next(r for r in store.records() if r.kind == "call.authorized")
+        store.close()
+
+        assert ("approval_required", "ok", "approval_required") == (
+            proposed.kind, executed.kind, again.kind)
+        assert [("call.denied", "approval_required"), ("call.authorized", None),
+                ("call.completed", None), ("call.denied", "approval_required")] == records
+        assert f"approval.{approval.id}" in authorized.body["decision"]["reasons"]
+        assert approval.arguments_sha256 == authorized.body["call"]["arguments_sha256"]
