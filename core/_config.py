@@ -16,7 +16,6 @@ State lives under the home directory: ``audit.db``, ``keys/``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -48,21 +47,6 @@ CONFIG_SCHEMA: Final = {
             "type": "object",
             "additionalProperties": False,
             "properties": {"runtime": {"enum": ["runc", "runsc"]}},
-        },
-        "audit": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "checkpoint_every": {"type": "integer", "minimum": 1},
-                "checkpoint_seconds": {"type": "number", "minimum": 0},
-                "witnesses": {"type": "array", "items": {"oneOf": [
-                    {"type": "object", "additionalProperties": False, "required": ["directory"],
-                     "properties": {"directory": {"type": "string", "minLength": 1}}},
-                    {"type": "object", "additionalProperties": False, "required": ["command"],
-                     "properties": {"command": {"type": "array", "minItems": 1,
-                                                "items": {"type": "string", "minLength": 1}}}},
-                ]}},
-            },
         },
     },
 }
@@ -114,8 +98,6 @@ class GatewayConfig:
     runtime: Literal["runc", "runsc"]
     source: Path
     policy_shadow_path: Path | None = None
-    #: The ``audit`` section: checkpoint policy and witnesses (``callward.audit``).
-    audit: Mapping[str, Any] | None = None
 
 
 def example_config_path() -> Path:
@@ -151,7 +133,6 @@ def load_config(path: Path) -> GatewayConfig:
         runtime=(raw.get("sandbox") or {}).get("runtime", "runc"),
         source=path,
         policy_shadow_path=Path(resolve(raw["policy_shadow"])) if "policy_shadow" in raw else None,
-        audit=raw.get("audit"),
     )
 
 
@@ -173,7 +154,7 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
         ConfigurationError: A file is missing or invalid (PolicyInvalid for the policy).
     """
     # The edge that wires the stages imports them; the stages never import each other.
-    from callward.audit import FileSigner, SQLiteAuditStore, store_settings  # noqa: PLC0415
+    from callward.audit import FileSigner, SQLiteAuditStore  # noqa: PLC0415
     from callward.core.gateway import Gateway  # noqa: PLC0415
     from callward.policies import Policy, PolicyState  # noqa: PLC0415
     from callward.sandbox import DockerSandbox  # noqa: PLC0415
@@ -191,10 +172,7 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
               if config.policy_shadow_path is not None else None)
     policy = Policy.from_file(config.policy_path, state=policy_state, signer=signer,
                               shadow=shadow)
-    settings = store_settings(config.audit or {}, base=config.source.parent)
-    audit = SQLiteAuditStore(state.audit_db, signer, checkpoint_every=settings.checkpoint_every,
-                             checkpoint_seconds=settings.checkpoint_seconds,
-                             witnesses=settings.witnesses)
+    audit = SQLiteAuditStore(state.audit_db, signer)
     audit.open()
     # Calls a crashed gateway authorized but never completed are closed out now.
     audit.recover_interrupted()
