@@ -19,7 +19,14 @@ from callward.core._canonical import (
     sha256_hex,
     strict_loads,
 )
-from callward.core._models import ChatMessage, ChatModel, GenerationConfig, ModelTurn
+from callward.core._models import (
+    ChatMessage,
+    ChatModel,
+    GenerationConfig,
+    ModelTurn,
+    TransformersChatModel,
+)
+from callward.core._models_gguf import DEMO_MODEL_SHA256, load_demo_model
 from callward.core._registry import ToolRegistry, tool
 from callward.core.errors import (
     AuditUnavailable,
@@ -54,6 +61,7 @@ from callward.core.types import (
 )
 
 __all__ = [
+    "DEMO_MODEL_SHA256",
     "Agent",
     "AgentLimits",
     "AgentRun",
@@ -92,11 +100,13 @@ __all__ = [
     "ToolResult",
     "ToolRunner",
     "ToolSpec",
+    "TransformersChatModel",
     "UnknownTool",
     "Usage",
     "VerificationFailed",
     "canonical_bytes",
     "canonical_sha256",
+    "load_demo_model",
     "sha256_hex",
     "strict_loads",
     "tool",

@@ -8,6 +8,7 @@ minute on 2 cores) and each turn takes a few seconds.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
@@ -37,6 +38,8 @@ def kinds(home: Path) -> list[str]:
         return [kind for (kind,) in db.execute("SELECT kind FROM records ORDER BY seq")]
 
 
+# A turn takes seconds on an idle 2-core machine, much longer on a shared one.
+@pytest.mark.timeout(1200)
 class TestDemoModel:
     def test_arithmetic_through_the_gateway(self, engine, demo_model, home,
                                             leftover_containers):
@@ -81,3 +84,20 @@ class TestDemoModel:
         for expected in ("model:  Qwen2.5-Coder-0.5B-Instruct", "Answered correctly with tools:",
                          "outcome:  ok", "outcome:  permission", "verdict: OK"):
             assert expected in done.stdout
+
+    def test_callward_agent_answers_as_json(self, engine, home, model_cache):
+        """`callward agent QUESTION` prints the run as JSON: turns, results, receipts, answer."""
+        (home / "models").symlink_to(model_cache, target_is_directory=True)
+
+        done = subprocess.run(
+            [sys.executable, "-m", "callward.core.cli", "--home", str(home), "agent",
+             "What is 37 squared?", "--principal", "alice"],
+            capture_output=True, text=True, timeout=600, check=False,
+        )
+
+        assert 0 == done.returncode, done.stderr
+        run = json.loads(done.stdout)
+        assert ("answered", DEMO_MODEL_SHA256) == (run["stop"], run["model"]["digest"])
+        assert "1369" in run["answer"]
+        assert [("square", "ok")] == [(r["tool"], r["kind"]) for step in run["steps"]
+                                      for r in step["results"]]
