@@ -24,7 +24,13 @@ from callward.audit._query import CallFilter, export_records, query_calls, read_
 from callward.audit._report import render_report
 from callward.audit._rotation import rotate_file_key
 from callward.audit._sqlite import SQLiteAuditStore
-from callward.audit._witness import CommandWitness, DirectoryWitness, Witness
+from callward.audit._witness import (
+    CommandWitness,
+    DirectoryWitness,
+    StoreSettings,
+    Witness,
+    store_settings,
+)
 from callward.audit.signer import FileSigner, Signer, key_id_of, load_public_key
 from callward.audit.verify import VerifiedLog, verify
 
@@ -36,6 +42,7 @@ __all__ = [
     "FileSigner",
     "SQLiteAuditStore",
     "Signer",
+    "StoreSettings",
     "VerifiedLog",
     "VerifiedReceipt",
     "Witness",
@@ -49,6 +56,7 @@ __all__ = [
     "read_records",
     "render_report",
     "rotate_file_key",
+    "store_settings",
     "verify",
     "verify_receipt",
 ]

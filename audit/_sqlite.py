@@ -64,7 +64,12 @@ from callward.audit._tree import (
     root_at,
     set_meta,
 )
-from callward.audit._witness import Witness, publish_to_all
+from callward.audit._witness import (
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_CHECKPOINT_SECONDS,
+    Witness,
+    publish_to_all,
+)
 from callward.audit.signer import Signer
 from callward.core._canonical import JSONValue, Sha256Hex
 from callward.core.errors import AuditUnavailable, ConfigurationError, VerificationFailed
@@ -81,8 +86,6 @@ SCHEMA_VERSION: Final = 2
 KEY_ROTATED: Final = "key.rotated"
 #: The record kind written at start for an authorized call that never completed.
 CALL_INTERRUPTED: Final = "call.interrupted"
-DEFAULT_CHECKPOINT_EVERY: Final = 1000
-DEFAULT_CHECKPOINT_SECONDS: Final = 60.0
 COLUMNS: Final = ("seq", "ts", "kind", "prev", "key_id", "body", "record", "hash", "signature")
 
 _CREATE_TABLE: Final = """

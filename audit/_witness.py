@@ -16,16 +16,22 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
 import structlog
 
+from callward.core.errors import ConfigurationError
+
 log = structlog.get_logger()
 
 _SUFFIX: Final = ".checkpoint"
 _COMMAND_TIMEOUT_SECONDS: Final = 10.0
+#: The store's defaults (kept equal to ``_sqlite``'s, which imports this module).
+DEFAULT_CHECKPOINT_EVERY: Final = 1000
+DEFAULT_CHECKPOINT_SECONDS: Final = 60.0
 _SIZE_LINE = re.compile(r"\A[^\n]*\n(0|[1-9][0-9]{0,18})\n")
 
 
@@ -132,6 +138,52 @@ class CommandWitness:
             raise OSError(f"witness command took over {self._timeout_seconds} s") from exc
 
 
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """The ``audit`` section of ``callward.yaml``, as the store takes it."""
+
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS
+    witnesses: tuple[Witness, ...] = ()
+
+
+def store_settings(section: Mapping[str, object], *, base: Path) -> StoreSettings:
+    """
+    The store settings a validated ``audit`` section names; relative witness
+    directories are relative to ``base`` (the configuration file's directory)::
+
+        audit:
+          checkpoint_every: 1000
+          checkpoint_seconds: 60
+          witnesses:
+            - directory: /mnt/other-disk/callward-witness
+            - command: [/usr/local/bin/push-checkpoint, --log, prod]
+
+    Raises:
+        ConfigurationError: An entry is not one of the two shapes above.
+    """
+    witnesses: list[Witness] = []
+    entries = section.get("witnesses") or []
+    if not isinstance(entries, list):
+        raise ConfigurationError("audit.witnesses is a list")
+    for entry in entries:
+        if isinstance(entry, Mapping) and isinstance(entry.get("directory"), str):
+            witnesses.append(DirectoryWitness(base / str(entry["directory"])))
+        elif isinstance(entry, Mapping) and isinstance(entry.get("command"), list):
+            witnesses.append(CommandWitness([str(part) for part in entry["command"]]))
+        else:
+            raise ConfigurationError(
+                "a witness is {directory: PATH} or {command: [PROGRAM, ARGS...]}"
+            )
+    every = section.get("checkpoint_every", DEFAULT_CHECKPOINT_EVERY)
+    seconds = section.get("checkpoint_seconds", DEFAULT_CHECKPOINT_SECONDS)
+    if not isinstance(every, int) or not isinstance(seconds, int | float):
+        raise ConfigurationError(
+            "audit.checkpoint_every is an integer, checkpoint_seconds a number"
+        )
+    return StoreSettings(every, float(seconds), tuple(witnesses))
+
+
 def publish_to_all(witnesses: Sequence[Witness], origin: str, note: str) -> None:
     """Offer a checkpoint to every witness; log, never raise, what fails."""
     for witness in witnesses:
@@ -144,9 +196,13 @@ def publish_to_all(witnesses: Sequence[Witness], origin: str, note: str) -> None
 
 
 __all__ = [
+    "DEFAULT_CHECKPOINT_EVERY",
+    "DEFAULT_CHECKPOINT_SECONDS",
     "CommandWitness",
     "DirectoryWitness",
+    "StoreSettings",
     "Witness",
     "checkpoint_file_name",
     "publish_to_all",
+    "store_settings",
 ]

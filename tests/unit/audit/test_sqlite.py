@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from structlog.testing import capture_logs
 
-from callward.audit import FileSigner, SQLiteAuditStore, verify
+from callward.audit import FileSigner, SQLiteAuditStore, store_settings, verify
 from callward.audit._checkpoint import note_key_hash, open_checkpoint, sign_checkpoint
 from callward.audit._merkle import leaf_hash, root_from_leaf_hashes
 from callward.audit._proofs import verify_receipt
@@ -28,9 +28,11 @@ from callward.audit._witness import CommandWitness, DirectoryWitness
 from callward.core import (
     AuditLog,
     AuditUnavailable,
+    ConfigurationError,
     KeyId,
     VerificationFailed,
 )
+from callward.core._config import load_config
 
 GENESIS = "0" * 64
 
@@ -689,3 +691,28 @@ class TestCrashRecovery:
             running.append("call.authorized", {"call": {"id": "c1"}})
 
             assert [] == starting.recover_interrupted()
+
+
+class TestSettings:
+    def test_config_section_names_witnesses_and_checkpoint_policy(self, tmp_path):
+        """The audit section of callward.yaml becomes the store's settings."""
+        config = tmp_path / "callward.yaml"
+        config.write_text(
+            "tools: [tools.py]\npolicy: policy.yaml\naudit:\n  checkpoint_every: 10\n"
+            "  checkpoint_seconds: 5\n  witnesses:\n    - directory: w\n"
+            "    - command: [push, --log, prod]\n"
+        )
+
+        loaded = load_config(config)
+        settings = store_settings(loaded.audit or {}, base=tmp_path)
+
+        assert (10, 5.0) == (settings.checkpoint_every, settings.checkpoint_seconds)
+        assert [f"dir:{tmp_path / 'w'}", "command:push"] == [w.name for w in settings.witnesses]
+
+    def test_unknown_witness_shape_is_refused_at_load(self, tmp_path):
+        """A witness that is neither a directory nor a command fails when the file loads."""
+        config = tmp_path / "callward.yaml"
+        config.write_text("tools: [t.py]\npolicy: p.yaml\naudit:\n  witnesses:\n    - url: x\n")
+
+        with pytest.raises(ConfigurationError, match="audit"):
+            load_config(config)
