@@ -170,3 +170,40 @@ class TestServeWithUpstream:
         assert ("ok", {"result": 5}) == (added.structured_content["kind"],
                                          added.structured_content["content"])
         assert "approval_required" == pending.structured_content["kind"]
+
+
+class TestThirdPartyUpstream:
+    def test_mcp_server_time_runs_behind_the_gateway(self, engine, tmp_path, examples, home):
+        """
+        PyPI's mcp-server-time, unchanged, runs in a callward container: pinned, then
+        called through the policy; a call outside its schema never reaches it.
+        """
+        (tmp_path / "policy.yaml").write_text(
+            "version: 1\ndefault: deny\nprincipals:\n  alice: {roles: [analyst]}\nrules:\n"
+            "  - {id: clocks, effect: allow, roles: [analyst], tools: [time__get_current_time]}\n")
+        config = tmp_path / "callward.yaml"
+        config.write_text(yaml.safe_dump({
+            "tools": [str(examples / "tools.py")],
+            "policy": "policy.yaml",
+            "mcp": {"servers": {"time": {
+                "command": ["python3", "-m", "mcp_server_time", "--local-timezone", "UTC"],
+                "python_distributions": ["mcp-server-time", "cryptography"],
+                "limits": {"memory_bytes": 256 << 20, "pids": 64, "open_files": 256,
+                           "wall_seconds": 10},
+            }}},
+        }))
+        with open_upstreams(config, home=home) as (_gateway, upstreams):
+            assert {"get_current_time", "convert_time"} <= {
+                status.tool for status in upstreams.statuses}
+            upstreams.approve("time", ("get_current_time",))
+
+        with open_upstreams(config, home=home) as (gateway, _upstreams):
+            now = call(gateway, "time__get_current_time", timezone="Europe/Paris")
+            outside = call(gateway, "time__get_current_time", timezone=["Europe/Paris"])
+            unapproved = call(gateway, "time__convert_time", source_timezone="UTC",
+                              time="12:00", target_timezone="Asia/Tokyo")
+
+        assert "ok" == now.kind
+        assert "Europe/Paris" in now.content_json.decode()
+        assert "schema" == outside.kind
+        assert "approval_required" == unapproved.kind
