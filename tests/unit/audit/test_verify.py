@@ -385,3 +385,38 @@ class TestWorkers:
         """Zero or negative workers is a caller's mistake."""
         with pytest.raises(ValueError, match="workers"):
             verify(log[0], log[1], workers=0)
+
+
+class TestEverySingleByte:
+    @pytest.mark.parametrize("column", ["record", "signature"])
+    def test_any_changed_byte_of_a_record_or_signature_fails_at_its_seq(
+        self, tmp_path, log, column
+    ):
+        """Flipping any one byte of record 3's signed bytes or signature fails at seq 3."""
+        db, public_key = log
+        conn = sqlite3.connect(db)
+        try:
+            (original,) = conn.execute(f"SELECT {column} FROM records WHERE seq = 3").fetchone()
+        finally:
+            conn.close()
+        missed = []
+        for i in range(len(original)):
+            copy = tmp_path / f"copy-{column}-{i}.db"
+            shutil.copy(db, copy)
+            changed = original[:i] + bytes([original[i] ^ 0x20]) + original[i + 1 :]
+            conn = sqlite3.connect(copy)
+            try:
+                conn.execute(f"UPDATE records SET {column} = ? WHERE seq = 3", (changed,))
+                conn.commit()
+            finally:
+                conn.close()
+            try:
+                verify(copy, public_key)
+            except VerificationFailed as failure:
+                if failure.seq != 3 or "record 3" not in failure.message:
+                    missed.append((i, failure.seq, failure.message))
+            else:
+                missed.append((i, None, "verified"))
+            copy.unlink()
+
+        assert [] == missed
