@@ -387,6 +387,16 @@ class TestWorkers:
             verify(log[0], log[1], workers=0)
 
 
+_READ_COLUMN = {
+    "record": "SELECT record FROM records WHERE seq = 3",
+    "signature": "SELECT signature FROM records WHERE seq = 3",
+}
+_WRITE_COLUMN = {
+    "record": "UPDATE records SET record = ? WHERE seq = 3",
+    "signature": "UPDATE records SET signature = ? WHERE seq = 3",
+}
+
+
 class TestEverySingleByte:
     @pytest.mark.parametrize("column", ["record", "signature"])
     def test_any_changed_byte_of_a_record_or_signature_fails_at_its_seq(
@@ -396,7 +406,7 @@ class TestEverySingleByte:
         db, public_key = log
         conn = sqlite3.connect(db)
         try:
-            (original,) = conn.execute(f"SELECT {column} FROM records WHERE seq = 3").fetchone()
+            (original,) = conn.execute(_READ_COLUMN[column]).fetchone()
         finally:
             conn.close()
         missed = []
@@ -406,7 +416,7 @@ class TestEverySingleByte:
             changed = original[:i] + bytes([original[i] ^ 0x20]) + original[i + 1 :]
             conn = sqlite3.connect(copy)
             try:
-                conn.execute(f"UPDATE records SET {column} = ? WHERE seq = 3", (changed,))
+                conn.execute(_WRITE_COLUMN[column], (changed,))
                 conn.commit()
             finally:
                 conn.close()
