@@ -105,8 +105,10 @@ def lint(policy: Policy, registry: ToolRegistry) -> list[Finding]:
         findings += [Finding("error", ids.get(error.policy_id, error.policy_id or "cedar"),
                              f"fails validation against the registry: {error.error}")
                      for error in result.errors]
-        for summary in policy_summaries(text):
+        summaries = policy_summaries(text)
+        for summary in summaries:
             findings += _cedar_scope_findings(summary, document, tools)
+        findings += _cedar_shadowed(summaries, document)
     for rule in document.rules:
         if not _who_reachable(rule, document):
             findings.append(Finding("warning", rule.id, "unreachable: no principal holds any "
@@ -159,6 +161,51 @@ def _cedar_scope_findings(summary: Mapping[str, Any], document: PolicyDocument,
     if resource is not None and resource[1] == "Tool" and resource[2] not in tools:
         findings.append(Finding("warning", rule_id, f"unreachable: no tool {resource[2]!r} "
                                 "is registered"))
+    return findings
+
+
+def _scope_covers(wide: Mapping[str, Any], narrow: Mapping[str, Any],
+                  document: PolicyDocument) -> bool:
+    """Whether a scope constraint (principal or resource) admits all that another admits."""
+    op = wide.get("op")
+    if op == "All":
+        return True
+    if op == "is":
+        kind = wide.get("entity_type")
+        return (narrow.get("op") == "is" and narrow.get("entity_type") == kind) or (
+            narrow.get("op") in {"==", "in"} and narrow.get("entity", {}).get("type") == kind)
+    if narrow.get("op") not in {"==", "in"}:
+        return False
+    mine, theirs = wide.get("entity", {}), narrow.get("entity", {})
+    if mine == theirs and (op == "in" or narrow.get("op") == "=="):
+        return True
+    if op == "in" and narrow.get("op") == "==" and theirs.get("type") == "Principal":
+        name = str(theirs.get("id"))
+        held = (document.roles_of(name) if mine.get("type") == "Role"
+                else document.groups_of(name) if mine.get("type") == "Group" else frozenset())
+        return str(mine.get("id")) in held
+    return False
+
+
+def _cedar_shadowed(summaries: list[dict[str, Any]], document: PolicyDocument
+                    ) -> list[Finding]:
+    """Permits that an unconditional forbid with a scope at least as wide always overrides."""
+    findings = []
+    def unconditional_forbid(summary: Mapping[str, Any]) -> bool:
+        action = summary.get("action", {})
+        return summary["effect"] == "forbid" and not summary.get("conditions") and (
+            action.get("op") == "All"
+            or (action.get("op") == "==" and action.get("entity", {}).get("id") == "Call"))
+
+    forbids = [s for s in summaries if unconditional_forbid(s)]
+    for permit in (s for s in summaries if s["effect"] == "permit"):
+        for forbid in forbids:
+            if all(_scope_covers(forbid.get(part, {}), permit.get(part, {}), document)
+                   for part in ("principal", "resource")):
+                findings.append(Finding("warning", str(permit["rule_id"]),
+                                        f"shadowed: forbid {forbid['rule_id']} always "
+                                        "overrides it"))
+                break
     return findings
 
 

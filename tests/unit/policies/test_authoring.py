@@ -104,6 +104,9 @@ cedar_inline: |
   @id("wrong-type") forbid (principal, action, resource)
     when { context.arguments has path && context.arguments.path > 3 };
   permit (principal in Role::"nobody-has-this", action, resource);
+  @id("ana-refunds") permit (principal == Principal::"ana", action, resource == Tool::"refund");
+  @id("agents-never-refund")
+  forbid (principal in Role::"agent", action, resource == Tool::"refund");
 """)
         findings = {(f.severity, f.rule, f.message.split(":")[0])
                     for f in lint(policy, registry)}
@@ -116,7 +119,10 @@ cedar_inline: |
             ("warning", "cedar.policy6", "has no @id; decisions will name it by position, "
                                          "which changes when policies are added"),
             ("warning", "cedar.policy6", "unreachable"),
+            ("warning", "ana-refunds", "shadowed"),
         } <= findings
+        assert not any(rule == "agents-read" and "forbid" in message
+                       for _, rule, message in findings)
 
 
 class TestExplain:
