@@ -264,8 +264,9 @@ def _stored_checkpoints(conn: sqlite3.Connection) -> Iterator[tuple[int, str]]:
     ).fetchone()
     if not has_table:
         return iter(())
+    # A second cursor beside the records': checkpoints stream too, in constant memory.
     return ((int(size), str(note)) for size, note in
-            conn.execute("SELECT size, note FROM checkpoints ORDER BY size").fetchall())
+            conn.execute("SELECT size, note FROM checkpoints ORDER BY size"))
 
 
 class _Checkpoints:
