@@ -156,43 +156,24 @@ def _live(args: argparse.Namespace, home: Home) -> tuple[Policy, FileSigner]:
     return policy, signer
 
 
-def _audit(home: Home, signer: FileSigner, kind: str, body: dict[str, Any]) -> int:
+def _decide_proposal(args: argparse.Namespace, home: Home, *, approve: bool) -> int:
     from callward.audit import SQLiteAuditStore  # noqa: PLC0415
+    from callward.policies import ApprovalRefused  # noqa: PLC0415
+    from callward.policies._evaluator import approval_record  # noqa: PLC0415
 
+    policy, signer = _live(args, home)
     store = SQLiteAuditStore(home.audit_db, signer)
     store.open()
     try:
-        return store.append(kind, body).seq
-    finally:
-        store.close()
-
-
-def _decide_proposal(args: argparse.Namespace, home: Home, *, approve: bool) -> int:
-    from callward.policies import ApprovalRefused  # noqa: PLC0415
-
-    policy, signer = _live(args, home)
-    try:
-        proposal = (policy.approve if approve else policy.reject)(args.id, by=args.by)
+        settle = policy.approve if approve else policy.reject
+        proposal = settle(args.id, by=args.by, audit=store)
     except ApprovalRefused as exc:
-        seq = _audit(home, signer, "approval.refused", {
-            "proposal": args.id[:128], "by": args.by, "action": "approve" if approve else "reject",
-            "rule": exc.rule, "message": exc.message, "policy_digest": policy.digest})
-        print_json({"ok": False, "proposal": args.id, "message": exc.message, "seq": seq})
+        print_json({"ok": False, "proposal": args.id, "message": exc.message})
         return EXIT_CHECK_FAILED
     finally:
+        store.close()
         policy.state.close()
-    body: dict[str, Any] = {
-        "proposal": proposal.id, "rule": proposal.rule_id, "call_id": proposal.call_id,
-        "principal": proposal.principal, "tool": proposal.tool,
-        "tool_digest": proposal.tool_digest, "arguments_sha256": proposal.arguments_sha256,
-        "by": args.by, "expires": proposal.expires, "policy_digest": policy.digest,
-    }
-    if approve and proposal.signature is not None:
-        body["signature"] = bytes(proposal.signature).hex()
-        body["key_id"] = proposal.key_id
-    kind = "approval.granted" if approve else "approval.denied"
-    seq = _audit(home, signer, kind, body)
-    print_json({"ok": True, "record": kind, "seq": seq, **body})
+    print_json({"ok": True, **approval_record(proposal, policy.digest)})
     return EXIT_OK
 
 

@@ -133,8 +133,8 @@ DOCUMENT_SCHEMA: Final[Mapping[str, Any]] = {
                 "properties": {
                     "limits": _LIMITS,
                     # Sandbox settings, read by the gateway's sandbox stage.
-                    "isolation": {"type": "string", "minLength": 1, "maxLength": 64},
-                    "runtime": {"type": "string", "minLength": 1, "maxLength": 64},
+                    "isolation": {"enum": ["call", "session"]},
+                    "runtime": {"enum": ["runc", "runsc"]},
                     "labels": _LABEL_LIST,
                     "output_labels": _LABEL_LIST,
                     "confine": {

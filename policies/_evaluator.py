@@ -47,6 +47,7 @@ from callward.core import (
 )
 from callward.core._canonical import MAX_JSON_BYTES, canonical_loads, check_json_bounds
 from callward.core.errors import DenyKind
+from callward.core.protocols import AuditLog
 from callward.core.types import ResultTreatment
 from callward.policies._approvals import (
     ApprovalRefused,
@@ -535,44 +536,66 @@ class Policy:
 
     # -- approvals --------------------------------------------------------------
 
-    def approve(self, proposal_id: str, *, by: str) -> Proposal:
+    def approve(self, proposal_id: str, *, by: str, audit: AuditLog | None = None
+                ) -> Proposal:
         """
         Record a signed, single-use approval of one proposal.
+
+        Args:
+            audit: Where to record it: ``approval.granted``, or ``approval.refused``
+                when refused (the gateway's ``audit`` for the API, the CLI's store).
 
         Raises:
             ApprovalRefused: Unknown, closed or expired proposal; an approver the
                 rule does not name; the proposer approving their own call; no signer.
         """
-        proposal, rule_id = self._approvable(proposal_id, by)
-        if self._signer is None:
-            raise ApprovalRefused("no signer is configured, so no approval can be recorded",
-                                  rule=rule_id)
-        now = self._clock()
-        payload = approval_payload(proposal, by=by, at=now)
-        signature = self._signer.sign(payload)
-        if not self.state.decide_proposal(proposal_id, status="approved", by=by, now=now,
-                                          approval=payload, signature=signature,
-                                          key_id=self._signer.key_id):
-            raise ApprovalRefused("the proposal is no longer open", rule=rule_id)
-        approved = self.state.proposal(proposal_id)
-        assert approved is not None  # noqa: S101 - just written in the same file
-        return approved
+        return self._settle(proposal_id, by=by, approve=True, audit=audit)
 
-    def reject(self, proposal_id: str, *, by: str) -> Proposal:
+    def reject(self, proposal_id: str, *, by: str, audit: AuditLog | None = None
+               ) -> Proposal:
         """
-        Record that a proposal is denied; the call can then never run on it.
+        Record that a proposal is denied (``approval.denied``); it can never run on it.
 
         Raises:
             ApprovalRefused: As for ``approve``.
         """
-        _, rule_id = self._approvable(proposal_id, by)
-        if not self.state.decide_proposal(proposal_id, status="rejected", by=by,
-                                          now=self._clock(), approval=None, signature=None,
-                                          key_id=None):
+        return self._settle(proposal_id, by=by, approve=False, audit=audit)
+
+    def _settle(self, proposal_id: str, *, by: str, approve: bool, audit: AuditLog | None
+                ) -> Proposal:
+        try:
+            proposal = self._settle_unaudited(proposal_id, by=by, approve=approve)
+        except ApprovalRefused as exc:
+            if audit is not None:
+                audit.append("approval.refused", {
+                    "proposal": proposal_id[:128], "by": by[:256],
+                    "action": "approve" if approve else "reject", "rule": exc.rule,
+                    "message": exc.message, "policy_digest": self.digest})
+            raise
+        if audit is not None:
+            audit.append("approval.granted" if approve else "approval.denied",
+                         approval_record(proposal, self.digest))
+        return proposal
+
+    def _settle_unaudited(self, proposal_id: str, *, by: str, approve: bool) -> Proposal:
+        proposal, rule_id = self._approvable(proposal_id, by)
+        now = self._clock()
+        payload = signature = key_id = None
+        if approve:
+            if self._signer is None:
+                raise ApprovalRefused("no signer is configured, so no approval can be "
+                                      "recorded", rule=rule_id)
+            payload = approval_payload(proposal, by=by, at=now)
+            signature = self._signer.sign(payload)
+            key_id = self._signer.key_id
+        if not self.state.decide_proposal(proposal_id, status="approved" if approve
+                                          else "rejected", by=by, now=now, approval=payload,
+                                          signature=signature, key_id=key_id):
             raise ApprovalRefused("the proposal is no longer open", rule=rule_id)
-        rejected = self.state.proposal(proposal_id)
-        assert rejected is not None  # noqa: S101 - just written in the same file
-        return rejected
+        settled = self.state.proposal(proposal_id)
+        if settled is None:
+            raise StateUnavailable("the proposal just written cannot be read back")
+        return settled
 
     def _approvable(self, proposal_id: str, by: str) -> tuple[Proposal, str]:
         proposal = self.state.proposal(proposal_id)
@@ -654,6 +677,20 @@ class Policy:
                 log.info("policy_reloaded", digest=compiled.document.digest, previous=previous)
         self.last_reload = result
         return result
+
+
+def approval_record(proposal: Proposal, policy_digest: str) -> dict[str, JSONValue]:
+    """The body of an ``approval.granted``/``approval.denied`` audit record."""
+    body: dict[str, JSONValue] = {
+        "proposal": proposal.id, "status": proposal.status, "rule": proposal.rule_id,
+        "call_id": proposal.call_id, "principal": proposal.principal, "tool": proposal.tool,
+        "tool_digest": proposal.tool_digest, "arguments_sha256": proposal.arguments_sha256,
+        "by": proposal.decided_by, "expires": proposal.expires, "policy_digest": policy_digest,
+    }
+    if proposal.signature is not None:
+        body["signature"] = bytes(proposal.signature).hex()
+        body["key_id"] = proposal.key_id
+    return body
 
 
 def _summary(decision: Decision) -> dict[str, JSONValue]:

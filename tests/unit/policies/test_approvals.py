@@ -180,7 +180,7 @@ class TestApproveCommand:
 
 class TestLifecycleInTheAuditLog:
     def test_proposed_approved_executed_completed(self, tmp_path, registry, policy):
-        """The log shows the proposal (denied with its id), then the run on the approval."""
+        """The log shows the proposal, a refused and a granted approval, then the one run."""
         class StubRunner:
             image_digest = Sha256Hex("cd" * 32)
 
@@ -197,7 +197,9 @@ class TestLifecycleInTheAuditLog:
                                                   dialect="api"), principal="sam")
 
         proposed = attempt("c1")
-        approval = policy.approve(proposal_of(proposed.decision), by="lena")
+        with pytest.raises(ApprovalRefused):
+            policy.approve(proposal_of(proposed.decision), by="ivo", audit=store)
+        approval = policy.approve(proposal_of(proposed.decision), by="lena", audit=store)
         executed = attempt("c2")
         again = attempt("c3")
         records = [(r.kind, r.body.get("decision", {}).get("kind")) for r in store.records()]
@@ -206,7 +208,8 @@ class TestLifecycleInTheAuditLog:
 
         assert ("approval_required", "ok", "approval_required") == (
             proposed.kind, executed.kind, again.kind)
-        assert [("call.denied", "approval_required"), ("call.authorized", None),
+        assert [("call.denied", "approval_required"), ("approval.refused", None),
+                ("approval.granted", None), ("call.authorized", None),
                 ("call.completed", None), ("call.denied", "approval_required")] == records
         assert f"approval.{approval.id}" in authorized.body["decision"]["reasons"]
         assert approval.arguments_sha256 == authorized.body["call"]["arguments_sha256"]

@@ -86,3 +86,40 @@ class TestPolicyDocument:
 
         with pytest.raises(PolicyInvalid, match="not valid YAML"):
             load_policy(path)
+
+
+class TestToolSections:
+    def test_sandbox_settings_and_labels_are_kept(self):
+        """isolation and runtime are kept for the sandbox stage; labels join the tool's own."""
+        document = parse_policy(
+            "version: 1\ndefault: deny\nrules: []\ntools:\n"
+            "  square: {isolation: session, runtime: runsc, labels: [math],"
+            " output_labels: [secret]}\n")
+
+        assert {"isolation": "session", "runtime": "runsc"} == document.tool_settings["square"]
+        assert frozenset({"math", "own"}) == document.labels_of("square", ("own",))
+        assert frozenset({"secret"}) == document.output_labels["square"]
+
+    @pytest.mark.parametrize("entry", [
+        "{isolation: shared}", "{runtime: docker}", "{confine: {root: relative, arguments: [p]}}",
+        "{labels: [Not A Label]}",
+    ])
+    def test_bad_tool_settings_refuse_to_start(self, entry):
+        """Unknown isolation or runtime, a relative confinement root, a bad label: invalid."""
+        with pytest.raises(PolicyInvalid):
+            parse_policy(f"version: 1\ndefault: deny\nrules: []\ntools:\n  square: {entry}\n")
+
+    @pytest.mark.parametrize(("section", "fragment"), [
+        ("rate_limits: [{id: r, limit: 0, window_seconds: 1}]", "$.rate_limits[0].limit"),
+        ("approvals: [{id: a, tools: [x], approvers: {}}]", "$.approvals[0].approvers"),
+        ("results: [{id: r, redact: ['(unclosed']}]", "not a valid regular expression"),
+        ("flows: [{id: f, from: [], to: [egress]}]", "$.flows[0].from"),
+        ("rate_limits: [{id: r, limit: 1, window_seconds: 1}]\n"
+         "flows: [{id: r, from: [a], to: [b]}]", "two rules"),
+    ])
+    def test_bad_stateful_sections_refuse_to_start(self, section, fragment):
+        """Each stateful section is validated; rule ids are unique across all sections."""
+        with pytest.raises(PolicyInvalid) as caught:
+            parse_policy(f"version: 1\ndefault: deny\nrules: []\n{section}\n")
+
+        assert fragment in str(caught.value)
