@@ -62,7 +62,9 @@ def open_upstreams(path: Path, *, home: Path, servers: tuple[str, ...] | None = 
         for spec in upstreams.specs:
             base.registry.add(spec)
         gateway = Gateway(registry=base.registry,
-                          policy=PinGate(base.policy, upstreams.blocked),
-                          runner=UpstreamRunner(base.runner, upstreams.routes),
+                          policy=PinGate(base.policy, upstreams.blocked, upstreams.recheck),
+                          runner=UpstreamRunner(base.runner, upstreams.routes,
+                                                frozenset(upstreams.routes)
+                                                | frozenset(upstreams.blocked)),
                           audit=base.audit, new_id=base.new_id)
         yield gateway, upstreams

@@ -103,6 +103,7 @@ MCP_SECTION_SCHEMA: Final = {
                                              "items": {"type": "string", "minLength": 1}},
                     "limits": _LIMITS_SCHEMA,
                     "url": {"type": "string", "pattern": "^https?://"},
+                    "recheck_seconds": {"type": "number", "minimum": 0, "maximum": 86400},
                 },
             },
         },
@@ -121,6 +122,9 @@ class UpstreamConfig:
         files: Files copied into the container's image, by path under the service root.
         python_distributions: Installed distributions the server imports (``mcp``).
         url: A Streamable HTTP endpoint on this machine (HTTP servers).
+        recheck_seconds: How old the last ``tools/list`` may be when a call is decided;
+            an older one is fetched again, so a definition changed mid-session blocks
+            its tool. 0 lists again before every call.
     """
 
     name: str
@@ -129,6 +133,7 @@ class UpstreamConfig:
     python_distributions: tuple[str, ...] = ()
     limits: ResourceLimits = field(default_factory=ResourceLimits)
     url: str = ""
+    recheck_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         if bool(self.command) == bool(self.url):
@@ -177,6 +182,7 @@ def parse_mcp_section(section: object, *, base: Path) -> tuple[UpstreamConfig, .
                 python_distributions=tuple(raw.get("python_distributions") or ()),
                 limits=limits,
                 url=raw.get("url", ""),
+                recheck_seconds=float(raw.get("recheck_seconds", 30.0)),
             ))
         except ValueError as exc:
             raise ConfigurationError(f"mcp server {name}: {exc}") from exc
@@ -308,7 +314,8 @@ class UpstreamConnection:
         else:
             target = config.url
         doors = _SideDoors(config.name, audit)
-        client = Client(target, read_timeout_seconds=_CONNECT_SECONDS,
+        # No response cache: every listing is the server's answer now (pins compare it).
+        client = Client(target, read_timeout_seconds=_CONNECT_SECONDS, cache=None,
                         sampling_callback=doors.sampling,
                         elicitation_callback=doors.elicitation,
                         list_roots_callback=doors.roots)
@@ -323,7 +330,7 @@ class UpstreamConnection:
             tools: list[types.Tool] = []
             cursor: str | None = None
             for _ in range(_LIST_PAGES):
-                page = await self._client.list_tools(cursor=cursor)
+                page = await self._client.list_tools(cursor=cursor, cache_mode="bypass")
                 tools.extend(page.tools)
                 cursor = page.next_cursor
                 if not cursor:
@@ -368,9 +375,12 @@ class UpstreamRunner:
     A ``ToolRunner`` that sends upstream tools to their server and the rest to ``inner``.
     """
 
-    def __init__(self, inner: ToolRunner, routes: Mapping[str, _Route]) -> None:
+    def __init__(self, inner: ToolRunner, routes: Mapping[str, _Route],
+                 upstream_names: frozenset[str] = frozenset()) -> None:
         self._inner = inner
-        self._routes = dict(routes)
+        # Held, not copied: a tool blocked mid-session loses its route at once.
+        self._routes = routes
+        self._upstream_names = upstream_names
 
     @property
     def image_digest(self) -> Sha256Hex:
@@ -379,6 +389,8 @@ class UpstreamRunner:
     def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
         route = self._routes.get(spec.name)
         if route is None:
+            if spec.name in self._upstream_names:
+                raise SandboxUnavailable(f"upstream tool {spec.name} is blocked")
             return self._inner.run(spec, call, limits)
         started = time.perf_counter()
 
@@ -422,16 +434,26 @@ class PinGate:
     Everything else (schema, permissions, result rules, reloads) is ``inner``'s.
     """
 
-    def __init__(self, inner: PolicyEngine, blocked: Mapping[str, RuleId]) -> None:
+    def __init__(self, inner: PolicyEngine, blocked: Mapping[str, RuleId],
+                 recheck: Callable[[str], None] | None = None) -> None:
         self._inner = inner
         self._hooks = inner if isinstance(inner, PolicyHooks) else None
-        self._blocked = dict(blocked)
+        # Held, not copied: ``recheck`` may block a tool mid-session.
+        self._blocked = blocked
+        self._recheck = recheck
 
     @property
     def digest(self) -> Sha256Hex:
         return self._inner.digest
 
     def decide(self, call: ToolCall, spec: ToolSpec | None, context: CallContext) -> Decision:
+        """
+        Deny a blocked upstream tool, else ask the policy.
+
+        A failed re-check raises, which the gateway turns into a denial.
+        """
+        if self._recheck is not None:
+            self._recheck(call.name)
         rule = self._blocked.get(call.name)
         if rule is not None:
             message = ("this upstream tool changed since an operator approved it"
@@ -498,6 +520,8 @@ class Upstreams:
         self.blocked: dict[str, RuleId] = {}
         self.specs: list[ToolSpec] = []
         self.statuses: list[ToolStatus] = []
+        self._listed_at: dict[str, float] = {}
+        self._clock = time.monotonic
 
     def connect(self, config: UpstreamConfig) -> UpstreamConnection:
         """
@@ -518,6 +542,7 @@ class Upstreams:
             raise ConfigurationError(f"upstream MCP server {config.name} could not be reached "
                                      f"({type(exc).__name__})") from exc
         self.connections[config.name] = connection
+        self._listed_at[config.name] = self._clock()
         self._audit.append("mcp.server_connected", {
             "server": config.name, "server_digest": connection.digest,
             "image_digest": connection.image_digest or None, "url": config.url or None,
@@ -552,6 +577,39 @@ class Upstreams:
                                                         "reason": "definition_changed"})
                 log.warning("mcp_rug_pull_blocked", server=server, tool=name)
         self.statuses.append(ToolStatus(server, tool.name, name, digest, status))
+
+    def recheck(self, name: str) -> None:
+        """
+        Before ``name`` is decided: list its server's tools again when the last listing
+        is older than ``recheck_seconds``, and block every routed tool of that server
+        whose definition changed or that is gone (``mcp.tool_blocked``).
+
+        Raises:
+            Exception: The server could not be listed (the gateway denies the call).
+        """
+        route = self.routes.get(name)
+        if route is None:
+            return
+        connection = route.connection
+        server = connection.config.name
+        now = self._clock()
+        if now - self._listed_at.get(server, now) < connection.config.recheck_seconds:
+            return
+        current = {tool.name: tool_digest(server, tool) for tool in connection.list_tools()}
+        self._listed_at[server] = now
+        for routed, other in list(self.routes.items()):
+            if other.connection is not connection:
+                continue
+            pinned = self._pins.get(server, other.tool)
+            if current.get(other.tool) == pinned:
+                continue
+            del self.routes[routed]
+            self.blocked[routed] = RUG_PULL_RULE
+            self._audit.append("mcp.tool_blocked", {
+                "server": server, "server_digest": connection.digest, "tool": other.tool,
+                "name": routed, "digest": current.get(other.tool), "pinned_digest": pinned,
+                "reason": "definition_changed" if other.tool in current else "tool_removed"})
+            log.warning("mcp_rug_pull_blocked", server=server, tool=routed, in_session=True)
 
     def approve(self, server: str, tools: tuple[str, ...] = ()) -> list[ToolStatus]:
         """

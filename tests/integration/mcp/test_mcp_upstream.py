@@ -29,7 +29,7 @@ rules:
     effect: allow
     roles: [analyst]
     tools: [square, notes__greet, notes__add, notes__probe_network, notes__ask_model,
-            notes__sleep]
+            notes__sleep, notes__turn]
 results:
   - {id: redact-emails, tools: [notes__greet], redact: [email]}
 """
@@ -86,7 +86,7 @@ class TestUpstreamGateway:
             assert ("approval_required", "mcp.unapproved") == (
                 pending.kind, pending.decision.reasons[0])
             assert {"pending"} == {status.status for status in upstreams.statuses}
-            assert 5 == len(upstreams.approve("notes"))
+            assert 6 == len(upstreams.approve("notes"))
 
         with open_upstreams(config, home=home) as (gateway, upstreams):
             assert "notes__greet" in {spec.name for spec in gateway.registry}
@@ -142,6 +142,29 @@ class TestUpstreamGateway:
             assert 256 << 20 == host["Memory"]
 
         assert [] == engine.containers.list(all=True, filters={"id": container_id})
+
+
+    def test_a_definition_changed_mid_session_blocks_its_tool(self, engine, config, home):
+        """
+        With recheck_seconds 0, the tools are listed again before each call: a tool
+        whose description changes while the server runs is blocked at its next call.
+        """
+        section = yaml.safe_load(config.read_text())
+        section["mcp"]["servers"]["notes"]["recheck_seconds"] = 0
+        config.write_text(yaml.safe_dump(section))
+        with open_upstreams(config, home=home) as (_gateway, upstreams):
+            upstreams.approve("notes")
+
+        with open_upstreams(config, home=home) as (gateway, _upstreams):
+            before = call(gateway, "notes__greet", name="ada")
+            turned = call(gateway, "notes__turn")
+            after = call(gateway, "notes__greet", name="ada")
+            other = call(gateway, "notes__add", a=1, b=2)
+
+        assert ("ok", "ok") == (before.kind, turned.kind)
+        assert ("approval_required", "mcp.rug-pull") == (after.kind, after.decision.reasons[0])
+        assert "ok" == other.kind
+        assert "mcp.tool_blocked" in kinds(home)
 
 
 class TestServeWithUpstream:

@@ -13,6 +13,7 @@ from callward.core import (
     CallContext,
     ConfigurationError,
     ResourceLimits,
+    SandboxUnavailable,
     ToolCall,
     ToolRegistry,
     Usage,
@@ -22,6 +23,7 @@ from callward.core._mcp_upstream import (
     UNAPPROVED_RULE,
     PinGate,
     PinStore,
+    UpstreamRunner,
     _execution_of,
     _SideDoors,
     namespaced,
@@ -203,3 +205,25 @@ class TestSideDoors:
         assert ["mcp.sampling_refused", "mcp.elicitation_refused", "mcp.roots_refused"] == [
             record.kind for record in store.records()]
         assert {"server": "notes"} == store.last().body
+
+
+class TestUpstreamRunner:
+    def test_a_blocked_upstream_tool_never_reaches_another_runner(self, examples):
+        """An upstream name without a route is refused, never handed to the sandbox."""
+        registry = ToolRegistry()
+        registry.load(examples / "tools.py")
+        spec = registry.require("square")
+        runner = UpstreamRunner(StubRunner(), {}, frozenset({"square"}))
+        call = ToolCall.create(id="c", name="square", arguments={"x": 2}, dialect="mcp")
+
+        with pytest.raises(SandboxUnavailable):
+            runner.run(spec, call, ResourceLimits())
+
+
+class StubRunner:
+    """Stands in for the sandbox; a test fails if it is asked to run anything."""
+
+    image_digest = "ab" * 32
+
+    def run(self, spec, call, limits):
+        raise AssertionError("the sandbox must not be asked")
