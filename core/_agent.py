@@ -7,7 +7,9 @@ Invariants:
   the agent never runs a tool itself.
 - Every model turn is written to the audit log as ``model.turn`` (model id and
   digest, prompt and output hashes, token counts, duration, and the ids and
-  receipts of the calls that output caused) before the results go back.
+  receipts of the calls that output caused) before the results go back; every
+  call record that output caused carries the model id, digest, run, turn and
+  output hash under ``"model"``.
 - A call the model repeats (same tool, same canonical arguments) after it ran is
   not run again: the earlier result goes back, marked as a repeat, and the repeat
   is audited as ``model.repeated_call``.
@@ -152,7 +154,12 @@ class Agent:
                 return self._finish(run_id, question=question, answer=None, stop="time_budget",
                                     steps=steps, started=started)
             turn = self.model.generate(messages, tools)
-            results, repeats, calls = self._handle(turn.text, executed, run_id)
+            origin: dict[str, JSONValue] = {
+                "id": self.model.model_id, "digest": self.model.digest, "run_id": run_id,
+                "turn": len(steps) + 1, "output_sha256": turn.output_sha256,
+            }
+            with self.gateway.produced_by(origin):
+                results, repeats, calls = self._handle(turn.text, executed, run_id)
             receipt = self.gateway.record("model.turn", self._turn_body(
                 run_id=run_id, number=len(steps) + 1, turn=turn, results=results,
                 repeats=repeats, calls=calls))

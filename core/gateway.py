@@ -19,10 +19,12 @@ the signed record that explains it.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -56,6 +58,9 @@ log = structlog.get_logger()
 
 Clock = Callable[[], float]
 NewId = Callable[[], str]
+_ORIGIN: contextvars.ContextVar[dict[str, JSONValue] | None] = contextvars.ContextVar(
+    "callward_call_origin", default=None
+)
 _RECORD_KIND = re.compile(r"\A[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+\Z")
 
 
@@ -147,7 +152,20 @@ class Gateway:
         """
         if kind.startswith("call.") or not _RECORD_KIND.match(kind):
             raise ValueError("a record kind is dotted snake_case and not call.*")
-        return self.audit.append(kind, body).receipt
+        return self._receipt(self.audit.append(kind, body))
+
+    @contextlib.contextmanager
+    def produced_by(self, origin: Mapping[str, JSONValue]) -> Iterator[None]:
+        """
+        Within the block, every call record (``call.*``) carries ``origin`` under
+        ``"model"``: which model (id, digest) and turn emitted the calls. Per context
+        (thread, task), so concurrent runs do not mix.
+        """
+        token = _ORIGIN.set(dict(origin))
+        try:
+            yield
+        finally:
+            _ORIGIN.reset(token)
 
     # -- entry points ---------------------------------------------------------
 
@@ -254,6 +272,7 @@ class Gateway:
                 },
                 "image_digest": self._image_digest(),
                 **result_body,
+                **_origin_fields(),
             },
         )
         clog.info("call_completed", outcome=outcome.kind, seq=completed.seq,
@@ -385,6 +404,7 @@ class Gateway:
                 "message": error.message,
                 "text_sha256": sha256_hex(raw),
                 "text_bytes": len(raw),
+                **_origin_fields(),
             },
         )
         log.info("call_rejected", call_id=call_id, dialect=error.dialect, offset=error.offset,
@@ -434,7 +454,13 @@ class Gateway:
             "limits": decision.limits.to_json() if decision.limits is not None else None,
             "tool": None if spec is None else {"ref": spec.ref, "digest": spec.digest},
             "image_digest": self._image_digest(),
+            **_origin_fields(),
         }
+
+
+def _origin_fields() -> dict[str, JSONValue]:
+    origin = _ORIGIN.get()
+    return {} if origin is None else {"model": origin}
 
 
 def _message_bytes(text: str | Mapping[str, object]) -> bytes:

@@ -206,3 +206,25 @@ class TestGatewayRecord:
             gateway.record(kind, {})
 
         assert [] == list(store.records())
+
+
+class TestOrigin:
+    def test_every_call_record_names_the_model_that_emitted_it(self, stub_model, gateway, store):
+        """call.authorized, call.completed, call.denied and call.rejected carry model and turn."""
+        model = stub_model(['{"name": "add", "arguments": {"a": 1,}}', ADD,
+                            '{"name": "drop_table", "arguments": {"table": "t"}}', "done"])
+
+        run = Agent(gateway=gateway, model=model, principal="alice").run("q")
+
+        calls = [r for r in store.records() if r.kind.startswith("call.")]
+        assert ["call.rejected", "call.authorized", "call.completed", "call.denied"] == [
+            r.kind for r in calls]
+        assert [(run.run_id, "cd" * 32, turn) for turn in (1, 2, 2, 3)] == [
+            (r.body["model"]["run_id"], r.body["model"]["digest"], r.body["model"]["turn"])
+            for r in calls]
+
+    def test_calls_outside_a_run_carry_no_model(self, gateway, store):
+        """A call handed to the gateway directly names no model."""
+        gateway.handle_text(ADD, principal="alice")
+
+        assert [False, False] == ["model" in r.body for r in store.records()]
