@@ -11,7 +11,9 @@ tool in that same container:
 - gateway: ``Gateway.handle`` (pin gate, policy with schema, signed and fsynced
   ``call.authorized`` and ``call.completed``, forwarding through the SDK client);
 - face: the SDK client calls callward's MCP server face in-process, which runs
-  the gateway row.
+  the gateway row;
+- governance alone: the gateway row with an instant runner instead of the
+  upstream (pin gate, policy, two signed records), to show what forwarding adds.
 
 "added" is each row's p50 minus the baseline's p50.
 """
@@ -39,9 +41,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _table import print_table, summarize
 
-from callward.core import ToolCall
+from callward.core import (
+    Execution,
+    ResourceLimits,
+    Sha256Hex,
+    ToolCall,
+    ToolSpec,
+    Usage,
+    canonical_bytes,
+)
 from callward.core._mcp_gateway import open_upstreams
 from callward.core._mcp_server import McpFace
+from callward.core.gateway import Gateway
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER = REPO / "tests" / "integration" / "mcp" / "servers" / "notes_server.py"
@@ -72,6 +83,15 @@ def write_config(root: Path) -> Path:
         }}},
     }))
     return path
+
+
+class InstantRunner:
+    """Answers at once: a baseline that leaves the upstream out, not a sandbox."""
+
+    image_digest = Sha256Hex("0" * 64)
+
+    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
+        return Execution("ok", canonical_bytes({"result": 0}), "", Usage(0.0, 0, 12))
 
 
 def timed(calls: int, function: Callable[[int], object]) -> list[float]:
@@ -130,12 +150,22 @@ def main() -> None:
                 if result.is_error:
                     raise SystemExit("face call failed")
 
+            governance = Gateway(registry=gateway.registry, policy=gateway.policy,
+                                 runner=InstantRunner(), audit=gateway.audit)
+
+            def governance_only(index: int) -> None:
+                call = ToolCall.create(id=f"g{index}", name="notes__add",
+                                       arguments={"a": index, "b": 1}, dialect="mcp")
+                governance.handle(call, principal="bench")
+
             rows = []
             baseline = summarize(timed(calls, direct))
             rows.append(("baseline: SDK client -> upstream (same container)", *baseline, 0.0))
             for label, function in (("gateway: Gateway.handle -> upstream", through_gateway),
                                     ("face: SDK client -> callward MCP face -> upstream",
-                                     face)):
+                                     face),
+                                    ("governance alone: Gateway.handle, instant runner",
+                                     governance_only)):
                 p50, p99, mean = summarize(timed(calls, function))
                 rows.append((label, p50, p99, mean, p50 - baseline[0]))
     print_table(f"MCP tools/call latency, {calls} calls each (ms)",
