@@ -138,8 +138,10 @@ def to_cedar(value: JSONValue, schema: Any, json_path: str = "$") -> Any:
         ContextError: The value has no faithful Cedar form (a huge integer, a
             number ``decimal`` cannot hold).
     """
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return "" if value is None else value
+    if isinstance(value, bool | str):
+        return value
+    if value is None:
+        raise ContextError(json_path, "null has no Cedar form")
     if isinstance(value, int) and _schema_type(schema) != "number":
         if not -(2**63) <= value < 2**63:
             raise ContextError(json_path, "an integer outside Cedar's 64-bit Long")
@@ -154,9 +156,11 @@ def to_cedar(value: JSONValue, schema: Any, json_path: str = "$") -> Any:
         return {"__extn": {"fn": "decimal", "arg": f"{number.quantize(Decimal('0.0001')):f}"}}
     if isinstance(value, Mapping):
         properties = schema.get("properties", {}) if isinstance(schema, Mapping) else {}
+        # Cedar has no null: a null attribute is absent (``has`` is false), never "".
         return {
             key: to_cedar(item, properties.get(key), f"{json_path}.{key}")
             for key, item in value.items()
+            if item is not None
         }
     items = schema.get("items") if isinstance(schema, Mapping) else None
     return [to_cedar(item, items, f"{json_path}[{index}]") for index, item in enumerate(value)]

@@ -85,7 +85,7 @@ def _proposal_id() -> str:
 
 def session_key(context: CallContext) -> str:
     """Labels are kept per principal and session; calls without a session share one."""
-    return f"{context.principal}\x00{context.session_id}"
+    return canonical_bytes([context.principal, context.session_id]).decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,7 +418,8 @@ class Policy:
                 continue
             parts = {"principal": context.principal, "tool": spec.name,
                      "session": context.session_id}
-            key = "\x00".join([limit.id, *(f"{p}={parts[p]}" for p in limit.per)])
+            # Canonical JSON, so no principal or session id can forge another's key.
+            key = canonical_bytes([limit.id, *([p, parts[p]] for p in limit.per)]).decode()
             pending.charges.append(RateCharge(limit.id, key, limit.algorithm, limit.limit,
                                               limit.window_seconds))
         approvals_apply = any(spec.name in r.tools or "*" in r.tools for r in document.approvals)
