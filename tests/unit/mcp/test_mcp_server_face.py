@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import pytest
 from mcp import Client, MCPError
 
@@ -25,7 +26,7 @@ from callward.core import (
     Usage,
     canonical_bytes,
 )
-from callward.core._mcp_server import McpFace, require_loopback
+from callward.core._mcp_server import McpFace, http_app, require_loopback
 from callward.core.gateway import Gateway
 from callward.policies import Policy
 
@@ -149,3 +150,37 @@ class TestRequireLoopback:
         """Any other address is a configuration error."""
         with pytest.raises(ConfigurationError):
             require_loopback(host)
+
+
+class TestHttpBatch:
+    def test_a_json_rpc_batch_runs_nothing(self, gateway, store):
+        """
+        Over Streamable HTTP a JSON-RPC batch of tools/call is refused whole (400):
+        no call runs and none is recorded, so a batch cannot go around policy.
+        """
+        app = http_app(McpFace(gateway, principal="mallory"), host="127.0.0.1")
+        headers = {"accept": "application/json, text/event-stream",
+                   "content-type": "application/json"}
+        initialize = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "test", "version": "1"}}}
+        batch = [{"jsonrpc": "2.0", "id": index, "method": "tools/call",
+                  "params": {"name": name, "arguments": arguments}}
+                 for index, (name, arguments) in enumerate(
+                     [("square", {"x": 3}), ("drop_table", {"table": "users"})], 1)]
+
+        async def post_batch() -> int:
+            async with app.router.lifespan_context(app), httpx2.AsyncClient(
+                    transport=httpx2.ASGITransport(app=app),
+                    base_url="http://127.0.0.1:8750") as client:
+                opened = await client.post("/mcp", json=initialize, headers=headers)
+                session = {"mcp-session-id": opened.headers["mcp-session-id"],
+                           "mcp-protocol-version": "2025-06-18"}
+                await client.post("/mcp", headers={**headers, **session},
+                                  json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+                refused = await client.post("/mcp", json=batch, headers={**headers, **session})
+                return refused.status_code
+
+        assert 400 == anyio.run(post_batch)
+        assert [] == gateway.runner.calls
+        assert [] == list(store.records())
