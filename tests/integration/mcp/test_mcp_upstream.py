@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sqlite3
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -230,3 +233,42 @@ class TestThirdPartyUpstream:
         assert "Europe/Paris" in now.content_json.decode()
         assert "schema" == outside.kind
         assert "approval_required" == unapproved.kind
+
+
+class TestHttpUpstream:
+    def test_a_loopback_http_upstream_is_pinned_and_policed(self, tmp_path, examples, home):
+        """
+        An upstream reached over Streamable HTTP on loopback is sorted, pinned and
+        called through the policy exactly like a stdio one.
+        """
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        server = subprocess.Popen([sys.executable, str(SERVERS / "notes_server.py"), "http",
+                                   str(port)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                with socket.socket() as sock:
+                    if sock.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+                time.sleep(0.1)
+            (tmp_path / "policy.yaml").write_text(POLICY)
+            config = tmp_path / "callward.yaml"
+            config.write_text(yaml.safe_dump({
+                "tools": [str(examples / "tools.py")], "policy": "policy.yaml",
+                "mcp": {"servers": {"notes": {"url": f"http://127.0.0.1:{port}/mcp"}}}}))
+            with open_upstreams(config, home=home) as (gateway, upstreams):
+                pending = call(gateway, "notes__add", a=1, b=2)
+                upstreams.approve("notes", ("add",))
+            with open_upstreams(config, home=home) as (gateway, _upstreams):
+                added = call(gateway, "notes__add", a=1, b=2)
+                outside = call(gateway, "notes__add", a=1)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+        assert "approval_required" == pending.kind
+        assert ("ok", {"result": 3}) == (added.kind, added.content)
+        assert "schema" == outside.kind
