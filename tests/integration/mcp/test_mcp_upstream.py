@@ -176,6 +176,10 @@ class TestServeWithUpstream:
         approved = cli("mcp", "approve", "notes", "--tool", "add", "--config", str(config))
         assert 0 == approved.returncode, approved.stderr
         assert ["add"] == [status["tool"] for status in json.loads(approved.stdout)]
+        listed = cli("mcp", "tools", "--config", str(config))
+        assert 0 == listed.returncode, listed.stderr
+        statuses = {status["name"]: status["status"] for status in json.loads(listed.stdout)}
+        assert ("approved", "pending") == (statuses["notes__add"], statuses["notes__greet"])
 
         async def exercise() -> tuple[list[str], Any, Any]:
             params = StdioServerParameters(
