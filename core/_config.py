@@ -48,6 +48,8 @@ CONFIG_SCHEMA: Final = {
             "additionalProperties": False,
             "properties": {"runtime": {"enum": ["runc", "runsc"]}},
         },
+        # Upstream MCP servers; callward.core._mcp_upstream validates the section itself.
+        "mcp": {"type": "object"},
     },
 }
 _CONFIG_VALIDATOR: Final = Draft202012Validator(CONFIG_SCHEMA, registry=Registry())
