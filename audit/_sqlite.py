@@ -673,6 +673,7 @@ class SQLiteAuditStore:
         for writer, is_gone in gone.items():
             if is_gone:
                 _writer_lock_path(self._path, writer).unlink(missing_ok=True)
+        _remove_dead_writer_files(self._path, keep=self._writer_id)
         if written:
             log.warning("audit_calls_interrupted", count=len(written))
         return written
@@ -854,6 +855,18 @@ def _hold_writer_lock(db: Path, writer_id: str) -> int:
 def _release_writer_lock(db: Path, writer_id: str, fd: int) -> None:
     _writer_lock_path(db, writer_id).unlink(missing_ok=True)
     os.close(fd)
+
+
+def _remove_dead_writer_files(db: Path, *, keep: str) -> None:
+    """Remove the lock files of writers that are gone and left no call open."""
+    directory = db.with_name(db.name + ".writers")
+    try:
+        names = [entry.name for entry in directory.iterdir()]
+    except OSError:
+        return
+    for name in names:
+        if name != keep and not _writer_alive(db, name):
+            _writer_lock_path(db, name).unlink(missing_ok=True)
 
 
 def _writer_alive(db: Path, writer_id: str) -> bool:

@@ -716,3 +716,16 @@ class TestSettings:
 
         with pytest.raises(ConfigurationError, match="audit"):
             load_config(config)
+
+
+class TestWriterFiles:
+    def test_lock_files_of_gone_writers_are_removed(self, db, signer):
+        """Recovery removes the lock files writers that died left behind, not live ones."""
+        with SQLiteAuditStore(db, signer):
+            pass
+        writers = db.with_name(db.name + ".writers")
+        (writers / "dead-writer").write_bytes(b"")
+        with SQLiteAuditStore(db, signer) as store:
+            store.recover_interrupted()
+
+            assert [store.writer_id] == [p.name for p in writers.iterdir()]
