@@ -18,6 +18,7 @@ from callward.core import (
     ToolRegistry,
     Usage,
 )
+from callward.core._config import load_config
 from callward.core._mcp_upstream import (
     RUG_PULL_RULE,
     UNAPPROVED_RULE,
@@ -28,6 +29,7 @@ from callward.core._mcp_upstream import (
     _SideDoors,
     namespaced,
     parse_mcp_section,
+    raw_mcp_section,
     tool_digest,
 )
 from callward.policies import Policy
@@ -227,3 +229,16 @@ class StubRunner:
 
     def run(self, spec, call, limits):
         raise AssertionError("the sandbox must not be asked")
+
+
+class TestConfigFile:
+    def test_callward_yaml_accepts_an_mcp_section(self, tmp_path, examples):
+        """A gateway configuration may list upstream servers under `mcp`."""
+        path = tmp_path / "callward.yaml"
+        path.write_text(f"tools: [{examples / 'tools.py'}]\npolicy: {examples / 'policy.yaml'}\n"
+                        "mcp:\n  servers:\n    notes: {url: 'http://127.0.0.1:9/mcp'}\n")
+
+        load_config(path)
+        (upstream,) = parse_mcp_section(raw_mcp_section(path), base=tmp_path)
+
+        assert ("notes", "http://127.0.0.1:9/mcp") == (upstream.name, upstream.url)
