@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,20 @@ class TestReceipts:
                             [signer.public_key()])
 
         assert (first.receipt.seq, verified.records) == (proof["old_size"], proof["new_size"])
+
+    def test_cli_checks_a_tool_result_as_printed(self, gateway, signer, tmp_path):
+        """`audit verify-receipt` accepts a ToolResult as `callward call` prints it."""
+        (result,) = gateway.handle_text('call function("square", [3], 9)', principal="alice")
+        printed = tmp_path / "result.json"
+        printed.write_text(json.dumps(result.to_json()))
+        public_key = tmp_path / "keys" / "audit-ed25519.pub"
+
+        done = subprocess.run(
+            [sys.executable, "-m", "callward.core.cli", "--home", str(tmp_path), "audit",
+             "verify-receipt", str(printed), "--public-key", str(public_key)],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+
+        assert 0 == done.returncode, done.stdout + done.stderr
+        assert (result.receipt.seq, False) == (json.loads(done.stdout)["seq"],
+                                               json.loads(done.stdout)["record_checked"])
