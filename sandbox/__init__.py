@@ -1,6 +1,10 @@
 """
 Runs each tool call in its own hardened, single-use container.
 
+Containers are started ahead of demand (a warm pool per limits profile, see
+``PoolConfig``), each used for one call and then removed; an empty pool means
+a cold start, never less isolation.
+
 A container has no network, a read-only root, only a small ``noexec`` tmpfs
 at ``/tmp`` to write to, no capabilities, ``no-new-privileges``, the user
 ``nobody`` and finite memory, pids, CPU, open files, time and output. It is
@@ -18,8 +22,8 @@ Example (needs a Docker Engine; the first ``ensure_image()`` takes a minute)::
     ...     parameters_json=canonical_bytes({"type": "object"}), digest=sha256_hex(b"square"),
     ... )
     >>> call = ToolCall.create(id="c1", name="square", arguments={"x": 3}, dialect="api")
-    >>> sandbox = DockerSandbox(image=image)
-    >>> execution = sandbox.run(spec, call, ResourceLimits())
+    >>> with DockerSandbox(image=image) as sandbox:  # close() removes its warm containers
+    ...     execution = sandbox.run(spec, call, ResourceLimits())
     >>> (execution.kind, execution.value)
     ('ok', 9)
 """
@@ -27,10 +31,12 @@ Example (needs a Docker Engine; the first ``ensure_image()`` takes a minute)::
 from callward.sandbox._docker import DockerSandbox
 from callward.sandbox._image import SandboxImage, ensure_image, expected_image_tag
 from callward.sandbox._limits import Runtime
+from callward.sandbox._pool import PoolConfig
 from callward.sandbox.base import RawExecution, Sandbox, SandboxBackend
 
 __all__ = [
     "DockerSandbox",
+    "PoolConfig",
     "RawExecution",
     "Runtime",
     "Sandbox",

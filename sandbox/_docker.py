@@ -51,8 +51,22 @@ from callward.sandbox._engine import (
     map_docker_errors,
 )
 from callward.sandbox._image import SandboxImage, find_image
-from callward.sandbox._limits import OWNER_LABEL, OWNER_PID_LABEL, Runtime, container_options
-from callward.sandbox.base import RawExecution, Sandbox
+from callward.sandbox._limits import (
+    OWNER_LABEL,
+    OWNER_PID_LABEL,
+    OWNER_PIDNS_LABEL,
+    Runtime,
+    container_options,
+)
+from callward.sandbox._pool import PoolConfig, WarmPool
+from callward.sandbox.base import (
+    DEADLINE_GRACE_SECONDS,
+    Isolation,
+    RawExecution,
+    Sandbox,
+    has_runner_result,
+    session_key,
+)
 
 log = structlog.get_logger()
 
@@ -70,6 +84,13 @@ _PIDS_EVENTS: Final = (
     "/sys/fs/cgroup/system.slice/docker-{id}.scope/pids.events",
 )
 
+#: Where the memory controller counts OOM kills (``oom_kill N``), cgroup v1 and v2.
+_MEMORY_EVENTS: Final = (
+    "/sys/fs/cgroup/memory/docker/{id}/memory.oom_control",
+    "/sys/fs/cgroup/docker/{id}/memory.events",
+    "/sys/fs/cgroup/system.slice/docker-{id}.scope/memory.events",
+)
+
 
 class DockerSandbox:
     """
@@ -81,6 +102,8 @@ class DockerSandbox:
         image: The sandbox image to use; by default the one ``ensure_image()``
             built for this runner, looked up on first use.
         client_factory: Makes the Docker client instead of ``base_url`` (see ``from_env``).
+        pool: How many warm containers to keep per limits profile; ``PoolConfig(size=0)``
+            starts every container cold. The default keeps two.
         clock: Monotonic seconds, injected for tests.
 
     Raises:
@@ -94,6 +117,7 @@ class DockerSandbox:
         runtime: Runtime = "runc",
         image: SandboxImage | None = None,
         client_factory: ClientFactory | None = None,
+        pool: PoolConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if base_url is not None and client_factory is not None:
@@ -105,18 +129,37 @@ class DockerSandbox:
         self._image = image
         self._clock = clock
         self._client: docker.DockerClient | None = None
+        self._pool_config = pool if pool is not None else PoolConfig()
+        self._pool: WarmPool[_Live] | None = None
+        self._sessions: dict[tuple[str, ResourceLimits], _Session] = {}
         self._lock = threading.Lock()
         self._sandbox = Sandbox(self, clock=clock)
 
     @classmethod
     def from_env(
-        cls, *, runtime: Runtime = "runc", image: SandboxImage | None = None
+        cls,
+        *,
+        runtime: Runtime = "runc",
+        image: SandboxImage | None = None,
+        pool: PoolConfig | None = None,
     ) -> DockerSandbox:
         """A sandbox on the engine named by ``DOCKER_HOST`` (and its TLS variables)."""
-        return cls(runtime=runtime, image=image, client_factory=client_from_env)
+        return cls(runtime=runtime, image=image, client_factory=client_from_env, pool=pool)
 
     def close(self) -> None:
-        """Close the connection to the engine, if one was opened; the sandbox can reopen it."""
+        """
+        Remove every warm container, then close the connection to the engine.
+
+        The sandbox can be used again after: it reconnects and warms a new pool.
+        """
+        with self._lock:
+            pool, self._pool = self._pool, None
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+        if pool is not None:
+            pool.close()
+        for session in sessions:
+            self._discard(session.live)
         with self._lock:
             client, self._client = self._client, None
         if client is not None:
@@ -139,39 +182,104 @@ class DockerSandbox:
         """
         return self._sandbox_image().digest
 
-    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
+    def run(
+        self,
+        spec: ToolSpec,
+        call: ToolCall,
+        limits: ResourceLimits,
+        *,
+        isolation: Isolation = "call",
+        principal: str = "",
+        session_id: str = "",
+    ) -> Execution:
         """
-        Run ``spec`` with ``call``'s arguments under ``limits`` in a fresh container.
+        Run ``spec`` with ``call``'s arguments under ``limits``.
+
+        In ``call`` isolation (the default) in a fresh container; in ``session``
+        isolation in the container of (``principal``, ``session_id``), started on
+        its first call, a fresh process per call and /tmp wiped between calls.
 
         Raises:
             SandboxUnavailable: The engine could not run the container at all.
         """
-        return self._sandbox.run(spec, call, limits)
+        return self._sandbox.run(
+            spec, call, limits, isolation=isolation, principal=principal, session_id=session_id
+        )
 
-    def execute(self, request_bytes: bytes, limits: ResourceLimits) -> RawExecution:
+    def end_session(self, principal: str, session_id: str) -> None:
+        """Remove the containers of one agent session, if it has any."""
+        key = session_key(principal, session_id)
+        with self._lock:
+            ended = [self._sessions.pop(k) for k in list(self._sessions) if k[0] == key]
+        for session in ended:
+            self._discard(session.live)
+
+    def execute(
+        self, request_bytes: bytes, limits: ResourceLimits, session_key: str = ""
+    ) -> RawExecution:
         """
-        Run the runner on ``request_bytes`` in a new hardened container, then remove it.
+        Run the runner on ``request_bytes`` in a hardened container used only for it.
+
+        The container is a warm one from the pool when one is ready under exactly
+        ``limits``, else a new one started now; either way it is removed after.
+        With a ``session_key``, the request runs in that session's container.
 
         Raises:
             SandboxUnavailable: The engine could not create, start or inspect the container.
         """
+        if session_key:
+            return self._execute_in_session(request_bytes, limits, session_key)
         client = self._docker()
-        options = container_options(
-            limits,
-            image=self._sandbox_image().image_id,
-            runtime=self._runtime,
-            owner_pid=os.getpid(),
-        )
-        with map_docker_errors("create the sandbox container"):
-            container_id = str(client.containers.create(**options).id)
+        pool = self._warm_pool()
+        live = pool.take(limits) if pool is not None else None
+        warm = live is not None
+        if live is None:
+            live = self._start_container(limits)
         try:
-            return self._attach_and_run(client, container_id, request_bytes, limits)
-        finally:
-            _remove(client, container_id)
+            raw = self._run_on(client, live, request_bytes, limits, warm=warm)
+        except SandboxUnavailable:
+            self._discard(live)
+            if not warm:
+                raise
+            # A warm container can vanish while it waits (an operator removed it, the
+            # engine restarted): the call gets a cold one; a second failure is the engine's.
+            log.warning("sandbox_warm_container_lost", container_id=live.container_id[:12])
+            live = self._start_container(limits)
+            try:
+                raw = self._run_on(client, live, request_bytes, limits, warm=False)
+            finally:
+                self._discard(live)
+            return raw
+        except BaseException:
+            self._discard(live)
+            raise
+        if pool is not None:
+            pool.retire(live)
+        else:
+            self._discard(live)
+        return raw
+
+    def warm(self, limits: ResourceLimits) -> None:
+        """Start keeping warm containers under ``limits`` now, ahead of the first call."""
+        pool = self._warm_pool()
+        if pool is not None:
+            pool.warm(limits)
+
+    def wait_warm(self, limits: ResourceLimits, count: int, timeout_seconds: float = 30) -> bool:
+        """Block until ``count`` warm containers under ``limits`` are ready; whether they are."""
+        pool = self._warm_pool()
+        if pool is None:
+            return False
+        pool.warm(limits)
+        return pool.wait_ready(limits, count, timeout_seconds)
 
     def remove_leftovers(self) -> tuple[str, ...]:
         """
         Remove containers labelled ``callward`` whose owning process is gone.
+
+        Only containers owned in this PID namespace are judged: a pid from another
+        namespace sharing the engine (another container, another host) says nothing
+        here, so those are left alone.
 
         A container whose owner is this very process is removed too: call this
         at start, before this process runs anything.
@@ -188,7 +296,7 @@ class DockerSandbox:
             containers = client.api.containers(all=True, filters={"label": OWNER_LABEL})
         removed: list[str] = []
         for container in containers:
-            if _owner_alive((container.get("Labels") or {}).get(OWNER_PID_LABEL, "")):
+            if not is_leftover(container.get("Labels") or {}):
                 continue
             container_id = str(container["Id"])
             with map_docker_errors("remove a leftover sandbox container"):
@@ -216,33 +324,162 @@ class DockerSandbox:
             return image
         return self._image
 
-    def _attach_and_run(
-        self,
-        client: docker.DockerClient,
-        container_id: str,
-        request_bytes: bytes,
-        limits: ResourceLimits,
+    def _execute_in_session(
+        self, request_bytes: bytes, limits: ResourceLimits, key: str
     ) -> RawExecution:
-        # Attached before start, so not one byte of output can be missed.
-        with map_docker_errors("attach to the sandbox container"):
-            attached = client.api.attach_socket(container_id, params=dict(_ATTACH_PARAMS))
-        sock = _socket_of(attached)
+        """
+        One request in a session's container: one line in, one result line out.
+
+        The runner stops the call at ``wall_seconds`` itself; the host kills the
+        container at ``wall_seconds`` plus a grace. A call that hits a host-side
+        limit, or ends without a result, ends the session's container too.
+        """
+        session = self._session(key, limits)
+        with session.lock:
+            container_id = session.live.container_id
+            oom_before = _oom_kills(container_id) or 0
+            pids_before = _pids_refused(container_id)
+            session.demux.start_over()
+            started = self._clock()
+            exchange = _exchange(
+                session.live.sock,
+                request_bytes.replace(b"\n", b"") + b"\n",
+                deadline=started + limits.wall_seconds + DEADLINE_GRACE_SECONDS,
+                output_cap=limits.output_bytes,
+                clock=self._clock,
+                demux=session.demux,
+                half_close=False,
+            )
+            wall_seconds = self._clock() - started
+            # The runner stops the call at wall_seconds; the host, not the runner, says timeout.
+            over_time = wall_seconds >= limits.wall_seconds
+            oom_after = _oom_kills(container_id)
+            pids_hit = _pids_refused(container_id) > pids_before
+            session.last_used = self._clock()
+        host_limit_hit = exchange.deadline_hit or exchange.output_cap_hit
+        exit_code = None
+        oom_killed = oom_after is not None and oom_after > oom_before
+        runner_gone = not host_limit_hit and not has_runner_result(exchange.stdout)
+        try:
+            if runner_gone:
+                # The session's runner itself is gone (on gVisor the OOM killer takes the
+                # whole sandbox): the engine knows how it ended.
+                client = self._docker()
+                with map_docker_errors("wait for the sandbox container"):
+                    exit_code = int(
+                        client.api.wait(container_id, timeout=_EXIT_WAIT_SECONDS)["StatusCode"]
+                    )
+                    state = client.api.inspect_container(container_id)["State"]
+                oom_killed = oom_killed or bool(state.get("OOMKilled"))
+        finally:
+            if host_limit_hit or runner_gone:
+                with self._lock:
+                    if self._sessions.get((key, limits)) is session:
+                        del self._sessions[(key, limits)]
+                self._discard(session.live)
+        return RawExecution(
+            stdout=exchange.stdout,
+            output_bytes=exchange.output_bytes,
+            wall_seconds=wall_seconds,
+            exit_code=exit_code,
+            deadline_hit=exchange.deadline_hit or over_time,
+            output_cap_hit=exchange.output_cap_hit,
+            oom_killed=oom_killed,
+            pids_limit_hit=pids_hit,
+            container_id=container_id,
+        )
+
+    def _session(self, key: str, limits: ResourceLimits) -> _Session:
+        """The session's container under ``limits``, started now if it has none."""
+        now = self._clock()
+        idle_seconds = self._pool_config.idle_seconds
+        with self._lock:
+            session = self._sessions.get((key, limits))
+            idle = [
+                self._sessions.pop(k) for k, s in list(self._sessions.items())
+                if s is not session and now - s.last_used > idle_seconds and not s.lock.locked()
+            ]
+        for ended in idle:
+            self._discard(ended.live)
+        if session is not None:
+            return session
+        live = self._start_container(limits, session=True)
+        session = _Session(live, _Demultiplexer(limits.output_bytes), threading.Lock(), now)
+        with self._lock:
+            other = self._sessions.setdefault((key, limits), session)
+        if other is not session:
+            self._discard(live)
+        return other
+
+    def _warm_pool(self) -> WarmPool[_Live] | None:
+        if self._pool_config.size == 0:
+            return None
+        with self._lock:
+            if self._pool is None:
+                self._pool = WarmPool(
+                    self._pool_config, start=self._start_container, discard=self._discard,
+                    clock=self._clock,
+                )
+            return self._pool
+
+    def _start_container(self, limits: ResourceLimits, *, session: bool = False) -> _Live:
+        """Create, attach to and start one hardened container; its runner waits on stdin."""
+        client = self._docker()
+        options = container_options(
+            limits,
+            image=self._sandbox_image().image_id,
+            runtime=self._runtime,
+            owner_pid=os.getpid(),
+            owner_pidns=own_pid_namespace(),
+            session=session,
+        )
+        with map_docker_errors("create the sandbox container"):
+            container_id = str(client.containers.create(**options).id)
+        try:
+            # Attached before start, so not one byte of output can be missed.
+            with map_docker_errors("attach to the sandbox container"):
+                attached = client.api.attach_socket(container_id, params=dict(_ATTACH_PARAMS))
+            sock = _socket_of(attached)
+        except BaseException:
+            _remove(client, container_id)
+            raise
+        live = _Live(container_id, attached, sock, 0.0)
         try:
             with map_docker_errors("start the sandbox container"):
                 client.api.start(container_id)
-            started = self._clock()
-            exchange = _exchange(
-                sock,
-                request_bytes,
-                deadline=started + limits.wall_seconds,
-                output_cap=limits.output_bytes,
-                clock=self._clock,
-            )
-            wall_seconds = self._clock() - started
-        finally:
-            _close(attached, sock)
+        except BaseException:
+            self._discard(live)
+            raise
+        live.started = self._clock()
+        return live
+
+    def _discard(self, live: _Live) -> None:
+        """Close the attach connection and kill and remove the container; never raises."""
+        _close(live.attached, live.sock)
+        _remove(self._docker(), live.container_id)
+
+    def _run_on(
+        self,
+        client: docker.DockerClient,
+        live: _Live,
+        request_bytes: bytes,
+        limits: ResourceLimits,
+        *,
+        warm: bool,
+    ) -> RawExecution:
+        # A cold container's clock runs from its start; a warm one's from the request.
+        started = self._clock() if warm else live.started
+        exchange = _exchange(
+            live.sock,
+            request_bytes,
+            deadline=started + limits.wall_seconds,
+            output_cap=limits.output_bytes,
+            clock=self._clock,
+        )
+        wall_seconds = self._clock() - started
+        container_id = live.container_id
         if exchange.deadline_hit or exchange.output_cap_hit:
-            # The caller's `finally` kills and removes it; the pids controller
+            # The caller kills and removes it; the pids controller
             # still holds its counters until then.
             return RawExecution(
                 stdout=exchange.stdout,
@@ -252,6 +489,18 @@ class DockerSandbox:
                 deadline_hit=exchange.deadline_hit,
                 output_cap_hit=exchange.output_cap_hit,
                 pids_limit_hit=_pids_limit_hit(container_id),
+                container_id=container_id,
+            )
+        oom_kills = _oom_kills(container_id) if has_runner_result(exchange.stdout) else None
+        if oom_kills is not None:
+            # The runner reported and its output ended, so it has exited; the kernel's
+            # own counter says whether the OOM killer ran, without two engine round trips.
+            return RawExecution(
+                stdout=exchange.stdout,
+                output_bytes=exchange.output_bytes,
+                wall_seconds=wall_seconds,
+                exit_code=None,
+                oom_killed=oom_kills > 0,
                 container_id=container_id,
             )
         with map_docker_errors("wait for the sandbox container"):
@@ -265,6 +514,26 @@ class DockerSandbox:
             oom_killed=bool(state.get("OOMKilled")),
             container_id=container_id,
         )
+
+
+@dataclass(slots=True)
+class _Live:
+    """One started container, its runner waiting on stdin, and the host's attach socket."""
+
+    container_id: str
+    attached: object
+    sock: socket.socket
+    started: float
+
+
+@dataclass(slots=True)
+class _Session:
+    """One agent session's container; one call at a time."""
+
+    live: _Live
+    demux: _Demultiplexer
+    lock: threading.Lock
+    last_used: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +560,11 @@ class _Demultiplexer:
         self._header = bytearray()
         self._stream = 0
         self._left = 0
+
+    def start_over(self) -> None:
+        """Forget what was kept and counted (a session's next call), not where a frame is."""
+        self.stdout = bytearray()
+        self.output_bytes = 0
 
     def feed(self, data: bytes) -> None:
         view = memoryview(data)
@@ -319,9 +593,14 @@ def _exchange(
     deadline: float,
     output_cap: int,
     clock: Callable[[], float],
+    demux: _Demultiplexer | None = None,
+    half_close: bool = True,
 ) -> _Exchange:
-    """Send the request, half-close, and read the output until it ends, the deadline or the cap."""
-    demux = _Demultiplexer(output_cap)
+    """
+    Send the request, half-close, and read the output until the result line, its end,
+    the deadline or the cap. A session's call keeps its stdin open and its demux.
+    """
+    demux = demux if demux is not None else _Demultiplexer(output_cap)
 
     def ended(*, deadline_hit: bool = False, output_cap_hit: bool = False) -> _Exchange:
         return _Exchange(bytes(demux.stdout), demux.output_bytes, deadline_hit, output_cap_hit)
@@ -329,7 +608,8 @@ def _exchange(
     try:
         sock.settimeout(max(deadline - clock(), 0.001))
         sock.sendall(request_bytes)
-        sock.shutdown(socket.SHUT_WR)  # the runner reads stdin to its end
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)  # the runner reads stdin to its end
     except TimeoutError:
         return ended(deadline_hit=True)
     except OSError as exc:
@@ -347,11 +627,13 @@ def _exchange(
         except OSError as exc:
             log.warning("sandbox_output_stream_broken", error=type(exc).__name__)
             return ended()
-        if not chunk:
-            return ended()
         demux.feed(chunk)
         if demux.output_bytes > output_cap:
             return ended(output_cap_hit=True)
+        # The runner writes one line to stdout, its result, and then exits: waiting
+        # for the stream's end would only wait for the engine to notice the exit.
+        if not chunk or b"\n" in demux.stdout:
+            return ended()
 
 
 def _socket_of(attached: object) -> socket.socket:
@@ -382,6 +664,11 @@ def _close(attached: object, sock: socket.socket) -> None:
 
 def _pids_limit_hit(container_id: str) -> bool:
     """Whether the container's pids controller refused a fork or clone (host-local engines)."""
+    return _pids_refused(container_id) > 0
+
+
+def _pids_refused(container_id: str) -> int:
+    """How many forks or clones the container's pids controller refused (0 if unknown)."""
     for template in _PIDS_EVENTS:
         try:
             events = Path(template.format(id=container_id)).read_text(encoding="ascii")
@@ -389,10 +676,30 @@ def _pids_limit_hit(container_id: str) -> bool:
             continue
         for line in events.splitlines():
             name, _, count = line.partition(" ")
-            if name == "max" and count.strip().isdigit() and int(count) > 0:
-                return True
-        return False
-    return False
+            if name == "max" and count.strip().isdigit():
+                return int(count)
+        return 0
+    return 0
+
+
+def _oom_kills(container_id: str) -> int | None:
+    """
+    How often the kernel's OOM killer ran in the container's memory cgroup.
+
+    None where the cgroup cannot be read (a remote engine, another layout):
+    the caller then asks the engine.
+    """
+    for template in _MEMORY_EVENTS:
+        try:
+            events = Path(template.format(id=container_id)).read_text(encoding="ascii")
+        except OSError:
+            continue
+        for line in events.splitlines():
+            name, _, count = line.partition(" ")
+            if name == "oom_kill" and count.strip().isdigit():
+                return int(count)
+        return None
+    return None
 
 
 def _remove(client: docker.DockerClient, container_id: str) -> None:
@@ -406,6 +713,28 @@ def _remove(client: docker.DockerClient, container_id: str) -> None:
             container_id=container_id[:12],
             error=type(exc.__cause__).__name__,
         )
+
+
+@functools.cache
+def own_pid_namespace() -> str:
+    """This process's PID namespace, as ``pid:[inode]``; empty where it cannot be read."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def is_leftover(labels: dict[str, str]) -> bool:
+    """
+    Whether a callward container's owner is gone (or is this very process).
+
+    A container owned in another PID namespace is never a leftover here: its pid
+    names some process over there, alive or not.
+    """
+    pidns = labels.get(OWNER_PIDNS_LABEL, "")
+    if pidns and pidns != own_pid_namespace():
+        return False
+    return not _owner_alive(labels.get(OWNER_PID_LABEL, ""))
 
 
 def _owner_alive(pid_label: str) -> bool:

@@ -28,6 +28,8 @@ Runtime = Literal["runc", "runsc"]
 NOBODY: Final = "65534:65534"
 OWNER_LABEL: Final = "callward"
 OWNER_PID_LABEL: Final = "callward.pid"
+#: The owner's PID namespace (``pid:[inode]``): a pid means nothing outside it.
+OWNER_PIDNS_LABEL: Final = "callward.pidns"
 #: The container's own tmpfs, the only writable path; not the host's /tmp.
 CONTAINER_TMP: Final = "/tmp"  # noqa: S108 - inside the container
 #: The host side kills the container at the deadline; this only makes the
@@ -71,10 +73,17 @@ class ContainerOptions(TypedDict):
     tty: Literal[False]
     log_config: LogConfig
     runtime: Runtime
+    command: list[str]
 
 
 def container_options(
-    limits: ResourceLimits, *, image: str, runtime: Runtime, owner_pid: int
+    limits: ResourceLimits,
+    *,
+    image: str,
+    runtime: Runtime,
+    owner_pid: int,
+    owner_pidns: str = "",
+    session: bool = False,
 ) -> ContainerOptions:
     """
     The ``containers.create`` arguments of one single-use sandbox container.
@@ -86,6 +95,10 @@ def container_options(
         runtime: ``runc``, or ``runsc`` for gVisor's user-space kernel.
         owner_pid: The host process that owns the container, written to a label
             so that leftovers of a dead process can be found and removed.
+        owner_pidns: The PID namespace that ``owner_pid`` is in, so that another
+            namespace sharing the engine never takes a live owner for a dead one.
+        session: Start the runner in session mode (one request per stdin line,
+            a forked process per request) instead of one request per container.
     """
     return ContainerOptions(
         image=image,
@@ -106,11 +119,16 @@ def container_options(
         environment={"HOME": CONTAINER_TMP},
         working_dir=CONTAINER_TMP,
         hostname="sandbox",
-        labels={OWNER_LABEL: "1", OWNER_PID_LABEL: str(owner_pid)},
+        labels={
+            OWNER_LABEL: "1",
+            OWNER_PID_LABEL: str(owner_pid),
+            OWNER_PIDNS_LABEL: owner_pidns,
+        },
         # With stdin_open and not detached, docker-py also sets StdinOnce: the
         # engine closes the runner's stdin when the host half-closes the attach socket.
         stdin_open=True,
         tty=False,
         log_config=LogConfig(type="none"),
         runtime=runtime,
+        command=["--session"] if session else [],
     )

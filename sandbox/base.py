@@ -27,18 +27,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, Literal, Protocol
 
 import structlog
 
 from callward.core import (
     Execution,
+    JSONValue,
     ResourceLimits,
     Sha256Hex,
     ToolCall,
     ToolSpec,
     Usage,
     canonical_bytes,
+    sha256_hex,
     strict_loads,
 )
 from callward.core.errors import ToolFailureKind
@@ -57,6 +59,8 @@ _RUNNER_FAILURE_KINDS: Final[dict[str, ToolFailureKind]] = {
     "disk_limit": "disk_limit",
 }
 _SIGKILL_EXIT: Final = 128 + 9
+
+Isolation = Literal["call", "session"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +105,17 @@ class SandboxBackend(Protocol):
         """The digest of the image every execution runs in."""
         ...
 
-    def execute(self, request_bytes: bytes, limits: ResourceLimits) -> RawExecution:
+    def execute(
+        self, request_bytes: bytes, limits: ResourceLimits, session_key: str = ""
+    ) -> RawExecution:
         """
         Run the runner with ``request_bytes`` on stdin, in a fresh container under ``limits``.
 
         The backend kills the container at ``limits.wall_seconds`` and once
-        ``limits.output_bytes`` are exceeded, and always removes it.
+        ``limits.output_bytes`` are exceeded, and always removes it. With a
+        ``session_key`` the request runs in that session's container instead (a
+        fresh process in it, /tmp wiped after), which outlives the call unless a
+        limit was hit.
 
         Raises:
             SandboxUnavailable: The engine could not run the container at all.
@@ -114,11 +123,23 @@ class SandboxBackend(Protocol):
         ...
 
 
-def request_bytes(spec: ToolSpec, call: ToolCall) -> bytes:
-    """The runner's request for ``call`` to ``spec``, as RFC 8785 bytes."""
-    return canonical_bytes(
-        {"source": spec.source, "entrypoint": spec.entrypoint, "arguments": call.arguments}
-    )
+def request_bytes(spec: ToolSpec, call: ToolCall, limits: ResourceLimits | None = None) -> bytes:
+    """
+    The runner's request for ``call`` to ``spec``, as RFC 8785 bytes.
+
+    A session request (``limits`` given) also carries the runner's soft time limit.
+    """
+    request: dict[str, JSONValue] = {
+        "source": spec.source, "entrypoint": spec.entrypoint, "arguments": call.arguments
+    }
+    if limits is not None:
+        request["wall_seconds"] = limits.wall_seconds
+    return canonical_bytes(request)
+
+
+def session_key(principal: str, session_id: str) -> str:
+    """The key of one agent session's container: its principal and session id, hashed."""
+    return sha256_hex(canonical_bytes([principal, session_id]))
 
 
 class Sandbox:
@@ -140,18 +161,44 @@ class Sandbox:
     def image_digest(self) -> Sha256Hex:
         return self._backend.image_digest
 
-    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
+    def run(
+        self,
+        spec: ToolSpec,
+        call: ToolCall,
+        limits: ResourceLimits,
+        *,
+        isolation: Isolation = "call",
+        principal: str = "",
+        session_id: str = "",
+    ) -> Execution:
         """
         Run ``spec`` with ``call``'s arguments under ``limits``.
+
+        Args:
+            isolation: ``call`` (a fresh container, the default) or ``session``
+                (the container of this principal's session, a fresh process in it).
+            principal: With ``session``: who calls.
+            session_id: With ``session``: the agent session; the container is
+                shared by exactly the calls with the same principal and session id.
 
         Returns an ``Execution`` for every way the tool can end.
 
         Raises:
             SandboxUnavailable: The backend could not run the tool at all.
+            ValueError: ``session`` isolation without a principal.
         """
-        clog = log.bind(call_id=call.id, tool=spec.ref)
+        clog = log.bind(call_id=call.id, tool=spec.ref, isolation=isolation)
         started = self._clock()
-        raw = self._backend.execute(request_bytes(spec, call), limits)
+        if isolation == "session":
+            if not principal:
+                raise ValueError("session isolation needs the principal")
+            raw = self._backend.execute(
+                request_bytes(spec, call, limits), limits, session_key(principal, session_id)
+            )
+        elif isolation == "call":
+            raw = self._backend.execute(request_bytes(spec, call), limits)
+        else:
+            raise ValueError(f"isolation is call or session, not {isolation!r}")
         elapsed = self._clock() - started
         execution = interpret(raw, limits)
         clog.info(
@@ -217,6 +264,11 @@ def _truncate(text: str) -> str:
     if len(text) <= MAX_MESSAGE_CHARS:
         return text
     return text[: MAX_MESSAGE_CHARS - 3] + "..."
+
+
+def has_runner_result(stdout: bytes) -> bool:
+    """Whether the last stdout line is a runner result object (of any outcome)."""
+    return _runner_result(stdout) is not None
 
 
 def _runner_result(stdout: bytes) -> dict[str, object] | None:

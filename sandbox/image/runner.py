@@ -24,6 +24,16 @@ Invariants:
   tool left running cannot delay or change it; as the container's PID 1 its
   exit also ends every process the tool started.
 - Messages are truncated to ``MAX_MESSAGE_CHARS``; the host bounds them again.
+
+Session mode (``runner.py --session``, one container per agent session): stdin
+carries one request per line (RFC 8785 bytes hold no raw newline), each with a
+``wall_seconds`` soft limit. Every request runs in a freshly forked process of
+its own session; the runner waits for it at most ``wall_seconds`` (the host,
+which measured that wait, reports ``timeout``). Before it writes the result
+line it kills every other process in the container (as PID 1; elsewhere, the
+child's process group) and wipes ``/tmp``, so nothing of one call is there for
+the next. The container stays
+single-tenant: the host keys it by principal and session.
 """
 
 from __future__ import annotations
@@ -33,7 +43,11 @@ import contextlib
 import errno
 import json
 import os
+import select
+import shutil
+import signal
 import sys
+import time
 from typing import Final
 
 MAX_MESSAGE_CHARS: Final = 500
@@ -41,6 +55,8 @@ MAX_MESSAGE_CHARS: Final = 500
 _MAX_CHAIN: Final = 16
 _DISK_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 _EXIT_BAD_REQUEST: Final = 2
+_TMP: Final = "/tmp"  # noqa: S108 - the container's own tmpfs
+_MAX_RESULT_BYTES: Final = 1 << 26
 
 
 def _truncate(text: str) -> str:
@@ -179,5 +195,144 @@ def main() -> None:
     os._exit(0)
 
 
+# -- session mode ------------------------------------------------------------------------
+
+
+def session_wall_seconds(data: bytes) -> float:
+    """The soft limit a session request carries (5 s if it carries none that is valid)."""
+    try:
+        value = json.loads(data.decode("utf-8")).get("wall_seconds")
+    except (ValueError, AttributeError):
+        return 5.0
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 3600:
+        return float(value)
+    return 5.0
+
+
+def _child(data: bytes, result_w: int) -> None:
+    """In the forked process: run one request, write its result to the pipe, exit."""
+    os.setsid()
+    child_pid = os.getpid()
+    try:
+        source, entrypoint, arguments = parse_request(data)
+    except (ValueError, TypeError) as exc:
+        result = failure("tool_error", "BadRequest", str(exc))
+    else:
+        result = run_tool(source, entrypoint, arguments)
+    if os.getpid() != child_pid:
+        os._exit(0)  # a process the tool forked: only the call's own process reports
+    with contextlib.suppress(OSError):
+        _write_all(result_w, encode_result(result))
+    os._exit(0)
+
+
+def _read_result(result_r: int, pid: int, deadline: float) -> tuple[bytes, int | None]:
+    """The child's result bytes and wait status; status None if it ran past the deadline."""
+    data = bytearray()
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return bytes(data), None
+        ready, _, _ = select.select([result_r], [], [], remaining)
+        if not ready:
+            continue
+        chunk = os.read(result_r, 65536)
+        if not chunk or len(data) > _MAX_RESULT_BYTES:
+            break
+        data += chunk
+    while True:  # the pipe closed: the child is exiting; give it until the deadline
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return bytes(data), status
+        if time.monotonic() >= deadline:
+            return bytes(data), None
+        time.sleep(0.001)
+
+
+def _kill_all_but_me(child_pid: int) -> None:
+    """
+    Kill every process of the call. As PID 1 that is every other process in the
+    container, wherever it moved (setsid, double fork); elsewhere the child's group.
+    """
+    me = os.getpid()
+    for _ in range(100):
+        if me == 1:
+            others = [int(n) for n in os.listdir("/proc") if n.isdigit() and int(n) != me]
+        else:
+            others = [child_pid]
+            with contextlib.suppress(OSError):
+                os.killpg(child_pid, signal.SIGKILL)
+        for pid in others:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        reaped = False
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                reaped = True
+        if me != 1 or (not others and not reaped):
+            return
+        time.sleep(0.001)
+
+
+def wipe(directory: str) -> None:
+    """Remove everything in ``directory``, leaving the directory itself."""
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+
+
+def run_session_call(data: bytes, tmp: str = _TMP) -> dict[str, object]:
+    """Run one session request in a forked process; afterwards nothing of it is left."""
+    wall_seconds = session_wall_seconds(data)
+    result_r, result_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(result_r)
+        _child(data, result_w)
+    os.close(result_w)
+    try:
+        raw, status = _read_result(result_r, pid, time.monotonic() + wall_seconds)
+    finally:
+        os.close(result_r)
+        _kill_all_but_me(pid)
+        wipe(tmp)
+    if status is None:
+        # Only the host may say timeout; it measures the call past wall_seconds itself.
+        return failure("tool_error", "Timeout", f"the tool ran longer than {wall_seconds} s")
+    try:
+        result = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        result = None
+    if isinstance(result, dict) and isinstance(result.get("ok"), bool):
+        return result
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+        return failure("memory_limit", "Killed", "the tool was killed, most likely out of memory")
+    return failure("tool_error", "NoResult", "the tool's process ended without a result")
+
+
+def serve_session() -> None:
+    """Answer one request per stdin line until stdin ends; never returns."""
+    result_fd = os.dup(1)
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    requests = os.fdopen(os.dup(0), "rb")
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)  # the tool never reads the next request
+    os.close(devnull)
+    for line in requests:
+        result = run_session_call(line)
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+        _write_all(result_fd, encode_result(result))
+    os._exit(0)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--session"]:
+        serve_session()
     main()

@@ -1,13 +1,15 @@
 """
 Fixtures of the sandbox integration tests: the real image and a DockerSandbox on it.
 
-The engine itself and ``leftover_containers`` come from tests/integration/conftest.py;
-every test here is followed by the check that no container labelled callward is left.
+The engine itself comes from tests/integration/conftest.py; every test here is
+followed by the check that no container labelled callward that this process owns
+is left.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import textwrap
 from collections.abc import Callable, Iterator
 
@@ -16,14 +18,33 @@ import pytest
 
 from callward.core import ToolSpec, canonical_bytes, sha256_hex
 from callward.sandbox import DockerSandbox, SandboxImage, ensure_image
+from callward.sandbox._limits import OWNER_LABEL, OWNER_PID_LABEL
+
+
+@pytest.fixture(name="own_leftover_containers")
+def _own_leftover_containers(engine: docker.DockerClient) -> Callable[[], list[str]]:
+    """
+    Ids of containers labelled callward that this very process owns.
+
+    The engine is shared: other processes (other gateways, other test runs, the
+    killed process a test leaves to ``remove_leftovers()``) come and go with their
+    own sandboxes meanwhile; a test that spawns one checks that one's containers.
+    """
+
+    def leftovers() -> list[str]:
+        # The low-level list: one request, no inspect that another's removal could race.
+        mine = {"label": [OWNER_LABEL, f"{OWNER_PID_LABEL}={os.getpid()}"]}
+        return [str(c["Id"]) for c in engine.api.containers(all=True, filters=mine)]
+
+    return leftovers
 
 
 @pytest.fixture(autouse=True, name="no_leftover_containers")
-def _no_leftover_containers(leftover_containers: Callable[[], list[str]]) -> Iterator[None]:
-    """After each test, not one container labelled callward is left on the engine."""
+def _no_leftover_containers(own_leftover_containers: Callable[[], list[str]]) -> Iterator[None]:
+    """After each test, not one container labelled callward that this process owns is left."""
     yield
     expected: list[str] = []
-    assert expected == leftover_containers()
+    assert expected == own_leftover_containers()
 
 
 @pytest.fixture(scope="session", name="sandbox_image")

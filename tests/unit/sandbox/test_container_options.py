@@ -116,6 +116,7 @@ class TestContainerOptions:
             "tty",
             "log_config",
             "runtime",
+            "command",
         }
         assert expected == set(options)
 
@@ -125,8 +126,11 @@ class TestContainerOptions:
         assert expected == options["environment"]
 
     def test_labels_name_callward_and_the_owner_process(self, options: ContainerOptions) -> None:
-        """Every container is labelled callward, with the owning pid for leftover cleanup."""
-        expected = {"callward": "1", "callward.pid": "4242"}
+        """
+        Every container is labelled callward, with the owning pid and its PID namespace
+        for leftover cleanup.
+        """
+        expected = {"callward": "1", "callward.pid": "4242", "callward.pidns": ""}
         assert expected == options["labels"]
 
     def test_image_and_runtime_are_the_callers(self, limits: ResourceLimits) -> None:
