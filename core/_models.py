@@ -273,3 +273,8 @@ class TransformersChatModel:
             output_tokens=int(new_tokens.shape[0]),
             duration_seconds=duration,
         )
+
+
+def _conforms(model: TransformersChatModel) -> ChatModel:
+    """mypy checks here that the backend satisfies the protocol."""
+    return model
