@@ -55,6 +55,7 @@ from callward.audit._sqlite import (
     error_name,
     row_to_record,
 )
+from callward.audit._tree import MissingNode, root_at
 from callward.audit._witness import checkpoint_file_name
 from callward.audit.signer import key_id_of, load_public_key
 from callward.core._canonical import STRICT_DECODER, Sha256Hex
@@ -257,12 +258,16 @@ def _verify_pooled(
         return _verify_rows(conn, trust, _InlineSignatures(), witnessed)
 
 
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    (count,) = conn.execute(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+    ).fetchone()
+    return bool(count)
+
+
 def _stored_checkpoints(conn: sqlite3.Connection) -> Iterator[tuple[int, str]]:
     """The stored checkpoints by size; none in a version 1 file."""
-    (has_table,) = conn.execute(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'checkpoints'"
-    ).fetchone()
-    if not has_table:
+    if not _has_table(conn, "checkpoints"):
         return iter(())
     # A second cursor beside the records': checkpoints stream too, in constant memory.
     return ((int(size), str(note)) for size, note in
@@ -275,7 +280,9 @@ class _Checkpoints:
     def __init__(
         self, conn: sqlite3.Connection, witnessed: list[tuple[str, Checkpoint]]
     ) -> None:
+        self._conn = conn
         self._stored = _stored_checkpoints(conn)
+        self._has_tree = _has_table(conn, "merkle_nodes")
         self._next = next(self._stored, None)
         self._witnessed = witnessed
         self._witness_sizes = {checkpoint.size for _, checkpoint in witnessed}
@@ -312,9 +319,24 @@ class _Checkpoints:
                 f"checkpoint {size}: its root is not the Merkle root of records 1..{size}",
                 seq=size,
             )
+        if self._has_tree:
+            self._check_stored_tree(size, root)
         self.origin = checkpoint.origin
         self.verified += 1
         self.latest = size
+
+    def _check_stored_tree(self, size: int, root: bytes) -> None:
+        """The tree the file serves proofs from must give the root the records give."""
+        try:
+            stored = root_at(self._conn, size)
+        except MissingNode:
+            stored = b""
+        if stored != root:
+            raise VerificationFailed(
+                f"checkpoint {size}: the file's stored Merkle tree does not give the root of "
+                f"records 1..{size}, so proofs made from it would fail",
+                seq=size,
+            )
 
     def finish(self, count: int, trust: _Trust) -> None:
         """After the last record: nothing signed may reach past it; witnesses agree."""

@@ -729,3 +729,17 @@ class TestWriterFiles:
             store.recover_interrupted()
 
             assert [store.writer_id] == [p.name for p in writers.iterdir()]
+
+
+class TestStoredTreeIsVerified:
+    def test_damaged_tree_table_fails_verify_at_the_checkpoint(self, db, signer, sql):
+        """A stored tree that no longer gives the records' root is reported by verify."""
+        with SQLiteAuditStore(db, signer, checkpoint_every=4) as store:
+            for i in range(8):
+                store.append("call.completed", {"i": i})
+        sql("UPDATE merkle_nodes SET hash = zeroblob(32) WHERE level = 2 AND idx = 0")
+
+        with pytest.raises(VerificationFailed, match="stored Merkle tree") as caught:
+            verify(db, signer.public_key())
+
+        assert 4 == caught.value.seq
