@@ -221,6 +221,15 @@ def _status(args: argparse.Namespace, home: Home) -> int:
     good = [e for e in events if e["kind"] == "policy.reloaded"]
     status["last_good_digest"] = good[-1]["digest"] if good else None
     status["last_reload_failed"] = bool(events) and events[-1]["kind"] == "policy.reload_failed"
+    # The digest the gateway last decided a call with: the policy in force.
+    last_calls = []
+    if home.audit_db.is_file():
+        for kind in ("call.authorized", "call.denied"):
+            last_calls += list(read_records(home.audit_db, kind=kind, last=1))
+    last_call = max(last_calls, key=lambda r: r.seq, default=None)
+    decision = None if last_call is None else last_call.body.get("decision")
+    status["in_force_digest"] = (decision.get("policy_digest")
+                                 if isinstance(decision, dict) else None)
     status["shadow_differences"] = _shadow_differences(home)
     print_json(status)
     return EXIT_CHECK_FAILED if not status["loads"] else EXIT_OK
