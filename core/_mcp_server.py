@@ -32,6 +32,7 @@ from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 
 from callward.core._canonical import JSONValue, canonical_bytes
+from callward.core._mcp_upstream import PinGate
 from callward.core.errors import AuditUnavailable, ConfigurationError
 from callward.core.types import ToolCall, ToolResult, ToolSpec
 
@@ -112,7 +113,11 @@ class McpFace:
     async def _list_tools(
         self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
-        return types.ListToolsResult(tools=tool_definitions(self._gateway.registry))
+        # An upstream tool blocked mid-session leaves the listing too, not only the calls.
+        policy = self._gateway.policy
+        blocked = policy.is_blocked if isinstance(policy, PinGate) else (lambda _name: False)
+        return types.ListToolsResult(tools=tool_definitions(
+            spec for spec in self._gateway.registry if not blocked(spec.name)))
 
     async def _call_tool(
         self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams

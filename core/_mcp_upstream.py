@@ -463,6 +463,10 @@ class PinGate:
                             message=message)
         return self._inner.decide(call, spec, context)
 
+    def is_blocked(self, name: str) -> bool:
+        """Whether calls to ``name`` are denied until an operator approves it."""
+        return name in self._blocked
+
     def observe_result(self, call: ToolCall, spec: ToolSpec, context: CallContext,
                        content_json: bytes) -> ResultTreatment:
         if self._hooks is None:

@@ -20,6 +20,7 @@ from mcp import Client, StdioServerParameters
 
 from callward.core import ToolCall
 from callward.core._mcp_gateway import open_upstreams
+from callward.core._mcp_server import McpFace
 
 SERVERS = Path(__file__).resolve().parent / "servers"
 POLICY = """\
@@ -75,6 +76,12 @@ def call(gateway: Any, tool: str, **arguments: Any) -> Any:
     return gateway.handle(ToolCall.create(id=gateway.new_id(), name=tool,
                                           arguments=arguments, dialect="mcp"),
                           principal="alice")
+
+
+async def list_face_tools(gateway: Any) -> list[str]:
+    """The tool names callward's MCP face lists, seen by the SDK client in-process."""
+    async with Client(McpFace(gateway, principal="alice").server()) as client:
+        return [tool.name for tool in (await client.list_tools()).tools]
 
 
 class TestUpstreamGateway:
@@ -163,11 +170,14 @@ class TestUpstreamGateway:
             turned = call(gateway, "notes__turn")
             after = call(gateway, "notes__greet", name="ada")
             other = call(gateway, "notes__add", a=1, b=2)
+            listed = anyio.run(list_face_tools, gateway)
 
         assert ("ok", "ok") == (before.kind, turned.kind)
         assert ("approval_required", "mcp.rug-pull") == (after.kind, after.decision.reasons[0])
         assert "ok" == other.kind
         assert "mcp.tool_blocked" in kinds(home)
+        assert "notes__add" in listed
+        assert "notes__greet" not in listed
 
 
 class TestServeWithUpstream:
