@@ -175,9 +175,12 @@ class _Checks:
         reasons = [_schema_rule(spec), *permits]
         if pending.approval is not None:
             reasons.append(RuleId(f"approval.{pending.approval.id}"))
+        settings = document.tool_settings.get(spec.name, {})
         return Decision("allow", tuple(reasons), document.digest, message="allowed",
                         limits=document.limits_for(spec.name, spec.limits),
-                        diagnostics=diagnostics, policy_version=document.version)
+                        diagnostics=diagnostics, policy_version=document.version,
+                        isolation=settings.get("isolation", "call"),  # type: ignore[arg-type]
+                        runtime=settings.get("runtime"))  # type: ignore[arg-type]
 
 
 @dataclass(slots=True)
@@ -469,12 +472,15 @@ class Policy:
                 approval=None, signature=None, key_id=None, used_call_id=None)
             if commit:
                 proposal = self.state.propose(proposal)
+            expired = self.state.expired_approval(context.principal, spec.name, digest, now)
         except StateUnavailable:
             record.add("approval_required", Check("approval", False, (STATE_RULE,),
                                               "policy state unavailable"))
             return
+        # An approval that expired unused is named, so the log shows that lifecycle too.
+        lapsed = () if expired is None else (RuleId(f"approval-expired.{expired}"),)
         record.add("approval_required", Check(
-            "approval", False, (rule.id, RuleId(f"proposal.{proposal.id}")),
+            "approval", False, (rule.id, *lapsed, RuleId(f"proposal.{proposal.id}")),
             f"this call needs an approval: proposal {proposal.id}"))
 
     def _commit(self, call: ToolCall, pending: _Pending, record: _Checks, now: float) -> None:

@@ -290,6 +290,18 @@ class PolicyState:
             ).fetchone()
         return None if row is None else Proposal(*row)
 
+    def expired_approval(self, principal: str, tool: str, arguments_sha256: str, now: float
+                         ) -> str | None:
+        """The id of the newest approval for exactly this call that expired unused, if any."""
+        with self._read() as db:
+            row = db.execute(
+                "SELECT id FROM proposals WHERE principal = ? AND tool = ? "
+                "AND arguments_sha256 = ? AND status = 'approved' AND expires <= ? "
+                "ORDER BY expires DESC LIMIT 1",
+                (principal, tool, arguments_sha256, now),
+            ).fetchone()
+        return None if row is None else str(row[0])
+
     def use_approval(self, proposal_id: str, call_id: str, now: float) -> bool:
         """Mark an approval used; False when it was used (or expired) in the meantime."""
         with self._transaction() as db:

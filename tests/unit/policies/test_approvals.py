@@ -97,11 +97,14 @@ class TestApprovalLifecycle:
         assert "approval_required" == refund(policy, registry, principal="ivo").kind
 
     def test_an_expired_approval_is_not_used(self, policy, registry, clock):
-        """Past its expiry an approval no longer allows the call."""
+        """Past its expiry an approval no longer allows the call; the denial names it."""
         policy.approve(proposal_of(refund(policy, registry)), by="lena")
         clock.now += 601
 
-        assert "approval_required" == refund(policy, registry).kind
+        decision = refund(policy, registry)
+
+        assert "approval_required" == decision.kind
+        assert decision.reasons[1].startswith("approval-expired.apr_")
         assert "expired" == policy.state.proposals()[0].status_at(clock.now)
 
     @pytest.mark.parametrize(("by", "message"), [
