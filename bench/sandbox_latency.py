@@ -10,7 +10,8 @@ Ways, all on the same image, runner and request (RFC 8785 JSON on stdin):
 - host subprocess: the runner as a plain host process (no isolation at all);
 - docker run --rm: a fresh container per call with callward's hardening as CLI flags;
 - docker exec: `docker exec -i` into one long-lived hardened container (not single use);
-- callward call/runc and call/runsc: DockerSandbox with a warm pool (single use).
+- callward call/runc and call/runsc: DockerSandbox with a warm pool (single use);
+- callward session/runc: one container per agent session, a forked process per call.
 
 "CPU ms/call" is the whole machine's busy CPU time (every process: dockerd,
 containerd, runc or gVisor, this one) over the calls, from /proc/stat: other work
@@ -30,6 +31,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -138,6 +140,20 @@ class Ways:
 
         return call
 
+    def session(self, runtime: str) -> Callable[[int], None]:
+        sandbox = self.sandboxes[runtime]
+
+        def call(x: int) -> None:
+            tool_call = ToolCall.create(id=f"c{x}", name="square", arguments={"x": x},
+                                        dialect="api")
+            # One agent session per thread: concurrent calls use concurrent sessions.
+            execution = sandbox.run(SPEC, tool_call, LIMITS[runtime], isolation="session",
+                                    principal="bench", session_id=str(threading.get_ident()))
+            if execution.value != x * x:
+                raise SystemExit(f"callward session/{runtime} gave {execution.kind}")
+
+        return call
+
     def refill(self, runtime: str) -> None:
         self.sandboxes[runtime].wait_warm(LIMITS[runtime], POOL_SIZE, timeout_seconds=120)
 
@@ -161,6 +177,7 @@ def main() -> None:
             "host subprocess (no isolation)": ways.host,
             "docker run --rm (hardened)": ways.docker_run,
             "docker exec -i (warm, reused)": ways.docker_exec,
+            "callward session / runc (fork per call)": ways.session("runc"),
         }
         pooled = {"callward call / runc (warm pool)": "runc",
                   "callward call / runsc (warm pool)": "runsc"}
@@ -199,6 +216,7 @@ def main() -> None:
             runtime = pooled.get(name)
             function = ways.callward(runtime) if runtime else plain[name]
             count = args.throughput_calls // (4 if "docker run" in name else 1)
+            count *= 8 if "session" in name else 1
             row: list[object] = [name]
             for concurrency in (1, 2, 4, 8):
                 if runtime is not None:

@@ -35,6 +35,7 @@ from callward.core._registry import ToolRegistry
 from callward.core.errors import CallwardError, MalformedCall, SandboxUnavailable
 from callward.core.protocols import (
     AuditLog,
+    PlacingToolRunner,
     PolicyEngine,
     PolicyHooks,
     ReceiptIssuer,
@@ -47,6 +48,7 @@ from callward.core.types import (
     Decision,
     Execution,
     Receipt,
+    ResourceLimits,
     ResultKind,
     RuleId,
     ToolCall,
@@ -244,7 +246,7 @@ class Gateway:
         clog.info("call_authorized", seq=authorized.seq)
 
         started = self._clock()
-        outcome = self._execute(call, spec, decision)
+        outcome = self._execute(call, spec, decision, context)
         sandbox_ms = _ms(started, self._clock())
 
         expected_matched = None
@@ -340,10 +342,12 @@ class Gateway:
                 message="the policy could not decide this call, so it is denied",
             )
 
-    def _execute(self, call: ToolCall, spec: ToolSpec, decision: Decision) -> _Outcome:
+    def _execute(
+        self, call: ToolCall, spec: ToolSpec, decision: Decision, context: CallContext
+    ) -> _Outcome:
         limits = decision.limits if decision.limits is not None else spec.limits
         try:
-            execution = self.runner.run(spec, call, limits)
+            execution = self._run(call, spec, limits, decision, context)
         except CallwardError as exc:
             if isinstance(exc, SandboxUnavailable):
                 return _Outcome(None, "sandbox_unavailable",
@@ -358,6 +362,29 @@ class Gateway:
             return _Outcome(execution, "ok", execution.value_json, "")
         return _Outcome(execution, execution.kind,
                         _error_content(execution.kind, execution.message), execution.message)
+
+    def _run(
+        self,
+        call: ToolCall,
+        spec: ToolSpec,
+        limits: ResourceLimits,
+        decision: Decision,
+        context: CallContext,
+    ) -> Execution:
+        """Run where the decision says; a runtime the runner cannot choose fails closed."""
+        if decision.isolation == "call" and decision.runtime is None:
+            return self.runner.run(spec, call, limits)
+        if isinstance(self.runner, PlacingToolRunner):
+            return self.runner.run_placed(
+                spec, call, limits, isolation=decision.isolation, runtime=decision.runtime,
+                principal=context.principal, session_id=context.session_id,
+            )
+        if decision.runtime is not None:
+            raise SandboxUnavailable(
+                f"the policy runs {spec.name} on {decision.runtime}, "
+                "and this sandbox cannot choose its runtime"
+            )
+        return self.runner.run(spec, call, limits)  # a fresh container is the stricter choice
 
     def _deny(
         self,

@@ -9,7 +9,7 @@ tests pass ``Fake*``/``Stub*`` implementations the same way.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from callward.core._canonical import JSONValue, Sha256Hex
 from callward.core.types import (
@@ -80,6 +80,33 @@ class ToolRunner(Protocol):
 
         Returns an ``Execution`` for every way the tool itself can end (a value,
         an exception, a limit hit).
+
+        Raises:
+            SandboxUnavailable: The sandbox could not run the tool at all.
+        """
+        ...
+
+
+@runtime_checkable
+class PlacingToolRunner(ToolRunner, Protocol):
+    """
+    A ``ToolRunner`` that also runs where the policy says: in an agent session's
+    container, or on another runtime (gVisor).
+    """
+
+    def run_placed(
+        self,
+        spec: ToolSpec,
+        call: ToolCall,
+        limits: ResourceLimits,
+        *,
+        isolation: Literal["call", "session"],
+        runtime: Literal["runc", "runsc"] | None,
+        principal: str,
+        session_id: str,
+    ) -> Execution:
+        """
+        Run like ``run``, in ``isolation`` and on ``runtime`` (None: the runner's own).
 
         Raises:
             SandboxUnavailable: The sandbox could not run the tool at all.

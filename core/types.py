@@ -253,6 +253,10 @@ class Decision:
         reasons: Ids of the rules that decided, the failing ones first for a denial.
         json_path: For a schema denial, where in the arguments it failed.
         limits: For an allow, the limits the execution runs under.
+        isolation: For an allow, ``call`` (a fresh container, the default) or
+            ``session`` (the agent session's container, a fresh process per call).
+        runtime: For an allow, ``runc`` or ``runsc`` (gVisor); None leaves the
+            sandbox's configured runtime.
     """
 
     effect: Effect
@@ -264,6 +268,8 @@ class Decision:
     limits: ResourceLimits | None = None
     diagnostics: tuple[str, ...] = ()
     policy_version: int = 1
+    isolation: Literal["call", "session"] = "call"
+    runtime: Literal["runc", "runsc"] | None = None
 
     def __post_init__(self) -> None:
         if not self.reasons:
@@ -281,9 +287,13 @@ class Decision:
                 raise ValueError("an allow must carry the limits it runs under")
         else:
             raise ValueError("effect is allow or deny")
+        if self.isolation not in ("call", "session"):
+            raise ValueError("isolation is call or session")
+        if self.runtime not in (None, "runc", "runsc"):
+            raise ValueError("runtime is runc, runsc or None")
 
     def to_json(self) -> dict[str, JSONValue]:
-        return {
+        body: dict[str, JSONValue] = {
             "effect": self.effect,
             "kind": self.kind,
             "reasons": list(self.reasons),
@@ -293,6 +303,12 @@ class Decision:
             "diagnostics": list(self.diagnostics),
             "policy_version": self.policy_version,
         }
+        # Reuse of a container is an explicit, audited choice; the defaults stay implicit.
+        if self.isolation != "call":
+            body["isolation"] = self.isolation
+        if self.runtime is not None:
+            body["runtime"] = self.runtime
+        return body
 
 
 @dataclass(frozen=True, slots=True)

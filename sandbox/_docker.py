@@ -132,6 +132,7 @@ class DockerSandbox:
         self._pool_config = pool if pool is not None else PoolConfig()
         self._pool: WarmPool[_Live] | None = None
         self._sessions: dict[tuple[str, ResourceLimits], _Session] = {}
+        self._siblings: dict[Runtime, DockerSandbox] = {}
         self._lock = threading.Lock()
         self._sandbox = Sandbox(self, clock=clock)
 
@@ -156,6 +157,10 @@ class DockerSandbox:
             pool, self._pool = self._pool, None
             sessions = list(self._sessions.values())
             self._sessions.clear()
+            siblings = list(self._siblings.values())
+            self._siblings.clear()
+        for sibling in siblings:
+            sibling.close()
         if pool is not None:
             pool.close()
         for session in sessions:
@@ -205,6 +210,41 @@ class DockerSandbox:
         return self._sandbox.run(
             spec, call, limits, isolation=isolation, principal=principal, session_id=session_id
         )
+
+    def run_placed(
+        self,
+        spec: ToolSpec,
+        call: ToolCall,
+        limits: ResourceLimits,
+        *,
+        isolation: Isolation,
+        runtime: Runtime | None,
+        principal: str,
+        session_id: str,
+    ) -> Execution:
+        """
+        Run as the policy placed the call: in ``isolation``, on ``runtime``.
+
+        Another runtime than this sandbox's runs through a sandbox of its own on the
+        same engine (with its own pool), made on first use and closed with this one.
+
+        Raises:
+            SandboxUnavailable: The engine could not run the container at all.
+        """
+        target = self if runtime in (None, self._runtime) else self._sibling(runtime)
+        return target.run(
+            spec, call, limits, isolation=isolation, principal=principal, session_id=session_id
+        )
+
+    def _sibling(self, runtime: Runtime) -> DockerSandbox:
+        with self._lock:
+            sibling = self._siblings.get(runtime)
+            if sibling is None:
+                sibling = self._siblings[runtime] = DockerSandbox(
+                    runtime=runtime, image=self._image, client_factory=self._client_factory,
+                    pool=self._pool_config, clock=self._clock,
+                )
+            return sibling
 
     def end_session(self, principal: str, session_id: str) -> None:
         """Remove the containers of one agent session, if it has any."""
