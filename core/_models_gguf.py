@@ -183,7 +183,12 @@ def prepare_demo_model(
                      write_to=gguf)
         staged = Path(scratch) / "bf16"
         _convert(gguf, staged, expected_sha256)
-        staged.rename(target)
+        try:
+            staged.rename(target)
+        except OSError as exc:
+            # Another process converted at the same time and renamed first: use its copy.
+            if not _manifest_ok(target, expected_sha256):
+                raise ModelUnavailable(f"the model cache {target} cannot be written") from exc
     return target
 
 
