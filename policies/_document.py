@@ -401,6 +401,16 @@ class PolicyDocument:
                 fields[key] = value
         return ResourceLimits(**fields)  # type: ignore[arg-type]
 
+    def isolation_of(self, tool: str) -> Literal["call", "session"]:
+        """``session`` only where the document says so; a fresh container is the default."""
+        return "session" if self.tool_settings.get(tool, {}).get("isolation") == "session" \
+            else "call"
+
+    def runtime_of(self, tool: str) -> Literal["runc", "runsc"] | None:
+        """The runtime the document names for a tool, or None for the sandbox's own."""
+        runtime = self.tool_settings.get(tool, {}).get("runtime")
+        return "runsc" if runtime == "runsc" else "runc" if runtime == "runc" else None
+
     def labels_of(self, tool: str, own: tuple[str, ...]) -> frozenset[str]:
         """A tool's labels: its own and those the policy adds."""
         return frozenset(own) | self.tool_labels.get(tool, frozenset())

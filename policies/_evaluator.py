@@ -175,12 +175,11 @@ class _Checks:
         reasons = [_schema_rule(spec), *permits]
         if pending.approval is not None:
             reasons.append(RuleId(f"approval.{pending.approval.id}"))
-        settings = document.tool_settings.get(spec.name, {})
         return Decision("allow", tuple(reasons), document.digest, message="allowed",
                         limits=document.limits_for(spec.name, spec.limits),
                         diagnostics=diagnostics, policy_version=document.version,
-                        isolation=settings.get("isolation", "call"),  # type: ignore[arg-type]
-                        runtime=settings.get("runtime"))  # type: ignore[arg-type]
+                        isolation=document.isolation_of(spec.name),
+                        runtime=document.runtime_of(spec.name))
 
 
 @dataclass(slots=True)

@@ -133,3 +133,18 @@ cedar_inline: |
 
         with pytest.raises(PolicyInvalid, match="cannot be read"):
             Policy.from_file(path)
+
+
+class TestPlacement:
+    def test_an_allow_carries_the_tools_isolation_and_runtime(self, decide):
+        """The document's isolation and runtime for a tool reach the Decision."""
+        policy = Policy.from_text(
+            "version: 1\ndefault: deny\nrules:\n"
+            "  - {id: all, effect: allow, principals: ['*'], tools: ['*']}\n"
+            "tools:\n  read_file: {isolation: session, runtime: runsc}\n")
+
+        placed = decide(policy, "x", "read_file", {"path": "a"})
+        default = decide(policy, "x", "http_post", {"url": "u"})
+
+        assert ("session", "runsc") == (placed.isolation, placed.runtime)
+        assert ("call", None) == (default.isolation, default.runtime)

@@ -97,6 +97,9 @@ class TestToolSections:
             " output_labels: [secret]}\n")
 
         assert {"isolation": "session", "runtime": "runsc"} == document.tool_settings["square"]
+        assert ("session", "runsc") == (document.isolation_of("square"),
+                                        document.runtime_of("square"))
+        assert ("call", None) == (document.isolation_of("add"), document.runtime_of("add"))
         assert frozenset({"math", "own"}) == document.labels_of("square", ("own",))
         assert frozenset({"secret"}) == document.output_labels["square"]
 
