@@ -29,6 +29,7 @@ Example (needs a Docker Engine; the first ``ensure_image()`` takes a minute)::
 """
 
 from callward.sandbox._docker import DockerSandbox
+from callward.sandbox._doctor import DoctorCheck, diagnose
 from callward.sandbox._image import SandboxImage, ensure_image, expected_image_tag
 from callward.sandbox._limits import Runtime
 from callward.sandbox._pool import PoolConfig
@@ -36,12 +37,14 @@ from callward.sandbox.base import RawExecution, Sandbox, SandboxBackend
 
 __all__ = [
     "DockerSandbox",
+    "DoctorCheck",
     "PoolConfig",
     "RawExecution",
     "Runtime",
     "Sandbox",
     "SandboxBackend",
     "SandboxImage",
+    "diagnose",
     "ensure_image",
     "expected_image_tag",
 ]
