@@ -294,7 +294,7 @@ class UpstreamConnection:
         target: StdioServerParameters | str
         if config.command:
             # The edge that wires stages may import them; sandbox never imports core's MCP.
-            from callward.sandbox._stdio_service import (  # noqa: PLC0415
+            from callward.sandbox import (  # noqa: PLC0415
                 ServiceImageSpec,
                 StdioService,
                 ensure_service_image,

@@ -33,6 +33,7 @@ from callward.sandbox._doctor import DoctorCheck, diagnose
 from callward.sandbox._image import SandboxImage, ensure_image, expected_image_tag
 from callward.sandbox._limits import Runtime
 from callward.sandbox._pool import PoolConfig
+from callward.sandbox._stdio_service import ServiceImageSpec, StdioService, ensure_service_image
 from callward.sandbox.base import RawExecution, Sandbox, SandboxBackend
 
 __all__ = [
@@ -44,7 +45,10 @@ __all__ = [
     "Sandbox",
     "SandboxBackend",
     "SandboxImage",
+    "ServiceImageSpec",
+    "StdioService",
     "diagnose",
     "ensure_image",
+    "ensure_service_image",
     "expected_image_tag",
 ]
