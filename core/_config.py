@@ -9,6 +9,7 @@ Configuration, version 1; paths are relative to the file::
     policy_shadow: candidate.yaml  # optional: decided beside it, differences recorded only
     sandbox:
       runtime: runc        # or runsc (gVisor)
+      pool: {size: 2, idle_seconds: 300, memory_budget_mebibytes: 1024}
 
 State lives under the home directory: ``audit.db``, ``keys/``.
 """
@@ -16,6 +17,7 @@ State lives under the home directory: ``audit.db``, ``keys/``.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -46,10 +48,38 @@ CONFIG_SCHEMA: Final = {
         "sandbox": {
             "type": "object",
             "additionalProperties": False,
-            "properties": {"runtime": {"enum": ["runc", "runsc"]}},
+            "properties": {
+                "runtime": {"enum": ["runc", "runsc"]},
+                # The warm pool (callward.sandbox.PoolConfig); size 0 starts every call cold.
+                "pool": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "size": {"type": "integer", "minimum": 0, "maximum": 64},
+                        "idle_seconds": {"type": "number", "exclusiveMinimum": 0,
+                                         "maximum": 86400},
+                        "memory_budget_mebibytes": {"type": "integer", "minimum": 0},
+                    },
+                },
+            },
         },
         # Upstream MCP servers; callward.core._mcp_upstream validates the section itself.
         "mcp": {"type": "object"},
+        "audit": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "checkpoint_every": {"type": "integer", "minimum": 1},
+                "checkpoint_seconds": {"type": "number", "minimum": 0},
+                "witnesses": {"type": "array", "items": {"oneOf": [
+                    {"type": "object", "additionalProperties": False, "required": ["directory"],
+                     "properties": {"directory": {"type": "string", "minLength": 1}}},
+                    {"type": "object", "additionalProperties": False, "required": ["command"],
+                     "properties": {"command": {"type": "array", "minItems": 1,
+                                                "items": {"type": "string", "minLength": 1}}}},
+                ]}},
+            },
+        },
     },
 }
 _CONFIG_VALIDATOR: Final = Draft202012Validator(CONFIG_SCHEMA, registry=Registry())
@@ -100,6 +130,10 @@ class GatewayConfig:
     runtime: Literal["runc", "runsc"]
     source: Path
     policy_shadow_path: Path | None = None
+    #: The ``audit`` section: checkpoint policy and witnesses (``callward.audit``).
+    audit: Mapping[str, Any] | None = None
+    #: ``sandbox.pool``: warm pool size, idle limit and memory budget.
+    pool: Mapping[str, Any] | None = None
 
 
 def example_config_path() -> Path:
@@ -135,6 +169,8 @@ def load_config(path: Path) -> GatewayConfig:
         runtime=(raw.get("sandbox") or {}).get("runtime", "runc"),
         source=path,
         policy_shadow_path=Path(resolve(raw["policy_shadow"])) if "policy_shadow" in raw else None,
+        audit=raw.get("audit"),
+        pool=(raw.get("sandbox") or {}).get("pool"),
     )
 
 
@@ -156,10 +192,10 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
         ConfigurationError: A file is missing or invalid (PolicyInvalid for the policy).
     """
     # The edge that wires the stages imports them; the stages never import each other.
-    from callward.audit import FileSigner, SQLiteAuditStore  # noqa: PLC0415
+    from callward.audit import FileSigner, SQLiteAuditStore, store_settings  # noqa: PLC0415
     from callward.core.gateway import Gateway  # noqa: PLC0415
     from callward.policies import Policy, PolicyState  # noqa: PLC0415
-    from callward.sandbox import DockerSandbox  # noqa: PLC0415
+    from callward.sandbox import DockerSandbox, PoolConfig  # noqa: PLC0415
 
     config = load_config(Path(str(path)))
     state = Home.resolve(None if home is None else str(home))
@@ -174,11 +210,17 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
               if config.policy_shadow_path is not None else None)
     policy = Policy.from_file(config.policy_path, state=policy_state, signer=signer,
                               shadow=shadow)
-    audit = SQLiteAuditStore(state.audit_db, signer)
+    settings = store_settings(config.audit or {}, base=config.source.parent)
+    audit = SQLiteAuditStore(state.audit_db, signer, checkpoint_every=settings.checkpoint_every,
+                             checkpoint_seconds=settings.checkpoint_seconds,
+                             witnesses=settings.witnesses)
     audit.open()
     # Calls a crashed gateway authorized but never completed are closed out now.
     audit.recover_interrupted()
-    runner = DockerSandbox.from_env(runtime=config.runtime)
+    pool = dict(config.pool or {})
+    if "memory_budget_mebibytes" in pool:
+        pool["memory_budget_bytes"] = pool.pop("memory_budget_mebibytes") * (1 << 20)
+    runner = DockerSandbox.from_env(runtime=config.runtime, pool=PoolConfig(**pool))
     try:
         runner.remove_leftovers()
     except SandboxUnavailable:
