@@ -14,6 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from callward.core import (
+    Execution,
+    ResourceLimits,
+    Sha256Hex,
+    ToolCall,
+    ToolSpec,
+    Usage,
+)
 from callward.core._config import example_config_path
 from callward.core.gateway import Gateway
 
@@ -93,3 +101,46 @@ class TestPlacementByPolicy:
         expected = ("ok", b"25", "runsc")
         assert expected == (result.kind, result.content_json,
                             authorized["decision"]["runtime"])  # type: ignore[index]
+
+
+class StubPlainRunner:
+    """A ToolRunner that cannot choose a runtime or a session; records what it ran."""
+
+    image_digest = Sha256Hex("0" * 64)
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+
+    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
+        self.ran.append(call.name)
+        return Execution(kind="ok", value_json=b"0", message="",
+                         usage=Usage(wall_ms=0.0, exit_code=0, output_bytes=1))
+
+
+class TestPlacementFailsClosed:
+    def test_a_runtime_the_runner_cannot_choose_never_runs(
+        self, make_gateway: Callable[[str], Gateway]
+    ) -> None:
+        """A policy asking for gVisor on a runner that cannot choose: sandbox_unavailable."""
+        gateway = make_gateway("  square:\n    runtime: runsc\n    limits: {pids: 64}")
+        stub = StubPlainRunner()
+        gateway.runner = stub
+
+        (result,) = gateway.handle_text('call function("square", [5])', principal="alice")
+
+        expected = ("sandbox_unavailable", [])
+        assert expected == (result.kind, stub.ran)
+
+    def test_session_on_a_plain_runner_runs_in_a_fresh_container(
+        self, make_gateway: Callable[[str], Gateway]
+    ) -> None:
+        """A session placement on a runner without sessions runs like call: the stricter."""
+        gateway = make_gateway("  square:\n    isolation: session")
+        stub = StubPlainRunner()
+        gateway.runner = stub
+
+        (result,) = gateway.handle_text('call function("square", [5])', principal="alice",
+                                        session_id="s1")
+
+        expected = ("ok", ["square"])
+        assert expected == (result.kind, stub.ran)
