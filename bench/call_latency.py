@@ -85,7 +85,7 @@ def main() -> None:
     rows = []
     for stage in ("parse", "policy", "audit_authorized", "sandbox", "audit_completed+rest"):
         rows.append((stage, *summarize(stages[stage])))
-    rows.append(("end to end (callward, cold container per call)", *summarize(wall)))
+    rows.append(("end to end (callward, default warm pool of 2, back to back)", *summarize(wall)))
     rows.append(("baseline: docker run --rm (no limits, no audit)", *summarize(baseline)))
     print_table(
         f"One allowed call, {args.calls} calls (baseline {args.baseline_runs} runs)",

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
 from callward.core._cli_common import (
     EXIT_CHECK_FAILED,
@@ -188,6 +189,18 @@ def _with_keys(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _workers(text: str) -> int | Literal["auto"]:
+    if text == "auto":
+        return "auto"
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a number of processes, or auto") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError("at least 1 process")
+    return count
+
+
 def add_commands(commands: Subcommands) -> None:
     """Add ``audit verify / show / prove / verify-receipt / consistency / checkpoint /
     rotate-key / query / export / report``."""
@@ -200,8 +213,9 @@ def add_commands(commands: Subcommands) -> None:
     verify = _with_keys(_with_db(command("verify", "verify the log offline with the public key")))
     verify.add_argument("--witness", action="append",
                         help="a witness's checkpoint file or directory (repeatable)")
-    verify.add_argument("--workers", type=int, default=1,
-                        help="processes checking signatures (default 1)")
+    verify.add_argument("--workers", type=_workers, default="auto",
+                        help="processes checking signatures: a number, or auto (the default: "
+                             "one per core for logs of 50,000 records or more)")
     verify.set_defaults(handler=_verify)
 
     show = _with_db(command("show", "print records as JSON lines"))
