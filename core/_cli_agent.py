@@ -14,7 +14,9 @@ from callward.core._cli_common import (
     print_json,
     subcommand_options,
 )
-from callward.core._config import Home
+from callward.core._config import Home, ModelSettings, load_config
+
+DEFAULT_NEW_TOKENS = 256
 
 
 def _agent(args: argparse.Namespace, home: Home) -> int:
@@ -24,15 +26,20 @@ def _agent(args: argparse.Namespace, home: Home) -> int:
     from callward.core._models_gguf import load_demo_model  # noqa: PLC0415
     from callward.core.gateway import Gateway  # noqa: PLC0415
 
-    generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
-    if args.model_dir:
+    path = config_path(args, home)
+    settings = load_config(path).model or ModelSettings()
+    generation = GenerationConfig(
+        max_new_tokens=args.max_new_tokens or settings.max_new_tokens or DEFAULT_NEW_TOKENS)
+    directory = Path(args.model_dir) if args.model_dir else settings.directory
+    if directory is not None:
         model = TransformersChatModel.from_directory(
-            Path(args.model_dir), generation=generation, tool_role=args.tool_role or "tool")
+            directory, generation=generation,
+            tool_role=args.tool_role or settings.tool_role or "tool")
     else:
         model = load_demo_model(home.root / "models", generation=generation,
-                                tool_role=args.tool_role or "user")
+                                tool_role=args.tool_role or settings.tool_role or "user")
     limits = AgentLimits(max_steps=args.max_steps, wall_seconds=args.wall_seconds)
-    with Gateway.from_config(config_path(args, home), home=home.root) as gateway:
+    with Gateway.from_config(path, home=home.root) as gateway:
         run = Agent(gateway=gateway, model=model, principal=args.principal,
                     session_id=args.session, limits=limits).run(args.question)
     print_json({
@@ -68,11 +75,14 @@ def add_commands(commands: Subcommands) -> None:
     agent.add_argument("--principal", default="alice", help="who is asking (default alice)")
     agent.add_argument("--session", default="")
     agent.add_argument("--model-dir", help="a transformers model directory (safetensors); "
-                       "default: the demo model, verified by digest")
+                       "default: the configuration's model.directory, else the demo model, "
+                       "verified by digest")
     agent.add_argument("--tool-role", choices=["tool", "user"],
                        help="how results go back: the template's tool role, or folded into a "
                        "user turn (default: user for the demo model, tool otherwise)")
     agent.add_argument("--max-steps", type=int, default=6)
     agent.add_argument("--wall-seconds", type=float, default=300.0)
-    agent.add_argument("--max-new-tokens", type=int, default=256)
+    agent.add_argument("--max-new-tokens", type=int,
+                       help=f"generation budget per turn (default: the configuration's, "
+                       f"else {DEFAULT_NEW_TOKENS})")
     agent.set_defaults(handler=_agent)

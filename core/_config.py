@@ -17,7 +17,7 @@ State lives under the home directory: ``audit.db``, ``keys/``.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -65,6 +65,16 @@ CONFIG_SCHEMA: Final = {
         },
         # Upstream MCP servers; callward.core._mcp_upstream validates the section itself.
         "mcp": {"type": "object"},
+        # The model `callward agent` runs: a transformers directory, or the demo model.
+        "model": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "directory": {"type": "string", "minLength": 1},
+                "tool_role": {"enum": ["tool", "user"]},
+                "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": 8192},
+            },
+        },
         "audit": {
             "type": "object",
             "additionalProperties": False,
@@ -124,6 +134,22 @@ class Home:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelSettings:
+    """
+    The ``model`` section: which model ``callward agent`` runs and how.
+
+    Attributes:
+        directory: A transformers model directory (safetensors); None for the demo model.
+        tool_role: How results go back: the template's ``tool`` role or a ``user`` turn.
+        max_new_tokens: The generation budget per turn.
+    """
+
+    directory: Path | None = None
+    tool_role: Literal["tool", "user"] | None = None
+    max_new_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     tool_sources: tuple[str, ...]
     policy_path: Path
@@ -134,6 +160,8 @@ class GatewayConfig:
     audit: Mapping[str, Any] | None = None
     #: ``sandbox.pool``: warm pool size, idle limit and memory budget.
     pool: Mapping[str, Any] | None = None
+    #: ``model``: the agent's model; None means the demo model.
+    model: ModelSettings | None = None
 
 
 def example_config_path() -> Path:
@@ -171,6 +199,20 @@ def load_config(path: Path) -> GatewayConfig:
         policy_shadow_path=Path(resolve(raw["policy_shadow"])) if "policy_shadow" in raw else None,
         audit=raw.get("audit"),
         pool=(raw.get("sandbox") or {}).get("pool"),
+        model=_model_settings(raw.get("model"), resolve),
+    )
+
+
+def _model_settings(
+    section: Mapping[str, Any] | None, resolve: Callable[[str], str]
+) -> ModelSettings | None:
+    if section is None:
+        return None
+    directory = section.get("directory")
+    return ModelSettings(
+        directory=Path(resolve(directory)) if directory else None,
+        tool_role=section.get("tool_role"),
+        max_new_tokens=section.get("max_new_tokens"),
     )
 
 
