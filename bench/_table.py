@@ -1,9 +1,22 @@
-"""Small helpers shared by the benchmarks: percentiles and a printed table."""
+"""Small helpers shared by the benchmarks: logging, percentiles and a printed table."""
 
 from __future__ import annotations
 
+import logging
 import statistics
+import sys
 from collections.abc import Sequence
+
+import structlog
+
+
+def configure_logging() -> None:
+    """Log as the CLI does by default: JSON on stderr, warnings and above only."""
+    structlog.configure(
+        processors=[structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    )
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

@@ -20,7 +20,6 @@ tree, and durable when ``append`` returns; the log is verified at the end.
 from __future__ import annotations
 
 import argparse
-import logging
 import sqlite3
 import sys
 import tempfile
@@ -28,12 +27,11 @@ import threading
 import time
 from pathlib import Path
 
-import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _table import print_table
+from _table import configure_logging, print_table
 
 from callward.audit import FileSigner, SQLiteAuditStore, verify
 
@@ -91,11 +89,7 @@ def callward_appends(path: Path, count: int, threads: int) -> tuple[float, float
 
 
 def main() -> None:
-    structlog.configure(
-        processors=[structlog.processors.JSONRenderer()],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-    )
+    configure_logging()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--records", type=int, default=12800)
     parser.add_argument("--threads", type=int, nargs="*", default=[8, 64, 128])

@@ -14,7 +14,6 @@ record without worker processes).
 from __future__ import annotations
 
 import argparse
-import logging
 import sqlite3
 import sys
 import tempfile
@@ -22,12 +21,11 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _table import print_table, summarize
+from _table import configure_logging, print_table, summarize
 
 from callward.audit import FileSigner, SQLiteAuditStore, prove, verify, verify_receipt
 from callward.audit._chain import GENESIS_PREV, canonical_body, format_ts, seal
@@ -95,11 +93,7 @@ def signatures_only(path: Path, signer: FileSigner) -> float:
 
 
 def main() -> None:
-    structlog.configure(
-        processors=[structlog.processors.JSONRenderer()],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-    )
+    configure_logging()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--receipts", type=int, default=500)

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import structlog
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _table import print_table, summarize
+from _table import configure_logging, print_table, summarize
 
 from callward.core._config import example_config_path
 from callward.core.gateway import Gateway
@@ -50,12 +47,7 @@ def docker_run_baseline(count: int) -> list[float]:
 
 
 def main() -> None:
-    # As the CLI runs by default: JSON logs on stderr, warnings and above.
-    structlog.configure(
-        processors=[structlog.processors.JSONRenderer()],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-    )
+    configure_logging()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=60)
     parser.add_argument("--baseline-runs", type=int, default=20)

@@ -11,19 +11,17 @@ with synchronous=FULL alone.
 from __future__ import annotations
 
 import argparse
-import logging
 import sqlite3
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import structlog
 from jsonschema import Draft202012Validator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _table import print_table, summarize
+from _table import configure_logging, print_table, summarize
 
 from callward.audit import FileSigner, SQLiteAuditStore
 from callward.core import (
@@ -62,12 +60,7 @@ def timed(function, count: int) -> list[float]:
 
 
 def main() -> None:
-    # As the CLI runs by default: JSON logs on stderr, warnings and above.
-    structlog.configure(
-        processors=[structlog.processors.JSONRenderer()],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-    )
+    configure_logging()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=2000)
     args = parser.parse_args()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import shutil
 import sys
@@ -32,14 +31,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import structlog
 import yaml
 from anyio.from_thread import start_blocking_portal
 from mcp import Client, StdioServerParameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _table import print_table, summarize
+from _table import configure_logging, print_table, summarize
 
 from callward.core import (
     Execution,
@@ -107,11 +105,7 @@ def timed(calls: int, function: Callable[[int], object]) -> list[float]:
 
 def main() -> None:
     # As the CLI does (callward.core.cli), so logging costs what it costs in use.
-    structlog.configure(
-        processors=[structlog.processors.JSONRenderer()],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-    )
+    configure_logging()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=300)
     calls = parser.parse_args().calls

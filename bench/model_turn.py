@@ -12,18 +12,15 @@ Baseline, in the same process: the same model turns generated directly (template
 from __future__ import annotations
 
 import argparse
-import logging
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import structlog
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _table import print_table
+from _table import configure_logging, print_table
 
 from callward.core import Agent, ChatMessage
 from callward.core._config import Home, example_config_path
@@ -37,11 +34,7 @@ def main() -> None:
     parser.add_argument("--home", help="CALLWARD_HOME whose models/ cache to use "
                         "(default: a fresh temporary one, so the first load is cold)")
     args = parser.parse_args()
-    structlog.configure(
-        processors=[structlog.processors.JSONRenderer()],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-    )
+    configure_logging()
     with tempfile.TemporaryDirectory() as scratch:
         home = Home(Path(args.home) if args.home else Path(scratch))
         run(home)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -36,11 +35,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import structlog
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _table import print_table, summarize
+from _table import configure_logging, print_table, summarize
 
 from callward.core import ResourceLimits, ToolCall, ToolSpec, canonical_bytes, sha256_hex
 from callward.sandbox import DockerSandbox, PoolConfig, ensure_image
@@ -159,11 +156,7 @@ class Ways:
 
 
 def main() -> None:
-    structlog.configure(
-        processors=[structlog.processors.JSONRenderer()],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-    )
+    configure_logging()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=40, help="latency samples per way")
     parser.add_argument("--throughput-calls", type=int, default=32,
