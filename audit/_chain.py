@@ -184,16 +184,7 @@ def check_record(
         VerificationFailed: With ``seq=record.seq`` and the first check that failed.
     """
     check_position(record, expected_seq=expected_seq)
-    problem = signature_problem(
-        record.seq,
-        record.record_bytes,
-        record.signature,
-        record.key_id,
-        public_key=public_key,
-        key_id=key_id,
-    )
-    if problem is not None:
-        raise VerificationFailed(problem, seq=record.seq)
+    check_signature(record, public_key=public_key, key_id=key_id)
     check_contents(record, key_id=key_id, prev=prev, not_before=not_before)
 
 
@@ -218,6 +209,25 @@ def check_position(record: AuditRecord, *, expected_seq: int) -> None:
         raise VerificationFailed(
             f"record {seq}: the stored hash is not the SHA-256 of the record bytes", seq=seq
         )
+
+
+def check_signature(record: AuditRecord, *, public_key: Ed25519PublicKey, key_id: KeyId) -> None:
+    """
+    The second part of ``check_record``, for a record in this process.
+
+    Raises:
+        VerificationFailed: With ``seq=record.seq``, when the signature does not verify.
+    """
+    problem = signature_problem(
+        record.seq,
+        record.record_bytes,
+        record.signature,
+        record.key_id,
+        public_key=public_key,
+        key_id=key_id,
+    )
+    if problem is not None:
+        raise VerificationFailed(problem, seq=record.seq)
 
 
 def signature_problem(

@@ -44,6 +44,7 @@ from callward.audit._chain import (
     GENESIS_PREV,
     check_contents,
     check_position,
+    check_signature,
     signature_problem,
 )
 from callward.audit._checkpoint import Checkpoint, open_checkpoint, read_unverified
@@ -462,16 +463,7 @@ class _Signatures(Protocol):
 
 class _InlineSignatures:
     def check(self, record: AuditRecord, key: Ed25519PublicKey, key_id: KeyId) -> None:
-        problem = signature_problem(
-            record.seq,
-            record.record_bytes,
-            record.signature,
-            record.key_id,
-            public_key=key,
-            key_id=key_id,
-        )
-        if problem is not None:
-            raise VerificationFailed(problem, seq=record.seq)
+        check_signature(record, public_key=key, key_id=key_id)
 
     def raise_first(self, failure: VerificationFailed, *, including_seq: bool) -> NoReturn:
         raise failure
