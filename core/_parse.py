@@ -130,6 +130,13 @@ def _make_call(
         raise _fail(str(exc), offset, dialect) from exc
 
 
+def _call_id(value: object, label: str, offset: int | None, dialect: Dialect) -> str | None:
+    """A call id the model gave, or None when it gave none; anything else is refused."""
+    if value is not None and (not isinstance(value, str) or not value):
+        raise _fail(f"{label} must be a non-empty string", offset, dialect)
+    return value
+
+
 def _arguments_from(value: object, offset: int, dialect: Dialect) -> object:
     """Arguments given as a JSON string (OpenAI's way) are decoded strictly."""
     if isinstance(value, str):
@@ -182,9 +189,7 @@ def _parse_openai(document: object, new_id: NewId) -> list[_Found] | None:
         function = entry.get("function")
         if not isinstance(function, dict):
             raise _fail(f"{where}.function is missing", None, "openai")
-        call_id = entry.get("id")
-        if call_id is not None and (not isinstance(call_id, str) or not call_id):
-            raise _fail(f"{where}.id must be a non-empty string", None, "openai")
+        call_id = _call_id(entry.get("id"), f"{where}.id", None, "openai")
         arguments = _arguments_from(function.get("arguments", "{}"), index, "openai")
         found.append(
             _Found(
@@ -230,9 +235,7 @@ def _parse_hermes(text: str, new_id: NewId, protected: Spans = ()) -> list[_Foun
         if unexpected:
             raise _fail(f"unexpected keys {unexpected}", body_start, "hermes")
         arguments = _arguments_from(document.get("arguments", {}), body_start, "hermes")
-        call_id = document.get("id")
-        if call_id is not None and (not isinstance(call_id, str) or not call_id):
-            raise _fail("the id must be a non-empty string", body_start, "hermes")
+        call_id = _call_id(document.get("id"), "the id", body_start, "hermes")
         found.append(
             _Found(
                 start,
@@ -438,12 +441,11 @@ def _anthropic_blocks(document: object) -> list[object] | None:
 def _parse_anthropic(blocks: list[object], new_id: NewId) -> list[_Found]:
     found: list[_Found] = []
     for index, block in enumerate(blocks):
-        assert isinstance(block, dict)  # noqa: S101 - checked by _anthropic_blocks
+        if not isinstance(block, dict):
+            raise _fail(f"content[{index}] is not an object", index, "anthropic")
         if block.get("type") != "tool_use":
             continue
-        call_id = block.get("id")
-        if call_id is not None and (not isinstance(call_id, str) or not call_id):
-            raise _fail(f"content[{index}].id must be a non-empty string", index, "anthropic")
+        call_id = _call_id(block.get("id"), f"content[{index}].id", index, "anthropic")
         if "input" not in block:
             raise _fail(f"content[{index}] has no input", index, "anthropic")
         found.append(
@@ -480,9 +482,7 @@ def _call_from_object(
         raise _fail("give arguments or parameters, not both", offset, dialect)
     if document.get("type", "function") != "function":
         raise _fail("a call has no type other than function", offset, dialect)
-    call_id = document.get("id")
-    if call_id is not None and (not isinstance(call_id, str) or not call_id):
-        raise _fail("the id must be a non-empty string", offset, dialect)
+    call_id = _call_id(document.get("id"), "the id", offset, dialect)
     raw = document["arguments"] if "arguments" in document else document.get("parameters")
     return _Found(
         offset,
