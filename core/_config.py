@@ -273,6 +273,5 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
         policy=policy,
         runner=runner,
         audit=audit,
-        closers=((audit.close, policy.state.close, runner.close) if hasattr(runner, "close")
-                 else (audit.close, policy.state.close)),
+        closers=(audit.close, policy.state.close, runner.close),
     )
