@@ -27,7 +27,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -709,17 +709,7 @@ def _pids_limit_hit(container_id: str) -> bool:
 
 def _pids_refused(container_id: str) -> int:
     """How many forks or clones the container's pids controller refused (0 if unknown)."""
-    for template in _PIDS_EVENTS:
-        try:
-            events = Path(template.format(id=container_id)).read_text(encoding="ascii")
-        except OSError:
-            continue
-        for line in events.splitlines():
-            name, _, count = line.partition(" ")
-            if name == "max" and count.strip().isdigit():
-                return int(count)
-        return 0
-    return 0
+    return _cgroup_counter(_PIDS_EVENTS, container_id, "max") or 0
 
 
 def _oom_kills(container_id: str) -> int | None:
@@ -729,14 +719,23 @@ def _oom_kills(container_id: str) -> int | None:
     None where the cgroup cannot be read (a remote engine, another layout):
     the caller then asks the engine.
     """
-    for template in _MEMORY_EVENTS:
+    return _cgroup_counter(_MEMORY_EVENTS, container_id, "oom_kill")
+
+
+def _cgroup_counter(templates: Sequence[str], container_id: str, counter: str) -> int | None:
+    """
+    A counter from the first readable ``*.events`` file of the container's cgroup.
+
+    None when no such file can be read or it has no such counter.
+    """
+    for template in templates:
         try:
             events = Path(template.format(id=container_id)).read_text(encoding="ascii")
         except OSError:
             continue
         for line in events.splitlines():
             name, _, count = line.partition(" ")
-            if name == "oom_kill" and count.strip().isdigit():
+            if name == counter and count.strip().isdigit():
                 return int(count)
         return None
     return None
