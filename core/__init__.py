@@ -27,6 +27,8 @@ from callward.core._models import (
     TransformersChatModel,
 )
 from callward.core._models_gguf import DEMO_MODEL_SHA256, load_demo_model
+from callward.core._plan import Plan, PlanInvalid, load_plan, parse_plan
+from callward.core._plan_run import PlanReport, StepOutcome, run_plan
 from callward.core._registry import ToolRegistry, tool
 from callward.core.errors import (
     AuditUnavailable,
@@ -50,6 +52,8 @@ from callward.core.types import (
     Decision,
     Execution,
     KeyId,
+    Provenance,
+    ProvenanceEdge,
     Receipt,
     ReceiptProof,
     ResourceLimits,
@@ -84,9 +88,14 @@ __all__ = [
     "MalformedCall",
     "ModelTurn",
     "ModelUnavailable",
+    "Plan",
+    "PlanInvalid",
+    "PlanReport",
     "PolicyDenied",
     "PolicyEngine",
     "PolicyInvalid",
+    "Provenance",
+    "ProvenanceEdge",
     "Receipt",
     "ReceiptIssuer",
     "ReceiptProof",
@@ -94,6 +103,7 @@ __all__ = [
     "RuleId",
     "SandboxUnavailable",
     "Sha256Hex",
+    "StepOutcome",
     "ToolCall",
     "ToolFailed",
     "ToolRegistry",
@@ -107,6 +117,9 @@ __all__ = [
     "canonical_bytes",
     "canonical_sha256",
     "load_demo_model",
+    "load_plan",
+    "parse_plan",
+    "run_plan",
     "sha256_hex",
     "strict_loads",
     "tool",

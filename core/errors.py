@@ -17,6 +17,7 @@ Every error callward raises, in one tree, each with a stable ``kind``.
     │   └── AuditUnavailable         audit_unavailable
     └── ConfigurationError           configuration_invalid  the operator's files
         ├── PolicyInvalid            policy_invalid
+        ├── PlanInvalid              plan_invalid   (core._plan: a plan file or value)
         └── ModelUnavailable         model_unavailable  the model's files or runtime
 
     VerificationFailed               verification_failed  (an audit log does not verify)
@@ -50,7 +51,9 @@ ToolFailureKind = Literal[
     "disk_limit",
 ]
 InfrastructureKind = Literal["sandbox_unavailable", "audit_unavailable"]
-ConfigurationKind = Literal["configuration_invalid", "policy_invalid", "model_unavailable"]
+ConfigurationKind = Literal[
+    "configuration_invalid", "policy_invalid", "plan_invalid", "model_unavailable"
+]
 ErrorKind = (
     DenyKind
     | ToolFailureKind

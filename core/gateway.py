@@ -47,6 +47,7 @@ from callward.core.types import (
     CallId,
     Decision,
     Execution,
+    Provenance,
     Receipt,
     ResourceLimits,
     ResultKind,
@@ -208,6 +209,7 @@ class Gateway:
         principal: str,
         session_id: str = "",
         parse_ms: float = 0.0,
+        provenance: Provenance | None = None,
     ) -> ToolResult:
         """
         Run one parsed call: decide, audit, execute, audit, return.
@@ -215,10 +217,16 @@ class Gateway:
         Denials and tool failures come back as results with their kind; only a
         failed audit write raises.
 
+        Args:
+            provenance: Where the arguments came from (a plan step's ``$ref`` edges);
+                the policy checks flow rules per value with it, and every record of
+                the call carries it. None: unknown, flow rules apply to the session.
+
         Raises:
             AuditUnavailable: A record could not be written; nothing is returned.
         """
-        context = CallContext(principal=principal, session_id=session_id)
+        context = CallContext(principal=principal, session_id=session_id,
+                              provenance=provenance)
         clog = log.bind(call_id=call.id, tool_name_sha256=sha256_hex(call.name.encode())[:16])
         clog.info("call_received", dialect=call.dialect, arguments_bytes=len(call.arguments_json))
 
@@ -275,6 +283,7 @@ class Gateway:
                 "image_digest": self._image_digest(),
                 **result_body,
                 **_origin_fields(),
+                **_provenance_fields(context),
             },
         )
         clog.info("call_completed", outcome=outcome.kind, seq=completed.seq,
@@ -482,7 +491,12 @@ class Gateway:
             "tool": None if spec is None else {"ref": spec.ref, "digest": spec.digest},
             "image_digest": self._image_digest(),
             **_origin_fields(),
+            **_provenance_fields(context),
         }
+
+
+def _provenance_fields(context: CallContext) -> dict[str, JSONValue]:
+    return {} if context.provenance is None else {"provenance": context.provenance.to_json()}
 
 
 def _origin_fields() -> dict[str, JSONValue]:

@@ -232,11 +232,69 @@ class ToolSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ProvenanceEdge:
+    """
+    One argument of a call that came from an earlier call's output (a plan's ``$ref``).
+
+    Attributes:
+        argument: Where in the arguments the value sits, as an RFC 6901 JSON pointer.
+        source_step: The id of the plan step that produced it.
+        source_call_id: The call id of that step, which the policy looks its labels up by.
+        source_output_path: Where in that step's output it was read (``output.hits[0]``).
+        source_seq: The seq of the source call's ``call.completed`` record.
+    """
+
+    argument: str
+    source_step: str
+    source_call_id: CallId
+    source_output_path: str
+    source_seq: int
+
+    def __post_init__(self) -> None:
+        if self.argument and not self.argument.startswith("/"):
+            raise ValueError("an argument is a JSON pointer: empty or starting with '/'")
+        if not self.source_call_id or self.source_seq < 0:
+            raise ValueError("a provenance edge names its source call and record")
+
+    def to_json(self) -> dict[str, JSONValue]:
+        return {"argument": self.argument, "source_step": self.source_step,
+                "source_call_id": self.source_call_id,
+                "source_output_path": self.source_output_path, "source_seq": self.source_seq}
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    """
+    Where every argument of a call came from.
+
+    A call with a ``Provenance`` is fully accounted for: the arguments named in
+    ``edges`` came from those outputs, every other value is a literal given by
+    the caller, which carries ``literal_labels``. The policy then checks flow
+    rules per value. A call without one (``CallContext.provenance is None``,
+    e.g. a model-emitted call) falls back to the labels of its whole session.
+    """
+
+    edges: tuple[ProvenanceEdge, ...] = ()
+    literal_labels: frozenset[str] = frozenset()
+
+    def to_json(self) -> dict[str, JSONValue]:
+        return {"edges": [edge.to_json() for edge in self.edges],
+                "literal_labels": sorted(self.literal_labels)}
+
+
+@dataclass(frozen=True, slots=True)
 class CallContext:
-    """Who is calling, and in which session."""
+    """
+    Who is calling, in which session, and (when known) where the arguments came from.
+
+    Attributes:
+        provenance: None when the origin of the arguments is unknown (the policy
+            applies flow rules to the whole session); see ``Provenance``.
+    """
 
     principal: str
     session_id: str = ""
+    provenance: Provenance | None = None
 
     def __post_init__(self) -> None:
         if not self.principal or len(self.principal) > 256:

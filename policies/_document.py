@@ -27,6 +27,7 @@ and a document needs ``rules`` or ``cedar``)::
         limits: {wall_seconds: 1}
         labels: [filesystem]      # added to the tool's own labels
         output_labels: [secret]   # every result of this tool carries these
+        declassifies: [untrusted] # labels its arguments carry that its result does not
         confine: {root: /workspace, arguments: [path]}
     rate_limits:
       - {id: refunds-per-hour, tools: [refund], limit: 5, window_seconds: 3600,
@@ -34,8 +35,8 @@ and a document needs ``rules`` or ``cedar``)::
     approvals:
       - {id: refunds-need-a-manager, tools: [refund], approvers: {roles: [manager]},
          expires_seconds: 900}
-    flows:
-      - {id: no-secret-egress, from: [secret], to: [egress]}
+    flows:                        # per value for calls whose provenance is known (plan
+      - {id: no-secret-egress, from: [secret], to: [egress]}   # steps), else per session
     results:
       - {id: redact-credentials, tools: ["*"], redact: [credentials], audit_body: hash}
 """
@@ -137,6 +138,7 @@ DOCUMENT_SCHEMA: Final[Mapping[str, Any]] = {
                     "runtime": {"enum": ["runc", "runsc"]},
                     "labels": _LABEL_LIST,
                     "output_labels": _LABEL_LIST,
+                    "declassifies": _LABEL_LIST,
                     "confine": {
                         "type": "object",
                         "additionalProperties": False,
@@ -372,6 +374,7 @@ class PolicyDocument:
     cedar_sources: tuple[tuple[str, str], ...] = ()
     tool_labels: Mapping[str, frozenset[str]] = field(default_factory=dict)
     output_labels: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    declassifies: Mapping[str, frozenset[str]] = field(default_factory=dict)
     confinements: Mapping[str, Confinement] = field(default_factory=dict)
     tool_settings: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     rate_limits: tuple[RateLimit, ...] = ()
@@ -526,6 +529,7 @@ def parse_policy(text: str, *, source: str = "<string>", base: Path | None = Non
         cedar_sources=tuple(cedar_sources),
         tool_labels={name: frozenset(s.get("labels", ())) for name, s in tools.items()},
         output_labels={name: frozenset(s.get("output_labels", ())) for name, s in tools.items()},
+        declassifies={name: frozenset(s.get("declassifies", ())) for name, s in tools.items()},
         confinements={
             name: Confinement(s["confine"]["root"], tuple(s["confine"]["arguments"]))
             for name, s in tools.items() if "confine" in s

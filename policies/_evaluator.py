@@ -17,11 +17,24 @@ Invariants:
   passed. ``explain()`` runs the same checks without any side effect.
 - The Cedar policy set is parsed once per loaded document. A reload swaps the
   whole compiled policy at once, or keeps the last good one.
+
+Data-flow labels: a result carries its tool's ``output_labels``. A call whose
+provenance is known (``CallContext.provenance``: a plan step, whose arguments
+are literals or ``$ref`` values from earlier calls) is checked **per value**:
+each argument carries the labels recorded for the result it came from, plus,
+transitively, whatever that result inherited; its own result inherits them too
+unless the tool ``declassifies`` them. Another call of the same session that
+takes nothing from a labelled result is allowed. A source the policy never
+recorded in the session is judged by the session's labels. A call without
+provenance (a model-emitted call: nobody knows which earlier result the model
+copied from) keeps the strict session rule: once any result of the session was
+labelled, no call of that session may reach a sink the flow rule names.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import uuid
@@ -48,7 +61,7 @@ from callward.core import (
 from callward.core._canonical import MAX_JSON_BYTES, canonical_loads, check_json_bounds
 from callward.core.errors import DenyKind
 from callward.core.protocols import AuditLog
-from callward.core.types import ResultTreatment
+from callward.core.types import Provenance, ResultTreatment
 from callward.policies._approvals import (
     ApprovalRefused,
     ApprovalSigner,
@@ -86,6 +99,32 @@ def _proposal_id() -> str:
 def session_key(context: CallContext) -> str:
     """Labels are kept per principal and session; calls without a session share one."""
     return canonical_bytes([context.principal, context.session_id]).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class _Inflow:
+    """The labels one argument (an RFC 6901 pointer; "" for every literal) brings in."""
+
+    argument: str
+    labels: frozenset[str]
+    origin: str
+
+
+_IDENTIFIER: Final = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def pointer_to_json_path(pointer: str) -> str:
+    """``/hits/0/text`` as the ``$.hits[0].text`` form the other checks report."""
+    path = "$"
+    for token in pointer.split("/")[1:] if pointer else ():
+        key = token.replace("~1", "/").replace("~0", "~")
+        if key.isdigit():
+            path += f"[{key}]"
+        elif _IDENTIFIER.match(key):
+            path += f".{key}"
+        else:
+            path += "[" + canonical_bytes(key).decode() + "]"
+    return path
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,8 +358,11 @@ class Policy:
         in_bounds = self._input_checks(document, call, spec, checks)
         now = self._clock()
         labels = document.labels_of(spec.name, spec.labels)
+        inflows: tuple[_Inflow, ...] | None = None
         try:
             session_labels = self.state.session_labels(session_key(context))
+            if document.flows:
+                inflows = self._inflows(context, session_labels)
         except StateUnavailable:
             session_labels = frozenset()
             checks.add("flow", Check("state", False, (STATE_RULE,), "policy state unreadable"))
@@ -332,13 +374,7 @@ class Policy:
         else:
             checks.add_trace(Check("permission", False, (), "not evaluated: input out of bounds"))
 
-        flows = tuple(flow.id for flow in document.flows
-                      if flow.sources & session_labels and flow.sinks & labels)
-        if flows:
-            checks.add("flow", Check("flow", False, flows,
-                                     "labelled data from this session may not reach this tool"))
-        elif document.flows:
-            checks.add("flow", Check("flow", True, ()))
+        self._flow_check(document, labels, session_labels, inflows, context, checks)
 
         pending = _Pending()
         if checks.ok:
@@ -352,6 +388,57 @@ class Policy:
         decision = checks.decision(document, spec, permits, pending, diagnostics)
         return Trace(decision, tuple(checks.checks), tuple(sorted(labels)),
                      tuple(sorted(session_labels)))
+
+    def _inflows(self, context: CallContext, session_labels: frozenset[str]
+                 ) -> tuple[_Inflow, ...] | None:
+        """
+        Per argument, the labels it brings in; None when the provenance is unknown.
+
+        Raises:
+            StateUnavailable: The recorded labels cannot be read.
+        """
+        provenance = context.provenance
+        if provenance is None:
+            return None
+        known = (self.state.call_labels(session_key(context),
+                                        [edge.source_call_id for edge in provenance.edges])
+                 if provenance.edges else {})
+        inflows = [_Inflow("", provenance.literal_labels, "the literal arguments")]
+        for edge in provenance.edges:
+            # A source never recorded in this session is judged by the whole session.
+            labels = known.get(edge.source_call_id, session_labels)
+            inflows.append(_Inflow(edge.argument, labels, f"step {edge.source_step!r}"))
+        return tuple(inflows)
+
+    @staticmethod
+    def _flow_check(document: PolicyDocument, labels: frozenset[str],  # noqa: PLR0917 - one private step
+                    session_labels: frozenset[str], inflows: tuple[_Inflow, ...] | None,
+                    context: CallContext, checks: _Checks) -> None:
+        if not document.flows:
+            return
+        if inflows is None and context.provenance is not None:
+            return  # the state was unreadable; that check already denies
+        if inflows is None:
+            flows = tuple(flow.id for flow in document.flows
+                          if flow.sources & session_labels and flow.sinks & labels)
+            if flows:
+                checks.add("flow", Check("flow", False, flows,
+                                         "labelled data from this session may not reach "
+                                         "this tool"))
+            else:
+                checks.add("flow", Check("flow", True, ()))
+            return
+        hits = [(flow, inflow) for inflow in inflows for flow in document.flows
+                if flow.sources & inflow.labels and flow.sinks & labels]
+        if not hits:
+            checks.add("flow", Check("flow", True, ()))
+            return
+        flow, inflow = hits[0]
+        carried = ", ".join(sorted(flow.sources & inflow.labels))
+        checks.add("flow", Check(
+            "flow", False, tuple(dict.fromkeys(f.id for f, _ in hits)),
+            f"an argument from {inflow.origin} carries {carried}, which may not reach this "
+            "tool", pointer_to_json_path(inflow.argument)))
 
     def _input_checks(self, document: PolicyDocument, call: ToolCall, spec: ToolSpec,
                       checks: _Checks) -> bool:
@@ -517,8 +604,13 @@ class Policy:
         document = self._compiled.document
         labels = document.output_labels.get(spec.name, frozenset())
         rules = [rule for rule in document.results if rule.applies(spec.name)]
+        provenance = context.provenance
         try:
-            self.state.add_session_labels(session_key(context), labels, call.id, self._clock())
+            if provenance is not None:
+                labels |= self._inherited(context, provenance) - document.declassifies.get(
+                    spec.name, frozenset())
+            self.state.add_session_labels(session_key(context), labels, call.id, self._clock(),
+                                          per_call=provenance is not None)
         except StateUnavailable:
             log.warning("policy_state_unavailable", call_id=call.id, stage="observe_result")
             return ResultTreatment(
@@ -539,6 +631,18 @@ class Policy:
             rules=tuple(rule.id for rule in rules),
             redactions=redactions,
         )
+
+    def _inherited(self, context: CallContext, provenance: Provenance) -> frozenset[str]:
+        """
+        The labels a call's arguments brought in, which its result carries on.
+
+        Raises:
+            StateUnavailable: The recorded labels cannot be read.
+        """
+        session_labels = (self.state.session_labels(session_key(context))
+                          if provenance.edges else frozenset())
+        inflows = self._inflows(context, session_labels) or ()
+        return frozenset().union(*(inflow.labels for inflow in inflows))
 
     # -- approvals --------------------------------------------------------------
 

@@ -30,6 +30,9 @@ CREATE TABLE IF NOT EXISTS rate_buckets (
 CREATE TABLE IF NOT EXISTS session_labels (
     session TEXT NOT NULL, label TEXT NOT NULL, call_id TEXT NOT NULL, at REAL NOT NULL,
     PRIMARY KEY (session, label));
+CREATE TABLE IF NOT EXISTS call_labels (
+    session TEXT NOT NULL, call_id TEXT NOT NULL, label TEXT NOT NULL,
+    PRIMARY KEY (session, call_id, label));
 CREATE TABLE IF NOT EXISTS proposals (
     id TEXT PRIMARY KEY, rule_id TEXT NOT NULL, call_id TEXT NOT NULL,
     principal TEXT NOT NULL, session TEXT NOT NULL, tool TEXT NOT NULL,
@@ -206,12 +209,41 @@ class PolicyState:
         return frozenset(row[0] for row in rows)
 
     def add_session_labels(self, session: str, labels: frozenset[str], call_id: str,
-                           now: float) -> None:
-        if not labels:
+                           now: float, *, per_call: bool = False) -> None:
+        """
+        Record that a result with ``labels`` was produced in ``session``.
+
+        Args:
+            per_call: Also record the labels of this one result (even none), so a
+                later call whose provenance names ``call_id`` is checked per value.
+        """
+        if not labels and not per_call:
             return
         with self._transaction() as db:
             db.executemany("INSERT OR IGNORE INTO session_labels VALUES (?, ?, ?, ?)",
                            [(session, label, call_id, now) for label in sorted(labels)])
+            if per_call:
+                # The empty label marks the result as observed, labelled or not.
+                db.executemany("INSERT OR IGNORE INTO call_labels VALUES (?, ?, ?)",
+                               [(session, call_id, label) for label in ("", *sorted(labels))])
+
+    def call_labels(self, session: str, call_ids: Sequence[str]
+                    ) -> dict[str, frozenset[str]]:
+        """
+        The labels of each result in ``session`` recorded per call; a call id
+        absent from the answer was never recorded (its labels are unknown).
+        """
+        found: dict[str, set[str]] = {}
+        with self._read() as db:
+            for call_id in dict.fromkeys(call_ids):
+                for (label,) in db.execute(
+                    "SELECT label FROM call_labels WHERE session = ? AND call_id = ?",
+                    (session, call_id),
+                ):
+                    labels = found.setdefault(call_id, set())
+                    if label:
+                        labels.add(label)
+        return {call_id: frozenset(labels) for call_id, labels in found.items()}
 
     # -- shadow mode ----------------------------------------------------------
 
