@@ -281,6 +281,33 @@ class Provenance:
         return {"edges": [edge.to_json() for edge in self.edges],
                 "literal_labels": sorted(self.literal_labels)}
 
+    @classmethod
+    def from_json(cls, value: Mapping[str, JSONValue]) -> Provenance:
+        """
+        The provenance a record carries (``to_json``), e.g. to replay a decision.
+
+        Raises:
+            KeyError, TypeError, ValueError: ``value`` is not a recorded provenance.
+        """
+        edges = value["edges"]
+        labels = value.get("literal_labels", [])
+        if not isinstance(edges, list) or not isinstance(labels, list):
+            raise TypeError("a provenance has a list of edges and of literal labels")
+        parsed = []
+        for edge in edges:
+            if not isinstance(edge, Mapping):
+                raise TypeError("a provenance edge is an object")
+            seq = edge["source_seq"]
+            if not isinstance(seq, int):
+                raise TypeError("source_seq is a whole number")
+            parsed.append(ProvenanceEdge(
+                str(edge["argument"]), str(edge["source_step"]),
+                CallId(str(edge["source_call_id"])), str(edge["source_output_path"]), seq))
+        return cls(
+            tuple(parsed),
+            frozenset(str(label) for label in labels),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class CallContext:

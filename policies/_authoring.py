@@ -28,6 +28,7 @@ from callward.core import (
     Decision,
     JSONValue,
     PolicyInvalid,
+    Provenance,
     ToolCall,
     ToolRegistry,
     ToolSpec,
@@ -386,7 +387,10 @@ def _recorded_call(body: Mapping[str, Any]) -> tuple[ToolCall, CallContext]:
     call = ToolCall.create(id=str(recorded["id"]), name=str(recorded["name"]),
                            arguments=arguments if isinstance(arguments, dict) else {},
                            dialect="api")
-    return call, CallContext(str(body["principal"]), str(body.get("session_id", "")))
+    # A plan step's provenance replays too, so its flow labels are judged per value again.
+    provenance = body.get("provenance")
+    return call, CallContext(str(body["principal"]), str(body.get("session_id", "")),
+                             None if provenance is None else Provenance.from_json(provenance))
 
 
 def _compare(report: ReplayReport, call: ToolCall, context: CallContext,

@@ -17,6 +17,7 @@ import pytest
 
 from callward.audit import FileSigner, SQLiteAuditStore, verify
 from callward.core import (
+    AuditUnavailable,
     Execution,
     PlanInvalid,
     ResourceLimits,
@@ -32,6 +33,7 @@ from callward.core import (
 from callward.core._plan_run import run_plan_file
 from callward.core.gateway import Gateway
 from callward.policies import Policy
+from callward.policies._authoring import replay
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "core" / "examples" / "plans"
 IMAGE = Sha256Hex("cd" * 32)
@@ -378,3 +380,61 @@ class TestFlowsPerValue:
                           literal_labels=frozenset({"secret"}))
 
         assert "flow" == report.outcome("p").kind
+
+    def test_replay_judges_plan_steps_per_value_again(self, make_gateway, store):
+        """Replaying the log under the same policy changes nothing: provenance replays too."""
+        run_plan(make_gateway(), plan(FLOWS), principal="editor")
+        registry = ToolRegistry()
+        registry.load(EXAMPLE / "tools.py")
+
+        report = replay(((r.kind, r.ts, r.body) for r in store.records()),
+                        EXAMPLE / "policy.yaml", registry)
+
+        assert (6, 6, 0) == (report.calls, report.unchanged, sum(report.changes.values()))
+
+    def test_replay_without_provenance_would_see_the_session_rule(self, make_gateway, store):
+        """The same records stripped of provenance replay under the strict session rule."""
+        run_plan(make_gateway(), plan(FLOWS), principal="editor")
+        registry = ToolRegistry()
+        registry.load(EXAMPLE / "tools.py")
+        stripped = ((r.kind, r.ts, {k: v for k, v in r.body.items() if k != "provenance"})
+                    for r in store.records())
+
+        report = replay(stripped, EXAMPLE / "policy.yaml", registry)
+
+        assert 1 == report.changes["allow_to_deny"]
+        assert "publish" == report.examples["allow_to_deny"][0]["tool"]
+
+
+class StubFailingAuditLog:
+    """A real store whose Nth append fails, like a disk that fills at the Nth write."""
+
+    def __init__(self, store: SQLiteAuditStore, fail_on: int) -> None:
+        self._store = store
+        self._fail_on = fail_on
+        self.appends = 0
+        self._lock = threading.Lock()
+
+    def append(self, kind, body):
+        with self._lock:
+            self.appends += 1
+            failing = self.appends == self._fail_on
+        if failing:
+            raise AuditUnavailable("injected: the disk is full")
+        return self._store.append(kind, body)
+
+
+class TestAuditFailure:
+    def test_a_failed_audit_write_stops_the_plan(self, store):
+        """When a record cannot be written the run raises; no later step starts."""
+        registry = ToolRegistry()
+        registry.load(EXAMPLE / "tools.py")
+        runner = StubRunner()
+        gateway = Gateway(registry=registry, policy=Policy.from_file(EXAMPLE / "policy.yaml"),
+                          runner=runner, audit=StubFailingAuditLog(store, fail_on=4))
+
+        with pytest.raises(AuditUnavailable):
+            run_plan(gateway, plan(NEWS), principal="editor")
+
+        assert {"search_articles"} >= {c.name for c in runner.calls}
+        assert "plan.completed" not in kinds(store)
