@@ -25,10 +25,12 @@ each argument carries the labels recorded for the result it came from, plus,
 transitively, whatever that result inherited; its own result inherits them too
 unless the tool ``declassifies`` them. Another call of the same session that
 takes nothing from a labelled result is allowed. A source the policy never
-recorded in the session is judged by the session's labels. A call without
-provenance (a model-emitted call: nobody knows which earlier result the model
-copied from) keeps the strict session rule: once any result of the session was
-labelled, no call of that session may reach a sink the flow rule names.
+recorded in the session is judged by the session's labels; literal arguments
+carry the labels of every result the session saw without provenance (a model
+that read it may have written the plan). A call without provenance (a
+model-emitted call: nobody knows which earlier result the model copied from)
+keeps the strict session rule: once any result of the session was labelled, no
+call of that session may reach a sink the flow rule names.
 """
 
 from __future__ import annotations
@@ -400,14 +402,18 @@ class Policy:
         provenance = context.provenance
         if provenance is None:
             return None
-        known = (self.state.call_labels(session_key(context),
-                                        [edge.source_call_id for edge in provenance.edges])
+        key = session_key(context)
+        known = (self.state.call_labels(key, [edge.source_call_id for edge in provenance.edges])
                  if provenance.edges else {})
-        inflows = [_Inflow("", provenance.literal_labels, "the literal arguments")]
+        # Literals carry what the caller says, and whatever a call of this session without
+        # provenance (a model's) saw: the model may have written it into the plan.
+        literals = provenance.literal_labels | self.state.unattributed_labels(key)
+        inflows = [_Inflow("", literals, "a literal value")]
         for edge in provenance.edges:
             # A source never recorded in this session is judged by the whole session.
             labels = known.get(edge.source_call_id, session_labels)
-            inflows.append(_Inflow(edge.argument, labels, f"step {edge.source_step!r}"))
+            inflows.append(_Inflow(edge.argument, labels,
+                                   f"the value from step {edge.source_step!r}"))
         return tuple(inflows)
 
     @staticmethod
@@ -437,8 +443,8 @@ class Policy:
         carried = ", ".join(sorted(flow.sources & inflow.labels))
         checks.add("flow", Check(
             "flow", False, tuple(dict.fromkeys(f.id for f, _ in hits)),
-            f"an argument from {inflow.origin} carries {carried}, which may not reach this "
-            "tool", pointer_to_json_path(inflow.argument)))
+            f"{inflow.origin} carries {carried}, which may not reach this tool",
+            pointer_to_json_path(inflow.argument)))
 
     def _input_checks(self, document: PolicyDocument, call: ToolCall, spec: ToolSpec,
                       checks: _Checks) -> bool:

@@ -33,6 +33,8 @@ CREATE TABLE IF NOT EXISTS session_labels (
 CREATE TABLE IF NOT EXISTS call_labels (
     session TEXT NOT NULL, call_id TEXT NOT NULL, label TEXT NOT NULL,
     PRIMARY KEY (session, call_id, label));
+CREATE TABLE IF NOT EXISTS unattributed_labels (
+    session TEXT NOT NULL, label TEXT NOT NULL, PRIMARY KEY (session, label));
 CREATE TABLE IF NOT EXISTS proposals (
     id TEXT PRIMARY KEY, rule_id TEXT NOT NULL, call_id TEXT NOT NULL,
     principal TEXT NOT NULL, session TEXT NOT NULL, tool TEXT NOT NULL,
@@ -214,8 +216,11 @@ class PolicyState:
         Record that a result with ``labels`` was produced in ``session``.
 
         Args:
-            per_call: Also record the labels of this one result (even none), so a
-                later call whose provenance names ``call_id`` is checked per value.
+            per_call: The call's provenance is known: record the labels of this one
+                result (even none), so a later call whose provenance names
+                ``call_id`` is checked per value. Otherwise the labels are also
+                recorded as unattributed: whoever saw them (a model) may have copied
+                them anywhere, a plan's literals included.
         """
         if not labels and not per_call:
             return
@@ -226,6 +231,16 @@ class PolicyState:
                 # The empty label marks the result as observed, labelled or not.
                 db.executemany("INSERT OR IGNORE INTO call_labels VALUES (?, ?, ?)",
                                [(session, call_id, label) for label in ("", *sorted(labels))])
+            else:
+                db.executemany("INSERT OR IGNORE INTO unattributed_labels VALUES (?, ?)",
+                               [(session, label) for label in sorted(labels)])
+
+    def unattributed_labels(self, session: str) -> frozenset[str]:
+        """Labels of results in ``session`` whose calls had no known provenance."""
+        with self._read() as db:
+            rows = db.execute("SELECT label FROM unattributed_labels WHERE session = ?",
+                              (session,)).fetchall()
+        return frozenset(row[0] for row in rows)
 
     def call_labels(self, session: str, call_ids: Sequence[str]
                     ) -> dict[str, frozenset[str]]:

@@ -381,6 +381,19 @@ class TestFlowsPerValue:
 
         assert "flow" == report.outcome("p").kind
 
+    def test_plan_in_a_model_session_that_saw_a_secret_taints_its_literals(self, make_gateway):
+        """Run in a session where a model's call read a secret, the plan's literals carry it."""
+        gateway = make_gateway()
+        wire = ToolCall.create(id="model_1", name="internal_wire", arguments={"topic": "acme"},
+                               dialect="api")
+        assert "ok" == gateway.handle(wire, principal="editor", session_id="chat-7").kind
+        text = "steps:\n  - {id: p, tool: publish, arguments: {channel: x, text: hi}}\n"
+
+        in_chat = run_plan(gateway, plan(text), principal="editor", session_id="chat-7")
+        fresh = run_plan(gateway, plan(text), principal="editor")
+
+        assert ("flow", "ok") == (in_chat.outcome("p").kind, fresh.outcome("p").kind)
+
     def test_replay_judges_plan_steps_per_value_again(self, make_gateway, store):
         """Replaying the log under the same policy changes nothing: provenance replays too."""
         run_plan(make_gateway(), plan(FLOWS), principal="editor")

@@ -76,7 +76,8 @@ class TestPerValue:
 
         assert ("deny", "flow", ("no-secret-egress",), "$.body") == (
             decision.effect, decision.kind, decision.reasons, decision.json_path)
-        assert "step 'read' carries secret" in decision.message
+        assert ("the value from step 'read' carries secret, which may not reach this tool"
+                == decision.message)
 
     def test_argument_from_a_clean_result_passes_in_a_tainted_session(self, policy, registry):
         """The same session holds a secret, but this call's values did not come from it."""
@@ -145,6 +146,19 @@ class TestPerValue:
 
         assert ("deny", ("no-untrusted-payments",), "$") == (
             decision.effect, decision.reasons, decision.json_path)
+
+    def test_literals_carry_what_a_model_in_the_session_saw(self, policy, registry):
+        """
+        After a call without provenance read a secret, a plan step's literals in that
+        session carry secret (the model may have written them); in a fresh session not.
+        """
+        observe(policy, registry, make_call("m1", "read_file", path="a"), CallContext("ana", "s"))
+
+        tainted = post(policy, registry, CallContext("ana", "s", Provenance()))
+        fresh = post(policy, registry, CallContext("ana", "fresh", Provenance()))
+
+        assert (("deny", "$"), "allow") == ((tainted.effect, tainted.json_path), fresh.effect)
+        assert "a literal value carries secret, which may not reach this tool" == tainted.message
 
     def test_explain_records_nothing(self, policy, registry):
         """explain() with provenance decides the same and writes no label."""
