@@ -327,7 +327,17 @@ def parse_plan(data: bytes | str, *, source: str = "<plan>", json_only: bool = F
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe YAML loader that refuses duplicate mapping keys (PyYAML keeps the last)."""
+    """
+    A safe YAML loader that refuses duplicate mapping keys (PyYAML keeps the last)
+    and aliases (a few nested ``*a`` references expand to gigabytes of JSON).
+    """
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(None, None, "aliases are not allowed in a plan",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
 
 
 def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[object, object]:

@@ -211,11 +211,42 @@ class TestValidation:
         assert as_yaml.digest == as_json.digest != other.digest
 
 
+class TestHostileText:
+    @given(st.text(max_size=200))
+    def test_any_text_is_a_plan_or_plan_invalid(self, text):
+        """On any text, parse_plan returns a plan or raises PlanInvalid, nothing else."""
+        with contextlib.suppress(PlanInvalid):
+            parse_plan(text)
+
+    @given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                        lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(st.sampled_from(["$ref", "steps", "id", "tool", "x"]),
+                                          inner, max_size=3), max_leaves=12))
+    def test_any_value_is_a_plan_or_plan_invalid(self, value):
+        """On any JSON-like value, build_plan returns a plan or raises PlanInvalid."""
+        with contextlib.suppress(PlanInvalid):
+            build_plan(value, tools=TOOLS)
+
+    def test_refs_inside_a_value_are_data_not_references(self):
+        """A $ref object inside a substituted value is never resolved again."""
+        value = {"$ref": "steps.secret.output"}
+
+        assert {"x": value} == substitute({"x": ref("steps.a.output")}, {"/x": value})
+
+
 class TestFiles:
     def test_duplicate_yaml_key_is_refused(self):
         """A YAML mapping with a key twice is refused (PyYAML would keep the last)."""
         with pytest.raises(PlanInvalid, match="not valid YAML"):
             parse_plan("steps:\n  - {id: a, tool: search, tool: clean}\n")
+
+    def test_yaml_aliases_are_refused(self):
+        """An alias (the seed of a billion-laughs expansion) is refused before it expands."""
+        text = ("a: &a [x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\n"
+                "steps:\n  - {id: s, tool: search, arguments: {q: *b}}\n")
+
+        with pytest.raises(PlanInvalid, match="not valid YAML"):
+            parse_plan(text)
 
     def test_json_file_is_strict(self, tmp_path):
         """A .json plan is strict JSON: a duplicate key is refused."""
