@@ -18,8 +18,11 @@ import pytest
 from callward.audit import FileSigner, SQLiteAuditStore, verify
 from callward.core import (
     AuditUnavailable,
+    CallId,
     Execution,
     PlanInvalid,
+    Provenance,
+    ProvenanceEdge,
     ResourceLimits,
     Sha256Hex,
     ToolCall,
@@ -481,3 +484,33 @@ class TestAuditFailure:
 
         assert {"search_articles"} >= {c.name for c in runner.calls}
         assert "plan.completed" not in kinds(store)
+
+
+class TestProvenanceValues:
+    def test_round_trips_through_its_record_form(self):
+        """A provenance read back from a record equals the one written."""
+        provenance = Provenance((ProvenanceEdge("/texts/0", "search", CallId("c1"),
+                                                "output.hits[0].text", 5),),
+                                frozenset({"untrusted"}))
+
+        assert provenance == Provenance.from_json(provenance.to_json())
+
+    @pytest.mark.parametrize("arguments", [
+        ("texts", "s", CallId("c"), "output", 1),
+        ("/x", "s", CallId(""), "output", 1),
+        ("/x", "s", CallId("c"), "output", -1),
+    ])
+    def test_an_edge_without_pointer_or_source_cannot_exist(self, arguments):
+        """An edge's argument is a JSON pointer and it names its source call and record."""
+        with pytest.raises(ValueError, match=r"pointer|source"):
+            ProvenanceEdge(*arguments)
+
+    @pytest.mark.parametrize("value", [
+        {}, {"edges": {}}, {"edges": [1]}, {"edges": [{"argument": "/x"}]},
+        {"edges": [{"argument": "/x", "source_step": "s", "source_call_id": "c",
+                    "source_output_path": "output", "source_seq": "5"}]},
+    ])
+    def test_a_malformed_record_form_is_refused(self, value):
+        """What is not a recorded provenance raises, so replay counts the record as skipped."""
+        with pytest.raises((KeyError, TypeError, ValueError)):
+            Provenance.from_json(value)
