@@ -236,22 +236,17 @@ def _status(args: argparse.Namespace, home: Home) -> int:
 
 
 def _shadow_differences(home: Home) -> dict[str, Any]:
-    import json  # noqa: PLC0415
+    """The shadow policy's divergences, as the gateway signed them into the audit log."""
+    from callward.audit import read_records  # noqa: PLC0415
 
-    from callward.policies import PolicyState  # noqa: PLC0415
-
-    if not home.policy_state_db.is_file():
+    if not home.audit_db.is_file():
         return {"count": 0, "recent": []}
-    state = PolicyState(home.policy_state_db)
-    try:
-        count, rows = state.shadow_diffs(last=5)
-    finally:
-        state.close()
-    recent = [{"at": at, "call_id": call_id, "principal": principal, "tool": tool,
-               "enforced": json.loads(str(enforced)), "shadow": json.loads(str(shadow)),
-               "shadow_digest": digest}
-              for at, call_id, principal, tool, enforced, shadow, digest in rows]
-    return {"count": count, "recent": recent}
+    count = 0
+    recent: list[dict[str, Any]] = []
+    for record in read_records(home.audit_db, kind="policy.shadow_diverged"):
+        count += 1
+        recent = [*recent[-4:], {"seq": record.seq, "ts": record.ts, **record.body}]
+    return {"count": count, "recent": recent[::-1]}
 
 
 def add_commands(commands: Subcommands) -> None:

@@ -39,6 +39,7 @@ from callward.core.protocols import (
     PolicyEngine,
     PolicyHooks,
     ReceiptIssuer,
+    ShadowingPolicy,
     ToolRunner,
 )
 from callward.core.types import (
@@ -109,6 +110,7 @@ class Gateway:
         self.registry = registry
         self.policy = policy
         self._policy_hooks = policy if isinstance(policy, PolicyHooks) else None
+        self._shadowing = policy if isinstance(policy, ShadowingPolicy) else None
         self.runner = runner
         self.audit = audit
         self._clock = clock
@@ -340,6 +342,11 @@ class Gateway:
 
     def _decide(self, call: ToolCall, spec: ToolSpec | None, context: CallContext) -> Decision:
         try:
+            if self._shadowing is not None:
+                decision, diverged = self._shadowing.decide_with_shadow(call, spec, context)
+                if diverged is not None:
+                    self._record_shadow(call, diverged)
+                return decision
             return self.policy.decide(call, spec, context)
         except Exception:
             log.exception("policy_failed", call_id=call.id)
@@ -350,6 +357,15 @@ class Gateway:
                 kind="permission",
                 message="the policy could not decide this call, so it is denied",
             )
+
+    def _record_shadow(self, call: ToolCall, body: Mapping[str, JSONValue]) -> None:
+        """Sign a shadow divergence; a failure is logged and never touches the call."""
+        try:
+            record = self.audit.append("policy.shadow_diverged", {**body, **_origin_fields()})
+        except Exception:  # the candidate is advisory: the call goes on as decided
+            log.exception("policy_shadow_unrecorded", call_id=call.id)
+        else:
+            log.info("policy_shadow_diverged", call_id=call.id, seq=record.seq)
 
     def _execute(
         self, call: ToolCall, spec: ToolSpec, decision: Decision, context: CallContext

@@ -68,6 +68,22 @@ class PolicyHooks(Protocol):
     def poll_reload(self) -> PolicyReload | None: ...
 
 
+@runtime_checkable
+class ShadowingPolicy(Protocol):
+    """
+    A policy engine that decides a candidate (shadow) policy beside the enforced one.
+
+    ``decide_with_shadow`` returns the enforced decision and, when the candidate
+    decided otherwise, the body of a ``policy.shadow_diverged`` record, which the
+    gateway signs into the audit log. The candidate is never enforced: whatever it
+    does, the enforced decision stands.
+    """
+
+    def decide_with_shadow(
+        self, call: ToolCall, spec: ToolSpec | None, context: CallContext
+    ) -> tuple[Decision, Mapping[str, JSONValue] | None]: ...
+
+
 class ToolRunner(Protocol):
     """Runs one tool invocation in isolation and reports how it ended."""
 

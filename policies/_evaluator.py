@@ -243,7 +243,8 @@ class Policy:
         path: The file the document came from, watched for hot reload.
         shadow: A candidate policy decided beside this one on every call, read-only
             (give it the same state, so it sees the same counters and labels); where
-            it differs, the difference is recorded in the state, never enforced.
+            it differs, ``decide_with_shadow`` says so for the gateway to audit
+            (``policy.shadow_diverged``); it is never enforced.
 
     Example::
 
@@ -308,27 +309,44 @@ class Policy:
 
     def decide(self, call: ToolCall, spec: ToolSpec | None, context: CallContext) -> Decision:
         """Decide one call; never raises for anything about the call itself."""
-        decision = self._evaluate(call, spec, context, commit=True).decision
-        if self.shadow is not None:
-            self._shadow_decide(self.shadow, call, spec, context, decision)
-        return decision
+        return self.decide_with_shadow(call, spec, context)[0]
 
-    def _shadow_decide(self, shadow: Policy, call: ToolCall, spec: ToolSpec | None,
-                       context: CallContext, enforced: Decision) -> None:
-        """Decide with the shadow, read-only; record a difference in this policy's state."""
+    def decide_with_shadow(self, call: ToolCall, spec: ToolSpec | None, context: CallContext
+                           ) -> tuple[Decision, dict[str, JSONValue] | None]:
+        """
+        Decide one call, and the shadow beside it when there is one.
+
+        The shadow decides first, read-only, so both see the same counters and labels.
+
+        Returns:
+            The enforced decision, and the body of a ``policy.shadow_diverged`` record
+            when the shadow decided otherwise (None when it agreed, failed or is absent).
+        """
+        candidate = None if self.shadow is None else self._shadow_decide(self.shadow, call,
+                                                                         spec, context)
+        decision = self._evaluate(call, spec, context, commit=True).decision
+        if candidate is None or self.shadow is None:
+            return decision, None
+        if (candidate.effect, candidate.kind) == (decision.effect, decision.kind):
+            return decision, None
+        log.info("policy_shadow_differs", call_id=call.id, enforced=decision.effect,
+                 shadow=candidate.effect)
+        return decision, {
+            "call_id": call.id, "principal": context.principal,
+            "session_id": context.session_id, "tool": call.name[:256],
+            "enforced": _summary(decision), "candidate": _summary(candidate),
+            "enforced_digest": decision.policy_digest, "candidate_digest": self.shadow.digest,
+        }
+
+    @staticmethod
+    def _shadow_decide(shadow: Policy, call: ToolCall, spec: ToolSpec | None,
+                       context: CallContext) -> Decision | None:
+        """The shadow's decision, read-only; None when it failed (which changes nothing)."""
         try:
-            candidate = shadow._evaluate(call, spec, context, commit=False).decision
-            if (candidate.effect, candidate.kind) == (enforced.effect, enforced.kind):
-                return
-            self.state.record_shadow_diff(
-                at=self._clock(), call_id=call.id, principal=context.principal,
-                tool=call.name[:256], shadow_digest=shadow.digest,
-                enforced=canonical_bytes(_summary(enforced)).decode(),
-                shadow=canonical_bytes(_summary(candidate)).decode())
-            log.info("policy_shadow_differs", call_id=call.id, enforced=enforced.effect,
-                     shadow=candidate.effect)
-        except Exception:
+            return shadow._evaluate(call, spec, context, commit=False).decision
+        except Exception:  # the candidate is advisory: never let it touch the call
             log.exception("policy_shadow_failed", call_id=call.id)
+            return None
 
     def explain(self, call: ToolCall, spec: ToolSpec | None, context: CallContext) -> Trace:
         """The full decision trace of a call, without recording or consuming anything."""

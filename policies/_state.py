@@ -42,9 +42,6 @@ CREATE TABLE IF NOT EXISTS proposals (
     created REAL NOT NULL, expires REAL NOT NULL, status TEXT NOT NULL,
     decided_by TEXT, decided_at REAL, approval BLOB, signature BLOB, key_id TEXT,
     used_at REAL, used_call_id TEXT);
-CREATE TABLE IF NOT EXISTS shadow_diffs (
-    at REAL NOT NULL, call_id TEXT NOT NULL, principal TEXT NOT NULL, tool TEXT NOT NULL,
-    enforced TEXT NOT NULL, shadow TEXT NOT NULL, shadow_digest TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS proposals_match
     ON proposals (principal, tool, arguments_sha256, status);
 """
@@ -259,24 +256,6 @@ class PolicyState:
                     if label:
                         labels.add(label)
         return {call_id: frozenset(labels) for call_id, labels in found.items()}
-
-    # -- shadow mode ----------------------------------------------------------
-
-    def record_shadow_diff(self, *, at: float, call_id: str, principal: str, tool: str,
-                           enforced: str, shadow: str, shadow_digest: str) -> None:
-        """Record that a shadow policy decided a call differently (JSON of each decision)."""
-        with self._transaction() as db:
-            db.execute("INSERT INTO shadow_diffs VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (at, call_id, principal, tool, enforced, shadow, shadow_digest))
-
-    def shadow_diffs(self, last: int = 20) -> tuple[int, list[tuple[object, ...]]]:
-        """How many differences were recorded, and the ``last`` ones, newest first."""
-        with self._read() as db:
-            (count,) = db.execute("SELECT count(*) FROM shadow_diffs").fetchone()
-            rows = db.execute("SELECT at, call_id, principal, tool, enforced, shadow, "
-                              "shadow_digest FROM shadow_diffs ORDER BY rowid DESC LIMIT ?",
-                              (last,)).fetchall()
-        return int(count), [tuple(row) for row in rows]
 
     # -- approvals ------------------------------------------------------------
 

@@ -294,23 +294,49 @@ def test_policy_satisfies_the_gateway_hooks(make_policy):
 
 
 class TestShadowMode:
-    def test_differences_are_recorded_never_enforced(self, tmp_path, registry, clock):
-        """A stricter shadow never denies; each call it would decide otherwise is recorded."""
+    SHADOW = POLICY.replace("rules:\n", "rules:\n  - {id: shadow-no-posts, effect: deny, "
+                            "roles: [agent], tools: [http_post]}\n")
+
+    def test_differences_are_signed_audit_records_never_enforced(self, tmp_path, registry,
+                                                                  clock, store):
+        """A stricter shadow never denies; each divergence is a signed policy.shadow_diverged."""
         state = PolicyState(tmp_path / "policy-state.db")
-        shadow = Policy.from_text(POLICY.replace(
-            "rules:\n", "rules:\n  - {id: shadow-no-posts, effect: deny, roles: [agent], "
-            "tools: [http_post]}\n"), state=state, clock=clock)
+        shadow = Policy.from_text(self.SHADOW, state=state, clock=clock)
+        policy = Policy.from_text(POLICY, state=state, clock=clock, shadow=shadow)
+        gateway = Gateway(registry=registry, policy=policy, runner=StubRunner({}), audit=store)
+
+        results = [call(gateway, "http_post", {"url": "u"}) for _ in range(2)]
+        agreed = call(gateway, "read_file", {"path": "/workspace/a"})
+        records = list(store.records())
+        diverged = [r for r in records if r.kind == "policy.shadow_diverged"]
+
+        assert ["ok", "ok", "ok"] == [r.kind for r in (*results, agreed)]
+        assert 2 == len(diverged)
+        body = diverged[0].body
+        assert ({"effect": "allow", "kind": None,
+                 "reasons": ["schema.http_post", "agents-use-everything"]},
+                {"effect": "deny", "kind": "permission", "reasons": ["shadow-no-posts"]},
+                shadow.digest, policy.digest, "c-http_post", "ana") == (
+            body["enforced"], body["candidate"], body["candidate_digest"],
+            body["enforced_digest"], body["call_id"], body["principal"])
+        # Each divergence is written before its call's own record, and signed like it.
+        kinds = [r.kind for r in records]
+        assert kinds.index("policy.shadow_diverged") < kinds.index("call.authorized")
+        assert all(r.signature for r in diverged)
+
+    def test_the_shadow_sees_the_state_before_the_call_counts(self, tmp_path, registry, clock):
+        """An identical shadow agrees on the last call a rate limit allows (no false divergence)."""
+        state = PolicyState(tmp_path / "policy-state.db")
+        shadow = Policy.from_text(POLICY, state=state, clock=clock)
         policy = Policy.from_text(POLICY, state=state, clock=clock, shadow=shadow)
         spec = registry.get("http_post")
 
-        decisions = [policy.decide(ToolCall.create(id=f"p{n}", name="http_post",
-                                                   arguments={"url": "u"}, dialect="api"),
-                                   spec, CallContext("ana")) for n in range(2)]
-        count, rows = state.shadow_diffs()
+        outcomes = [policy.decide_with_shadow(
+            ToolCall.create(id=f"p{n}", name="http_post", arguments={"url": "u"},
+                            dialect="api"), spec, CallContext("ana")) for n in range(3)]
 
-        assert ["allow", "allow"] == [d.effect for d in decisions]
-        assert 2 == count
-        assert '"shadow-no-posts"' in str(rows[0][5])
+        assert [("allow", None), ("allow", None), ("deny", None)] == [
+            (decision.effect, diverged) for decision, diverged in outcomes]
 
     def test_a_broken_shadow_changes_nothing(self, registry, clock):
         """A shadow that fails inside never affects the enforced decision."""
@@ -322,6 +348,31 @@ class TestShadowMode:
                 raise RuntimeError("injected")
 
         policy = Policy.from_text(POLICY, clock=clock, shadow=StubBrokenShadow())
-        call = ToolCall.create(id="p", name="http_post", arguments={"url": "u"}, dialect="api")
+        call_ = ToolCall.create(id="p", name="http_post", arguments={"url": "u"}, dialect="api")
 
-        assert "allow" == policy.decide(call, registry.get("http_post"), CallContext("ana")).effect
+        decision, diverged = policy.decide_with_shadow(call_, registry.get("http_post"),
+                                                       CallContext("ana"))
+
+        assert ("allow", None) == (decision.effect, diverged)
+
+    def test_an_audit_failure_on_the_divergence_loses_no_call(self, tmp_path, registry, clock,
+                                                             store):
+        """If the divergence cannot be written, the call still runs and is audited."""
+
+        class FlakyShadowLog:
+            def append(self, kind, body):
+                if kind == "policy.shadow_diverged":
+                    raise RuntimeError("injected")
+                return store.append(kind, body)
+
+        state = PolicyState(tmp_path / "policy-state.db")
+        shadow = Policy.from_text(self.SHADOW, state=state, clock=clock)
+        policy = Policy.from_text(POLICY, state=state, clock=clock, shadow=shadow)
+        gateway = Gateway(registry=registry, policy=policy, runner=StubRunner({}),
+                          audit=FlakyShadowLog())
+
+        result = call(gateway, "http_post", {"url": "u"})
+
+        assert "ok" == result.kind
+        assert ["call.authorized", "call.completed"] == [r.kind for r in store.records()]
+
