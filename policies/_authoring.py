@@ -14,6 +14,8 @@ Tools for policy authors and reviewers: lint, test cases, replay.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,7 +37,12 @@ from callward.core import (
     canonical_bytes,
 )
 from callward.core._canonical import CanonicalizationError
-from callward.policies._cedar import cedar_schema, policy_summaries
+from callward.policies._cedar import (
+    argument_names,
+    cedar_schema,
+    policy_summaries,
+    untyped_arguments,
+)
 from callward.policies._document import PolicyDocument, Rule, Who, load_policy
 from callward.policies._evaluator import Policy
 from callward.policies._state import PolicyState
@@ -48,7 +55,7 @@ MAX_EXAMPLES: Final = 5
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    """One thing lint found: an error fails lint, a warning does not."""
+    """One thing lint found: an error fails lint; a warning or an info (cannot tell) does not."""
 
     severity: str
     rule: str
@@ -75,41 +82,33 @@ def _who_reachable(who: Who | Rule, document: PolicyDocument) -> bool:
     )
 
 
-def _covers(wide: Rule, narrow: Rule) -> bool:
-    """Whether ``wide`` matches every principal and tool ``narrow`` does."""
-    if "*" not in wide.tools and not narrow.tools <= wide.tools:
-        return False
-    if "*" in (wide.principals | wide.roles | wide.groups):
-        return True
-    return (narrow.principals <= wide.principals and narrow.roles <= wide.roles
-            and narrow.groups <= wide.groups)
-
-
 def lint(policy: Policy, registry: ToolRegistry) -> list[Finding]:
     """
     Every finding about ``policy`` against the tools of ``registry``.
 
-    Errors: a Cedar policy that fails validation against the generated schema.
+    Errors: a Cedar policy that fails validation against the schema of a tool it
+    can apply to (each tool's arguments typed from its own JSON Schema), or that
+    reads an argument its tool (or, unscoped, every tool) does not have.
     Warnings: unreachable and shadowed rules, names of unknown tools, Cedar
-    policies without ``@id``, arguments two tools type differently.
+    policies without ``@id``, arguments that have no Cedar type.
     """
     document = policy.document
     findings: list[Finding] = []
-    tools = {spec.name for spec in registry}
-    schema, conflicts = cedar_schema(registry)
-    findings += [Finding("warning", "cedar.schema", f"argument {c} is typed differently by two "
-                         "tools; Cedar policies cannot read it") for c in conflicts]
+    specs = {spec.name: spec for spec in registry}
+    tools = set(specs)
     text = policy.cedar_text
     if text.strip():
-        result = cedarpy.validate_policies(text, schema)
-        ids = {p["cedar_id"]: p["rule_id"] for p in policy_summaries(text)}
-        findings += [Finding("error", ids.get(error.policy_id, error.policy_id or "cedar"),
-                             f"fails validation against the registry: {error.error}")
-                     for error in result.errors]
         summaries = policy_summaries(text)
+        validation = _cedar_validation(text, summaries, specs)
+        findings += validation
+        # A read Cedar already failed (one without ``has``) is reported once, by Cedar.
+        failed = {(f.rule, match[1]) for f in validation
+                  for match in [_MISSING_ARGUMENT.search(f.message)] if match}
         for summary in summaries:
             findings += _cedar_scope_findings(summary, document, tools)
-        findings += _cedar_shadowed(summaries, document)
+            findings += _argument_findings(summary, specs, reported=failed)
+        labels = {name: document.labels_of(name, spec.labels) for name, spec in specs.items()}
+        findings += _cedar_shadowed(summaries, document, labels)
     for rule in document.rules:
         if not _who_reachable(rule, document):
             findings.append(Finding("warning", rule.id, "unreachable: no principal holds any "
@@ -121,12 +120,6 @@ def lint(policy: Policy, registry: ToolRegistry) -> list[Finding]:
         elif unknown:
             findings.append(Finding("warning", rule.id, f"names unknown tools: "
                                     f"{', '.join(unknown)}"))
-        if rule.effect == "allow":
-            for deny in document.rules:
-                if deny.effect == "deny" and _covers(deny, rule):
-                    findings.append(Finding("warning", rule.id, f"shadowed: deny rule {deny.id} "
-                                            "always overrides it"))
-                    break
     for name, entries in (
         ("tools section", document.tool_limits),
         ("rate limit", {t: 0 for r in document.rate_limits for t in r.tools}),
@@ -134,6 +127,104 @@ def lint(policy: Policy, registry: ToolRegistry) -> list[Finding]:
     ):
         for tool in sorted(set(entries) - tools - {"*"}):
             findings.append(Finding("warning", tool, f"{name} names a tool the registry lacks"))
+    return findings
+
+
+def _scoped_tools(summary: Mapping[str, Any]) -> frozenset[str] | None:
+    """The one tool a policy's resource scope names, or None when it admits every tool."""
+    resource = summary.get("resource", {})
+    entity = resource.get("entity")
+    if resource.get("op") in {"==", "in"} and isinstance(entity, Mapping):
+        return frozenset({str(entity.get("id"))} if entity.get("type") == "Tool" else ())
+    if resource.get("op") in {"is", "is_in"} and resource.get("entity_type") != "Tool":
+        return frozenset()
+    return None
+
+
+def _applicable(summary: Mapping[str, Any], specs: Mapping[str, ToolSpec]) -> list[str]:
+    scoped = _scoped_tools(summary)
+    return sorted(specs if scoped is None else scoped & set(specs))
+
+
+def _cedar_validation(text: str, summaries: list[dict[str, Any]],
+                      specs: Mapping[str, ToolSpec]) -> list[Finding]:
+    """
+    Validate every policy against the Cedar schema of each tool it can apply to.
+
+    Cedar types ``context`` per action and every call is ``Call``, so one schema
+    cannot type each tool's arguments; lint validates once per tool instead and
+    reports each error with the tools it occurs for.
+    """
+    ids = {s["cedar_id"]: str(s["rule_id"]) for s in summaries}
+    applicable = {s["cedar_id"]: _applicable(s, specs) for s in summaries}
+    errors: dict[tuple[str, str], list[str]] = {}
+    for name in sorted(specs) or [""]:
+        result = cedarpy.validate_policies(text, cedar_schema(specs.get(name)))
+        for error in result.errors:
+            pid = error.policy_id or ""
+            if pid in applicable and name and name not in applicable[pid]:
+                continue
+            message = str(error.error).removeprefix(f"for policy `{pid}`, ")
+            seen = errors.setdefault((pid, message), [])
+            if name not in seen:  # Cedar may report one error twice
+                seen.append(name)
+    findings = []
+    for (pid, message), tools in errors.items():
+        where = f" (tool {', '.join(t for t in tools if t)})" if any(tools) else ""
+        findings.append(Finding("error", ids.get(pid, pid or "cedar"),
+                                f"fails validation against the registry{where}: {message}"))
+    return findings
+
+
+_ARGUMENTS: Final = {".": {"left": {"Var": "context"}, "attr": "arguments"}}
+_MISSING_ARGUMENT: Final = re.compile(r"attribute `arguments\.([^`.]+)` in context")
+
+
+def _argument_reads(node: Any) -> set[str]:
+    """The names a policy reads from ``context.arguments`` (with ``has`` or ``.``)."""
+    found: set[str] = set()
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            if key in {"has", "."} and isinstance(value, Mapping) \
+                    and value.get("left") == _ARGUMENTS and isinstance(value.get("attr"), str):
+                found.add(value["attr"])
+            found |= _argument_reads(value)
+    elif isinstance(node, list):
+        for item in node:
+            found |= _argument_reads(item)
+    return found
+
+
+def _argument_findings(summary: Mapping[str, Any], specs: Mapping[str, ToolSpec], *,
+                       reported: set[tuple[str, str]]) -> list[Finding]:
+    """
+    Arguments a policy reads that its tool does not have. Cedar accepts
+    ``context.arguments has x`` for a missing ``x`` (it is just false), which hides
+    a misspelt argument; a policy scoped to one tool must name that tool's
+    arguments, an unscoped one an argument that some tool has.
+    """
+    reads = _argument_reads(summary.get("conditions", []))
+    if not reads:
+        return []
+    rule_id = str(summary["rule_id"])
+    scoped = _scoped_tools(summary)
+    names = sorted(specs if scoped is None else scoped & set(specs))
+    had = {name: argument_names(specs[name]) for name in names}
+    untyped = {name: untyped_arguments(specs[name]) for name in names}
+    findings = []
+    for argument in sorted(reads):
+        if (rule_id, argument) in reported:
+            continue
+        if scoped is not None:
+            findings += [Finding("error", rule_id, f"reads argument {argument!r}, which tool "
+                                 f"{name} does not have") for name in names
+                         if argument not in had[name]]
+            findings += [Finding("error", rule_id, f"reads argument {argument!r} of tool "
+                                 f"{name}, which has no Cedar type") for name in names
+                         if argument in untyped[name]]
+        elif specs and not any(argument in args for args in had.values()):
+            findings.append(Finding("error", rule_id, f"reads argument {argument!r}, which no "
+                                    "registered tool has"))
     return findings
 
 
@@ -188,25 +279,196 @@ def _scope_covers(wide: Mapping[str, Any], narrow: Mapping[str, Any],
     return False
 
 
-def _cedar_shadowed(summaries: list[dict[str, Any]], document: PolicyDocument
-                    ) -> list[Finding]:
-    """Permits that an unconditional forbid with a scope at least as wide always overrides."""
-    findings = []
-    def unconditional_forbid(summary: Mapping[str, Any]) -> bool:
-        action = summary.get("action", {})
-        return summary["effect"] == "forbid" and not summary.get("conditions") and (
-            action.get("op") == "All"
-            or (action.get("op") == "==" and action.get("entity", {}).get("id") == "Call"))
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """
+    A Cedar policy as lint reasons about it: its principal and resource constraints
+    (each a disjunction of scopes; all must hold), and its other conditions.
 
-    forbids = [s for s in summaries if unconditional_forbid(s)]
-    for permit in (s for s in summaries if s["effect"] == "permit"):
+    Conditions that are only ``principal``/``resource`` tests (as the document's
+    simple rules compile to) count as constraints, so they compare with scopes.
+    """
+
+    rule_id: str
+    effect: str
+    principal: tuple[tuple[Mapping[str, Any], ...], ...]
+    resource: tuple[tuple[Mapping[str, Any], ...], ...]
+    others: frozenset[str]
+    never: bool
+    calls: bool
+
+
+def _conjuncts(node: Any) -> list[Any]:
+    if isinstance(node, Mapping) and "&&" in node:
+        return _conjuncts(node["&&"]["left"]) + _conjuncts(node["&&"]["right"])
+    return [node]
+
+
+def _disjuncts(node: Any) -> list[Any]:
+    if isinstance(node, Mapping) and "||" in node:
+        return _disjuncts(node["||"]["left"]) + _disjuncts(node["||"]["right"])
+    return [node]
+
+
+def _scope_test(node: Any) -> tuple[str, Mapping[str, Any]] | None:
+    """``principal == E`` / ``principal in E`` / ``resource is T`` as (variable, scope)."""
+    if not isinstance(node, Mapping) or len(node) != 1:
+        return None
+    (op, body), = node.items()
+    if not isinstance(body, Mapping):
+        return None
+    var = body.get("left", {}).get("Var") if isinstance(body.get("left"), Mapping) else None
+    if var not in {"principal", "resource"}:
+        return None
+    if op in {"==", "in"}:
+        entity = body.get("right", {}).get("Value", {})
+        if isinstance(entity, Mapping) and "__entity" in entity:
+            return var, {"op": op, "entity": entity["__entity"]}
+    if op == "is" and "in" not in body:
+        return var, {"op": "is", "entity_type": body.get("entity_type")}
+    return None
+
+
+def _shape(summary: Mapping[str, Any]) -> _Shape:
+    principal: list[tuple[Mapping[str, Any], ...]] = [(summary.get("principal", {}),)]
+    resource: list[tuple[Mapping[str, Any], ...]] = [(summary.get("resource", {}),)]
+    others: set[str] = set()
+    never = False
+    for condition in summary.get("conditions") or ():
+        body = condition.get("body")
+        if condition.get("kind") == "unless":
+            body = {"!": {"arg": body}}
+        for conjunct in _conjuncts(body):
+            if conjunct == {"Value": True}:
+                continue
+            if conjunct == {"Value": False}:
+                never = True
+                continue
+            tests = [_scope_test(d) for d in _disjuncts(conjunct)]
+            variables = {t[0] for t in tests if t is not None}
+            if None not in tests and len(variables) == 1:
+                target = principal if variables == {"principal"} else resource
+                target.append(tuple(t[1] for t in tests if t is not None))
+            else:
+                others.add(json.dumps(conjunct, sort_keys=True))
+    action = summary.get("action", {})
+    entities = action.get("entities") or [action.get("entity") or {}]
+    calls = action.get("op") == "All" or (action.get("op") in {"==", "in"} and any(
+        e.get("id") == "Call" for e in entities if isinstance(e, Mapping)))
+    return _Shape(str(summary["rule_id"]), str(summary["effect"]), tuple(principal),
+                  tuple(resource), frozenset(others), never, calls)
+
+
+def _constraints_cover(wide: tuple[tuple[Mapping[str, Any], ...], ...],
+                       narrow: tuple[tuple[Mapping[str, Any], ...], ...],
+                       document: PolicyDocument) -> bool:
+    """Whether every constraint of ``wide`` holds wherever all of ``narrow``'s hold."""
+    return all(
+        any(all(any(_scope_covers(w, n, document) for w in wide_any) for n in narrow_any)
+            for narrow_any in narrow)
+        for wide_any in wide)
+
+
+_COMPLEMENTS: Final = {"<=": ">", ">": "<=", "<": ">=", ">=": "<", "==": "!=", "!=": "=="}
+
+
+def _negations(condition: str) -> set[str]:
+    """Conditions that are false exactly where ``condition`` is true (decidable forms)."""
+    node = json.loads(condition)
+    negations = {json.dumps({"!": {"arg": node}}, sort_keys=True)}
+    if isinstance(node, dict) and len(node) == 1:
+        (op, body), = node.items()
+        if op == "!":
+            negations.add(json.dumps(body["arg"], sort_keys=True))
+        elif op in _COMPLEMENTS:
+            negations.add(json.dumps({_COMPLEMENTS[op]: body}, sort_keys=True))
+    return negations
+
+
+def _contradicted(conditions: frozenset[str], others: frozenset[str]) -> bool:
+    """Whether one of ``conditions`` is the negation of one of ``others``."""
+    return any(_negations(condition) & others for condition in conditions)
+
+
+_RESOURCE_LABELS: Final = {".": {"left": {"Var": "resource"}, "attr": "labels"}}
+
+
+def _pinned_tools(shape: _Shape) -> frozenset[str] | None:
+    """The tools a policy's resource constraints limit it to, or None when unlimited."""
+    pinned: frozenset[str] | None = None
+    for alternatives in shape.resource:
+        if all(a.get("op") == "==" and a.get("entity", {}).get("type") == "Tool"
+               for a in alternatives):
+            names = frozenset(str(a["entity"].get("id")) for a in alternatives)
+            pinned = names if pinned is None else pinned & names
+    return pinned
+
+
+def _settle_labels(conditions: frozenset[str], tools: frozenset[str] | None,
+                   labels: Mapping[str, frozenset[str]]) -> frozenset[str] | None:
+    """
+    ``conditions`` with each ``resource.labels.contains(L)`` that holds for every one
+    of ``tools`` dropped; None when one holds for none of them (never both apply).
+    """
+    if tools is None or not tools <= set(labels):
+        return conditions
+    left = set()
+    for condition in conditions:
+        node = json.loads(condition)
+        test = node.get("contains") if isinstance(node, dict) else None
+        label = (test.get("right", {}).get("Value")
+                 if isinstance(test, dict) and test.get("left") == _RESOURCE_LABELS else None)
+        if not isinstance(label, str):
+            left.add(condition)
+            continue
+        holds = {label in labels[tool] for tool in tools}
+        if holds == {False}:
+            return None
+        if holds != {True}:
+            left.add(condition)
+    return frozenset(left)
+
+
+def _cedar_shadowed(summaries: list[dict[str, Any]], document: PolicyDocument,
+                    labels: Mapping[str, frozenset[str]]) -> list[Finding]:
+    """
+    Permits that a forbid always overrides, condition-aware where it is decidable.
+
+    A permit is shadowed when a forbid's principal, action and resource constraints
+    cover its own and each of the forbid's other conditions is also one of the
+    permit's (so whenever the permit applies, the forbid does): an unconditional
+    forbid of a covering scope shadows any permit, whatever its ``when``. A
+    forbid's ``resource.labels.contains(L)`` is settled from the registry when the
+    permit names its tools, and a forbid whose condition is the negation of one of
+    the permit's (``x > c`` against ``x <= c``) never applies with it. When the
+    scopes are covered but the forbid has conditions that remain, lint cannot
+    tell, and says so (severity ``info``).
+    """
+    yaml_ids = {str(rule.id) for rule in document.rules}
+    shapes = [_shape(s) for s in summaries]
+    forbids = [f for f in shapes if f.effect == "forbid" and f.calls and not f.never]
+    findings = []
+    for permit in (s for s in shapes if s.effect == "permit" and not s.never):
+        undecided: list[_Shape] = []
         for forbid in forbids:
-            if all(_scope_covers(forbid.get(part, {}), permit.get(part, {}), document)
-                   for part in ("principal", "resource")):
-                findings.append(Finding("warning", str(permit["rule_id"]),
-                                        f"shadowed: forbid {forbid['rule_id']} always "
-                                        "overrides it"))
+            if not (_constraints_cover(forbid.principal, permit.principal, document)
+                    and _constraints_cover(forbid.resource, permit.resource, document)):
+                continue
+            conditions = _settle_labels(forbid.others, _pinned_tools(permit), labels)
+            if conditions is None or _contradicted(conditions, permit.others):
+                continue  # never both: the forbid cannot apply where the permit does
+            if conditions <= permit.others:
+                what = "deny rule" if forbid.rule_id in yaml_ids else "forbid"
+                findings.append(Finding("warning", permit.rule_id, f"shadowed: {what} "
+                                        f"{forbid.rule_id} always overrides it"))
                 break
+            undecided.append(forbid)
+        else:
+            if undecided:
+                names = ", ".join(f.rule_id for f in undecided[:3])
+                findings.append(Finding("info", permit.rule_id, f"maybe shadowed: cannot "
+                                        f"tell whether the conditions of forbid {names} hold "
+                                        "for every call it allows"))
     return findings
 
 

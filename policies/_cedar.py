@@ -7,10 +7,12 @@ schema generated from the tool registry::
     Principal::"alice"   in Role::"analyst", Group::"emea"
     Action::"Call"
     Tool::"refund"       {labels: Set<String>}
-    context              {arguments: {…the tool's validated arguments…},
+    context              {arguments: {…this tool's validated arguments…},
                           session_id: String, session_labels: Set<String>,
                           time: {epoch_seconds: Long, hour_utc: Long, weekday_utc: Long}}
 
+``context.arguments`` is typed per tool: ``callward policy lint`` validates each
+policy against the schema of every tool it can apply to (``cedar_schema``).
 JSON integers become Cedar ``Long``; other JSON numbers become ``decimal``
 (four places), and a number ``decimal`` cannot hold is refused before Cedar
 sees it. Cedar's implicit deny and ``forbid``-overrides-``permit`` are kept,
@@ -186,38 +188,55 @@ def _cedar_type(schema: Any) -> dict[str, Any] | None:
     return None
 
 
+def _nullable(schema: Any) -> bool:
+    kind = schema.get("type") if isinstance(schema, Mapping) else None
+    return isinstance(kind, list) and "null" in kind
+
+
 def _record(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    A closed Cedar record of an object schema's typed properties.
+
+    A property is required in Cedar when the schema requires it and it cannot be
+    null (a null argument is absent from the Cedar context).
+    """
     required = set(schema.get("required", ()))
     attributes = {}
     for name, sub in (schema.get("properties") or {}).items():
         cedar = _cedar_type(sub)
         if cedar is not None:
-            attributes[name] = {**cedar, "required": name in required}
+            attributes[name] = {**cedar, "required": name in required and not _nullable(sub)}
     return {"type": "Record", "attributes": attributes}
 
 
-def cedar_schema(specs: Iterable[ToolSpec]) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """
-    The Cedar schema of ``Call`` over the registry's tools, and what it could not type.
+def _properties(spec: ToolSpec) -> Mapping[str, Any]:
+    properties = spec.parameters.get("properties")
+    return properties if isinstance(properties, Mapping) else {}
 
-    Arguments of every tool share ``context.arguments``, each attribute optional
-    (a policy reads one after ``has``, or scoped to its tool); an argument two
-    tools type differently is left out and named in the second return value.
+
+def argument_names(spec: ToolSpec) -> frozenset[str]:
+    """The arguments a tool's JSON Schema declares."""
+    return frozenset(_properties(spec))
+
+
+def untyped_arguments(spec: ToolSpec) -> frozenset[str]:
+    """The tool's arguments that have no Cedar type (a Cedar policy cannot read them)."""
+    return frozenset(name for name, sub in _properties(spec).items() if _cedar_type(sub) is None)
+
+
+def cedar_schema(spec: ToolSpec | None) -> dict[str, Any]:
     """
-    merged: dict[str, dict[str, Any]] = {}
-    conflicts: list[str] = []
-    for spec in specs:
-        for name, typed in _record(spec.parameters)["attributes"].items():
-            attribute = {**typed, "required": False}
-            if name in merged and merged[name] != attribute:
-                conflicts.append(f"{spec.name}.{name}")
-                merged[name] = {}
-            elif name not in merged:
-                merged[name] = attribute
-    arguments = {name: attr for name, attr in merged.items() if attr}
+    The Cedar schema of ``Call`` on one tool: ``context.arguments`` is a closed
+    record typed from that tool's own JSON Schema (required where the tool requires
+    an argument). Cedar types a context per action, and every call is ``Call``, so
+    lint validates each policy once per tool it can apply to, against that tool's
+    schema. ``None`` gives the schema of a tool without arguments.
+    """
+    arguments = (_record(spec.parameters) if spec is not None
+                 else {"type": "Record", "attributes": {}})
     string_set = {"type": "Set", "element": {"type": "String"}}
     long = {"type": "Long"}
-    schema = {
+    return {
         "": {
             "entityTypes": {
                 "Principal": {"memberOfTypes": ["Role", "Group"]},
@@ -233,7 +252,7 @@ def cedar_schema(specs: Iterable[ToolSpec]) -> tuple[dict[str, Any], tuple[str, 
                         "context": {
                             "type": "Record",
                             "attributes": {
-                                "arguments": {"type": "Record", "attributes": arguments},
+                                "arguments": arguments,
                                 "session_id": {"type": "String"},
                                 "session_labels": string_set,
                                 "time": {"type": "Record", "attributes": {
@@ -246,7 +265,6 @@ def cedar_schema(specs: Iterable[ToolSpec]) -> tuple[dict[str, Any], tuple[str, 
             },
         }
     }
-    return schema, tuple(conflicts)
 
 
 @dataclass(frozen=True, slots=True)
