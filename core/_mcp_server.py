@@ -6,8 +6,13 @@ Invariants:
 - Every ``tools/call`` becomes a ``ToolCall`` (dialect ``mcp``) and goes through
   ``Gateway.handle``: the same policy, sandbox and signed audit log as a parsed
   model call. Nothing else on this face runs a tool.
-- Only ``tools/list`` and ``tools/call`` are served. Resources, prompts and
-  completion are not offered, so a client cannot reach a tool or data through them.
+- ``tools/list`` and ``tools/call`` are served; resources and prompts only when the
+  face is given upstream content (``callward.core._mcp_content``), where the policy
+  enables each one and every read, get and refusal is audited. Completion is not
+  offered, so a client cannot reach a tool or data through it.
+- The principal of a call is the face's (stdio), or the one the HTTP request's
+  bearer token maps to (``callward.core._mcp_auth``); a request without one is
+  refused before it reaches this face.
 - Every outcome but ``ok`` comes back as an MCP tool error (``isError``) whose
   structured content carries callward's stable ``kind`` and the receipt of the
   record that was signed for it; a failed audit write returns no result at all,
@@ -20,6 +25,7 @@ Calls are handed to the (blocking) gateway one at a time, on a worker thread.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
@@ -32,14 +38,18 @@ from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 
 from callward.core._canonical import JSONValue, canonical_bytes
+from callward.core._mcp_auth import PRINCIPAL_SCOPE_KEY, BearerPrincipals, ClientTokens
+from callward.core._mcp_content import UpstreamContent
 from callward.core._mcp_upstream import PinGate
 from callward.core.errors import AuditUnavailable, ConfigurationError
 from callward.core.types import ToolCall, ToolResult, ToolSpec
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
+    from starlette.types import ASGIApp
 
     from callward.core.gateway import Gateway
+    from callward.core.protocols import AuditLog
 
 log = structlog.get_logger()
 
@@ -84,31 +94,89 @@ def to_call_tool_result(result: ToolResult) -> types.CallToolResult:
     )
 
 
+def principal_of(ctx: ServerRequestContext[Any], default: str) -> str:
+    """The principal the HTTP request was authenticated as, else ``default`` (stdio)."""
+    scope = getattr(ctx.request, "scope", None)
+    principal = scope.get(PRINCIPAL_SCOPE_KEY) if isinstance(scope, dict) else None
+    return principal if isinstance(principal, str) else default
+
+
 class McpFace:
     """
-    Serves one gateway's registry to MCP clients, all calls as one principal.
+    Serves one gateway's registry to MCP clients.
 
     Args:
         gateway: The gateway every call goes through; the face does not own it.
-        principal: Who the calls are made as (the policy decides on it).
+        principal: Who the calls are made as (the policy decides on it), unless the
+            HTTP request was authenticated as another principal.
         session_id: The policy session the calls belong to.
+        content: Upstream resources and prompts; without it neither is served.
     """
 
-    def __init__(self, gateway: Gateway, *, principal: str, session_id: str = "") -> None:
+    def __init__(self, gateway: Gateway, *, principal: str, session_id: str = "",
+                 content: UpstreamContent | None = None) -> None:
         self._gateway = gateway
         self._principal = principal
         self._session_id = session_id
+        self._content = content
         self._limiter = anyio.CapacityLimiter(1)
 
     def server(self) -> Server[Any]:
-        """A low-level SDK server with exactly two handlers: tools/list and tools/call."""
+        """A low-level SDK server: tools, and resources and prompts when given content."""
+        served = self._content is not None
         return Server(
             SERVER_NAME,
             version="0.1.0",
             instructions="Every tool call is decided by policy, sandboxed and signed.",
             on_list_tools=self._list_tools,
             on_call_tool=self._call_tool,
+            on_list_resources=self._list_resources if served else None,
+            on_read_resource=self._read_resource if served else None,
+            on_list_prompts=self._list_prompts if served else None,
+            on_get_prompt=self._get_prompt if served else None,
         )
+
+    # -- resources and prompts (upstream content, by policy) -------------------
+
+    async def _list_resources(
+        self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListResourcesResult:
+        content, principal = self._content_for(ctx)
+        resources = await anyio.to_thread.run_sync(content.list_resources, principal,
+                                                    limiter=self._limiter)
+        return types.ListResourcesResult(resources=resources)
+
+    async def _read_resource(
+        self, ctx: ServerRequestContext[Any], params: types.ReadResourceRequestParams
+    ) -> types.ReadResourceResult:
+        content, principal = self._content_for(ctx)
+        return await anyio.to_thread.run_sync(
+            functools.partial(content.read_resource, str(params.uri), principal=principal,
+                              session_id=self._session_id), limiter=self._limiter)
+
+    async def _list_prompts(
+        self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListPromptsResult:
+        content, principal = self._content_for(ctx)
+        prompts = await anyio.to_thread.run_sync(content.list_prompts, principal,
+                                                 limiter=self._limiter)
+        return types.ListPromptsResult(prompts=prompts)
+
+    async def _get_prompt(
+        self, ctx: ServerRequestContext[Any], params: types.GetPromptRequestParams
+    ) -> types.GetPromptResult:
+        content, principal = self._content_for(ctx)
+        return await anyio.to_thread.run_sync(
+            functools.partial(content.get_prompt, params.name, params.arguments,
+                              principal=principal, session_id=self._session_id),
+            limiter=self._limiter)
+
+    def _content_for(self, ctx: ServerRequestContext[Any]) -> tuple[UpstreamContent, str]:
+        if self._content is None:  # pragma: no cover - the handlers exist only with content
+            raise ConfigurationError("this face serves no upstream content")
+        return self._content, principal_of(ctx, self._principal)
+
+    # -- tools ----------------------------------------------------------------
 
     async def _list_tools(
         self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
@@ -123,12 +191,16 @@ class McpFace:
         self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
         return await anyio.to_thread.run_sync(
-            self.call, params.name, params.arguments, limiter=self._limiter
+            functools.partial(self.call, params.name, params.arguments,
+                              principal=principal_of(ctx, self._principal)),
+            limiter=self._limiter,
         )
 
-    def call(self, name: str, arguments: dict[str, Any] | None) -> types.CallToolResult:
+    def call(self, name: str, arguments: dict[str, Any] | None, *,
+             principal: str | None = None) -> types.CallToolResult:
         """
-        Run one ``tools/call`` through the gateway (blocking).
+        Run one ``tools/call`` through the gateway (blocking), as ``principal``
+        (default: the face's).
 
         Arguments that are not I-JSON, or too large, are refused before any
         decision, as ``malformed``; everything else is decided and audited.
@@ -142,8 +214,9 @@ class McpFace:
         if len(call.arguments_json) > MAX_ARGUMENTS_BYTES:
             return _error_result("malformed", "the arguments are larger than 1 MiB")
         try:
-            result = self._gateway.handle(call, principal=self._principal,
-                                          session_id=self._session_id)
+            result = self._gateway.handle(
+                call, principal=self._principal if principal is None else principal,
+                session_id=self._session_id)
         except AuditUnavailable as exc:
             log.exception("mcp_call_unaudited", call_id=call.id)
             return _error_result(exc.kind, exc.message, {"call_id": call.id})
@@ -165,10 +238,22 @@ def require_loopback(host: str) -> None:
         raise ConfigurationError(f"callward mcp serve listens on loopback only, not {host}")
 
 
-def http_app(face: McpFace, *, host: str) -> Starlette:
-    """The Streamable HTTP app at ``/mcp``, guarded against DNS rebinding."""
+def http_app(face: McpFace, *, host: str, tokens: ClientTokens | None = None,
+             audit: AuditLog | None = None) -> ASGIApp:
+    """
+    The Streamable HTTP app at ``/mcp``, guarded against DNS rebinding; with
+    ``tokens``, each request is its bearer token's principal or a 401 (audited).
+
+    Raises:
+        ConfigurationError: ``host`` is not loopback, or tokens come without an audit log.
+    """
     require_loopback(host)
-    return face.server().streamable_http_app(host=host)
+    app: Starlette = face.server().streamable_http_app(host=host)
+    if tokens is None:
+        return app
+    if audit is None:
+        raise ConfigurationError("bearer tokens need an audit log for the refusals")
+    return BearerPrincipals(app, tokens, audit)
 
 
 async def serve_stdio(face: McpFace) -> None:
@@ -180,10 +265,11 @@ async def serve_stdio(face: McpFace) -> None:
         await server.run(read_stream, write_stream, server.create_initialization_options())
 
 
-def serve_http(face: McpFace, *, host: str, port: int) -> None:
+def serve_http(face: McpFace, *, host: str, port: int, tokens: ClientTokens | None = None,
+               audit: AuditLog | None = None) -> None:
     """Serve Streamable HTTP on ``host:port`` (loopback only) until interrupted."""
     import uvicorn  # noqa: PLC0415 - only the HTTP transport needs it
 
-    app = http_app(face, host=host)
+    app = http_app(face, host=host, tokens=tokens, audit=audit)
     log.info("mcp_http_listening", host=host, port=port)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -16,7 +16,8 @@ Invariants:
   is durable; each call is bounded by the decision's ``wall_seconds`` and
   ``output_bytes``.
 - Sampling, elicitation and roots requests from an upstream are refused and
-  audited (``mcp.sampling_refused`` …); resources and prompts are never proxied.
+  audited (``mcp.sampling_refused`` …). Its resources and prompts are off unless
+  the policy's ``mcp_content`` enables them (``callward.core._mcp_content``).
 - A stdio upstream runs in a hardened container (``callward.sandbox``'s
   ``StdioService``); an HTTP upstream must be on a loopback address.
 """
@@ -32,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import anyio
@@ -48,7 +49,14 @@ from referencing import Registry
 
 from callward.core._canonical import JSONValue, Sha256Hex, canonical_bytes, canonical_sha256
 from callward.core.errors import ConfigurationError, SandboxUnavailable
-from callward.core.protocols import AuditLog, PolicyEngine, PolicyHooks, PolicyReload, ToolRunner
+from callward.core.protocols import (
+    AuditLog,
+    PolicyEngine,
+    PolicyHooks,
+    PolicyReload,
+    ShadowingPolicy,
+    ToolRunner,
+)
 from callward.core.types import (
     CallContext,
     Decision,
@@ -87,6 +95,7 @@ MCP_SECTION_SCHEMA: Final = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
+        "clients": {"type": "array"},  # validated by callward.core._mcp_auth
         "servers": {
             "type": "object",
             "propertyNames": {"pattern": _SERVER_NAME, "maxLength": 24},
@@ -110,6 +119,19 @@ MCP_SECTION_SCHEMA: Final = {
     },
 }
 _SECTION_VALIDATOR: Final = Draft202012Validator(MCP_SECTION_SCHEMA, registry=Registry())
+
+
+@runtime_checkable
+class McpContentPolicy(Protocol):
+    """What a policy says about upstream resources and prompts (``callward.policies.Policy``)."""
+
+    @property
+    def digest(self) -> Sha256Hex: ...
+
+    def mcp_content_rule(self, server: str, kind: Literal["resource", "prompt"], name: str,
+                         principal: str) -> RuleId | None: ...
+
+    def treat_content(self, name: str, content_json: bytes) -> ResultTreatment: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +361,63 @@ class UpstreamConnection:
 
         return self._portal.call(fetch)
 
+    def list_resources(self) -> list[types.Resource]:
+        """Every resource the server lists now (pages followed, at most 20)."""
+        async def fetch() -> list[types.Resource]:
+            resources: list[types.Resource] = []
+            cursor: str | None = None
+            for _ in range(_LIST_PAGES):
+                with anyio.fail_after(_CONNECT_SECONDS):
+                    page = await self._client.list_resources(cursor=cursor, cache_mode="bypass")
+                resources.extend(page.resources)
+                cursor = page.next_cursor
+                if not cursor:
+                    break
+            return resources
+
+        return self._portal.call(fetch)
+
+    def list_prompts(self) -> list[types.Prompt]:
+        """Every prompt the server lists now (pages followed, at most 20)."""
+        async def fetch() -> list[types.Prompt]:
+            prompts: list[types.Prompt] = []
+            cursor: str | None = None
+            for _ in range(_LIST_PAGES):
+                with anyio.fail_after(_CONNECT_SECONDS):
+                    page = await self._client.list_prompts(cursor=cursor, cache_mode="bypass")
+                prompts.extend(page.prompts)
+                cursor = page.next_cursor
+                if not cursor:
+                    break
+            return prompts
+
+        return self._portal.call(fetch)
+
+    def read_resource(self, uri: str, wall_seconds: float) -> types.ReadResourceResult:
+        """
+        Raises:
+            TimeoutError: No answer within ``wall_seconds``.
+            MCPError: The server answered with a protocol error.
+        """
+        async def read() -> types.ReadResourceResult:
+            with anyio.fail_after(wall_seconds):
+                return await self._client.read_resource(uri, cache_mode="bypass")
+
+        return self._portal.call(read)
+
+    def get_prompt(self, name: str, arguments: dict[str, str],
+                   wall_seconds: float) -> types.GetPromptResult:
+        """
+        Raises:
+            TimeoutError: No answer within ``wall_seconds``.
+            MCPError: The server answered with a protocol error.
+        """
+        async def get() -> types.GetPromptResult:
+            with anyio.fail_after(wall_seconds):
+                return await self._client.get_prompt(name, arguments)
+
+        return self._portal.call(get)
+
     def call_tool(self, name: str, arguments: dict[str, JSONValue],
                   wall_seconds: float) -> types.CallToolResult:
         """
@@ -452,6 +531,11 @@ class PinGate:
 
         A failed re-check raises, which the gateway turns into a denial.
         """
+        return self.decide_with_shadow(call, spec, context)[0]
+
+    def decide_with_shadow(self, call: ToolCall, spec: ToolSpec | None, context: CallContext
+                           ) -> tuple[Decision, Mapping[str, JSONValue] | None]:
+        """``decide``, with the inner policy's shadow divergence for the gateway to audit."""
         if self._recheck is not None:
             self._recheck(call.name)
         rule = self._blocked.get(call.name)
@@ -460,8 +544,26 @@ class PinGate:
                        if rule == RUG_PULL_RULE else
                        "this upstream tool has not been approved by an operator")
             return Decision("deny", (rule,), self._inner.digest, kind="approval_required",
-                            message=message)
-        return self._inner.decide(call, spec, context)
+                            message=message), None
+        if isinstance(self._inner, ShadowingPolicy):
+            return self._inner.decide_with_shadow(call, spec, context)
+        return self._inner.decide(call, spec, context), None
+
+    def mcp_content_rule(self, server: str, kind: Literal["resource", "prompt"], name: str,
+                         principal: str) -> RuleId | None:
+        """The inner policy's rule enabling an upstream resource or prompt (None: off)."""
+        if not isinstance(self._inner, McpContentPolicy):
+            return None
+        return self._inner.mcp_content_rule(server, kind, name, principal)
+
+    def treat_content(self, name: str, content_json: bytes) -> ResultTreatment:
+        """
+        Raises:
+            TypeError: The inner policy has no result rules for content (never enabled then).
+        """
+        if not isinstance(self._inner, McpContentPolicy):
+            raise TypeError("the policy has no result rules for upstream content")
+        return self._inner.treat_content(name, content_json)
 
     def is_blocked(self, name: str) -> bool:
         """Whether calls to ``name`` are denied until an operator approves it."""

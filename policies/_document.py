@@ -39,6 +39,9 @@ and a document needs ``rules`` or ``cedar``)::
       - {id: no-secret-egress, from: [secret], to: [egress]}   # steps), else per session
     results:
       - {id: redact-credentials, tools: ["*"], redact: [credentials], audit_body: hash}
+    mcp_content:                  # upstream MCP resources and prompts: off unless listed
+      - {id: notes-public, server: notes, resources: ["note://public/*"],
+         prompts: [summarize], roles: [analyst]}   # URI / name globs; who is optional
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -211,6 +215,23 @@ DOCUMENT_SCHEMA: Final[Mapping[str, Any]] = {
                 },
             },
         },
+        "mcp_content": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["id", "server"],
+                "anyOf": [{"required": ["resources"]}, {"required": ["prompts"]}],
+                "properties": {
+                    "id": _ID,
+                    "description": {"type": "string"},
+                    "server": {"type": "string", "pattern": "^[a-z][a-z0-9]*(_[a-z0-9]+)*$"},
+                    "resources": _NAME_LIST,
+                    "prompts": _NAME_LIST,
+                    **_WHO,
+                },
+            },
+        },
         "results": {
             "type": "array",
             "items": {
@@ -362,6 +383,21 @@ class ResultRule:
 
 
 @dataclass(frozen=True, slots=True)
+class McpContentRule:
+    """Which resources (URI globs) and prompts (name globs) of one upstream server are enabled."""
+
+    id: RuleId
+    server: str
+    resources: tuple[str, ...]
+    prompts: tuple[str, ...]
+    who: Who
+
+    def enables(self, server: str, kind: Literal["resource", "prompt"], name: str) -> bool:
+        patterns = self.resources if kind == "resource" else self.prompts
+        return server == self.server and any(fnmatchcase(name, p) for p in patterns)
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyDocument:
     """A loaded, validated policy, and the digest of exactly what was loaded."""
 
@@ -381,6 +417,7 @@ class PolicyDocument:
     approvals: tuple[ApprovalRule, ...] = ()
     flows: tuple[FlowRule, ...] = ()
     results: tuple[ResultRule, ...] = ()
+    mcp_content: tuple[McpContentRule, ...] = ()
     version: int = 1
 
     def roles_of(self, principal: str) -> frozenset[str]:
@@ -573,6 +610,16 @@ def parse_policy(text: str, *, source: str = "<string>", base: Path | None = Non
                 audit_body=entry.get("audit_body"),
             )
             for entry in raw.get("results", ())
+        ),
+        mcp_content=tuple(
+            McpContentRule(
+                id=unique(entry["id"]),
+                server=entry["server"],
+                resources=tuple(entry.get("resources", ())),
+                prompts=tuple(entry.get("prompts", ())),
+                who=_who(entry),
+            )
+            for entry in raw.get("mcp_content", ())
         ),
     )
     for tool in document.tool_limits:

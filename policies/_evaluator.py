@@ -43,7 +43,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 import structlog
 
@@ -72,7 +72,12 @@ from callward.policies._approvals import (
 )
 from callward.policies._cedar import CedarPermissions, ContextError
 from callward.policies._constraints import confinement_violation
-from callward.policies._document import PolicyDocument, load_policy, parse_policy
+from callward.policies._document import (
+    PolicyDocument,
+    ResultRule,
+    load_policy,
+    parse_policy,
+)
 from callward.policies._results import redact
 from callward.policies._schema import SchemaCheck
 from callward.policies._state import PolicyState, Proposal, RateCharge, StateUnavailable
@@ -641,20 +646,31 @@ class Policy:
                 canonical_bytes({"error": "flow", "message":
                                  "the result's labels could not be recorded; it is withheld"}),
                 labels=tuple(sorted(labels)), withheld_kind="flow")
-        patterns = [p for rule in rules for p in rule.redact]
-        content, redactions = content_json, 0
-        if patterns:
-            value, redactions = redact(canonical_loads(content_json), patterns)
-            if redactions:
-                content = canonical_bytes(value)
-        keep = [rule.audit_body for rule in rules if rule.audit_body is not None]
-        return ResultTreatment(
-            content_json=content,
-            keep_body=bool(keep) and keep[-1] == "body",
-            labels=tuple(sorted(labels)),
-            rules=tuple(rule.id for rule in rules),
-            redactions=redactions,
-        )
+        return _treat(rules, content_json, labels)
+
+    # -- upstream MCP resources and prompts -----------------------------------
+
+    def mcp_content_rule(self, server: str, kind: Literal["resource", "prompt"], name: str,
+                         principal: str) -> RuleId | None:
+        """
+        The rule that enables one upstream resource (by URI) or prompt (by name) for
+        ``principal``, or None: resources and prompts are off unless a rule names them.
+        """
+        document = self._compiled.document
+        roles, groups = document.roles_of(principal), document.groups_of(principal)
+        for rule in document.mcp_content:
+            if rule.enables(server, kind, name) and rule.who.matches(principal, roles, groups):
+                return rule.id
+        return None
+
+    def treat_content(self, name: str, content_json: bytes) -> ResultTreatment:
+        """
+        The result rules applied to an upstream resource or prompt, as to the result of
+        a tool named ``name`` (``<server>__resources`` or ``<server>__<prompt>``).
+        """
+        document = self._compiled.document
+        return _treat([rule for rule in document.results if rule.applies(name)], content_json,
+                      frozenset())
 
     def _inherited(self, context: CallContext, provenance: Provenance) -> frozenset[str]:
         """
@@ -825,6 +841,25 @@ def approval_record(proposal: Proposal, policy_digest: str) -> dict[str, JSONVal
         body["signature"] = bytes(proposal.signature).hex()
         body["key_id"] = proposal.key_id
     return body
+
+
+def _treat(rules: list[ResultRule], content_json: bytes, labels: frozenset[str]
+           ) -> ResultTreatment:
+    """Redaction and what the audit keeps, by the result rules that apply."""
+    patterns = [p for rule in rules for p in rule.redact]
+    content, redactions = content_json, 0
+    if patterns:
+        value, redactions = redact(canonical_loads(content_json), patterns)
+        if redactions:
+            content = canonical_bytes(value)
+    keep = [rule.audit_body for rule in rules if rule.audit_body is not None]
+    return ResultTreatment(
+        content_json=content,
+        keep_body=bool(keep) and keep[-1] == "body",
+        labels=tuple(sorted(labels)),
+        rules=tuple(rule.id for rule in rules),
+        redactions=redactions,
+    )
 
 
 def _summary(decision: Decision) -> dict[str, JSONValue]:

@@ -1,0 +1,66 @@
+"""The pieces of upstream content that need no upstream: names, and what the policy enables."""
+
+from __future__ import annotations
+
+import pytest
+
+from callward.core import PolicyInvalid
+from callward.core._mcp_content import resource_uri, split_resource_uri
+from callward.core._mcp_upstream import McpContentPolicy, PinGate
+from callward.policies import Policy
+
+POLICY = """
+version: 1
+default: deny
+principals: {alice: {roles: [analyst]}, bob: {roles: [guest]}}
+rules: []
+mcp_content:
+  - {id: public-notes, server: notes, resources: ["note://public/*"], prompts: [summarize],
+     roles: [analyst]}
+  - {id: everyone-greets, server: notes, prompts: ["greet_*"]}
+results:
+  - {id: redact-credentials, tools: ["*"], redact: [credentials]}
+"""
+
+
+class TestResourceUris:
+    @pytest.mark.parametrize("uri", ["note://public/hello", "file:///etc/passwd?x=1#y",
+                                     "a b/c%2Fd", "urn:x:y"])
+    def test_round_trip(self, uri):
+        """Any upstream URI is namespaced under its server and maps back exactly."""
+        assert ("notes", uri) == split_resource_uri(resource_uri("notes", uri))
+
+    @pytest.mark.parametrize("uri", ["note://public/hello", "callward://notes/",
+                                     "callward://notes/a/b", "callward://notes/a?q=1",
+                                     "http://notes/note%3A%2F%2Fx"])
+    def test_anything_else_maps_to_nothing(self, uri):
+        """An upstream's own URI, or a malformed one, is never taken as namespaced."""
+        assert split_resource_uri(uri) is None
+
+
+class TestPolicyEnables:
+    def test_per_server_pattern_and_principal(self):
+        """Off unless a rule names the server, the URI or prompt pattern and the principal."""
+        policy = Policy.from_text(POLICY)
+
+        assert isinstance(policy, McpContentPolicy)
+        assert ("public-notes", None, None, None, "everyone-greets", None) == (
+            policy.mcp_content_rule("notes", "resource", "note://public/a", "alice"),
+            policy.mcp_content_rule("notes", "resource", "note://public/a", "bob"),
+            policy.mcp_content_rule("notes", "resource", "note://private/a", "alice"),
+            policy.mcp_content_rule("other", "resource", "note://public/a", "alice"),
+            policy.mcp_content_rule("notes", "prompt", "greet_all", "bob"),
+            policy.mcp_content_rule("notes", "prompt", "note://public/a", "alice"))
+
+    def test_the_pin_gate_passes_it_through(self):
+        """The upstream gateway's policy wrapper asks the same policy."""
+        gate = PinGate(Policy.from_text(POLICY), {})
+
+        assert "public-notes" == gate.mcp_content_rule("notes", "prompt", "summarize", "alice")
+        assert 1 == gate.treat_content("notes__resources",
+                                       b'{"text":"AKIAABCDEFGHIJKLMNOP"}').redactions
+
+    def test_a_rule_needs_resources_or_prompts(self):
+        """A rule enabling nothing is a mistake, refused at load."""
+        with pytest.raises(PolicyInvalid, match="mcp_content"):
+            Policy.from_text(POLICY.replace("prompts: [\"greet_*\"]", "roles: [guest]"))
