@@ -22,22 +22,34 @@ def _serve(args: argparse.Namespace, home: Home) -> int:
     # The CLI edge loads the SDK, docker and the stages only when the command runs.
     import anyio  # noqa: PLC0415
 
-    from callward.core._mcp_gateway import open_mcp_gateway  # noqa: PLC0415
+    from callward.core._mcp_auth import parse_clients  # noqa: PLC0415
+    from callward.core._mcp_content import UpstreamContent  # noqa: PLC0415
+    from callward.core._mcp_gateway import open_upstreams  # noqa: PLC0415
     from callward.core._mcp_server import (  # noqa: PLC0415
         McpFace,
         require_loopback,
         serve_http,
         serve_stdio,
     )
+    from callward.core._mcp_upstream import raw_mcp_section  # noqa: PLC0415
 
+    path = config_path(args, home)
+    section = raw_mcp_section(path)
+    tokens = parse_clients(section.get("clients") if isinstance(section, dict) else None)
     if args.transport == "http":
         require_loopback(args.host)
-    with open_mcp_gateway(config_path(args, home), home=home.root) as gateway:
-        face = McpFace(gateway, principal=args.principal, session_id=args.session)
+    if args.principal is None and (args.transport == "stdio" or tokens is None):
+        raise ConfigurationError("--principal is needed unless HTTP clients are configured "
+                                 "with bearer tokens (mcp.clients)")
+    with open_upstreams(path, home=home.root) as (gateway, upstreams):
+        face = McpFace(gateway, principal=args.principal or "", session_id=args.session,
+                       content=UpstreamContent(upstreams.connections, gateway.policy,
+                                               gateway.audit))
         if args.transport == "stdio":
             anyio.run(serve_stdio, face)
         else:
-            serve_http(face, host=args.host, port=args.port)
+            serve_http(face, host=args.host, port=args.port, tokens=tokens,
+                       audit=gateway.audit)
     return EXIT_OK
 
 
@@ -68,7 +80,8 @@ def add_commands(commands: Subcommands) -> None:
     serve = mcp_commands.add_parser(
         "serve", parents=[subcommand_options(), config_options()],
         help="serve the registry's tools (and approved upstream tools) over MCP")
-    serve.add_argument("--principal", required=True, help="who the calls are made as")
+    serve.add_argument("--principal", help="who the calls are made as (over HTTP with "
+                       "mcp.clients configured, each client is its bearer token's principal)")
     serve.add_argument("--session", default="", help="the policy session of the calls")
     serve.add_argument("--transport", choices=("stdio", "http"), default="stdio")
     serve.add_argument("--host", default="127.0.0.1", help="loopback address for http")
