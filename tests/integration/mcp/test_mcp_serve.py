@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,8 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx2
 import pytest
+import yaml
 from mcp import Client, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+
+from callward.audit import read_records
+from callward.core._mcp_auth import token_sha256
 
 
 def _serve_args(home: Path, examples: Path, *extra: str) -> list[str]:
@@ -107,3 +114,65 @@ class TestServeHttp:
 
         assert 2 == done.returncode
         assert "loopback" in done.stderr
+
+
+class TestServeHttpClients:
+    def test_bearer_tokens_from_the_configuration(self, cli, engine, home, examples, tmp_path):
+        """
+        With `mcp.clients` in callward.yaml, `mcp serve --transport http` needs no
+        --principal: each client is its token's principal, a call is decided as it,
+        a request without a token is a 401 (audited); stdio still needs --principal.
+        """
+        for name in ("tools.py", "policy.yaml"):
+            shutil.copy(examples / name, tmp_path / name)
+        config = tmp_path / "callward.yaml"
+        config.write_text(yaml.safe_dump({
+            "tools": ["tools.py"], "policy": "policy.yaml",
+            "mcp": {"clients": [{"principal": "dana", "token_sha256": token_sha256("t-dana")},
+                                {"principal": "mallory",
+                                 "token_sha256": token_sha256("t-mallory")}]}}))
+        stdio = cli("mcp", "serve", "--config", str(config))
+        port = _free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "callward.core.cli", "--home", str(home), "mcp", "serve",
+             "--config", str(config), "--transport", "http", "--port", str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        url = f"http://127.0.0.1:{port}/mcp"
+
+        async def exercise() -> tuple[str, str, int]:
+            kinds = []
+            for token in ("t-dana", "t-mallory"):
+                async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"},
+                                              timeout=60) as http, Client(
+                        streamable_http_client(url, http_client=http)) as client:
+                    result = await client.call_tool("drop_table", {"table": "users"})
+                    kinds.append(result.structured_content["kind"])
+            async with httpx2.AsyncClient(timeout=30) as http:
+                refused = await http.post(url, json={"jsonrpc": "2.0", "id": 0,
+                                                     "method": "ping"})
+            return kinds[0], kinds[1], refused.status_code
+
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    pytest.fail(f"mcp serve exited: {process.stderr.read().decode()[-2000:]}")
+                with socket.socket() as sock:
+                    if sock.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+                time.sleep(0.1)
+            dana, mallory, status = anyio.run(exercise)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+        assert 2 == stdio.returncode
+        assert "--principal" in stdio.stderr
+        assert ("ok", "permission", 401) == (dana, mallory, status)
+        decided = {(r.body["principal"], r.kind) for r in read_records(home / "audit.db")
+                   if r.kind in {"call.authorized", "call.denied"}}
+        assert {("dana", "call.authorized"), ("mallory", "call.denied")} == decided
+        assert ["missing_token"] == [r.body["reason"] for r in read_records(
+            home / "audit.db", kind="mcp.client_refused")]
+        verified = cli("audit", "verify")
+        assert 0 == verified.returncode, verified.stdout + verified.stderr
