@@ -131,14 +131,19 @@ def lint(policy: Policy, registry: ToolRegistry) -> list[Finding]:
 
 
 def _scoped_tools(summary: Mapping[str, Any]) -> frozenset[str] | None:
-    """The one tool a policy's resource scope names, or None when it admits every tool."""
+    """
+    The tools a policy can apply to, by its resource scope and by conditions that only
+    test ``resource == Tool::…`` (Cedar's validator does not narrow on those); None
+    when it admits every tool.
+    """
     resource = summary.get("resource", {})
     entity = resource.get("entity")
-    if resource.get("op") in {"==", "in"} and isinstance(entity, Mapping):
-        return frozenset({str(entity.get("id"))} if entity.get("type") == "Tool" else ())
+    if resource.get("op") in {"==", "in"} and isinstance(entity, Mapping) \
+            and entity.get("type") != "Tool":
+        return frozenset()
     if resource.get("op") in {"is", "is_in"} and resource.get("entity_type") != "Tool":
         return frozenset()
-    return None
+    return _pinned_tools(_shape(summary))
 
 
 def _applicable(summary: Mapping[str, Any], specs: Mapping[str, ToolSpec]) -> list[str]:
@@ -397,7 +402,8 @@ def _pinned_tools(shape: _Shape) -> frozenset[str] | None:
     """The tools a policy's resource constraints limit it to, or None when unlimited."""
     pinned: frozenset[str] | None = None
     for alternatives in shape.resource:
-        if all(a.get("op") == "==" and a.get("entity", {}).get("type") == "Tool"
+        # A tool has no parents, so ``in Tool::"x"`` is ``== Tool::"x"``.
+        if all(a.get("op") in {"==", "in"} and a.get("entity", {}).get("type") == "Tool"
                for a in alternatives):
             names = frozenset(str(a["entity"].get("id")) for a in alternatives)
             pinned = names if pinned is None else pinned & names

@@ -167,6 +167,8 @@ class TestPerToolArgumentTypes:
   when { context.arguments.rate < decimal("2.0") };
 @id("unscoped-path") forbid (principal, action, resource)
   when { context.arguments.path like "/etc/*" };
+@id("scoped-in-condition") forbid (principal, action, resource)
+  when { resource == Tool::"read_file" && context.arguments.path like "/etc/*" };
 """)
         errors = {(rule, message.split(":")[0]) for severity, rule, message in findings
                   if severity == "error"}
