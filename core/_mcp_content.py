@@ -220,13 +220,23 @@ class UpstreamContent:
 
     def _treat(self, kind: Kind, name: str, result: _Result, body: dict[str, JSONValue],
                connection: UpstreamConnection) -> tuple[_Served, _Result]:
-        """The result rules applied; what comes out must still be a valid MCP result."""
+        """
+        The result rules applied; what comes out must still be a valid MCP result, no
+        larger than the server's ``output_bytes`` limit.
+        """
         try:
             content_json = canonical_bytes(result.model_dump(mode="json", by_alias=True,
                                                              exclude_none=True))
+        except ValueError as exc:
+            raise self._refuse(kind, body, "not_i_json", "the upstream's answer is not I-JSON",
+                               connection) from exc
+        if len(content_json) > connection.config.limits.output_bytes:
+            raise self._refuse(kind, body, "output_limit", "the upstream's answer is over the "
+                               "server's output limit", connection)
+        try:
             treatment = self._content_policy().treat_content(name, content_json)
             out = type(result).model_validate(canonical_loads(treatment.content_json))
-        except Exception as exc:  # not I-JSON, or redaction left no valid result: withheld
+        except Exception as exc:  # redaction left no valid result (or the rules failed): withheld
             raise self._refuse(kind, body, "result_rules_failed", "the result rules could not "
                                f"treat it ({type(exc).__name__})", connection) from exc
         served = _Served(treatment.content_json, tuple(treatment.rules), treatment.redactions,

@@ -38,6 +38,7 @@ results:
 """
 PUBLIC = resource_uri("notes", "note://public/hello")
 PRIVATE = resource_uri("notes", "note://private/diary")
+BIG = resource_uri("notes", "note://public/big")
 
 
 def records(home: Path, prefix: str) -> list[tuple[str, Any]]:
@@ -58,7 +59,7 @@ def _config(tmp_path: Path, examples: Path) -> Path:
             "files": {"notes_server.py": "notes_server.py"},
             "python_distributions": ["mcp", "cryptography"],
             "limits": {"memory_bytes": 256 << 20, "pids": 64, "open_files": 256,
-                       "wall_seconds": 5},
+                       "wall_seconds": 5, "output_bytes": 4096},
         }}},
     }))
     return path
@@ -73,7 +74,8 @@ async def exercise(face: McpFace) -> dict[str, Any]:
         seen["summary"] = await client.get_prompt("notes__summarize", {"topic": "the log"})
         for name, request in (("private", lambda: client.read_resource(PRIVATE)),
                               ("exfiltrate", lambda: client.get_prompt("notes__exfiltrate")),
-                              ("bogus", lambda: client.read_resource("note://public/hello"))):
+                              ("bogus", lambda: client.read_resource("note://public/hello")),
+                              ("big", lambda: client.read_resource(BIG))):
             try:
                 await request()
             except MCPError as exc:
@@ -103,7 +105,8 @@ class TestUpstreamContent:
                                      McpFace(gateway, principal="mallory", content=content))
             server_digest = upstreams.connections["notes"].digest
 
-        assert ([PUBLIC], ["notes__summarize"]) == (seen["resources"], seen["prompts"])
+        assert ([BIG, PUBLIC], ["notes__summarize"]) == (sorted(seen["resources"]),
+                                                          seen["prompts"])
         text = seen["public"].contents[0].text
         assert "hello from notes" in text
         assert "AKIA" not in text
@@ -111,7 +114,7 @@ class TestUpstreamContent:
         prompt_text = seen["summary"].messages[0].content.text
         assert "Summarize the log" in prompt_text
         assert "ghp_" not in prompt_text
-        assert {"private", "exfiltrate", "bogus"} <= set(seen)
+        assert {"private", "exfiltrate", "bogus", "big"} <= set(seen)
         assert [] == guest_listed
 
         audited = records(home, "mcp.")
@@ -128,6 +131,7 @@ class TestUpstreamContent:
         assert {("mcp.resource_refused", "not_enabled", "alice"),
                 ("mcp.prompt_refused", "not_enabled", "alice"),
                 ("mcp.resource_refused", "unknown_uri", "alice"),
+                ("mcp.resource_refused", "output_limit", "alice"),
                 ("mcp.resource_refused", "not_enabled", "mallory")} == set(refusals)
         verified = cli("audit", "verify")
         assert 0 == verified.returncode, verified.stdout + verified.stderr

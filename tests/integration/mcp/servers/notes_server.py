@@ -65,6 +65,12 @@ def public_hello() -> str:
     return "hello from notes; deploy key AKIAABCDEFGHIJKLMNOP"
 
 
+@server.resource("note://public/big", name="big", mime_type="text/plain",
+                 description="A public note larger than the server's output limit.")
+def public_big() -> str:
+    return "x" * 10_000
+
+
 @server.resource("note://private/diary", name="diary", mime_type="text/plain",
                  description="A private note no policy enables.")
 def private_diary() -> str:
