@@ -43,8 +43,7 @@ def _serve(args: argparse.Namespace, home: Home) -> int:
                                  "with bearer tokens (mcp.clients)")
     with open_upstreams(path, home=home.root) as (gateway, upstreams):
         face = McpFace(gateway, principal=args.principal or "", session_id=args.session,
-                       content=UpstreamContent(upstreams.connections, gateway.policy,
-                                               gateway.audit))
+                       content=UpstreamContent.of(gateway, upstreams.connections))
         if args.transport == "stdio":
             anyio.run(serve_stdio, face)
         else:

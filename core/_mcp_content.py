@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Final, Literal, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 import mcp_types as types
@@ -39,6 +39,9 @@ from callward.core._mcp_upstream import (
 )
 from callward.core.protocols import AuditLog, PolicyEngine
 from callward.core.types import RuleId
+
+if TYPE_CHECKING:
+    from callward.core.gateway import Gateway
 
 log = structlog.get_logger()
 
@@ -95,17 +98,28 @@ class UpstreamContent:
         policy: Decides what is enabled and treats what is returned; a policy without
             ``mcp_content`` support enables nothing.
         audit: Where every read, get and refusal is signed.
+        before: Run before each decision (the gateway's ``poll_policy_reload``, so an
+            edited policy applies to the next read as to the next call).
     """
 
     def __init__(self, connections: Mapping[str, UpstreamConnection], policy: PolicyEngine,
-                 audit: AuditLog) -> None:
+                 audit: AuditLog, *, before: Callable[[], None] | None = None) -> None:
         self._connections = connections
         self._policy = policy if isinstance(policy, McpContentPolicy) else None
         self._audit = audit
+        self._before = before
+
+    @classmethod
+    def of(cls, gateway: Gateway, connections: Mapping[str, UpstreamConnection]
+           ) -> UpstreamContent:
+        """The content of ``connections`` under ``gateway``'s policy, audit log and reloads."""
+        return cls(connections, gateway.policy, gateway.audit, before=gateway.poll_policy_reload)
 
     def _rule(self, server: str, kind: Kind, name: str, principal: str) -> RuleId | None:
         if self._policy is None:
             return None
+        if self._before is not None:
+            self._before()
         return self._policy.mcp_content_rule(server, kind, name, principal)
 
     # -- listings -------------------------------------------------------------

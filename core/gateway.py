@@ -234,7 +234,7 @@ class Gateway:
 
         spec = self.registry.get(call.name)
         started = self._clock()
-        self._poll_policy_reload()
+        self.poll_policy_reload()
         decision = self._decide(call, spec, context)
         policy_ms = _ms(started, self._clock())
 
@@ -302,8 +302,15 @@ class Gateway:
 
     # -- stages ---------------------------------------------------------------
 
-    def _poll_policy_reload(self) -> None:
-        """Audit a policy reload (or a failed one, which keeps the last good policy)."""
+    def poll_policy_reload(self) -> None:
+        """
+        Reload the policy if its file changed, and audit it (or a failed reload, which
+        keeps the last good policy). Each call does it first; other faces that consult
+        the policy (MCP resources and prompts) call it too.
+
+        Raises:
+            AuditUnavailable: The reload could not be recorded.
+        """
         if self._policy_hooks is None:
             return
         report = self._policy_hooks.poll_reload()

@@ -7,6 +7,7 @@ notes server inside a hardened container; the client is the SDK's own.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,15 @@ async def exercise(face: McpFace) -> dict[str, Any]:
     return seen
 
 
+async def read_public(face: McpFace) -> str:
+    async with Client(face.server(), read_timeout_seconds=60) as client:
+        try:
+            await client.read_resource(PUBLIC)
+        except MCPError:
+            return "refused"
+    return "read"
+
+
 async def refused_as_guest(face: McpFace) -> list[Any]:
     async with Client(face.server(), read_timeout_seconds=60) as client:
         listed = (await client.list_resources()).resources
@@ -99,11 +109,17 @@ class TestUpstreamContent:
         (not enabled, unknown URI, another principal) is audited; the log verifies.
         """
         with open_upstreams(config, home=home) as (gateway, upstreams):
-            content = UpstreamContent(upstreams.connections, gateway.policy, gateway.audit)
+            content = UpstreamContent.of(gateway, upstreams.connections)
             seen = anyio.run(exercise, McpFace(gateway, principal="alice", content=content))
             guest_listed = anyio.run(refused_as_guest,
                                      McpFace(gateway, principal="mallory", content=content))
             server_digest = upstreams.connections["notes"].digest
+            # An edited policy applies to the next read, with no tool call in between.
+            time.sleep(1.1)  # the policy file is polled at most once a second
+            policy = config.parent / "policy.yaml"
+            policy.write_text(POLICY.replace('resources: ["note://public/*"],', ""))
+            after_edit = anyio.run(read_public, McpFace(gateway, principal="alice",
+                                                        content=content))
 
         assert ([BIG, PUBLIC], ["notes__summarize"]) == (sorted(seen["resources"]),
                                                           seen["prompts"])
@@ -133,5 +149,8 @@ class TestUpstreamContent:
                 ("mcp.resource_refused", "unknown_uri", "alice"),
                 ("mcp.resource_refused", "output_limit", "alice"),
                 ("mcp.resource_refused", "not_enabled", "mallory")} == set(refusals)
+        assert "refused" == after_edit
+        reloaded = [kind for kind, _ in records(home, "policy.")]
+        assert ["policy.reloaded"] == reloaded
         verified = cli("audit", "verify")
         assert 0 == verified.returncode, verified.stdout + verified.stderr
