@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from callward.core import PolicyInvalid
+from callward.core import CallContext, PolicyInvalid, RuleId, ToolCall, ToolRegistry, tool
 from callward.core._mcp_content import resource_uri, split_resource_uri
 from callward.core._mcp_upstream import McpContentPolicy, PinGate
 from callward.policies import Policy
@@ -64,3 +64,28 @@ class TestPolicyEnables:
         """A rule enabling nothing is a mistake, refused at load."""
         with pytest.raises(PolicyInvalid, match="mcp_content"):
             Policy.from_text(POLICY.replace("prompts: [\"greet_*\"]", "roles: [guest]"))
+
+
+class TestPinGateShadow:
+    def test_the_shadow_divergence_passes_through_unless_blocked(self):
+        """Behind the upstream gate the candidate is still compared; a blocked tool is not."""
+        @tool(version="1.0.0", parameters={"type": "object", "properties": {}})
+        def ping() -> str:
+            return "pong"
+
+        registry = ToolRegistry()
+        registry.register(ping)
+        enforced = ("version: 1\ndefault: deny\nprincipals: {ana: {roles: [agent]}}\n"
+                    "rules: [{id: agents-ping, effect: allow, roles: [agent], tools: [ping]}]\n")
+        candidate = enforced.replace("effect: allow", "effect: deny")
+        gate = PinGate(Policy.from_text(enforced, shadow=Policy.from_text(candidate)),
+                       {"notes__greet": RuleId("mcp.unapproved")})
+        call = ToolCall.create(id="c1", name="ping", arguments={}, dialect="mcp")
+        blocked = ToolCall.create(id="c2", name="notes__greet", arguments={}, dialect="mcp")
+
+        decision, diverged = gate.decide_with_shadow(call, registry.get("ping"),
+                                                     CallContext("ana"))
+        denied, none = gate.decide_with_shadow(blocked, None, CallContext("ana"))
+
+        assert ("allow", "deny") == (decision.effect, diverged["candidate"]["effect"])
+        assert ("approval_required", None) == (denied.kind, none)
