@@ -34,10 +34,11 @@ def pin_store(home: Path) -> PinStore:
 
 
 @contextlib.contextmanager
-def open_mcp_gateway(path: Path, *, home: Path,
-                     servers: tuple[str, ...] | None = None) -> Iterator[Gateway]:
+def open_upstreams(path: Path, *, home: Path, servers: tuple[str, ...] | None = None
+                   ) -> Iterator[tuple[Gateway, Upstreams]]:
     """
-    The gateway of a configuration with its upstream MCP servers, all closed on exit.
+    The gateway of a configuration with its upstream MCP servers, and the connected
+    upstreams (for approval and their resources and prompts), all closed on exit.
 
     Args:
         servers: Connect only these upstreams (all when None).
@@ -46,14 +47,6 @@ def open_mcp_gateway(path: Path, *, home: Path,
         ConfigurationError: The configuration is invalid or an upstream cannot be reached.
         SandboxUnavailable: An upstream's container could not be started.
     """
-    with open_upstreams(path, home=home, servers=servers) as (gateway, _upstreams):
-        yield gateway
-
-
-@contextlib.contextmanager
-def open_upstreams(path: Path, *, home: Path, servers: tuple[str, ...] | None = None
-                   ) -> Iterator[tuple[Gateway, Upstreams]]:
-    """``open_mcp_gateway``, with the connected upstreams (for approval)."""
     configs = parse_mcp_section(raw_mcp_section(path), base=path.parent)
     if servers is not None:
         configs = tuple(config for config in configs if config.name in servers)
