@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from conftest import http_post, read_file, refund
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from policy_tools import http_post, read_file, refund
 
 from callward.core import CallContext, ToolCall, ToolRegistry
 from callward.policies import Policy
