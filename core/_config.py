@@ -30,6 +30,7 @@ from jsonschema.exceptions import best_match
 from referencing import Registry
 
 from callward.core._registry import ToolRegistry
+from callward.core._yaml import strict_yaml_load
 from callward.core.errors import ConfigurationError, SandboxUnavailable
 
 log = structlog.get_logger()
@@ -175,11 +176,17 @@ def load_config(path: Path) -> GatewayConfig:
         ConfigurationError: The file is missing, not YAML, or not a valid configuration.
     """
     try:
-        raw: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raw: Any = strict_yaml_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigurationError(
             f"configuration {path} cannot be read ({type(exc).__name__})"
         ) from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigurationError(f"configuration {path} is not valid YAML{where}: {problem}"
+                                 ) from exc
     if not isinstance(raw, dict):
         raise ConfigurationError(f"configuration {path} is not a YAML mapping")
     error = best_match(_CONFIG_VALIDATOR.iter_errors(raw))

@@ -53,6 +53,7 @@ from callward.core._canonical import (
     canonical_sha256,
     strict_loads,
 )
+from callward.core._yaml import strict_yaml_load
 from callward.core.errors import ConfigurationError
 
 MAX_PLAN_BYTES: Final = MAX_JSON_BYTES
@@ -317,41 +318,13 @@ def parse_plan(data: bytes | str, *, source: str = "<plan>", json_only: bool = F
         raise PlanInvalid(source, [PlanProblem("$", f"the plan is over {MAX_PLAN_BYTES} bytes")])
     try:
         text = raw.decode("utf-8")
-        value = strict_loads(text) if json_only else yaml.load(text, _UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        value = strict_loads(text) if json_only else strict_yaml_load(text)
     except (ValueError, yaml.YAMLError) as exc:
         where = getattr(exc, "problem_mark", None) or getattr(exc, "pos", None)
         raise PlanInvalid(source, [PlanProblem("$", f"not valid {'JSON' if json_only else 'YAML'}"
                                                     f" ({type(exc).__name__} at {where})")]
                           ) from exc
     return build_plan(value, source=source, tools=tools)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """
-    A safe YAML loader that refuses duplicate mapping keys (PyYAML keeps the last)
-    and aliases (a few nested ``*a`` references expand to gigabytes of JSON).
-    """
-
-    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()  # type: ignore[no-untyped-call]
-            raise yaml.composer.ComposerError(None, None, "aliases are not allowed in a plan",
-                                              event.start_mark)
-        return super().compose_node(parent, index)
-
-
-def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[object, object]:
-    seen: set[object] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return loader.construct_mapping(node)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def build_plan(value: object, *, source: str = "<plan>",

@@ -60,6 +60,7 @@ from referencing import Registry
 
 from callward.core import PolicyInvalid, ResourceLimits, RuleId, Sha256Hex
 from callward.core._canonical import POLICY_DIGEST_DOMAIN, canonical_sha256
+from callward.core._yaml import strict_yaml_load
 from callward.core.types import MIB
 
 MAX_POLICY_BYTES: Final = 1 << 20
@@ -456,28 +457,6 @@ class PolicyDocument:
         return frozenset(own) | self.tool_labels.get(tool, frozenset())
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe YAML loader that refuses duplicate mapping keys (PyYAML keeps the last)."""
-
-
-def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    mapping: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in mapping:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        mapping[key] = loader.construct_object(value_node, deep=True)
-    return mapping
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_unique_mapping,
-)
-
-
 def _compile_patterns(source: str, rule_id: str, entries: list[str]
                       ) -> tuple[re.Pattern[str], ...]:
     patterns = []
@@ -519,7 +498,7 @@ def parse_policy(text: str, *, source: str = "<string>", base: Path | None = Non
     if len(text.encode("utf-8", "surrogatepass")) > MAX_POLICY_BYTES:
         raise PolicyInvalid(f"{source}: the policy is over {MAX_POLICY_BYTES} bytes")
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        raw = strict_yaml_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

@@ -58,6 +58,9 @@ class TestPolicyDocument:
              "tools: [x]}", "$.rules[0].effect"),
             ("version: 1\ndefault: deny\ndefault: deny\nrules: []", "duplicate key"),
             ("version: 1\ndefault: deny\nrules: [\n", "not valid YAML"),
+            ("version: 1\ndefault: deny\nrules: []\nx: &a [1, 2]\ny: [*a, *a]",
+             "aliases are not allowed"),
+            ("version: 1\ndefault: deny\nrules: []\n? [a, b]\n: 1", "must be a scalar"),
             ("version: 1\ndefault: deny\nrules:\n  - {id: a, effect: allow, roles: [r], "
              "tools: [x]}\n  - {id: a, effect: deny, roles: [r], tools: [x]}", "two rules"),
             ("version: 1\ndefault: deny\nrules: []\ntools:\n  x: {limits: {wall_seconds: 0}}",
