@@ -37,13 +37,103 @@ def canonical_bytes(value: object) -> bytes:
     """
     Return the RFC 8785 canonical UTF-8 bytes of a JSON value.
 
+    Values made only of plain ``dict``/``list``/``tuple``/``str``/``int``/``bool``/
+    ``None`` and floats whose JCS text is Python's own are written by the standard
+    library's C encoder (``_fit`` says which); anything else goes to ``rfc8785``,
+    which stays the definition: the tests check both give the same bytes (or both
+    refuse) for any value.
+
     Raises:
         CanonicalizationError: The value is not representable in I-JSON.
     """
     try:
+        return _FAST_ENCODER.encode(_fit(value, 0)).encode("utf-8")
+    except (_NotFast, ValueError, RecursionError):
+        pass  # e.g. a lone surrogate: rfc8785 refuses it with its own error
+    try:
         return rfc8785.dumps(value)  # type: ignore[arg-type] # checked by rfc8785 itself
     except (rfc8785.CanonicalizationError, TypeError, ValueError, RecursionError) as exc:
         raise CanonicalizationError(f"not canonical JSON: {type(exc).__name__}") from exc
+
+
+class _NotFast(Exception):
+    """The value needs ``rfc8785`` itself (or is not I-JSON, which rfc8785 then says)."""
+
+
+# Sorted keys, no whitespace, UTF-8 kept as is, and no NaN: RFC 8785 for the values
+# ``_fit`` lets through. Its string escaping is JCS's (\b \t \n \f \r, \u00xx in
+# lower case for the other controls, \" and \\) and it sorts keys by code point,
+# which is UTF-16 order for keys without characters past U+FFFF.
+_FAST_ENCODER: Final = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":"),
+    check_circular=False,
+)
+_FAST_MAX_DEPTH: Final = 128
+# JCS writes a float as Python's repr does when it is not integral and 1e-4 <= |f| < 1e16
+# (rfc8785 takes its digits from repr and only moves the point outside that range);
+# an integral float below 1e16 is written as the integer.
+_FIXED_LOW: Final = 1e-4
+_FIXED_HIGH: Final = 1e16
+
+
+def _fit(value: object, depth: int) -> object:
+    """
+    ``value`` ready for ``_FAST_ENCODER`` (integral floats as ints), or ``_NotFast``.
+
+    Raises:
+        _NotFast: Something in ``value`` is not written the JCS way by the C encoder.
+    """
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is int:
+        if -_SAFE_INTEGER <= value <= _SAFE_INTEGER:  # type: ignore[operator] # an int
+            return value
+        raise _NotFast
+    if kind is float:
+        return _fit_float(value)  # type: ignore[arg-type] # a float
+    if depth >= _FAST_MAX_DEPTH:
+        raise _NotFast
+    if kind is dict:
+        return _fit_dict(value, depth)  # type: ignore[arg-type] # a dict
+    if kind is list or kind is tuple:
+        return _fit_items(value, depth)  # type: ignore[arg-type] # a list or tuple
+    raise _NotFast
+
+
+def _fit_float(number: float) -> float | int:
+    magnitude = abs(number)
+    if number.is_integer() and magnitude < _FIXED_HIGH:
+        return int(number)
+    if _FIXED_LOW <= magnitude < _FIXED_HIGH:
+        return number
+    raise _NotFast
+
+
+def _fit_dict(mapping: dict[object, object], depth: int) -> dict[object, object]:
+    fitted: dict[object, object] | None = None
+    for key, item in mapping.items():
+        if type(key) is not str or not (key.isascii() or max(key) <= "\uffff"):
+            raise _NotFast
+        new = _fit(item, depth + 1)
+        if new is not item:
+            if fitted is None:
+                fitted = dict(mapping)
+            fitted[key] = new
+    return mapping if fitted is None else fitted
+
+
+def _fit_items(
+    items: list[object] | tuple[object, ...], depth: int
+) -> list[object] | tuple[object, ...]:
+    fitted: list[object] | None = None
+    for index, item in enumerate(items):
+        new = _fit(item, depth + 1)
+        if new is not item:
+            if fitted is None:
+                fitted = list(items)
+            fitted[index] = new
+    return items if fitted is None else fitted
 
 
 def sha256_hex(data: bytes, *, domain: bytes = b"") -> Sha256Hex:
@@ -72,7 +162,13 @@ def canonical_loads(data: bytes) -> Any:
 
     ``canonical_loads(canonical_bytes(v)) == v`` for any I-JSON value ``v``.
     """
-    return json.loads(data, parse_int=_parse_canonical_int)
+    # json.loads(data, parse_int=...) without building a decoder per call.
+    text = (data if isinstance(data, str)
+            else data.decode(json.detect_encoding(data), "surrogatepass"))
+    return _CANONICAL_DECODER.decode(text)
+
+
+_CANONICAL_DECODER: Final = json.JSONDecoder(parse_int=_parse_canonical_int)
 
 
 def _reject_constant(name: str) -> object:

@@ -7,7 +7,8 @@ import math
 import struct
 
 import pytest
-from hypothesis import given
+import rfc8785
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from callward.core._canonical import (
@@ -287,3 +288,97 @@ class TestStrictLoads:
         expected = {"π": math.pi}
 
         assert expected == strict_loads('{"π": 3.141592653589793}'.encode())
+
+
+def _rfc8785_or_error(value: object) -> bytes | None:
+    """What the reference implementation writes, or None when it refuses the value."""
+    try:
+        return rfc8785.dumps(value)  # type: ignore[arg-type]
+    except (rfc8785.CanonicalizationError, TypeError, ValueError, RecursionError):
+        return None
+
+
+def _callward_or_error(value: object) -> bytes | None:
+    try:
+        return canonical_bytes(value)
+    except CanonicalizationError:
+        return None
+
+
+class _Text(str):
+    """A str subclass: the fast path leaves it to rfc8785."""
+
+
+# Floats of every magnitude (both sides of 1e-4 and 1e16, integral and not, -0.0),
+# keys past U+FFFF (UTF-16 order differs from code point order there), lone
+# surrogates, integers past the safe range, tuples, subclasses and non-str keys.
+any_floats = st.floats() | st.sampled_from(
+    [0.0, -0.0, 1e-4, 9.999999999999999e-05, 1e16, 9999999999999998.0, 2.0**53, 1e21, 0.5]
+)
+wide_text = st.text() | st.sampled_from(
+    ["\U0001f600", "\ufb33", "\ud800", "\udfff", "a\x00\x1f\x7f"]
+)
+wide_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**60), max_value=2**60)
+    | any_floats
+    | wide_text
+    | st.builds(_Text, st.text())
+)
+wide_values = st.recursive(
+    wide_scalars,
+    lambda children: st.lists(children, max_size=5)
+    | st.lists(children, max_size=3).map(tuple)
+    | st.dictionaries(wide_text, children, max_size=5)
+    | st.dictionaries(st.integers(0, 3), children, min_size=1, max_size=2),
+    max_leaves=30,
+)
+
+
+class TestSameBytesAsRfc8785:
+    """canonical_bytes writes most values with the C encoder: byte for byte rfc8785's."""
+
+    @settings(max_examples=3000)
+    @given(wide_values)
+    def test_any_value(self, value):
+        """Same bytes as rfc8785.dumps for any value, or both refuse it."""
+        assert _rfc8785_or_error(value) == _callward_or_error(value)
+
+    @settings(max_examples=3000)
+    @given(any_floats)
+    def test_any_float(self, value):
+        """Every float, in every range, is written as rfc8785 writes it."""
+        assert _rfc8785_or_error(value) == _callward_or_error(value)
+        assert _rfc8785_or_error([value, {"f": value}]) == _callward_or_error([value, {"f": value}])
+
+    @pytest.mark.parametrize(("bits", "text"), APPENDIX_B)
+    def test_appendix_b_inside_containers(self, bits, text):
+        """Appendix B's numbers inside an object and an array, where the fast path runs."""
+        expected = f'{{"n":[{text}]}}'.encode()
+
+        assert expected == canonical_bytes({"n": [_float(bits)]})
+
+    def test_deep_and_circular_values(self):
+        """Past the fast path's depth rfc8785 decides; a cycle is refused, not looped on."""
+        deep: list[object] = []
+        for _ in range(300):
+            deep = [deep]
+        cycle: list[object] = []
+        cycle.append(cycle)
+
+        assert _rfc8785_or_error(deep) == canonical_bytes(deep)
+        with pytest.raises(CanonicalizationError):
+            canonical_bytes(cycle)
+
+    def test_a_gateway_body(self):
+        """A call.completed-like body, floats and all, is rfc8785's bytes."""
+        body = {
+            "call_id": "call_1", "authorized_seq": 7, "expected_matched": None,
+            "durations_ms": {"parse": 0.041, "policy": 0.0, "audit_authorized": 1.5,
+                             "sandbox": 12.0},
+            "usage": {"cpu_seconds": 3e-05, "peak_memory_bytes": 0},
+            "result_rules": [], "message": "caf\u00e9 \u2028 \"quoted\"\n",
+        }
+
+        assert rfc8785.dumps(body) == canonical_bytes(body)
