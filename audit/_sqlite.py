@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Self
+from typing import TYPE_CHECKING, Final, Literal, Self
 
 import structlog
 from cryptography.hazmat.primitives import serialization
@@ -54,13 +54,16 @@ from callward.audit._chain import (
     seal,
 )
 from callward.audit._checkpoint import Checkpoint, note_key_hash, sign_checkpoint
-from callward.audit._merkle import leaf_hash, root_from_inclusion_proof
+from callward.audit._merkle import leaf_hash, node_hash, root_from_inclusion_proof
 from callward.audit._tree import (
     TREE_TABLES,
     MissingNode,
     add_leaf,
+    extend_frontier,
+    frontier_at,
     get_meta,
     inclusion_path,
+    put_nodes,
     root_at,
     set_meta,
 )
@@ -107,6 +110,23 @@ _INSERT: Final = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _HEAD: Final = "SELECT seq, hash, ts FROM records ORDER BY seq DESC LIMIT 1"
+# What an append transaction reads first, in one statement: the key the log is
+# signed by now, the size of the latest checkpoint, and the head (NULLs if empty).
+_STATE: Final = (
+    "SELECT (SELECT value FROM meta WHERE name = 'current_key_id'),"
+    " (SELECT coalesce(max(size), 0) FROM checkpoints), head.seq, head.hash, head.ts"
+    " FROM (SELECT 1) LEFT JOIN"
+    " (SELECT seq, hash, ts FROM records ORDER BY seq DESC LIMIT 1) AS head"
+)
+#: Kinds whose transaction need not be fsynced before ``append`` returns under
+#: ``sync="authorized"``: nothing waits on them to be on disk before it runs. They
+#: are committed (a killed process loses none of them) and become durable with the
+#: next fsynced transaction, the flush at most ``_FLUSH_SECONDS`` later, or ``close``.
+DEFERRED_SYNC_KINDS: Final = frozenset({"call.completed", "call.denied", "call.rejected"})
+Sync = Literal["authorized", "every"]
+_FLUSH_SECONDS: Final = 0.5
+# How many of this store's newest records keep their inclusion proof in memory.
+_PROOF_CACHE: Final = 1024
 _PAGE_ROWS: Final = 512
 _POLL_SECONDS: Final = 0.0005
 # A writer that waited for the lock stamps a time just before the head's; that is
@@ -163,6 +183,11 @@ class SQLiteAuditStore:
         checkpoint_seconds: Also write one when this long has passed since the last
             and records arrived (checked by a background thread; 0 turns it off).
         witnesses: Where each new checkpoint is copied.
+        sync: ``"authorized"`` (the default): a transaction is fsynced before its
+            appends return unless it holds only ``DEFERRED_SYNC_KINDS`` records, which
+            are fsynced with the next one or within ``_FLUSH_SECONDS``; every
+            ``call.authorized`` is on disk before the call runs. ``"every"``: every
+            transaction is fsynced before its appends return.
 
     Example::
 
@@ -180,7 +205,10 @@ class SQLiteAuditStore:
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
         witnesses: Sequence[Witness] = (),
+        sync: Sync = "authorized",
     ) -> None:
+        if sync not in ("authorized", "every"):
+            raise ValueError('sync is "authorized" or "every"')
         if not busy_timeout_seconds >= 0:
             raise ValueError("busy_timeout_seconds must be zero or more")
         if checkpoint_every < 1:
@@ -207,6 +235,16 @@ class SQLiteAuditStore:
         self._ticker_stop = threading.Event()
         self._ticker: threading.Thread | None = None
         self._commits = 0
+        self._sync: Sync = sync
+        self._synchronous = "FULL"
+        self._unsynced = False
+        self._busy_zero = False
+        # The tree as this store last wrote it: the head it ends at, its frontier
+        # (trusted only while the file's head is still that one), and the inclusion
+        # proofs of the newest records it wrote, for their receipts.
+        self._tip: tuple[int, str] | None = None
+        self._frontier: tuple[bytes, ...] = ()
+        self._proofs: dict[int, tuple[str, bytes, tuple[bytes, ...]]] = {}
 
     @property
     def path(self) -> Path:
@@ -228,6 +266,14 @@ class SQLiteAuditStore:
         concurrent appends it is smaller than the number of records.
         """
         return self._commits
+
+    @property
+    def unsynced(self) -> bool:
+        """
+        Whether committed records wait for an fsync (``sync="authorized"`` defers it for
+        ``DEFERRED_SYNC_KINDS``); ``flush`` ends that, so does any fsynced commit.
+        """
+        return self._unsynced
 
     @property
     def writer_id(self) -> str:
@@ -263,8 +309,13 @@ class SQLiteAuditStore:
             self._origin = origin
             self._key_hash = note_key_hash(origin, _public_key_of(self._signer))
             self._conn = conn
+            self._synchronous = "FULL"
+            self._unsynced = False
+            self._busy_zero = False
+            self._tip = None
+            self._proofs = {}
             self._last_checkpoint_at = time.monotonic()
-        if self._checkpoint_seconds > 0:
+        if self._checkpoint_seconds > 0 or self._sync == "authorized":
             self._ticker_stop.clear()
             self._ticker = threading.Thread(
                 target=self._tick, name="callward-audit-checkpoints", daemon=True
@@ -286,6 +337,7 @@ class SQLiteAuditStore:
                 self.checkpoint(only_if_grown=True)
             except AuditUnavailable:
                 log.warning("audit_final_checkpoint_failed", path=str(self._path))
+            self.flush()
         with self._lock:
             conn, self._conn = self._conn, None
             if conn is not None:
@@ -381,6 +433,7 @@ class SQLiteAuditStore:
                 self._leading = False
                 self._queue_cond.notify_all()
         if checkpoint is not None:
+            self.flush()  # a witness never holds a checkpoint of records not on disk
             publish_to_all(self._witnesses, self._origin, checkpoint.note)
         return request.result()
 
@@ -389,25 +442,42 @@ class SQLiteAuditStore:
         written: list[tuple[_Request, AuditRecord]] = []
         checkpoint = None
         signer_before, key_hash_before = self._signer, self._key_hash
+        proofs: list[tuple[int, str, bytes, tuple[bytes, ...]]] = []
+        full = self._sync == "every" or any(r.kind not in DEFERRED_SYNC_KINDS for r in batch)
         try:
             with self._lock:
-                conn = self._require_open()
-                with (
-                    _store_errors("append", self._path, kind=batch[0].kind),
-                    _transaction(conn, self._busy_timeout_seconds),
-                ):
-                    self._check_current_key(conn)
-                    head = conn.execute(_HEAD).fetchone()
-                    seq, prev, head_ts = (0, GENESIS_PREV, None) if head is None else head
-                    for request in batch:
-                        record = self._write_one(conn, request, seq, Sha256Hex(prev), head_ts)
-                        if record is not None:
-                            written.append((request, record))
-                            seq, prev, head_ts = record.seq, record.record_hash, record.ts
-                    checkpoint = self._checkpoint_if_due(conn, seq)
+                conn = self._require_open(appending=True)
+                with _store_errors("append", self._path, kind=batch[0].kind):
+                    self._set_synchronous(conn, full=full)
+                    with _transaction(conn, self._busy_timeout_seconds, polling=True):
+                        current_key, last_checkpoint, seq, prev, head_ts = conn.execute(
+                            _STATE
+                        ).fetchone()
+                        self._check_key(current_key)
+                        if seq is None:
+                            seq, prev = 0, GENESIS_PREV
+                        tip = (int(seq), str(prev))
+                        frontier = self._frontier if tip == self._tip else frontier_at(conn, tip[0])
+                        seq, prev = tip
+                        for request in batch:
+                            one = self._write_one(
+                                conn, request, seq, Sha256Hex(prev), head_ts, frontier=frontier
+                            )
+                            if one is not None:
+                                record, leaf, path, frontier = one
+                                written.append((request, record))
+                                proofs.append((record.seq, record.record_hash, leaf, path))
+                                seq, prev, head_ts = record.seq, record.record_hash, record.ts
+                        checkpoint = self._checkpoint_if_due(
+                            conn, seq, int(last_checkpoint), frontier
+                        )
+                self._tip, self._frontier = (seq, prev), frontier
+                self._remember_proofs(proofs)
+                self._unsynced = not full  # a fsynced commit covers every one before it
         except BaseException as exc:  # noqa: BLE001 - each request of the batch re-raises it
             # A rotation whose record rolled back never happened.
             self._signer, self._key_hash = signer_before, key_hash_before
+            self._tip = None
             for request in batch:
                 if request.error is None:
                     request.error = exc
@@ -417,6 +487,19 @@ class SQLiteAuditStore:
         self._commits += 1
         return checkpoint
 
+    def _set_synchronous(self, conn: sqlite3.Connection, *, full: bool) -> None:
+        """``PRAGMA synchronous``: FULL fsyncs the WAL at commit, NORMAL leaves it to later."""
+        wanted = "FULL" if full else "NORMAL"
+        if self._synchronous != wanted:
+            conn.execute(f"PRAGMA synchronous={wanted}")
+            self._synchronous = wanted
+
+    def _remember_proofs(self, proofs: list[tuple[int, str, bytes, tuple[bytes, ...]]]) -> None:
+        for seq, record_hash, leaf, path in proofs:
+            self._proofs[seq] = (record_hash, leaf, path)
+        while len(self._proofs) > _PROOF_CACHE:
+            del self._proofs[next(iter(self._proofs))]
+
     def _write_one(
         self,
         conn: sqlite3.Connection,
@@ -424,7 +507,13 @@ class SQLiteAuditStore:
         seq: int,
         prev: Sha256Hex,
         head_ts: object,
-    ) -> AuditRecord | None:
+        *,
+        frontier: tuple[bytes, ...],
+    ) -> tuple[AuditRecord, bytes, tuple[bytes, ...], tuple[bytes, ...]] | None:
+        """
+        Write one record after ``seq``; return it, its leaf hash, its inclusion path in
+        the tree of ``seq + 1`` records, and the tree's new frontier.
+        """
         if request.only_if_pending and request.completes is not None:
             still = conn.execute(
                 "SELECT 1 FROM pending_calls WHERE authorized_seq = ?", (request.completes,)
@@ -462,7 +551,8 @@ class SQLiteAuditStore:
                 record.signature,
             ),
         )
-        add_leaf(conn, record.seq - 1, record.record_bytes)
+        new_frontier, rows = extend_frontier(frontier, seq, record.record_bytes)
+        put_nodes(conn, rows)
         if request.authorizes is not None:
             conn.execute(
                 "INSERT INTO pending_calls (authorized_seq, call_id, writer) VALUES (?, ?, ?)",
@@ -476,10 +566,12 @@ class SQLiteAuditStore:
             set_meta(conn, "current_key_id", request.rotate_to.key_id)
             self._signer = request.rotate_to
             self._key_hash = note_key_hash(self._origin, _public_key_of(request.rotate_to))
-        return record
+        return record, rows[0][2], frontier[::-1], new_frontier
 
     def _check_current_key(self, conn: sqlite3.Connection) -> None:
-        current = get_meta(conn, "current_key_id")
+        self._check_key(get_meta(conn, "current_key_id"))
+
+    def _check_key(self, current: object) -> None:
         if current is not None and current != self._signer.key_id:
             raise AuditUnavailable(
                 f"the audit log {self._path} is now signed by key {current}, not by this "
@@ -487,9 +579,10 @@ class SQLiteAuditStore:
                 remediation="restart this gateway so it loads the current audit key",
             )
 
-    def _checkpoint_if_due(self, conn: sqlite3.Connection, size: int) -> Checkpoint | None:
-        (last,) = conn.execute("SELECT coalesce(max(size), 0) FROM checkpoints").fetchone()
-        grown = size - int(last)
+    def _checkpoint_if_due(
+        self, conn: sqlite3.Connection, size: int, last: int, frontier: tuple[bytes, ...]
+    ) -> Checkpoint | None:
+        grown = size - last
         if grown <= 0:
             return None
         elapsed = time.monotonic() - self._last_checkpoint_at
@@ -497,11 +590,11 @@ class SQLiteAuditStore:
             self._checkpoint_seconds > 0 and elapsed >= self._checkpoint_seconds
         ):
             return None
-        return self._write_checkpoint(conn, size)
+        return self._write_checkpoint(conn, size, _frontier_root(frontier))
 
-    def _write_checkpoint(self, conn: sqlite3.Connection, size: int) -> Checkpoint:
+    def _write_checkpoint(self, conn: sqlite3.Connection, size: int, root: bytes) -> Checkpoint:
         checkpoint = sign_checkpoint(
-            self._origin, size, root_at(conn, size), signer=self._signer, key_hash=self._key_hash
+            self._origin, size, root, signer=self._signer, key_hash=self._key_hash
         )
         conn.execute(
             "INSERT INTO checkpoints (size, ts, note) VALUES (?, ?, ?)",
@@ -528,6 +621,8 @@ class SQLiteAuditStore:
         """
         with self._lock:
             conn = self._require_open()
+            with _store_errors("checkpoint", self._path):
+                self._set_synchronous(conn, full=True)
             with (
                 _store_errors("checkpoint", self._path),
                 _transaction(conn, self._busy_timeout_seconds),
@@ -543,40 +638,80 @@ class SQLiteAuditStore:
                         return None
                     return Checkpoint(self._origin, int(row[0]), root_at(conn, int(row[0])),
                                       str(row[1]))
-                checkpoint = self._write_checkpoint(conn, size)
+                checkpoint = self._write_checkpoint(conn, size, root_at(conn, size))
+            self._unsynced = False  # the fsync of this commit covers every commit before it
         publish_to_all(self._witnesses, self._origin, checkpoint.note)
         return checkpoint
 
     def _tick(self) -> None:
-        while not self._ticker_stop.wait(self._checkpoint_seconds):
+        """Write a checkpoint every ``checkpoint_seconds``; flush deferred commits meanwhile."""
+        every = self._checkpoint_seconds
+        interval = _FLUSH_SECONDS if every == 0 else min(every, _FLUSH_SECONDS)
+        next_checkpoint = time.monotonic() + every
+        while not self._ticker_stop.wait(interval):
+            if every > 0 and time.monotonic() >= next_checkpoint:
+                next_checkpoint = time.monotonic() + every
+                try:
+                    self.checkpoint(only_if_grown=True)
+                except AuditUnavailable:
+                    log.warning("audit_timed_checkpoint_failed", path=str(self._path))
+            self.flush()
+
+    def flush(self) -> None:
+        """
+        Make every committed record durable now (fsync the WAL), if any is not yet.
+
+        Under ``sync="authorized"`` this runs at most ``_FLUSH_SECONDS`` after a
+        deferred commit; callers may run it sooner. Failures are logged, not raised:
+        the records stay committed and the next fsynced transaction covers them.
+        """
+        if not self._unsynced or self._conn is None:
+            return
+        self._unsynced = False  # set again by any commit after this point
+        wal = self._path.with_name(self._path.name + "-wal")
+        try:
+            fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                self.checkpoint(only_if_grown=True)
-            except AuditUnavailable:
-                log.warning("audit_timed_checkpoint_failed", path=str(self._path))
+                os.fsync(fd)  # covers every commit already in the file
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self._unsynced = True
+            log.warning("audit_flush_failed", path=str(self._path), error=type(exc).__name__)
 
     def receipt_for(self, record: AuditRecord) -> Receipt:
         """
         The receipt of ``record`` with its inclusion proof under a checkpoint of the
         tree at its own seq, signed now. ``callward.core.ReceiptIssuer``.
 
-        The proof is checked against the stored tree before it is returned, so a
-        damaged tree table fails here rather than in a reviewer's hands.
+        For one of the newest records this store wrote, the proof is the one it kept
+        when it appended the record (the tree's frontier then, computed from the
+        record bytes); any other is read from the stored tree and checked against
+        the stored root before it is returned, so a damaged tree table fails here
+        rather than in a reviewer's hands.
 
         Raises:
             AuditUnavailable: The tree cannot be read or disagrees with the record.
         """
         size = record.seq
-        with self._lock:
-            conn = self._require_open()
-            with _store_errors("receipt", self._path):
-                path = inclusion_path(conn, record.seq, size)
-                root = root_at(conn, size)
         leaf = leaf_hash(record.record_bytes)
+        if self._conn is None:
+            self._require_open()  # raises
+        cached = self._proofs.get(size)
+        stored_root = None
+        if cached is not None and cached[0] == record.record_hash and cached[1] == leaf:
+            path = cached[2]
+        else:
+            with self._lock:
+                conn = self._require_open()
+                with _store_errors("receipt", self._path):
+                    path = inclusion_path(conn, record.seq, size)
+                    stored_root = root_at(conn, size)
         try:
-            derived = root_from_inclusion_proof(record.seq - 1, size, leaf, path)
+            root = root_from_inclusion_proof(record.seq - 1, size, leaf, path)
         except VerificationFailed as exc:
             raise AuditUnavailable(f"the Merkle tree in {self._path} is damaged") from exc
-        if derived != root:
+        if stored_root is not None and root != stored_root:
             raise AuditUnavailable(
                 f"the Merkle tree in {self._path} does not hold record {record.seq}"
             )
@@ -736,13 +871,33 @@ class SQLiteAuditStore:
                 # A row that is not a record (the file was edited) fails as a read.
                 return [row_to_record(row) for row in conn.execute(sql, params)]
 
-    def _require_open(self) -> sqlite3.Connection:
-        if self._conn is None:
+    def _require_open(self, *, appending: bool = False) -> sqlite3.Connection:
+        """
+        The open connection, its busy timeout set for what comes (call under ``_lock``):
+        0 for appends, which poll for the write lock themselves (``_begin_immediate``),
+        ``busy_timeout_seconds`` for everything else. Set only when it changes, so
+        appends one after another run no PRAGMA.
+        """
+        conn = self._conn
+        if conn is None:
             raise AuditUnavailable(
                 f"the audit store {self._path} is not open",
                 remediation="open the store (SQLiteAuditStore.open or `with`) before use",
             )
-        return self._conn
+        if appending != self._busy_zero:
+            wait_ms = 0 if appending else round(self._busy_timeout_seconds * 1000)
+            with _store_errors("open", self._path):
+                conn.execute(f"PRAGMA busy_timeout = {wait_ms}")
+            self._busy_zero = appending
+        return conn
+
+
+def _frontier_root(frontier: tuple[bytes, ...]) -> bytes:
+    """The root of the tree whose (non-empty) frontier is given, largest subtree first."""
+    root = frontier[-1]
+    for h in reversed(frontier[:-1]):
+        root = node_hash(h, root)
+    return root
 
 
 def _log_held_ts(ts: str, head_ts: str) -> None:
@@ -940,35 +1095,45 @@ def error_name(exc: sqlite3.Error) -> str:
     return getattr(exc, "sqlite_errorname", None) or type(exc).__name__
 
 
-def _begin_immediate(conn: sqlite3.Connection, wait_seconds: float) -> None:
+def _begin_immediate(conn: sqlite3.Connection, wait_seconds: float, *, polling: bool) -> None:
     """
     ``BEGIN IMMEDIATE``, retried every ``_POLL_SECONDS`` for up to ``wait_seconds``.
 
     SQLite's own busy handler backs off to 100 ms sleeps, so a process appending in a
     loop can keep the write lock from a waiting one until its timeout; polling at a
-    fixed short interval gives each writer its turn.
+    fixed short interval gives each writer its turn. With ``polling`` the connection's
+    busy timeout is already 0 and stays so; otherwise it is 0 only meanwhile.
     """
     deadline = time.monotonic() + wait_seconds
+    if polling:
+        _poll_begin(conn, deadline)
+        return
     conn.execute("PRAGMA busy_timeout = 0")
     try:
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
-                if not busy or time.monotonic() >= deadline:
-                    raise
-                time.sleep(_POLL_SECONDS)
-            else:
-                return
+        _poll_begin(conn, deadline)
     finally:
         conn.execute(f"PRAGMA busy_timeout = {round(wait_seconds * 1000)}")
 
 
+def _poll_begin(conn: sqlite3.Connection, deadline: float) -> None:
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+            if not busy or time.monotonic() >= deadline:
+                raise
+            time.sleep(_POLL_SECONDS)
+        else:
+            return
+
+
 @contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection, wait_seconds: float) -> Iterator[None]:
+def _transaction(
+    conn: sqlite3.Connection, wait_seconds: float, *, polling: bool = False
+) -> Iterator[None]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT``; on any exception, roll back and re-raise."""
-    _begin_immediate(conn, wait_seconds)
+    _begin_immediate(conn, wait_seconds, polling=polling)
     try:
         yield
         conn.execute("COMMIT")

@@ -86,6 +86,52 @@ def add_leaf(conn: sqlite3.Connection, index: int, data: bytes) -> None:
         conn.execute(_PUT_NODE, (level, index, h))
 
 
+def frontier_at(conn: sqlite3.Connection, size: int) -> tuple[bytes, ...]:
+    """
+    The roots of the perfect subtrees that make up the tree of ``size`` leaves, largest
+    (leftmost) first: all a writer needs to append and to prove its newest leaf.
+
+    Raises:
+        MissingNode: One of those subtrees has no row (the table was damaged).
+    """
+    hashes: list[bytes] = []
+    start = 0
+    for level in range(size.bit_length() - 1, -1, -1):
+        if size >> level & 1:
+            hashes.append(_node(conn, level, start >> level))
+            start += 1 << level
+    return tuple(hashes)
+
+
+def extend_frontier(
+    frontier: tuple[bytes, ...], size: int, data: bytes
+) -> tuple[tuple[bytes, ...], list[tuple[int, int, bytes]]]:
+    """
+    Add leaf ``size`` (the record bytes ``data``) to the tree whose frontier is given.
+
+    Returns the new frontier and the ``merkle_nodes`` rows the leaf completes (the
+    leaf itself and every perfect subtree it closes), as ``add_leaf`` writes them.
+    The inclusion proof of the new leaf in the tree of ``size + 1`` leaves is the
+    old frontier, smallest subtree first.
+    """
+    h = leaf_hash(data)
+    rows = [(0, size, h)]
+    hashes = list(frontier)
+    index, level = size, 0
+    while index & 1:
+        h = node_hash(hashes.pop(), h)
+        level += 1
+        index >>= 1
+        rows.append((level, index, h))
+    hashes.append(h)
+    return tuple(hashes), rows
+
+
+def put_nodes(conn: sqlite3.Connection, rows: list[tuple[int, int, bytes]]) -> None:
+    """Write the rows ``extend_frontier`` returned."""
+    conn.executemany(_PUT_NODE, rows)
+
+
 def _node(conn: sqlite3.Connection, level: int, index: int) -> bytes:
     row = conn.execute(_GET_NODE, (level, index)).fetchone()
     if row is None or not isinstance(row[0], bytes):
@@ -137,9 +183,12 @@ __all__ = [
     "MissingNode",
     "add_leaf",
     "consistency_path",
+    "extend_frontier",
+    "frontier_at",
     "get_meta",
     "inclusion_path",
     "leaf_count",
+    "put_nodes",
     "root_at",
     "set_meta",
     "subtree_reader",

@@ -19,7 +19,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Final, Literal, Protocol
 
 import structlog
 
@@ -145,6 +145,8 @@ class StoreSettings:
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS
     witnesses: tuple[Witness, ...] = ()
+    #: When appends are fsynced (``SQLiteAuditStore``'s ``sync``).
+    sync: Literal["authorized", "every"] = "authorized"
 
 
 def store_settings(section: Mapping[str, object], *, base: Path) -> StoreSettings:
@@ -155,6 +157,7 @@ def store_settings(section: Mapping[str, object], *, base: Path) -> StoreSetting
         audit:
           checkpoint_every: 1000
           checkpoint_seconds: 60
+          sync: authorized    # or every: fsync completions too before they return
           witnesses:
             - directory: /mnt/other-disk/callward-witness
             - command: [/usr/local/bin/push-checkpoint, --log, prod]
@@ -181,7 +184,11 @@ def store_settings(section: Mapping[str, object], *, base: Path) -> StoreSetting
         raise ConfigurationError(
             "audit.checkpoint_every is an integer, checkpoint_seconds a number"
         )
-    return StoreSettings(every, float(seconds), tuple(witnesses))
+    sync = section.get("sync", "authorized")
+    if sync not in ("authorized", "every"):
+        raise ConfigurationError('audit.sync is "authorized" or "every"')
+    return StoreSettings(every, float(seconds), tuple(witnesses),
+                         "every" if sync == "every" else "authorized")
 
 
 def publish_to_all(witnesses: Sequence[Witness], origin: str, note: str) -> None:

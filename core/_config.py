@@ -82,6 +82,7 @@ CONFIG_SCHEMA: Final = {
             "properties": {
                 "checkpoint_every": {"type": "integer", "minimum": 1},
                 "checkpoint_seconds": {"type": "number", "minimum": 0},
+                "sync": {"enum": ["authorized", "every"]},
                 "witnesses": {"type": "array", "items": {"oneOf": [
                     {"type": "object", "additionalProperties": False, "required": ["directory"],
                      "properties": {"directory": {"type": "string", "minLength": 1}}},
@@ -262,7 +263,7 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
     settings = store_settings(config.audit or {}, base=config.source.parent)
     audit = SQLiteAuditStore(state.audit_db, signer, checkpoint_every=settings.checkpoint_every,
                              checkpoint_seconds=settings.checkpoint_seconds,
-                             witnesses=settings.witnesses)
+                             witnesses=settings.witnesses, sync=settings.sync)
     audit.open()
     # Calls a crashed gateway authorized but never completed are closed out now.
     audit.recover_interrupted()

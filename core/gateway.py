@@ -113,6 +113,8 @@ class Gateway:
         self._shadowing = policy if isinstance(policy, ShadowingPolicy) else None
         self.runner = runner
         self.audit = audit
+        self._issuer_of: AuditLog | None = None
+        self._issuer: ReceiptIssuer | None = None
         self._clock = clock
         self._new_id = new_id
         self._closers = closers
@@ -480,8 +482,12 @@ class Gateway:
 
     def _receipt(self, record: AuditRecord) -> Receipt:
         """The record's receipt, with an inclusion proof when the log can give one."""
-        if isinstance(self.audit, ReceiptIssuer):
-            return self.audit.receipt_for(record)
+        audit = self.audit
+        if self._issuer_of is not audit:  # a Protocol isinstance is slow: once per log
+            self._issuer_of = audit
+            self._issuer = audit if isinstance(audit, ReceiptIssuer) else None
+        if self._issuer is not None:
+            return self._issuer.receipt_for(record)
         return record.receipt
 
     def _image_digest(self) -> str | None:

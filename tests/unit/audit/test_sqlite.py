@@ -173,8 +173,8 @@ class TestAppend:
         assert 1 == audit.append("call.denied", {"call_id": "c1"}).seq
 
     def test_file_is_wal_with_full_sync_and_marked_as_callward(self, store, sql):
-        """The file is in WAL mode, appends sync fully, and the header names callward."""
-        store.append("call.completed", {})
+        """The file is in WAL mode, authorizing appends sync fully, the header names callward."""
+        store.append("call.authorized", {})
 
         assert [("wal",)] == sql("PRAGMA journal_mode")
         assert [(APPLICATION_ID,)] == sql("PRAGMA application_id")
@@ -456,13 +456,39 @@ class TestMerkleTree:
             verified.seq, verified.tree_size, verified.record_hash
         )
 
-    def test_damaged_tree_fails_the_receipt(self, store, fill, sql):
-        """A receipt is never issued from a tree that does not hold the record."""
+    def test_damaged_tree_fails_the_receipt(self, db, signer, store, fill, sql):
+        """
+        A receipt read from the stored tree is never issued when that tree does not
+        hold the record (a store that did not write the record reads the table).
+        """
         fill(8)
         sql("UPDATE merkle_nodes SET hash = zeroblob(32) WHERE level = 1 AND idx = 2")
 
-        with pytest.raises(AuditUnavailable, match="Merkle tree"):
-            store.receipt_for(store.get(8))
+        with SQLiteAuditStore(db, signer) as reader, pytest.raises(
+            AuditUnavailable, match="Merkle tree"
+        ):
+            reader.receipt_for(reader.get(8))
+
+    def test_writer_keeps_the_proofs_of_its_records(self, db, signer, store, fill, sql):
+        """
+        The store that wrote a record proves it from the frontier it appended it to,
+        without reading the table: the same proof as the table's, and it verifies.
+        """
+        fill(13)
+        records = list(store.records())
+        from_memory = [store.receipt_for(record) for record in records]
+        with SQLiteAuditStore(db, signer) as reader:
+            from_table = [reader.receipt_for(record) for record in records]
+        sql("DELETE FROM merkle_nodes")
+
+        again = store.receipt_for(records[-1])
+
+        assert [r.proof.inclusion_proof for r in from_table] == [
+            r.proof.inclusion_proof for r in from_memory
+        ]
+        assert from_table[-1].proof.inclusion_proof == again.proof.inclusion_proof
+        for receipt in from_memory:
+            verify_receipt(receipt.to_json(), [signer.public_key()])
 
     def test_version_1_file_is_upgraded_with_its_tree(self, db, signer, sql):
         """A log written before the tree existed gets its tree built when opened."""

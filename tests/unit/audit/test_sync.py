@@ -1,0 +1,160 @@
+"""
+When appends are fsynced: ``call.authorized`` before the call runs, the records after it
+(completed, denied, rejected) with the next fsynced commit, a flush, a checkpoint or close.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from callward.audit import FileSigner, SQLiteAuditStore
+from callward.audit._sqlite import DEFERRED_SYNC_KINDS
+from callward.core import (
+    Execution,
+    ResourceLimits,
+    Sha256Hex,
+    ToolCall,
+    ToolRegistry,
+    ToolSpec,
+    Usage,
+    canonical_bytes,
+)
+from callward.core._config import example_config_path
+from callward.core.gateway import Gateway
+from callward.policies import Policy
+
+FULL, NORMAL = 2, 1
+
+
+def _synchronous(store: SQLiteAuditStore) -> int:
+    (mode,) = store._conn.execute("PRAGMA synchronous").fetchone()  # type: ignore[union-attr]
+    return int(mode)
+
+
+@pytest.fixture(name="fsyncs")
+def _fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths os.fsync is called on (the real fsync still runs)."""
+    calls: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return calls
+
+
+class TestDeferredSync:
+    def test_only_completion_records_are_deferred(self):
+        """Nothing that lets work start is deferred: only what reports on work done."""
+        assert frozenset({"call.completed", "call.denied", "call.rejected"}) == DEFERRED_SYNC_KINDS
+
+    @pytest.mark.parametrize("kind", ["call.authorized", "key.rotated", "model.turn",
+                                      "policy.reloaded", "call.interrupted"])
+    def test_other_kinds_commit_with_fsync(self, store, kind):
+        """Every other kind commits with synchronous=FULL and leaves nothing unsynced."""
+        store.append("call.completed", {})
+
+        store.append(kind, {})
+
+        assert (FULL, False) == (_synchronous(store), store.unsynced)
+
+    def test_completion_commits_without_waiting_for_fsync(self, store, sql):
+        """A call.completed is committed (another connection reads it) and waits for fsync."""
+        store.append("call.authorized", {"call": {"id": "c1"}})
+
+        record = store.append("call.completed", {"call_id": "c1", "authorized_seq": 1})
+
+        assert (NORMAL, True) == (_synchronous(store), store.unsynced)
+        assert [(record.seq, "call.completed")] == sql("SELECT seq, kind FROM records WHERE seq=2")
+
+    def test_flush_fsyncs_the_wal(self, store, db, fsyncs):
+        """flush() fsyncs the WAL file, which holds every commit so far."""
+        store.append("call.completed", {})
+
+        store.flush()
+        store.flush()  # nothing new: no second fsync
+
+        assert [str(db.with_name(db.name + "-wal"))] == fsyncs
+        assert not store.unsynced
+
+    def test_close_leaves_nothing_unsynced(self, db, signer, fsyncs):
+        """close() ends with every record fsynced (its checkpoint commits with FULL)."""
+        store = SQLiteAuditStore(db, signer)
+        store.open()
+        store.append("call.denied", {})
+
+        store.close()
+
+        assert not store.unsynced
+
+    def test_sync_every_fsyncs_every_commit(self, db, signer):
+        """sync="every" keeps every append fsynced before it returns."""
+        with SQLiteAuditStore(db, signer, sync="every") as store:
+            store.append("call.completed", {})
+
+            assert (FULL, False) == (_synchronous(store), store.unsynced)
+
+    def test_unknown_sync_is_refused(self, db, signer):
+        with pytest.raises(ValueError, match="sync"):
+            SQLiteAuditStore(db, signer, sync="never")  # type: ignore[arg-type]
+
+    def test_a_due_checkpoint_is_on_disk_before_witnesses_see_it(self, db, signer, fsyncs):
+        """A checkpoint written by a deferred commit is fsynced before it is published."""
+        with SQLiteAuditStore(db, signer, checkpoint_every=2) as store:
+            store.append("call.completed", {})
+            fsyncs.clear()
+
+            store.append("call.completed", {})
+
+            assert [str(db.with_name(db.name + "-wal"))] == fsyncs
+            assert not store.unsynced
+
+
+class _DurabilityProbe:
+    """A runner that records, when asked to run, whether the log had anything unsynced."""
+
+    def __init__(self) -> None:
+        self.store: SQLiteAuditStore | None = None
+        self.seen: list[tuple[bool, int]] = []
+
+    @property
+    def image_digest(self) -> Sha256Hex:
+        return Sha256Hex("ab" * 32)
+
+    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
+        assert self.store is not None
+        self.seen.append((self.store.unsynced, _synchronous(self.store)))
+        return Execution("ok", canonical_bytes(9), "", Usage(1.0, 0, 1))
+
+
+class TestGatewayDurability:
+    def test_call_authorized_is_fsynced_before_the_call_runs(self, tmp_path: Path):
+        """
+        Each call's call.authorized commits with fsync (and so makes the previous
+        call's completion durable too) before the sandbox is asked to run.
+        """
+        examples = example_config_path().parent
+        registry = ToolRegistry()
+        registry.load(str(examples / "tools.py"))
+        probe = _DurabilityProbe()
+        with SQLiteAuditStore(tmp_path / "audit.db",
+                              FileSigner.load_or_create(tmp_path / "keys")) as store:
+            probe.store = store
+            gateway = Gateway(registry=registry, policy=Policy.from_file(examples / "policy.yaml"),
+                              runner=probe, audit=store)
+            for _ in range(3):
+                (result,) = gateway.handle_text('call function("square", [3], 9)',
+                                                principal="alice")
+                assert "ok" == result.kind
+                assert store.unsynced  # the completion waits for the next fsync
+            rows = sqlite3.connect(tmp_path / "audit.db").execute(
+                "SELECT kind FROM records ORDER BY seq").fetchall()
+
+        assert [(False, FULL)] * 3 == probe.seen
+        assert [("call.authorized",), ("call.completed",)] * 3 == rows
