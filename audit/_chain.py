@@ -89,7 +89,10 @@ def format_ts(now: datetime) -> str:
     """
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("an audit timestamp needs a timezone-aware datetime")
-    return now.astimezone(UTC).strftime(_TS_FORMAT)
+    utc = now.astimezone(UTC)
+    if utc.year >= 1000:  # isoformat's text, cheaper than strftime (which pads no year)
+        return utc.isoformat(timespec="microseconds")[:-6] + "Z"
+    return utc.strftime(_TS_FORMAT)
 
 
 def canonical_body(body: Mapping[str, JSONValue]) -> bytes:

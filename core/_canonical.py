@@ -162,10 +162,18 @@ def canonical_loads(data: bytes) -> Any:
 
     ``canonical_loads(canonical_bytes(v)) == v`` for any I-JSON value ``v``.
     """
-    # json.loads(data, parse_int=...) without building a decoder per call.
-    text = (data if isinstance(data, str)
-            else data.decode(json.detect_encoding(data), "surrogatepass"))
+    # json.loads(data, parse_int=...) without building a decoder per call. Bytes
+    # that start with neither a BOM nor a NUL are UTF-8 to json.detect_encoding.
+    if isinstance(data, str):
+        text = data
+    elif data[:1] not in _NOT_PLAIN_UTF8 and data[1:2] != b"\x00":
+        text = data.decode("utf-8", "surrogatepass")
+    else:
+        text = data.decode(json.detect_encoding(data), "surrogatepass")
     return _CANONICAL_DECODER.decode(text)
+
+
+_NOT_PLAIN_UTF8: Final = (b"", b"\x00", b"\xef", b"\xfe", b"\xff")
 
 
 _CANONICAL_DECODER: Final = json.JSONDecoder(parse_int=_parse_canonical_int)
