@@ -377,8 +377,14 @@ class DockerSandbox:
         session = self._session(key, limits)
         with session.lock:
             container_id = session.live.container_id
-            oom_before = _oom_kills(container_id) or 0
-            pids_before = _pids_refused(container_id)
+            # Between two calls only the idle runner is in the container, so the
+            # counters read after one call are the next call's "before".
+            oom_before = session.oom_kills
+            if oom_before is None:
+                oom_before = _oom_kills(container_id) or 0
+            pids_before = session.pids_refused
+            if pids_before is None:
+                pids_before = _pids_refused(container_id)
             session.demux.start_over()
             started = self._clock()
             exchange = _exchange(
@@ -394,7 +400,9 @@ class DockerSandbox:
             # The runner stops the call at wall_seconds; the host, not the runner, says timeout.
             over_time = wall_seconds >= limits.wall_seconds
             oom_after = _oom_kills(container_id)
-            pids_hit = _pids_refused(container_id) > pids_before
+            pids_after = _pids_refused(container_id)
+            pids_hit = pids_after > pids_before
+            session.oom_kills, session.pids_refused = oom_after, pids_after
             session.last_used = self._clock()
         host_limit_hit = exchange.deadline_hit or exchange.output_cap_hit
         exit_code = None
@@ -574,6 +582,9 @@ class _Session:
     demux: _Demultiplexer
     lock: threading.Lock
     last_used: float
+    #: The cgroup counters after the last call (None: not read yet, or unreadable).
+    oom_kills: int | None = None
+    pids_refused: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

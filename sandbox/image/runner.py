@@ -48,6 +48,7 @@ import shutil
 import signal
 import sys
 import time
+from types import CodeType
 from typing import Final
 
 MAX_MESSAGE_CHARS: Final = 500
@@ -118,7 +119,10 @@ def parse_request(data: bytes) -> tuple[str, str, dict[str, object]]:
         ValueError: The bytes are not JSON.
         TypeError: The JSON is not a request object.
     """
-    request = json.loads(data.decode("utf-8"))
+    return _request_fields(json.loads(data.decode("utf-8")))
+
+
+def _request_fields(request: object) -> tuple[str, str, dict[str, object]]:
     if not isinstance(request, dict):
         raise TypeError("the request is not a JSON object")
     source = request.get("source")
@@ -138,8 +142,17 @@ def run_tool(source: str, entrypoint: str, arguments: dict[str, object]) -> dict
     Returns the result object; never raises for anything the tool does.
     """
     try:
+        code = compile(source, "<tool>", "exec")
+    except BaseException as exc:  # noqa: BLE001 - the tool boundary: every exception becomes a kind
+        return failure_from(exc)
+    return run_code(code, entrypoint, arguments)
+
+
+def run_code(code: CodeType, entrypoint: str, arguments: dict[str, object]) -> dict[str, object]:
+    """``run_tool`` with the source already compiled: the module runs in a fresh namespace."""
+    try:
         namespace: dict[str, object] = {"__name__": "callward_tool", "__builtins__": builtins}
-        exec(compile(source, "<tool>", "exec"), namespace)  # noqa: S102 - running the tool is the job
+        exec(code, namespace)  # noqa: S102 - running the tool is the job
         function = namespace.get(entrypoint)
         if not callable(function):
             return failure("tool_error", "NameError", "the entrypoint is not a function")
@@ -201,24 +214,46 @@ def main() -> None:
 def session_wall_seconds(data: bytes) -> float:
     """The soft limit a session request carries (5 s if it carries none that is valid)."""
     try:
-        value = json.loads(data.decode("utf-8")).get("wall_seconds")
-    except (ValueError, AttributeError):
+        request = json.loads(data.decode("utf-8"))
+    except ValueError:
         return 5.0
+    return _wall_seconds(request)
+
+
+def _wall_seconds(request: object) -> float:
+    value = request.get("wall_seconds") if isinstance(request, dict) else None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 3600:
         return float(value)
     return 5.0
 
 
-def _child(data: bytes, result_w: int) -> None:
+# A session runs the same few tools again and again: each source is compiled once, in
+# the session's own process, and every call's fresh child runs the code object.
+_COMPILED: dict[str, CodeType] = {}
+_MAX_COMPILED: Final = 64
+
+
+def _compiled(source: str) -> CodeType:
+    """
+    The code of ``source``, compiled on its first call in this session.
+
+    Raises:
+        BaseException: Whatever ``compile`` raises (a ``SyntaxError``, a ``MemoryError``).
+    """
+    code = _COMPILED.get(source)
+    if code is None:
+        code = compile(source, "<tool>", "exec")
+        if len(_COMPILED) >= _MAX_COMPILED:
+            _COMPILED.clear()
+        _COMPILED[source] = code
+    return code
+
+
+def _child(code: CodeType, entrypoint: str, arguments: dict[str, object], result_w: int) -> None:
     """In the forked process: run one request, write its result to the pipe, exit."""
     os.setsid()
     child_pid = os.getpid()
-    try:
-        source, entrypoint, arguments = parse_request(data)
-    except (ValueError, TypeError) as exc:
-        result = failure("tool_error", "BadRequest", str(exc))
-    else:
-        result = run_tool(source, entrypoint, arguments)
+    result = run_code(code, entrypoint, arguments)
     if os.getpid() != child_pid:
         os._exit(0)  # a process the tool forked: only the call's own process reports
     with contextlib.suppress(OSError):
@@ -240,13 +275,34 @@ def _read_result(result_r: int, pid: int, deadline: float) -> tuple[bytes, int |
         if not chunk or len(data) > _MAX_RESULT_BYTES:
             break
         data += chunk
-    while True:  # the pipe closed: the child is exiting; give it until the deadline
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return bytes(data), status
-        if time.monotonic() >= deadline:
-            return bytes(data), None
-        time.sleep(0.001)
+    # The pipe closed: the child is exiting; give it until the deadline.
+    return bytes(data), _exit_status(pid, deadline)
+
+
+def _exit_status(pid: int, deadline: float) -> int | None:
+    """The child's wait status once it exits, or None if it is still there at the deadline."""
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        return status
+    try:
+        pidfd: int | None = os.pidfd_open(pid)  # readable once the child has exited
+    except (AttributeError, OSError):
+        pidfd = None  # an older kernel (or sandbox kernel): poll
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            if pidfd is not None:
+                select.select([pidfd], [], [], remaining)
+            else:
+                time.sleep(min(0.001, remaining))
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return status
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def _kill_all_but_me(child_pid: int) -> None:
@@ -286,13 +342,28 @@ def wipe(directory: str) -> None:
 
 
 def run_session_call(data: bytes, tmp: str = _TMP) -> dict[str, object]:
-    """Run one session request in a forked process; afterwards nothing of it is left."""
-    wall_seconds = session_wall_seconds(data)
+    """
+    Run one session request in a forked process; afterwards nothing of it is left.
+
+    The request is read and its source compiled here, once, so the child only runs
+    the tool: a request that is not one, or source that does not compile, is answered
+    without a child, as the child would have answered it.
+    """
+    try:
+        request = json.loads(data.decode("utf-8"))
+        source, entrypoint, arguments = _request_fields(request)
+    except (ValueError, TypeError) as exc:
+        return failure("tool_error", "BadRequest", str(exc))
+    wall_seconds = _wall_seconds(request)
+    try:
+        code = _compiled(source)
+    except BaseException as exc:  # noqa: BLE001 - the tool boundary: every exception becomes a kind
+        return failure_from(exc)
     result_r, result_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(result_r)
-        _child(data, result_w)
+        _child(code, entrypoint, arguments, result_w)
     os.close(result_w)
     try:
         raw, status = _read_result(result_r, pid, time.monotonic() + wall_seconds)

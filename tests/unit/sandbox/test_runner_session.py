@@ -1,0 +1,131 @@
+"""
+The runner's session mode (one forked process per call), run in this process on a
+temporary directory instead of the container's /tmp: it answers every request as the
+single-call runner does, compiling each tool's source once per session.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import textwrap
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import callward.sandbox
+
+RUNNER = Path(callward.sandbox.__file__).parent / "image" / "runner.py"
+
+
+@pytest.fixture(name="runner")
+def _runner() -> ModuleType:
+    """A fresh copy of the runner module (its compile cache empty)."""
+    spec = importlib.util.spec_from_file_location("callward_runner_under_test", RUNNER)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def request(
+    source: str, entrypoint: str = "tool", wall_seconds: float = 5, **arguments: object
+) -> bytes:
+    body = {"source": textwrap.dedent(source), "entrypoint": entrypoint,
+            "arguments": arguments, "wall_seconds": wall_seconds}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def single_call_result(runner: ModuleType, data: bytes) -> dict[str, object]:
+    """What the one-call runner (``main``) answers for the same request bytes."""
+    try:
+        source, entrypoint, arguments = runner.parse_request(data)
+    except (ValueError, TypeError) as exc:
+        return dict(runner.failure("tool_error", "BadRequest", str(exc)))
+    return dict(runner.run_tool(source, entrypoint, arguments))
+
+
+CASES = {
+    "value": request("def tool(x):\n    return x * x\n", x=7),
+    "exception": request("def tool():\n    raise ValueError('no such city')\n"),
+    "syntax error": request("def tool(:\n"),
+    "module raises": request("raise KeyError('at import')\ndef tool():\n    return 1\n"),
+    "no entrypoint": request("def other():\n    return 1\n"),
+    "not json": b"{not json",
+    "not an object": b"[1, 2]",
+    "no source": json.dumps({"entrypoint": "tool", "arguments": {}}).encode(),
+    "arguments not an object": json.dumps(
+        {"source": "def tool():\n    return 1\n", "entrypoint": "tool", "arguments": [1]}
+    ).encode(),
+    "not utf-8": b'{"source": "\xff"}',
+}
+
+
+class TestSessionCall:
+    @pytest.mark.parametrize("name", sorted(CASES))
+    def test_same_answer_as_the_single_call_runner(self, runner, tmp_path, name):
+        """Each request gets exactly the result the one-call runner gives it."""
+        data = CASES[name]
+
+        assert single_call_result(runner, data) == runner.run_session_call(data, str(tmp_path))
+
+    def test_source_is_compiled_once_and_module_state_is_fresh(self, runner, tmp_path):
+        """The code is compiled once per session; each call still runs the module anew."""
+        source = """
+            calls = []
+            def tool():
+                calls.append(1)
+                return len(calls)
+        """
+
+        results = [runner.run_session_call(request(source), str(tmp_path)) for _ in range(3)]
+
+        assert [{"ok": True, "value": 1}] * 3 == results
+        assert 1 == len(runner._COMPILED)
+
+    def test_files_do_not_survive_into_the_next_call(self, runner, tmp_path):
+        """What a call writes in the session's tmp directory is gone for the next call."""
+        source = f"""
+            import os
+            def tool():
+                before = sorted(os.listdir({str(tmp_path)!r}))
+                with open(os.path.join({str(tmp_path)!r}, "left"), "w") as f:
+                    f.write("x")
+                return before
+        """
+
+        results = [runner.run_session_call(request(source), str(tmp_path)) for _ in range(2)]
+
+        assert [{"ok": True, "value": []}] * 2 == results
+
+    def test_a_call_past_its_wall_seconds_is_stopped(self, runner, tmp_path):
+        """A tool that outlives wall_seconds is killed and reported as the runner's Timeout."""
+        data = request("import time\ndef tool():\n    time.sleep(60)\n", wall_seconds=0.2)
+
+        result = runner.run_session_call(data, str(tmp_path))
+
+        assert ("tool_error", "Timeout") == (result["kind"], result["error_type"])
+
+    def test_a_child_that_exits_without_a_result(self, runner, tmp_path):
+        """A tool that ends its own process leaves no result: NoResult, and the next call runs."""
+        exits = request("import os\ndef tool():\n    os._exit(3)\n")
+        fine = request("def tool():\n    return 'next'\n")
+
+        first = runner.run_session_call(exits, str(tmp_path))
+        second = runner.run_session_call(fine, str(tmp_path))
+
+        assert ("tool_error", "NoResult") == (first["kind"], first["error_type"])
+        assert {"ok": True, "value": "next"} == second
+
+    def test_a_child_that_closes_the_pipe_and_lingers(self, runner, tmp_path):
+        """A child that closes every descriptor and keeps running is stopped at the deadline."""
+        data = request(
+            "import os, time\ndef tool():\n    os.closerange(0, 1024)\n    time.sleep(60)\n",
+            wall_seconds=0.3,
+        )
+
+        result = runner.run_session_call(data, str(tmp_path))
+
+        assert ("tool_error", "Timeout") == (result["kind"], result["error_type"])
