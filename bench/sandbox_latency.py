@@ -155,12 +155,87 @@ class Ways:
         self.sandboxes[runtime].wait_warm(LIMITS[runtime], POOL_SIZE, timeout_seconds=120)
 
 
+def _process_ticks(names: tuple[bytes, ...]) -> int:
+    """utime + stime, in clock ticks, of every process whose command line names one of these."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")[0]
+            fields = (entry / "stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if any(command.endswith(name) for name in names):
+            total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def _container_cpu_seconds(container_ids: list[str]) -> float | None:
+    """CPU time of these containers from their cgroups (v1 cpuacct or v2), None if unreadable."""
+    total = 0.0
+    for container_id in container_ids:
+        v1 = Path(f"/sys/fs/cgroup/cpuacct/docker/{container_id}/cpuacct.usage")
+        v2 = Path(f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope/cpu.stat")
+        try:
+            total += int(v1.read_text(encoding="ascii")) / 1e9
+        except OSError:
+            try:
+                usage = v2.read_text(encoding="ascii").split()[1]
+            except (OSError, IndexError):
+                return None
+            total += int(usage) / 1e6
+    return total
+
+
+def session_cpu_split(ways: Ways, concurrency: int, count: int) -> list[object]:
+    """Session mode at ``concurrency``: calls/s and CPU ms per call, process by process."""
+    function = ways.session("runc")
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as executor:
+        list(executor.map(function, range(concurrency * 4)))  # every session started
+    sandbox = ways.sandboxes["runc"]
+    containers = [session.live.container_id for session in sandbox._sessions.values()]
+    engine = (b"dockerd", b"containerd", b"containerd-shim-runc-v2")
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+    mine, engine_before = time.process_time(), _process_ticks(engine)
+    inside = _container_cpu_seconds(containers)
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as executor:
+        list(executor.map(function, range(count)))
+    elapsed = time.perf_counter() - start
+    inside_after = _container_cpu_seconds(containers)
+    in_containers = (f"{(inside_after - inside) * 1000 / count:.2f}"
+                     if inside is not None and inside_after is not None else "n/a")
+    return [f"c={concurrency}", f"{count / elapsed:.1f}",
+            f"{(time.process_time() - mine) * 1000 / count:.2f}",
+            f"{(_process_ticks(engine) - engine_before) * tick_ms / count:.2f}", in_containers]
+
+
+def throughput(ways: Ways, runtime: str | None, function: Callable[[int], None],
+               count: int) -> list[str]:
+    """Calls/s and machine CPU ms per call at concurrency 1, 2, 4 and 8."""
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+    cells = []
+    for concurrency in (1, 2, 4, 8):
+        if runtime is not None:
+            ways.refill(runtime)
+        jiffies, start = busy_jiffies(), time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as executor:
+            list(executor.map(function, range(count)))
+        elapsed = time.perf_counter() - start
+        cpu_ms = (busy_jiffies() - jiffies) * tick_ms / count
+        cells.append(f"{count / elapsed:.1f}/s ({cpu_ms:.1f} ms CPU)")
+    return cells
+
+
 def main() -> None:
     configure_logging()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=40, help="latency samples per way")
     parser.add_argument("--throughput-calls", type=int, default=32,
                         help="calls per concurrency level (docker run: a quarter)")
+    parser.add_argument("--only", default="",
+                        help="run only the ways whose name contains this text, e.g. session")
     args = parser.parse_args()
 
     image = ensure_image()
@@ -174,6 +249,8 @@ def main() -> None:
         }
         pooled = {"callward call / runc (warm pool)": "runc",
                   "callward call / runsc (warm pool)": "runsc"}
+        plain = {name: way for name, way in plain.items() if args.only in name}
+        pooled = {name: runtime for name, runtime in pooled.items() if args.only in name}
         names = [*plain, *pooled]
         for runtime in pooled.values():
             ways.refill(runtime)
@@ -193,7 +270,8 @@ def main() -> None:
                 cpu[name] += busy_jiffies() - jiffies
 
         tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
-        base_p50 = summarize(samples["docker run --rm (hardened)"])[0]
+        docker_run = samples.get("docker run --rm (hardened)")
+        base_p50 = summarize(docker_run)[0] if docker_run else float("nan")
         rows = []
         for name in names:
             p50, p99, _ = summarize(samples[name])
@@ -210,23 +288,21 @@ def main() -> None:
             function = ways.callward(runtime) if runtime else plain[name]
             count = args.throughput_calls // (4 if "docker run" in name else 1)
             count *= 8 if "session" in name else 1
-            row: list[object] = [name]
-            for concurrency in (1, 2, 4, 8):
-                if runtime is not None:
-                    ways.refill(runtime)
-                jiffies, start = busy_jiffies(), time.perf_counter()
-                with concurrent.futures.ThreadPoolExecutor(concurrency) as executor:
-                    list(executor.map(function, range(count)))
-                elapsed = time.perf_counter() - start
-                cpu_ms = (busy_jiffies() - jiffies) * tick_ms / count
-                row.append(f"{count / elapsed:.1f}/s ({cpu_ms:.0f} ms CPU)")
-            throughput_rows.append(row)
+            throughput_rows.append([name, *throughput(ways, runtime, function, count)])
         print_table(
             f"Throughput, calls/s (CPU ms per call), {args.throughput_calls} calls per level "
             "(docker run: a quarter); callward starts each level with a full pool",
             ["way", "c=1", "c=2", "c=4", "c=8"],
             throughput_rows,
         )
+        if any("session" in name for name in names):
+            print_table(
+                f"Session mode, runc, {args.throughput_calls * 16} calls per level: CPU ms per "
+                "call by process (a busy machine moves calls/s far more than these)",
+                ["concurrency", "calls/s", "this process", "dockerd + containerd + shims",
+                 "session containers"],
+                [session_cpu_split(ways, c, args.throughput_calls * 16) for c in (1, 4)],
+            )
         print(json.dumps({"pool_size": POOL_SIZE, "cpus": os.cpu_count()}))
     finally:
         ways.close()
