@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 
-from callward.audit import FileSigner, SQLiteAuditStore
+from callward.audit import FileSigner, SQLiteAuditStore, verify_receipt
+from callward.audit._merkle import leaf_hash, root_from_leaf_hashes
 from callward.audit._sqlite import DEFERRED_SYNC_KINDS
+from callward.audit._tree import root_at
 from callward.core import (
     Execution,
     ResourceLimits,
@@ -158,3 +161,51 @@ class TestGatewayDurability:
 
         assert [(False, FULL)] * 3 == probe.seen
         assert [("call.authorized",), ("call.completed",)] * 3 == rows
+
+
+class TestKeptTree:
+    def test_two_writers_on_one_file_keep_one_tree(self, db, signer):
+        """A store that finds another writer's records reloads its frontier from the table."""
+
+        with SQLiteAuditStore(db, signer) as first, SQLiteAuditStore(db, signer) as second:
+            written = []
+            for i in range(23):
+                store = first if i % 3 else second
+                kind = "call.authorized" if i % 2 else "call.completed"
+                written.append((store, store.append(kind, {"i": i})))
+            receipts = [store.receipt_for(record) for store, record in written]
+            leaves = [leaf_hash(record.record_bytes) for record in first.records()]
+            conn = sqlite3.connect(db)
+            try:
+                stored = root_at(conn, 23)
+            finally:
+                conn.close()
+
+        assert root_from_leaf_hashes(leaves) == stored
+        assert list(range(1, 24)) == [record.seq for _, record in written]
+        for receipt in receipts:
+            verify_receipt(receipt.to_json(), [signer.public_key()])
+
+    def test_threads_appending_at_once_get_proofs_that_verify(self, db, signer):
+        """Group commits of mixed kinds: every record's kept proof verifies."""
+        with SQLiteAuditStore(db, signer) as store:
+            records = []
+            lock = threading.Lock()
+
+            def work(worker: int) -> None:
+                for i in range(25):
+                    kind = "call.authorized" if (worker + i) % 2 else "call.completed"
+                    record = store.append(kind, {"w": worker, "i": i})
+                    with lock:
+                        records.append(record)
+
+            threads = [threading.Thread(target=work, args=(w,)) for w in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            receipts = [store.receipt_for(record) for record in records]
+
+        assert list(range(1, 151)) == sorted(record.seq for record in records)
+        for receipt in receipts:
+            verify_receipt(receipt.to_json(), [signer.public_key()])
