@@ -115,6 +115,9 @@ def _fit_dict(mapping: dict[object, object], depth: int) -> dict[object, object]
     for key, item in mapping.items():
         if type(key) is not str or not (key.isascii() or max(key) <= "\uffff"):
             raise _NotFast
+        kind = type(item)
+        if kind is str or item is None or kind is bool:
+            continue  # most leaves: no call for them
         new = _fit(item, depth + 1)
         if new is not item:
             if fitted is None:
@@ -128,6 +131,9 @@ def _fit_items(
 ) -> list[object] | tuple[object, ...]:
     fitted: list[object] | None = None
     for index, item in enumerate(items):
+        kind = type(item)
+        if kind is str or item is None or kind is bool:
+            continue
         new = _fit(item, depth + 1)
         if new is not item:
             if fitted is None:
