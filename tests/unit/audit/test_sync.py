@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from callward.audit import FileSigner, SQLiteAuditStore, verify_receipt
+from callward.audit import FileSigner, SQLiteAuditStore, store_settings, verify_receipt
 from callward.audit._merkle import leaf_hash, root_from_leaf_hashes
 from callward.audit._sqlite import DEFERRED_SYNC_KINDS
 from callward.audit._tree import root_at
 from callward.core import (
+    ConfigurationError,
     Execution,
     ResourceLimits,
     Sha256Hex,
@@ -26,7 +27,7 @@ from callward.core import (
     Usage,
     canonical_bytes,
 )
-from callward.core._config import example_config_path
+from callward.core._config import example_config_path, load_config
 from callward.core.gateway import Gateway
 from callward.policies import Policy
 
@@ -209,3 +210,24 @@ class TestKeptTree:
         assert list(range(1, 151)) == sorted(record.seq for record in records)
         for receipt in receipts:
             verify_receipt(receipt.to_json(), [signer.public_key()])
+
+
+class TestSyncSetting:
+    @pytest.mark.parametrize(("text", "expected"), [("", "authorized"),
+                                                    ("  sync: every\n", "every"),
+                                                    ("  sync: authorized\n", "authorized")])
+    def test_audit_sync_in_callward_yaml(self, tmp_path, text, expected):
+        """audit.sync picks when completions are fsynced; authorized when not given."""
+        config = tmp_path / "callward.yaml"
+        config.write_text(f"tools: [t.py]\npolicy: p.yaml\naudit:\n  checkpoint_every: 9\n{text}")
+
+        settings = store_settings(load_config(config).audit or {}, base=tmp_path)
+
+        assert expected == settings.sync
+
+    def test_unknown_audit_sync_is_refused_at_load(self, tmp_path):
+        config = tmp_path / "callward.yaml"
+        config.write_text("tools: [t.py]\npolicy: p.yaml\naudit:\n  sync: never\n")
+
+        with pytest.raises(ConfigurationError, match="audit"):
+            load_config(config)
