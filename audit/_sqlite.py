@@ -1,11 +1,19 @@
 """
-The audit log in one SQLite file: signed, hash-chained, durable before ``append`` returns.
+The audit log in one SQLite file: signed, hash-chained, committed before ``append`` returns.
 
 Invariants:
 
-- ``append`` returns only after its record is committed with ``synchronous=FULL`` in
-  WAL mode, i.e. fsynced. If it raises, the caller must assume nothing was written
-  and must not proceed; the next append chains from whatever the file really holds.
+- ``append`` returns only after its record is committed in WAL mode. The commit is
+  fsynced (``synchronous=FULL``) before ``append`` returns unless the store's ``sync``
+  is ``"authorized"`` (the default) and the transaction holds only
+  ``DEFERRED_SYNC_KINDS`` records (``call.completed``, ``call.denied``,
+  ``call.rejected``): those are in the file at once (a killed process loses none),
+  and reach the disk with the next fsynced commit (every ``call.authorized``), the
+  flush at most ``_FLUSH_SECONDS`` later, a checkpoint, or ``close``; only a crash
+  of the machine in that window can lose them. So ``call.authorized`` is always on
+  disk before the call it authorizes runs. If ``append`` raises, the caller must
+  assume nothing was written and must not proceed; the next append chains from
+  whatever the file really holds.
 - Each append reads the head (last seq and hash) inside its own ``BEGIN IMMEDIATE``
   transaction, so appends from threads (one lock) and from processes sharing the
   file (SQLite's write lock, waited on up to ``busy_timeout_seconds``) chain one
@@ -19,6 +27,9 @@ Invariants:
   no append returns before the transaction holding its record has committed.
 - The Merkle tree (``_tree``) and the set of authorized-but-unfinished calls are
   written in the same transaction as the records, so they never disagree with them.
+  The store keeps the tree's frontier in memory while the file's head is the one it
+  wrote last (else it reads it again), and the inclusion proofs of its newest
+  records, so an append and a receipt read no tree rows.
 - A signed checkpoint is written every ``checkpoint_every`` records, every
   ``checkpoint_seconds`` while records arrive, and on ``close``; each is offered to
   the witnesses after it commits.
@@ -360,11 +371,12 @@ class SQLiteAuditStore:
 
     def append(self, kind: str, body: Mapping[str, JSONValue]) -> AuditRecord:
         """
-        Sign ``body`` as the next record and make it durable before returning.
+        Sign ``body`` as the next record and commit it before returning (fsynced
+        before returning unless ``sync`` defers it for this kind; see the module).
 
         Raises:
             ValueError: ``kind`` is not a dotted lower-case name like ``call.completed``.
-            AuditUnavailable: The record is not durable; the caller must not proceed.
+            AuditUnavailable: The record is not committed; the caller must not proceed.
         """
         return self.append_at(kind, body, now=self._clock())
 

@@ -135,10 +135,13 @@ class AuditLog(Protocol):
 
     def append(self, kind: str, body: Mapping[str, JSONValue]) -> AuditRecord:
         """
-        Sign ``body`` as the next record and make it durable before returning.
+        Sign ``body`` as the next record and commit it before returning. A
+        ``call.authorized`` is durable (on disk) before this returns; a store may let
+        records that report on finished work (``call.completed``, ``call.denied``,
+        ``call.rejected``) reach the disk with its next durable commit.
 
         Raises:
-            AuditUnavailable: The record is not durable; the caller must not proceed.
+            AuditUnavailable: The record is not committed; the caller must not proceed.
         """
         ...
 
