@@ -4,13 +4,15 @@ The audit log in one SQLite file: signed, hash-chained, committed before ``appen
 Invariants:
 
 - ``append`` returns only after its record is committed in WAL mode. The commit is
-  fsynced (``synchronous=FULL``) before ``append`` returns unless the store's ``sync``
-  is ``"authorized"`` (the default) and the transaction holds only
+  fsynced (``synchronous=FULL``) before ``append`` returns (``sync="every"``, the
+  default) unless the store's ``sync`` is ``"authorized"`` and the transaction holds only
   ``DEFERRED_SYNC_KINDS`` records (``call.completed``, ``call.denied``,
   ``call.rejected``): those are in the file at once (a killed process loses none),
   and reach the disk with the next fsynced commit (every ``call.authorized``), the
   flush at most ``_FLUSH_SECONDS`` later, a checkpoint, or ``close``; only a crash
-  of the machine in that window can lose them. So ``call.authorized`` is always on
+  of the machine in that window can lose them (and a receipt already handed out may
+  then name a checkpoint the log no longer matches, which looks like a fork: hence
+  not the default). So ``call.authorized`` is always on
   disk before the call it authorizes runs. If ``append`` raises, the caller must
   assume nothing was written and must not proceed; the next append chains from
   whatever the file really holds.
@@ -194,11 +196,12 @@ class SQLiteAuditStore:
         checkpoint_seconds: Also write one when this long has passed since the last
             and records arrived (checked by a background thread; 0 turns it off).
         witnesses: Where each new checkpoint is copied.
-        sync: ``"authorized"`` (the default): a transaction is fsynced before its
-            appends return unless it holds only ``DEFERRED_SYNC_KINDS`` records, which
-            are fsynced with the next one or within ``_FLUSH_SECONDS``; every
-            ``call.authorized`` is on disk before the call runs. ``"every"``: every
-            transaction is fsynced before its appends return.
+        sync: ``"every"`` (the default): every transaction is fsynced before its
+            appends return, so a receipt never names a record a machine crash could
+            lose. ``"authorized"``: a transaction is fsynced before its appends return
+            unless it holds only ``DEFERRED_SYNC_KINDS`` records, which are fsynced
+            with the next one or within ``_FLUSH_SECONDS`` (one fsync per call instead
+            of two); every ``call.authorized`` is still on disk before the call runs.
 
     Example::
 
@@ -216,7 +219,7 @@ class SQLiteAuditStore:
         checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
         checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
         witnesses: Sequence[Witness] = (),
-        sync: Sync = "authorized",
+        sync: Sync = "every",
     ) -> None:
         if sync not in ("authorized", "every"):
             raise ValueError('sync is "authorized" or "every"')

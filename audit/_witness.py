@@ -146,7 +146,7 @@ class StoreSettings:
     checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS
     witnesses: tuple[Witness, ...] = ()
     #: When appends are fsynced (``SQLiteAuditStore``'s ``sync``).
-    sync: Literal["authorized", "every"] = "authorized"
+    sync: Literal["authorized", "every"] = "every"
 
 
 def store_settings(section: Mapping[str, object], *, base: Path) -> StoreSettings:
@@ -157,7 +157,7 @@ def store_settings(section: Mapping[str, object], *, base: Path) -> StoreSetting
         audit:
           checkpoint_every: 1000
           checkpoint_seconds: 60
-          sync: authorized    # or every: fsync completions too before they return
+          sync: every         # or authorized: completions fsynced with the next call
           witnesses:
             - directory: /mnt/other-disk/callward-witness
             - command: [/usr/local/bin/push-checkpoint, --log, prod]
@@ -184,7 +184,7 @@ def store_settings(section: Mapping[str, object], *, base: Path) -> StoreSetting
         raise ConfigurationError(
             "audit.checkpoint_every is an integer, checkpoint_seconds a number"
         )
-    sync = section.get("sync", "authorized")
+    sync = section.get("sync", "every")
     if sync not in ("authorized", "every"):
         raise ConfigurationError('audit.sync is "authorized" or "every"')
     return StoreSettings(every, float(seconds), tuple(witnesses),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,22 @@ def _fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
+@pytest.fixture(name="deferred")
+def _deferred(db: Path, signer: FileSigner, clock: object) -> Iterator[SQLiteAuditStore]:
+    """An open store with sync="authorized" (completions fsynced with the next call)."""
+    with SQLiteAuditStore(db, signer, clock=clock, sync="authorized") as store:
+        yield store
+
+
+def test_every_record_is_fsynced_by_default(store):
+    """Without a sync setting, a completion is fsynced before append returns, too."""
+    store.append("call.authorized", {"call": {"id": "c1"}})
+
+    store.append("call.completed", {"call_id": "c1", "authorized_seq": 1})
+
+    assert (FULL, False) == (_synchronous(store), store.unsynced)
+
+
 class TestDeferredSync:
     def test_only_completion_records_are_deferred(self):
         """Nothing that lets work start is deferred: only what reports on work done."""
@@ -60,38 +77,39 @@ class TestDeferredSync:
 
     @pytest.mark.parametrize("kind", ["call.authorized", "key.rotated", "model.turn",
                                       "policy.reloaded", "call.interrupted"])
-    def test_other_kinds_commit_with_fsync(self, store, kind):
+    def test_other_kinds_commit_with_fsync(self, deferred, kind):
         """Every other kind commits with synchronous=FULL and leaves nothing unsynced."""
-        store.append("call.completed", {})
+        deferred.append("call.completed", {})
 
-        store.append(kind, {})
+        deferred.append(kind, {})
 
-        assert (FULL, False) == (_synchronous(store), store.unsynced)
+        assert (FULL, False) == (_synchronous(deferred), deferred.unsynced)
 
-    def test_completion_commits_without_waiting_for_fsync(self, store, sql):
+    def test_completion_commits_without_waiting_for_fsync(self, deferred, sql):
         """A call.completed is committed (another connection reads it) and waits for fsync."""
-        store.append("call.authorized", {"call": {"id": "c1"}})
+        deferred.append("call.authorized", {"call": {"id": "c1"}})
 
-        record = store.append("call.completed", {"call_id": "c1", "authorized_seq": 1})
+        record = deferred.append("call.completed", {"call_id": "c1", "authorized_seq": 1})
 
-        assert (NORMAL, True) == (_synchronous(store), store.unsynced)
+        assert (NORMAL, True) == (_synchronous(deferred), deferred.unsynced)
         assert [(record.seq, "call.completed")] == sql("SELECT seq, kind FROM records WHERE seq=2")
 
-    def test_flush_fsyncs_the_wal(self, store, db, fsyncs):
+    def test_flush_fsyncs_the_wal(self, deferred, db, fsyncs):
         """flush() fsyncs the WAL file, which holds every commit so far."""
-        store.append("call.completed", {})
+        deferred.append("call.completed", {})
 
-        store.flush()
-        store.flush()  # nothing new: no second fsync
+        deferred.flush()
+        deferred.flush()  # nothing new: no second fsync
 
         assert [str(db.with_name(db.name + "-wal"))] == fsyncs
-        assert not store.unsynced
+        assert not deferred.unsynced
 
     def test_close_leaves_nothing_unsynced(self, db, signer, fsyncs):
         """close() ends with every record fsynced (its checkpoint commits with FULL)."""
-        store = SQLiteAuditStore(db, signer)
+        store = SQLiteAuditStore(db, signer, sync="authorized")
         store.open()
         store.append("call.denied", {})
+        assert store.unsynced
 
         store.close()
 
@@ -109,8 +127,8 @@ class TestDeferredSync:
             SQLiteAuditStore(db, signer, sync="never")  # type: ignore[arg-type]
 
     def test_a_due_checkpoint_is_on_disk_before_witnesses_see_it(self, db, signer, fsyncs):
-        """A checkpoint written by a deferred commit is fsynced before it is published."""
-        with SQLiteAuditStore(db, signer, checkpoint_every=2) as store:
+        """A checkpoint written by a store commit is fsynced before it is published."""
+        with SQLiteAuditStore(db, signer, checkpoint_every=2, sync="authorized") as store:
             store.append("call.completed", {})
             fsyncs.clear()
 
@@ -147,8 +165,8 @@ class TestGatewayDurability:
         registry = ToolRegistry()
         registry.load(str(examples / "tools.py"))
         probe = _DurabilityProbe()
-        with SQLiteAuditStore(tmp_path / "audit.db",
-                              FileSigner.load_or_create(tmp_path / "keys")) as store:
+        with SQLiteAuditStore(tmp_path / "audit.db", FileSigner.load_or_create(tmp_path / "keys"),
+                              sync="authorized") as store:
             probe.store = store
             gateway = Gateway(registry=registry, policy=Policy.from_file(examples / "policy.yaml"),
                               runner=probe, audit=store)
@@ -213,11 +231,11 @@ class TestKeptTree:
 
 
 class TestSyncSetting:
-    @pytest.mark.parametrize(("text", "expected"), [("", "authorized"),
+    @pytest.mark.parametrize(("text", "expected"), [("", "every"),
                                                     ("  sync: every\n", "every"),
                                                     ("  sync: authorized\n", "authorized")])
     def test_audit_sync_in_callward_yaml(self, tmp_path, text, expected):
-        """audit.sync picks when completions are fsynced; authorized when not given."""
+        """audit.sync picks when completions are fsynced; every (the strict one) when not given."""
         config = tmp_path / "callward.yaml"
         config.write_text(f"tools: [t.py]\npolicy: p.yaml\naudit:\n  checkpoint_every: 9\n{text}")
 
