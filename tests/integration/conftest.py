@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import docker
 import pytest
 
 from callward.sandbox import ensure_image
+from callward.sandbox._docker import is_leftover
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,10 +39,16 @@ def _engine() -> Iterator[docker.DockerClient]:
 
 @pytest.fixture(name="leftover_containers")
 def _leftover_containers(engine: docker.DockerClient) -> Callable[[], list[str]]:
-    """Ids of containers labelled callward that still exist."""
+    """
+    Ids of containers labelled callward, created since the test began, whose owner
+    is gone (a CLI process that exited) or is this process: what the test left
+    behind. Containers of other live processes sharing the engine are not counted.
+    """
+    since = int(time.time()) - 1  # the engine's Created is in whole seconds
 
     def leftovers() -> list[str]:
-        return [c.id for c in engine.containers.list(all=True, filters={"label": "callward"})]
+        return [str(c["Id"]) for c in engine.api.containers(all=True, filters={"label": "callward"})
+                if int(c["Created"]) >= since and is_leftover(c.get("Labels") or {})]
 
     return leftovers
 
