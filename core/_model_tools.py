@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -191,6 +192,41 @@ def weights_sha256(directory: Path) -> Sha256Hex:
     return canonical_sha256(files)
 
 
+def _unreadable_in_container(directory: Path) -> list[str]:
+    """Paths under ``directory`` the sandbox's user ``nobody`` could not read."""
+    bad = []
+    for path in (directory, *sorted(directory.rglob("*"))):
+        mode = path.stat().st_mode
+        need = (stat.S_IROTH | stat.S_IXOTH) if path.is_dir() else stat.S_IROTH
+        if mode & need != need:
+            bad.append(str(path.relative_to(directory)) or ".")
+    return bad
+
+
+def require_readable_in_container(directory: Path, *, fix: bool = False) -> None:
+    """
+    Check that the worker, which runs as ``nobody``, can read every file of ``directory``.
+
+    The bind mount shows the directory itself, not its parents: a directory inside a
+    ``0700`` home stays private on the host while ``nobody`` reads it in the container.
+
+    Args:
+        fix: Grant others read (and directories search) permission; only for a copy
+            callward made itself under its home (the demo model's cache).
+
+    Raises:
+        ConfigurationError: Some file is not readable by others (and ``fix`` is false).
+    """
+    for relative in _unreadable_in_container(directory):
+        if not fix:
+            raise ConfigurationError(
+                f"model directory {directory}: {relative} is not readable by others, so the "
+                "sandbox's user cannot read it (chmod -R o+rX the directory)")
+        path = directory / relative
+        extra = (stat.S_IROTH | stat.S_IXOTH) if path.is_dir() else stat.S_IROTH
+        path.chmod(path.stat().st_mode | extra)
+
+
 def minilm_directory() -> Path:
     """
     The all-MiniLM-L6-v2 directory inside the installed wheel (not imported: its
@@ -288,9 +324,14 @@ def model_tool_set(
     wanted = set(settings.tools)
     if "embed_search" in wanted:
         directory = minilm_directory()
+        require_readable_in_container(directory)
         collection = settings.collection or example_collection_path()
         if not collection.is_file():
             raise ConfigurationError(f"the collection {collection} does not exist")
+        if not collection.stat().st_mode & stat.S_IROTH:
+            raise ConfigurationError(
+                f"the collection {collection} is not readable by others, so the sandbox's "
+                "user cannot read it (chmod o+r)")
         model = ModelRef(MINILM_NAME, importlib.metadata.version(MINILM_DISTRIBUTION),
                          weights_sha256(directory))
         worker = canonical_sha256({"weights": model.sha256, "server": server_sha256,
@@ -309,10 +350,12 @@ def model_tool_set(
             )
 
             directory = prepare_demo_model(model_cache)
+            require_readable_in_container(directory, fix=True)
             model = ModelRef(DEMO_MODEL_ID, "bf16", DEMO_MODEL_SHA256)
         else:
             directory = settings.generator_directory
             model = ModelRef(directory.name[:128] or "model", "local", weights_sha256(directory))
+            require_readable_in_container(directory)
         worker = canonical_sha256({"weights": model.sha256, "server": server_sha256})
         recipes[GENERATE_WORKER] = _WorkerRecipe(
             GENERATE_WORKER, "generate", directory, worker,

@@ -20,8 +20,14 @@ from typing import Literal
 
 import structlog
 
-from callward.core import Execution, ResourceLimits, SandboxUnavailable, Sha256Hex, ToolCall
-from callward.core import ToolSpec
+from callward.core import (
+    Execution,
+    ResourceLimits,
+    SandboxUnavailable,
+    Sha256Hex,
+    ToolCall,
+    ToolSpec,
+)
 from callward.core.protocols import PlacingToolRunner, ToolRunner
 from callward.sandbox._model_worker import ModelWorkers
 

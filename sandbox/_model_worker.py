@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, NoReturn
 
 import docker
 import structlog
@@ -462,23 +462,36 @@ class ModelWorkers:
                 output_cap=_LOAD_OUTPUT_BYTES, clock=self._clock, demux=worker.demux,
                 half_close=False,
             )
-            worker.load_ms = (self._clock() - started) * 1000
-            ready = _ready_line(exchange.stdout)
-            if ready is None:
-                raw = self._ended(worker, exchange.stdout, exchange.output_bytes,
-                                  self._clock() - started, deadline_hit=exchange.deadline_hit)
-                load_limits = dataclasses.replace(worker.limits, wall_seconds=spec.load_seconds,
-                                                  output_bytes=_LOAD_OUTPUT_BYTES)
-                execution = interpret(raw, load_limits)
-                log.warning("model_worker_load_failed", worker=spec.name, kind=execution.kind,
-                            container_id=worker.container_id[:12])
-                raise _LoadFailed(_load_failure(execution, spec))
         except BaseException:
             self._discard(worker)
             raise
+        worker.load_ms = (self._clock() - started) * 1000
+        if _ready_line(exchange.stdout) is None:
+            self._load_failed(worker, exchange.stdout, exchange.output_bytes,
+                              deadline_hit=exchange.deadline_hit)
         worker.last_used = self._clock()
         log.info("model_worker_loaded", worker=spec.name, digest=spec.digest,
                  container_id=worker.container_id[:12], load_ms=round(worker.load_ms, 1))
+
+    def _load_failed(
+        self, worker: _Worker, stdout: bytes, output_bytes: int, *, deadline_hit: bool
+    ) -> NoReturn:
+        """
+        Raises:
+            _LoadFailed: Always, with how the call that asked for the worker ends.
+        """
+        spec = worker.spec
+        try:
+            raw = self._ended(worker, stdout, output_bytes, worker.load_ms / 1000,
+                              deadline_hit=deadline_hit)
+        finally:
+            self._discard(worker)
+        load_limits = dataclasses.replace(worker.limits, wall_seconds=spec.load_seconds,
+                                          output_bytes=_LOAD_OUTPUT_BYTES)
+        execution = interpret(raw, load_limits)
+        log.warning("model_worker_load_failed", worker=spec.name, kind=execution.kind,
+                    container_id=worker.container_id[:12])
+        raise _LoadFailed(_load_failure(execution, spec))
 
     def _send(self, worker: _Worker, payload: bytes, limits: ResourceLimits) -> Execution:
         """One request on a worker whose lock the caller holds."""
@@ -569,7 +582,7 @@ class ModelWorkers:
             _remove(self._docker(), worker.container_id)
 
 
-class _LoadFailed(Exception):  # noqa: N818 - internal signal carrying the Execution
+class _LoadFailed(Exception):
     """A worker did not become ready; carries how the call that asked for it ends."""
 
     def __init__(self, execution: Execution) -> None:

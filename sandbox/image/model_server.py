@@ -202,9 +202,23 @@ class GenerateServer:
         top = max(logprobs.values())
         weights = {label: math.exp(value - top) for label, value in logprobs.items()}
         total = sum(weights.values())
-        label = max(SENTIMENT_LABELS, key=lambda name: (logprobs[name], -SENTIMENT_LABELS.index(name)))
+        # Ties go to the earlier label, so the answer never depends on dict order.
+        label = max(SENTIMENT_LABELS,
+                    key=lambda name: (logprobs[name], -SENTIMENT_LABELS.index(name)))
         return {"label": label,
                 "scores": {name: round(weights[name] / total, 4) for name in SENTIMENT_LABELS}}
+
+
+def _request(line: bytes) -> tuple[str, dict[str, Any]]:
+    """
+    Raises:
+        RequestError: The line is not ``{"op": str, "arguments": {...}}``.
+    """
+    request = json.loads(line)
+    if not isinstance(request, dict) or not isinstance(request.get("op"), str) \
+            or not isinstance(request.get("arguments"), dict):
+        raise RequestError("a request is an object with op and arguments")
+    return request["op"], request["arguments"]
 
 
 def _arguments() -> argparse.Namespace:
@@ -226,7 +240,7 @@ def main() -> None:
         import transformers  # noqa: PLC0415
 
         torch.set_num_threads(max(1, options.threads))
-        transformers.logging.set_verbosity_error()
+        transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
         server: EmbedServer | GenerateServer
         if options.task == "embed":
             server = EmbedServer(torch, transformers, options.weights, options.collection)
@@ -244,11 +258,8 @@ def main() -> None:
         if not line:
             break
         try:
-            request = json.loads(line)
-            if not isinstance(request, dict) or not isinstance(request.get("arguments"), dict):
-                raise RequestError("a request is an object with op and arguments")
-            value = server.handle(str(request.get("op")), request["arguments"])
-            results.write({"ok": True, "value": value})
+            op, arguments = _request(line)
+            results.write({"ok": True, "value": server.handle(op, arguments)})
         except Exception as exc:  # noqa: BLE001 - every failure (MemoryError too) is one line
             results.write(_failure(exc))
     os._exit(0)
