@@ -44,7 +44,8 @@ def _tiny_qwen2_builder() -> Callable[[Path], Path]:
     """The unit tests' tiny Qwen2 builder (one definition of the tiny model)."""
     path = Path(__file__).resolve().parents[2] / "unit" / "models" / "conftest.py"
     spec = importlib.util.spec_from_file_location("_tiny_qwen2", path)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.build_tiny_qwen2  # type: ignore[no-any-return]
@@ -231,7 +232,8 @@ class TestWorkerLifecycle:
 
         held = workers.unload("generator")
 
-        assert held is not None and held > 0
+        assert held is not None
+        assert held > 0
         assert not _exists(engine, loaded.container_id)
         assert () == workers.loaded()
 
