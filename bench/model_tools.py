@@ -152,7 +152,8 @@ def run(home: Path, warm: int, cold: int) -> None:
             time.sleep(1.0)  # the kernel frees the cgroup's pages as the container goes
             after = _mem_available()
             memory_rows.append((info.name, info.digest[:12], info.memory_limit_bytes // MIB,
-                                (info.memory_bytes or 0) / MIB, (held or 0) / MIB,
+                                (info.memory_bytes or 0) / MIB,
+                                (info.memory_with_cache_bytes or 0) / MIB, (held or 0) / MIB,
                                 (after - before) / MIB))
     print_table(
         "Model tools through the gateway (ms; baseline = same op in this process, no "
@@ -162,8 +163,9 @@ def run(home: Path, warm: int, cold: int) -> None:
         latency_rows,
     )
     print_table(
-        "Memory per loaded model (MiB; cgroup usage less inactive page cache)",
-        ["worker", "digest", "limit", "held while loaded", "unload reported",
+        "Memory per loaded model (MiB; held = cgroup usage less inactive page cache, "
+        "as docker stats counts it)",
+        ["worker", "digest", "limit", "held while loaded", "with page cache", "unload reported",
          "host MemAvailable gained"],
         memory_rows,
     )

@@ -151,13 +151,22 @@ class WorkerSpec:
 
 @dataclass(frozen=True, slots=True)
 class LoadedWorker:
-    """One running worker, as ``ModelWorkers.loaded()`` reports it."""
+    """
+    One running worker, as ``ModelWorkers.loaded()`` reports it.
+
+    Attributes:
+        memory_bytes: What its cgroup holds, less the inactive page cache (as
+            ``docker stats`` counts it); None where the cgroup cannot be read.
+        memory_with_cache_bytes: The same with all page cache, which includes the
+            weights' pages the model maps from its read-only mount.
+    """
 
     name: str
     digest: Sha256Hex
     container_id: str
     memory_limit_bytes: int
     memory_bytes: int | None
+    memory_with_cache_bytes: int | None
     load_ms: float
     requests: int
     idle_seconds: float
@@ -166,6 +175,7 @@ class LoadedWorker:
         return {
             "name": self.name, "digest": self.digest, "container_id": self.container_id[:12],
             "memory_limit_bytes": self.memory_limit_bytes, "memory_bytes": self.memory_bytes,
+            "memory_with_cache_bytes": self.memory_with_cache_bytes,
             "load_ms": round(self.load_ms, 3), "requests": self.requests,
             "idle_seconds": round(self.idle_seconds, 3),
         }
@@ -342,10 +352,12 @@ class ModelWorkers:
             return self._client
 
     def _describe(self, worker: _Worker) -> LoadedWorker:
+        usage = _memory_usage(worker.container_id)
         return LoadedWorker(
             name=worker.spec.name, digest=worker.spec.digest,
             container_id=worker.container_id, memory_limit_bytes=worker.limits.memory_bytes,
-            memory_bytes=_memory_bytes(worker.container_id), load_ms=worker.load_ms,
+            memory_bytes=None if usage is None else max(0, usage[0] - usage[1]),
+            memory_with_cache_bytes=None if usage is None else usage[0], load_ms=worker.load_ms,
             requests=worker.requests, idle_seconds=max(0.0, self._clock() - worker.last_used),
         )
 
@@ -617,6 +629,12 @@ def _memory_bytes(container_id: str) -> int | None:
     The memory a container holds now, as ``docker stats`` counts it (usage less the
     inactive page cache), read from its cgroup; None where it cannot be read.
     """
+    usage = _memory_usage(container_id)
+    return None if usage is None else max(0, usage[0] - usage[1])
+
+
+def _memory_usage(container_id: str) -> tuple[int, int] | None:
+    """The cgroup's memory usage (page cache included) and its inactive page cache."""
     if not container_id:
         return None
     for usage_path, stat_path, inactive_key in _MEMORY_USAGE:
@@ -630,5 +648,5 @@ def _memory_bytes(container_id: str) -> int | None:
             key, _, value = line.partition(" ")
             if key == inactive_key and value.strip().isdigit():
                 inactive = int(value)
-        return max(0, usage - inactive)
+        return usage, inactive
     return None

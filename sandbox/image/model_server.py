@@ -27,6 +27,7 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -189,24 +190,30 @@ class GenerateServer:
             f"Answer with one word.\n\nText: {text}",
         )
         # Each label's log-probability as the continuation of the prompt: the answer
-        # is always one of the three labels, never free text to be parsed.
+        # is always one of the three labels, never free text to be parsed. The prompt
+        # runs once; a label of several tokens continues from a copy of its cache.
         logprobs = {}
         with torch.inference_mode():
+            prompt = self._model(torch.tensor([ids]), use_cache=True)
+            first = torch.log_softmax(prompt.logits[0, -1].float(), dim=-1)
             for label in SENTIMENT_LABELS:
                 label_ids = self._tokenizer.encode(label, add_special_tokens=False)
-                sequence = torch.tensor([ids + label_ids])
-                logits = self._model(sequence).logits[0, len(ids) - 1 : -1].float()
-                log_softmax = torch.log_softmax(logits, dim=-1)
-                logprobs[label] = float(
-                    log_softmax.gather(1, torch.tensor(label_ids).unsqueeze(1)).sum())
+                total = float(first[label_ids[0]])
+                if len(label_ids) > 1:
+                    cache = copy.deepcopy(prompt.past_key_values)
+                    rest = self._model(torch.tensor([label_ids[:-1]]), past_key_values=cache,
+                                       use_cache=True).logits[0].float()
+                    total += float(torch.log_softmax(rest, dim=-1).gather(
+                        1, torch.tensor(label_ids[1:]).unsqueeze(1)).sum())
+                logprobs[label] = total
         top = max(logprobs.values())
         weights = {label: math.exp(value - top) for label, value in logprobs.items()}
-        total = sum(weights.values())
+        norm = sum(weights.values())
         # Ties go to the earlier label, so the answer never depends on dict order.
         label = max(SENTIMENT_LABELS,
                     key=lambda name: (logprobs[name], -SENTIMENT_LABELS.index(name)))
         return {"label": label,
-                "scores": {name: round(weights[name] / total, 4) for name in SENTIMENT_LABELS}}
+                "scores": {name: round(weights[name] / norm, 4) for name in SENTIMENT_LABELS}}
 
 
 def _request(line: bytes) -> tuple[str, dict[str, Any]]:
