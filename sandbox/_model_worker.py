@@ -157,8 +157,9 @@ class LoadedWorker:
     Attributes:
         memory_bytes: What its cgroup holds, less the inactive page cache (as
             ``docker stats`` counts it); None where the cgroup cannot be read.
-        memory_with_cache_bytes: The same with all page cache, which includes the
-            weights' pages the model maps from its read-only mount.
+        memory_with_cache_bytes: The same with all page cache. The kernel charges a
+            cached page to the cgroup that first read it, so weights already in the
+            host's page cache (read by an earlier worker) are not counted here.
     """
 
     name: str
@@ -287,7 +288,8 @@ class ModelWorkers:
         if worker is None:
             return None
         with worker.lock:  # a request in flight finishes first
-            held = _memory_bytes(worker.container_id)
+            usage = _memory_usage(worker.container_id) or self._stats_usage(worker.container_id)
+            held = None if usage is None else max(0, usage[0] - usage[1])
             self._discard(worker)
         log.info("model_worker_unloaded", worker=name, memory_bytes=held)
         return held
@@ -352,7 +354,7 @@ class ModelWorkers:
             return self._client
 
     def _describe(self, worker: _Worker) -> LoadedWorker:
-        usage = _memory_usage(worker.container_id)
+        usage = _memory_usage(worker.container_id) or self._stats_usage(worker.container_id)
         return LoadedWorker(
             name=worker.spec.name, digest=worker.spec.digest,
             container_id=worker.container_id, memory_limit_bytes=worker.limits.memory_bytes,
@@ -360,6 +362,22 @@ class ModelWorkers:
             memory_with_cache_bytes=None if usage is None else usage[0], load_ms=worker.load_ms,
             requests=worker.requests, idle_seconds=max(0.0, self._clock() - worker.last_used),
         )
+
+    def _stats_usage(self, container_id: str) -> tuple[int, int] | None:
+        """The engine's stats (one sample) where the cgroup files cannot be read here."""
+        if not container_id:
+            return None
+        try:
+            with map_docker_errors("read the model worker's memory"):
+                stats = self._docker().api.stats(container_id, stream=False, one_shot=True)
+        except SandboxUnavailable:
+            return None
+        memory = stats.get("memory_stats") or {}
+        detail = memory.get("stats") or {}
+        if not isinstance(memory.get("usage"), int):
+            return None
+        inactive = detail.get("total_inactive_file", detail.get("inactive_file", 0))
+        return int(memory["usage"]), int(inactive) if isinstance(inactive, int) else 0
 
     def _ready(self, name: str, limits: ResourceLimits) -> _Worker:
         """The running worker for ``name`` under ``limits``' container part, started if need be."""
@@ -622,15 +640,6 @@ def _ready_line(stdout: bytes) -> dict[str, object] | None:
     except ValueError:
         return None
     return value if isinstance(value, dict) and value.get("ready") is True else None
-
-
-def _memory_bytes(container_id: str) -> int | None:
-    """
-    The memory a container holds now, as ``docker stats`` counts it (usage less the
-    inactive page cache), read from its cgroup; None where it cannot be read.
-    """
-    usage = _memory_usage(container_id)
-    return None if usage is None else max(0, usage[0] - usage[1])
 
 
 def _memory_usage(container_id: str) -> tuple[int, int] | None:

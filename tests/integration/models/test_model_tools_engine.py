@@ -247,6 +247,15 @@ class TestWorkerLifecycle:
         assert info.memory_bytes is not None
         assert 0 < info.memory_bytes < info.memory_limit_bytes
 
+    def test_the_engine_stats_agree_where_cgroups_cannot_be_read(self, workers):
+        """The docker stats fallback (remote engines) reports usage under the limit too."""
+        info = workers.load("generator")
+
+        usage = workers._stats_usage(info.container_id)
+
+        assert usage is not None
+        assert 0 < usage[0] - usage[1] < info.memory_limit_bytes
+
     def test_least_recently_used_is_evicted_under_the_budget(self, workers, engine):
         """With room for one worker, loading the second stops the first (LRU)."""
         first = workers.load("generator")
