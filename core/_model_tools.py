@@ -19,6 +19,7 @@ Configuration (``callward.yaml``; paths relative to the file)::
     models_as_tools:
       tools: [embed_search, summarize, sentiment]   # default: all three
       collection: news.jsonl          # default: the example news collection
+      embed: {memory_mebibytes: 1024} # MiniLM's worker (under runsc give it 2048)
       generator: {directory: DIR, memory_mebibytes: 3072}   # default: the demo model
       memory_budget_mebibytes: 4096   # the loaded workers' memory limits add up to this
       load_seconds: 300               # how long a model may take to load
@@ -74,6 +75,13 @@ SETTINGS_SCHEMA: Final = {
         "tools": {"type": "array", "minItems": 1, "uniqueItems": True,
                   "items": {"enum": list(MODEL_TOOL_NAMES)}},
         "collection": {"type": "string", "minLength": 1},
+        "embed": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "memory_mebibytes": {"type": "integer", "minimum": 64, "maximum": 65536},
+            },
+        },
         "generator": {
             "type": "object",
             "additionalProperties": False,
@@ -131,6 +139,8 @@ class ModelToolsSettings:
     Attributes:
         tools: Which model tools to register.
         collection: The JSON Lines documents ``embed_search`` searches.
+        embed_memory_bytes: The MiniLM worker's memory limit. Under gVisor (runsc) the
+            sandbox also holds the mounted libraries it reads, so 1 GiB is not enough.
         generator_directory: The causal LM for summarize/sentiment; None for the demo model.
         generator_memory_bytes: Its worker's memory limit.
         memory_budget_bytes: What the loaded workers' memory limits may add up to.
@@ -139,6 +149,7 @@ class ModelToolsSettings:
 
     tools: tuple[str, ...] = MODEL_TOOL_NAMES
     collection: Path | None = None
+    embed_memory_bytes: int = 1024 * MIB
     generator_directory: Path | None = None
     generator_memory_bytes: int = 3072 * MIB
     memory_budget_bytes: int = 4096 * MIB
@@ -156,10 +167,12 @@ def model_tools_settings(
     if error is not None:
         raise ConfigurationError(f"models_as_tools: invalid at {error.json_path}: {error.message}")
     generator = section.get("generator") or {}
+    embed = section.get("embed") or {}
     directory = generator.get("directory")
     return ModelToolsSettings(
         tools=tuple(section.get("tools", MODEL_TOOL_NAMES)),
         collection=Path(resolve(section["collection"])) if "collection" in section else None,
+        embed_memory_bytes=int(embed.get("memory_mebibytes", 1024)) * MIB,
         generator_directory=Path(resolve(directory)) if directory else None,
         generator_memory_bytes=int(generator.get("memory_mebibytes", 3072)) * MIB,
         memory_budget_bytes=int(section.get("memory_budget_mebibytes", 4096)) * MIB,
@@ -338,7 +351,8 @@ def model_tool_set(
         worker = canonical_sha256({"weights": model.sha256, "server": server_sha256,
                                    "collection": file_sha256(collection)})
         recipes[EMBED_WORKER] = _WorkerRecipe(
-            EMBED_WORKER, "embed", directory, worker, _limits(1024 * MIB, 30.0), collection,
+            EMBED_WORKER, "embed", directory, worker, _limits(settings.embed_memory_bytes, 30.0),
+            collection,
             settings.load_seconds)
         models[EMBED_WORKER] = model
     if wanted & {"summarize", "sentiment"}:

@@ -360,3 +360,4 @@ class TestNoLeftovers:
         assert 1 == len(ids)
         assert [] == [i for i in ids if _exists(engine, i)]
         assert [] == [i for i in own_leftover_containers() if i in ids]
+
