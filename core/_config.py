@@ -10,6 +10,7 @@ Configuration, version 1; paths are relative to the file::
     sandbox:
       runtime: runc        # or runsc (gVisor)
       pool: {size: 2, idle_seconds: 300, memory_budget_mebibytes: 1024}
+    models_as_tools: {}    # optional: embed_search, summarize, sentiment (core._model_tools)
 
 State lives under the home directory: ``audit.db``, ``keys/``.
 """
@@ -29,6 +30,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 from referencing import Registry
 
+from callward.core._model_tools import ModelToolsSettings, model_tools_settings
 from callward.core._registry import ToolRegistry
 from callward.core._yaml import strict_yaml_load
 from callward.core.errors import ConfigurationError, SandboxUnavailable
@@ -37,6 +39,7 @@ log = structlog.get_logger()
 
 if TYPE_CHECKING:
     from callward.core.gateway import Gateway
+    from callward.sandbox import DockerSandbox, ModelToolRunner
 
 CONFIG_SCHEMA: Final = {
     "type": "object",
@@ -64,6 +67,8 @@ CONFIG_SCHEMA: Final = {
                 },
             },
         },
+        # Model tools (embed_search, summarize, sentiment); core._model_tools validates it.
+        "models_as_tools": {"type": "object"},
         # Upstream MCP servers; callward.core._mcp_upstream validates the section itself.
         "mcp": {"type": "object"},
         # The model `callward agent` runs: a transformers directory, or the demo model.
@@ -164,6 +169,8 @@ class GatewayConfig:
     pool: Mapping[str, Any] | None = None
     #: ``model``: the agent's model; None means the demo model.
     model: ModelSettings | None = None
+    #: ``models_as_tools``: model tools served by warm workers; None means none.
+    model_tools: ModelToolsSettings | None = None
 
 
 def example_config_path() -> Path:
@@ -208,6 +215,8 @@ def load_config(path: Path) -> GatewayConfig:
         audit=raw.get("audit"),
         pool=(raw.get("sandbox") or {}).get("pool"),
         model=_model_settings(raw.get("model"), resolve),
+        model_tools=(model_tools_settings(raw["models_as_tools"], resolve)
+                     if "models_as_tools" in raw else None),
     )
 
 
@@ -270,7 +279,10 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
     pool = dict(config.pool or {})
     if "memory_budget_mebibytes" in pool:
         pool["memory_budget_bytes"] = pool.pop("memory_budget_mebibytes") * (1 << 20)
-    runner = DockerSandbox.from_env(runtime=config.runtime, pool=PoolConfig(**pool))
+    sandbox = DockerSandbox.from_env(runtime=config.runtime, pool=PoolConfig(**pool))
+    runner: DockerSandbox | ModelToolRunner = sandbox
+    if config.model_tools is not None:
+        runner = _with_model_tools(config.model_tools, config.runtime, state, registry, sandbox)
     try:
         runner.remove_leftovers()
     except SandboxUnavailable:
@@ -283,3 +295,21 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
         audit=audit,
         closers=(audit.close, policy.state.close, runner.close),
     )
+
+
+def _with_model_tools(
+    settings: ModelToolsSettings,
+    runtime: str,
+    state: Home,
+    registry: ToolRegistry,
+    sandbox: DockerSandbox,
+) -> ModelToolRunner:
+    """Register the model tools and wrap ``runner`` so they reach their warm workers."""
+    from callward.core._model_tools import build_model_runner, model_tool_set  # noqa: PLC0415
+    from callward.sandbox import server_sha256  # noqa: PLC0415
+
+    tool_set = model_tool_set(settings, model_cache=state.root / "models",
+                              server_sha256=server_sha256())
+    for spec in tool_set.specs:
+        registry.add(spec)
+    return build_model_runner(tool_set, sandbox, runtime=runtime)

@@ -517,7 +517,9 @@ class Gateway:
             "session_id": context.session_id,
             "decision": decision.to_json(),
             "limits": decision.limits.to_json() if decision.limits is not None else None,
-            "tool": None if spec is None else {"ref": spec.ref, "digest": spec.digest},
+            "tool": None if spec is None else {
+                "ref": spec.ref, "digest": spec.digest,
+                **({} if spec.model is None else {"model": spec.model.to_json()})},
             "image_digest": self._image_digest(),
             **_origin_fields(),
             **_provenance_fields(context),

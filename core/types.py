@@ -184,6 +184,32 @@ class ToolCall:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelRef:
+    """
+    The model a tool runs, as its audit records name it.
+
+    Attributes:
+        name: The model's name (``all-MiniLM-L6-v2``).
+        version: Its version (the package's, or the weights' revision).
+        sha256: SHA-256 of its weights, as pinned (a file's, or a manifest's).
+    """
+
+    name: str
+    version: str
+    sha256: Sha256Hex
+
+    def __post_init__(self) -> None:
+        if not self.name or len(self.name) > 128:
+            raise ValueError("a model name has 1 to 128 characters")
+        if not _VERSION.match(self.version):
+            raise ValueError("a model version is 1 to 32 characters of [0-9A-Za-z.+-]")
+        _require_sha256(self.sha256, "a model's weights sha256")
+
+    def to_json(self) -> dict[str, JSONValue]:
+        return {"name": self.name, "version": self.version, "sha256": self.sha256}
+
+
+@dataclass(frozen=True, slots=True)
 class ToolSpec:
     """
     A registered tool: a Python function, its JSON Schema and its version.
@@ -196,6 +222,7 @@ class ToolSpec:
         limits: The tool's own limits; a policy may set others for it.
         parameter_order: The property names in the order the author wrote them, which
             canonical JSON (sorted keys) loses; positional calls map onto it.
+        model: For a model tool, the model it runs (its digest is part of ``digest``).
     """
 
     name: str
@@ -208,6 +235,7 @@ class ToolSpec:
     limits: ResourceLimits = field(default_factory=ResourceLimits)
     labels: tuple[str, ...] = ()
     parameter_order: tuple[str, ...] = ()
+    model: ModelRef | None = None
 
     def __post_init__(self) -> None:
         if not is_tool_name(self.name):
@@ -623,6 +651,7 @@ __all__ = [
     "Execution",
     "JSONValue",
     "KeyId",
+    "ModelRef",
     "Receipt",
     "ReceiptProof",
     "ResourceLimits",

@@ -32,6 +32,8 @@ from callward.sandbox._docker import DockerSandbox
 from callward.sandbox._doctor import DoctorCheck, diagnose
 from callward.sandbox._image import SandboxImage, ensure_image, expected_image_tag
 from callward.sandbox._limits import Runtime
+from callward.sandbox._model_runner import ModelToolRunner
+from callward.sandbox._model_worker import LoadedWorker, ModelWorkers, WorkerSpec, server_sha256
 from callward.sandbox._pool import PoolConfig
 from callward.sandbox._stdio_service import ServiceImageSpec, StdioService, ensure_service_image
 from callward.sandbox.base import RawExecution, Sandbox, SandboxBackend
@@ -39,6 +41,9 @@ from callward.sandbox.base import RawExecution, Sandbox, SandboxBackend
 __all__ = [
     "DockerSandbox",
     "DoctorCheck",
+    "LoadedWorker",
+    "ModelToolRunner",
+    "ModelWorkers",
     "PoolConfig",
     "RawExecution",
     "Runtime",
@@ -47,8 +52,10 @@ __all__ = [
     "SandboxImage",
     "ServiceImageSpec",
     "StdioService",
+    "WorkerSpec",
     "diagnose",
     "ensure_image",
     "ensure_service_image",
     "expected_image_tag",
+    "server_sha256",
 ]

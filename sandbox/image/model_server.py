@@ -1,0 +1,276 @@
+"""
+The in-container model server: load one model once, then answer one request per line.
+
+It runs inside a hardened sandbox container (see ``callward.sandbox._model_worker``)
+as ``python3 -S -B /opt/callward/model_server.py --task TASK --weights DIR ...``, with
+the host's ``torch``/``transformers`` site-packages and the weights mounted read-only,
+no network and ``HF_HUB_OFFLINE=1``. The protocol:
+
+- after loading, stdout carries one line ``{"ready": true, "load_ms": ...}``; a load
+  that fails writes one runner-style failure line and exits 1;
+- then stdin carries one request per line, ``{"op": str, "arguments": {...}}``, and
+  stdout carries exactly one result line per request, in the sandbox runner's own
+  vocabulary: ``{"ok": true, "value": ...}`` or ``{"ok": false, "kind": "tool_error",
+  "error_type": ..., "message": ...}`` (``memory_limit`` for a ``MemoryError``).
+
+Invariants:
+
+- Nothing but this server writes to the result stream: file descriptor 1 (and
+  ``sys.stdout``) is pointed at stderr before ``torch`` is imported; results go to
+  a private duplicate of the original stdout.
+- Every answer is a pure function of the weights, the request and (for ``embed``)
+  the collection: decoding is greedy, nothing of one request is kept for the next.
+- The host bounds each request's time and kills the container past it; the server
+  itself never decides that a request ran too long.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Final
+
+MAX_MESSAGE_CHARS: Final = 500
+MAX_REQUEST_BYTES: Final = 1 << 20
+SENTIMENT_LABELS: Final = ("positive", "negative", "neutral")
+SUMMARY_SYSTEM: Final = "You are a careful news editor. You write short, factual summaries."
+SENTIMENT_SYSTEM: Final = "You classify the sentiment of texts."
+_EMBED_MAX_TOKENS: Final = 256
+
+
+def _truncate(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
+
+
+class _Results:
+    """The private result stream: a duplicate of the original stdout, one line per write."""
+
+    def __init__(self) -> None:
+        self._fd = os.dup(1)
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+
+    def write(self, value: dict[str, Any]) -> None:
+        line = json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+        data = line.encode("ascii") + b"\n"
+        while data:
+            written = os.write(self._fd, data)
+            data = data[written:]
+
+
+def _failure(exc: BaseException) -> dict[str, Any]:
+    kind = "memory_limit" if isinstance(exc, MemoryError) else "tool_error"
+    return {"ok": False, "kind": kind, "error_type": type(exc).__name__,
+            "message": _truncate(str(exc))}
+
+
+class RequestError(ValueError):
+    """A request this server refuses (unknown op, a bad argument)."""
+
+
+def _text(arguments: dict[str, Any], name: str) -> str:
+    value = arguments.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError(f"{name} must be a non-empty string")
+    return value
+
+
+def _int(arguments: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = arguments.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise RequestError(f"{name} must be an integer in [{low}, {high}]")
+    return value
+
+
+class EmbedServer:
+    """Embedding retrieval: mean-pooled, L2-normalised sentence embeddings, cosine top-k."""
+
+    def __init__(self, torch: Any, transformers: Any, weights: str, collection: str) -> None:
+        self._torch = torch
+        self._tokenizer = transformers.AutoTokenizer.from_pretrained(weights, local_files_only=True)
+        self._model = transformers.AutoModel.from_pretrained(
+            weights, local_files_only=True, use_safetensors=True
+        ).eval()
+        with open(collection, encoding="utf-8") as stream:
+            self._documents = [json.loads(line) for line in stream if line.strip()]
+        texts = [f"{d['title']}. {d['text']}" for d in self._documents]
+        self._matrix = self._embed(texts)
+
+    @property
+    def documents(self) -> int:
+        return len(self._documents)
+
+    def _embed(self, texts: list[str]) -> Any:
+        torch = self._torch
+        parts = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), 16):
+                batch = self._tokenizer(
+                    texts[start : start + 16], padding=True, truncation=True,
+                    max_length=_EMBED_MAX_TOKENS, return_tensors="pt",
+                )
+                hidden = self._model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+                parts.append(torch.nn.functional.normalize(pooled, p=2, dim=1))
+        return torch.cat(parts) if parts else torch.zeros((0, 1))
+
+    def handle(self, op: str, arguments: dict[str, Any]) -> Any:
+        if op != "embed_search":
+            raise RequestError(f"this worker does not serve {op}")
+        query = _text(arguments, "query")
+        k = _int(arguments, "k", 3, 1, 20)
+        scores = (self._matrix @ self._embed([query])[0]).tolist()
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+        return {"hits": [
+            {"id": self._documents[i]["id"], "title": self._documents[i]["title"],
+             "score": round(float(scores[i]), 4), "text": self._documents[i]["text"]}
+            for i in order
+        ]}
+
+
+class GenerateServer:
+    """Summaries and sentiment from one causal LM with a chat template, greedy."""
+
+    def __init__(self, torch: Any, transformers: Any, weights: str, max_input_tokens: int) -> None:
+        self._torch = torch
+        self._tokenizer = transformers.AutoTokenizer.from_pretrained(weights, local_files_only=True)
+        self._model = transformers.AutoModelForCausalLM.from_pretrained(
+            weights, local_files_only=True, use_safetensors=True, dtype=torch.bfloat16
+        ).eval()
+        self._max_input_tokens = max_input_tokens
+
+    def _prompt_ids(self, system: str, user: str) -> list[int]:
+        ids = self._tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            add_generation_prompt=True, tokenize=True,
+        )
+        if hasattr(ids, "input_ids"):  # a BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        ids = list(ids)
+        if len(ids) > self._max_input_tokens:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens, more than {self._max_input_tokens}")
+        return ids
+
+    def handle(self, op: str, arguments: dict[str, Any]) -> Any:
+        if op == "summarize":
+            return self._summarize(arguments)
+        if op == "sentiment":
+            return self._sentiment(arguments)
+        raise RequestError(f"this worker does not serve {op}")
+
+    def _summarize(self, arguments: dict[str, Any]) -> Any:
+        torch = self._torch
+        text = _text(arguments, "text")
+        max_words = _int(arguments, "max_words", 40, 5, 200)
+        ids = self._prompt_ids(
+            SUMMARY_SYSTEM, f"Summarise this article in at most {max_words} words.\n\n{text}")
+        with torch.inference_mode():
+            output = self._model.generate(
+                torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+                max_new_tokens=max_words * 2, do_sample=False, num_beams=1,
+                pad_token_id=self._tokenizer.pad_token_id or self._tokenizer.eos_token_id,
+            )
+        summary = self._tokenizer.decode(output[0][len(ids):], skip_special_tokens=True).strip()
+        return {"summary": summary, "input_tokens": len(ids),
+                "output_tokens": int(output.shape[1]) - len(ids)}
+
+    def _sentiment(self, arguments: dict[str, Any]) -> Any:
+        torch = self._torch
+        text = _text(arguments, "text")
+        ids = self._prompt_ids(
+            SENTIMENT_SYSTEM,
+            "Is the sentiment of this text positive, negative or neutral? "
+            f"Answer with one word.\n\nText: {text}",
+        )
+        # Each label's log-probability as the continuation of the prompt: the answer
+        # is always one of the three labels, never free text to be parsed. The prompt
+        # runs once; a label of several tokens continues from a copy of its cache.
+        logprobs = {}
+        with torch.inference_mode():
+            prompt = self._model(torch.tensor([ids]), use_cache=True)
+            first = torch.log_softmax(prompt.logits[0, -1].float(), dim=-1)
+            for label in SENTIMENT_LABELS:
+                label_ids = self._tokenizer.encode(label, add_special_tokens=False)
+                total = float(first[label_ids[0]])
+                if len(label_ids) > 1:
+                    cache = copy.deepcopy(prompt.past_key_values)
+                    rest = self._model(torch.tensor([label_ids[:-1]]), past_key_values=cache,
+                                       use_cache=True).logits[0].float()
+                    total += float(torch.log_softmax(rest, dim=-1).gather(
+                        1, torch.tensor(label_ids[1:]).unsqueeze(1)).sum())
+                logprobs[label] = total
+        top = max(logprobs.values())
+        weights = {label: math.exp(value - top) for label, value in logprobs.items()}
+        norm = sum(weights.values())
+        # Ties go to the earlier label, so the answer never depends on dict order.
+        label = max(SENTIMENT_LABELS,
+                    key=lambda name: (logprobs[name], -SENTIMENT_LABELS.index(name)))
+        return {"label": label,
+                "scores": {name: round(weights[name] / norm, 4) for name in SENTIMENT_LABELS}}
+
+
+def _request(line: bytes) -> tuple[str, dict[str, Any]]:
+    """
+    Raises:
+        RequestError: The line is not ``{"op": str, "arguments": {...}}``.
+    """
+    request = json.loads(line)
+    if not isinstance(request, dict) or not isinstance(request.get("op"), str) \
+            or not isinstance(request.get("arguments"), dict):
+        raise RequestError("a request is an object with op and arguments")
+    return request["op"], request["arguments"]
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="model_server")
+    parser.add_argument("--task", choices=("embed", "generate"), required=True)
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--collection", default="")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-input-tokens", type=int, default=2048)
+    return parser.parse_args()
+
+
+def main() -> None:
+    results = _Results()
+    options = _arguments()
+    started = time.monotonic()
+    try:
+        import torch  # noqa: PLC0415 - after fd 1 points at stderr
+        import transformers  # noqa: PLC0415
+
+        torch.set_num_threads(max(1, options.threads))
+        transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+        server: EmbedServer | GenerateServer
+        if options.task == "embed":
+            server = EmbedServer(torch, transformers, options.weights, options.collection)
+        else:
+            server = GenerateServer(torch, transformers, options.weights, options.max_input_tokens)
+    except BaseException as exc:  # noqa: BLE001 - reported to the host, then exit
+        results.write(_failure(exc))
+        os._exit(1)
+    ready: dict[str, Any] = {"ready": True, "load_ms": round((time.monotonic() - started) * 1000)}
+    if isinstance(server, EmbedServer):
+        ready["documents"] = server.documents
+    results.write(ready)
+    while True:
+        line = sys.stdin.buffer.readline(MAX_REQUEST_BYTES + 1)
+        if not line:
+            break
+        try:
+            op, arguments = _request(line)
+            results.write({"ok": True, "value": server.handle(op, arguments)})
+        except Exception as exc:  # noqa: BLE001 - every failure (MemoryError too) is one line
+            results.write(_failure(exc))
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
