@@ -78,7 +78,10 @@ def search_articles(query: str, limit: int = 3) -> dict[str, object]:
     },
 )
 def clean_text(texts: list[str]) -> dict[str, object]:
-    """Strip markup, boilerplate ("Advertisement", "Read more:") and extra spaces: {texts}."""
+    """
+    Strip markup, boilerplate ("Advertisement", "Read more:") and extra spaces:
+    {texts: each cleaned, text: all of them joined, for a tool that takes one text}.
+    """
     import re
 
     cleaned = []
@@ -86,7 +89,7 @@ def clean_text(texts: list[str]) -> dict[str, object]:
         plain = re.sub(r"<[^>]{0,200}>", " ", text)
         plain = re.sub(r"\b(Advertisement|Read more:)", " ", plain)
         cleaned.append(re.sub(r"\s+", " ", plain).strip())
-    return {"texts": cleaned}
+    return {"texts": cleaned, "text": " ".join(cleaned)}
 
 
 @tool(
