@@ -85,6 +85,13 @@ def _number(value: object) -> float | None:
     return None
 
 
+def _queue_ms(durations: Mapping[str, JSONValue], usage: JSONValue) -> float | None:
+    """The sandbox stage minus the tool's own run time, as the gateway's metrics count it."""
+    sandbox = _number(durations.get("sandbox"))
+    wall = _number(usage.get("wall_ms")) if isinstance(usage, Mapping) else None
+    return None if sandbox is None or wall is None else round(max(0.0, sandbox - wall), 3)
+
+
 def _tool_of(kind: str, body: Mapping[str, JSONValue]) -> str:
     tool = body.get("tool")
     if kind == "call.completed" and isinstance(tool, str):
@@ -132,6 +139,9 @@ def stats_from_records(records: Iterable[tuple[str, str, Mapping[str, JSONValue]
                 if ms is not None:
                     stages[stage].append(ms)
                     total += ms if stage != "queue" else 0.0
+            queue = _queue_ms(durations, body.get("usage"))
+            if queue is not None and "queue" not in durations:
+                stages["queue"].append(queue)
         tools[_tool_of(kind, body)].append(total)
         outcomes[_outcome_of(kind, body)] += 1
     return {"calls": sum(outcomes.values()), "first_ts": first, "last_ts": last,
