@@ -15,6 +15,10 @@ Invariants, in the order a call meets them:
 
 Every ``ToolResult`` that leaves the gateway therefore carries the receipt of
 the signed record that explains it.
+
+Observers (``callward.core._metrics``: the metrics, the anomaly detector) see a
+call only after its final record is durable; one that raises is logged and
+skipped, so observing can neither fail, lose nor change a call.
 """
 
 from __future__ import annotations
