@@ -39,7 +39,8 @@ from callward.core import (
 )
 from callward.core._anomaly import AnomalyDetector
 from callward.core._anomaly_state import AnomalyState
-from callward.core._metrics import CallEvent, CallObserver, Metrics
+from callward.core._metrics import Metrics
+from callward.core._observe import CallEvent, CallObserver
 from callward.core.gateway import Gateway
 from callward.policies import Policy
 

@@ -52,14 +52,17 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
 from callward.core._anomaly_state import Anomaly, AnomalyMetric, AnomalyState
 from callward.core._canonical import JSONValue
-from callward.core._metrics import CallEvent, Metrics
+from callward.core._observe import CallEvent
 from callward.core.protocols import AuditLog
+
+if TYPE_CHECKING:
+    from callward.core._metrics import Metrics
 
 log = structlog.get_logger()
 

@@ -276,7 +276,8 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
     from callward.audit import FileSigner, SQLiteAuditStore, store_settings  # noqa: PLC0415
     from callward.core._anomaly import AnomalyDetector  # noqa: PLC0415
     from callward.core._anomaly_state import AnomalyState  # noqa: PLC0415
-    from callward.core._metrics import CallObserver, Metrics  # noqa: PLC0415
+    from callward.core._metrics import Metrics  # noqa: PLC0415
+    from callward.core._observe import CallObserver  # noqa: PLC0415
     from callward.core.gateway import Gateway  # noqa: PLC0415
     from callward.policies import Policy, PolicyState  # noqa: PLC0415
     from callward.sandbox import DockerSandbox, PoolConfig  # noqa: PLC0415

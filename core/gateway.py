@@ -16,7 +16,7 @@ Invariants, in the order a call meets them:
 Every ``ToolResult`` that leaves the gateway therefore carries the receipt of
 the signed record that explains it.
 
-Observers (``callward.core._metrics``: the metrics, the anomaly detector) see a
+Observers (``callward.core._observe``: the metrics, the anomaly detector) see a
 call only after its final record is durable; one that raises is logged and
 skipped, so observing can neither fail, lose nor change a call.
 """
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import structlog
 
 from callward.core._canonical import JSONValue, canonical_bytes, canonical_loads, sha256_hex
-from callward.core._metrics import CallEvent, CallObserver, RecordObserver
+from callward.core._observe import CallEvent, CallObserver, RecordObserver
 from callward.core._parse import parse_model_output
 from callward.core._registry import ToolRegistry
 from callward.core.errors import CallwardError, MalformedCall, SandboxUnavailable

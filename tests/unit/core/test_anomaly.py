@@ -24,7 +24,7 @@ from callward.core import (
 from callward.core._anomaly import AnomalyDetector, DetectorSettings, resolve
 from callward.core._anomaly_state import AnomalyState
 from callward.core._canonical import canonical_bytes
-from callward.core._metrics import CallEvent
+from callward.core._observe import CallEvent
 from callward.core.gateway import Gateway
 from callward.policies import Policy
 

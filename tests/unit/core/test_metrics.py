@@ -24,7 +24,8 @@ from callward.core import (
 )
 from callward.core._canonical import canonical_bytes
 from callward.core._cli_stats import stats_from_exposition, stats_from_records
-from callward.core._metrics import CallEvent, Metrics, serve_metrics
+from callward.core._metrics import Metrics, serve_metrics
+from callward.core._observe import CallEvent
 from callward.core.gateway import Gateway
 from callward.policies import Policy
 
