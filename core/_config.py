@@ -320,7 +320,8 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
     observers: tuple[CallObserver, ...] = (metrics,)
     if config.anomalies is not None:
         detector = AnomalyDetector(anomalies, audit, settings=config.anomalies, metrics=metrics)
-        metrics.count_open_anomalies(lambda: detector.open_count)
+        # From the state file, so anomalies resolved by an operator's command count too.
+        metrics.count_open_anomalies(lambda: len(anomalies.all_open()))
         observers = (metrics, detector)
     return Gateway(
         registry=registry,

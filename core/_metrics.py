@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import math
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -92,8 +93,18 @@ class Metrics:
         self._tool_children: dict[str, Histogram] = {}
 
     def count_open_anomalies(self, count: Callable[[], int] | None) -> None:
-        """Read the open-anomalies gauge from ``count`` at each scrape."""
-        self._open.set_function(lambda: float(count()) if count is not None else 0.0)
+        """Read the open-anomalies gauge from ``count`` at each scrape (NaN if it fails)."""
+
+        def read() -> float:
+            if count is None:
+                return 0.0
+            try:
+                return float(count())
+            except Exception:  # a scrape must answer; the gauge says "unknown"
+                log.exception("metrics_open_anomalies_failed")
+                return math.nan
+
+        self._open.set_function(read)
 
     def observe(self, event: CallEvent) -> None:
         """Record one call's stages, its tool's time and its outcome."""
