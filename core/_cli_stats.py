@@ -31,7 +31,7 @@ from callward.core._cli_common import (
     subcommand_options,
 )
 from callward.core._config import Home
-from callward.core._metrics import UNKNOWN_TOOL_LABEL
+from callward.core._metrics import STAGES, UNKNOWN_TOOL_LABEL
 from callward.core.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -92,6 +92,12 @@ def _queue_ms(durations: Mapping[str, JSONValue], usage: JSONValue) -> float | N
     return None if sandbox is None or wall is None else round(max(0.0, sandbox - wall), 3)
 
 
+def _stage_order(item: tuple[str, object]) -> tuple[int, str]:
+    """Stages in the order a call meets them; any others after, by name."""
+    name = item[0]
+    return (STAGES.index(name) if name in STAGES else len(STAGES), name)
+
+
 def _tool_of(kind: str, body: Mapping[str, JSONValue]) -> str:
     tool = body.get("tool")
     if kind == "call.completed" and isinstance(tool, str):
@@ -145,7 +151,8 @@ def stats_from_records(records: Iterable[tuple[str, str, Mapping[str, JSONValue]
         tools[_tool_of(kind, body)].append(total)
         outcomes[_outcome_of(kind, body)] += 1
     return {"calls": sum(outcomes.values()), "first_ts": first, "last_ts": last,
-            "stages": _summary(stages), "tools": _summary(tools),
+            "stages": _summary(dict(sorted(stages.items(), key=_stage_order))),
+            "tools": _summary(dict(sorted(tools.items()))),
             "outcomes": dict(sorted(outcomes.items()))}
 
 
