@@ -16,6 +16,7 @@ from callward.core._anomaly_state import Anomaly, AnomalyState
 from callward.core._canonical import canonical_bytes
 from callward.core.gateway import Gateway
 from callward.policies import Policy, PolicyState
+from callward.policies._authoring import replay, run_cases
 
 NOW = 1_800_000_000.0
 ARGS = {"order_id": "A-1", "amount_cents": 4999}
@@ -219,3 +220,43 @@ class TestThroughTheGateway:
         assert "approval_required" == result.kind
         assert 1 == kinds.count("anomaly.detected")
         assert "call.denied" == kinds[-1]
+
+
+def authorized(call_id: str, ts: str) -> tuple[str, str, dict[str, object]]:
+    return ("call.authorized", ts, {
+        "call": {"id": call_id, "name": "refund", "arguments": ARGS}, "principal": "sam",
+        "session_id": "", "decision": {"effect": "allow", "kind": None,
+                                       "reasons": ["support-refunds"]}})
+
+
+class TestAuthoring:
+    def test_replay_opens_anomalies_from_the_log(self, registry, tmp_path):
+        """Replay holds exactly the calls made between anomaly.detected and anomaly.resolved."""
+        candidate = tmp_path / "candidate.yaml"
+        candidate.write_text(DENY_GATE, encoding="utf-8")
+        records = [
+            authorized("before", "2027-01-01T00:00:00.000000Z"),
+            ("anomaly.detected", "2027-01-01T00:01:00.000000Z",
+             {"anomaly_id": "anm_1", "principal": "sam", "tool": "refund",
+              "metric": "call_rate"}),
+            authorized("during", "2027-01-01T00:02:00.000000Z"),
+            ("anomaly.resolved", "2027-01-01T00:03:00.000000Z",
+             {"anomaly_id": "anm_1", "by": "lena"}),
+            authorized("after", "2027-01-01T00:04:00.000000Z"),
+        ]
+
+        report = replay(records, candidate, registry).to_json()
+
+        assert (3, 2, 1) == (report["calls"], report["unchanged"], report["allow_to_deny"])
+        assert ["during"] == [e["call_id"] for e in report["examples"]["allow_to_deny"]]
+
+    def test_policy_test_cases_run_with_no_anomaly_open(self, registry, tmp_path):
+        """`policy test` decides with no open anomaly, so a gate does not deny every case."""
+        path = tmp_path / "policy.yaml"
+        path.write_text(APPROVAL_GATE, encoding="utf-8")
+
+        (result,) = run_cases(path, registry, [{
+            "principal": "sam", "call": {"name": "refund", "arguments": ARGS},
+            "expect": {"effect": "allow"}}])
+
+        assert result.passed, result.why
