@@ -32,6 +32,7 @@ def _serve(args: argparse.Namespace, home: Home) -> int:
         serve_stdio,
     )
     from callward.core._mcp_upstream import raw_mcp_section  # noqa: PLC0415
+    from callward.core._metrics import serving_metrics  # noqa: PLC0415
 
     path = config_path(args, home)
     section = raw_mcp_section(path)
@@ -41,7 +42,8 @@ def _serve(args: argparse.Namespace, home: Home) -> int:
     if args.principal is None and (args.transport == "stdio" or tokens is None):
         raise ConfigurationError("--principal is needed unless HTTP clients are configured "
                                  "with bearer tokens (mcp.clients)")
-    with open_upstreams(path, home=home.root) as (gateway, upstreams):
+    with open_upstreams(path, home=home.root) as (gateway, upstreams), \
+            serving_metrics(gateway, args.metrics_port):
         face = McpFace(gateway, principal=args.principal or "", session_id=args.session,
                        content=UpstreamContent.of(gateway, upstreams.connections))
         if args.transport == "stdio":
@@ -85,6 +87,8 @@ def add_commands(commands: Subcommands) -> None:
     serve.add_argument("--transport", choices=("stdio", "http"), default="stdio")
     serve.add_argument("--host", default="127.0.0.1", help="loopback address for http")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port for http")
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help="serve Prometheus metrics on 127.0.0.1:PORT/metrics")
     serve.set_defaults(handler=_serve)
 
     tools = mcp_commands.add_parser(

@@ -103,6 +103,7 @@ class _EphemeralSigner:
 
 
 def _explain(args: argparse.Namespace, home: Home) -> int:
+    from callward.core._anomaly_state import AnomalyState  # noqa: PLC0415
     from callward.policies import Policy, PolicyState  # noqa: PLC0415
 
     config = load_config(config_path(args, home))
@@ -110,8 +111,9 @@ def _explain(args: argparse.Namespace, home: Home) -> int:
     state_path = home.policy_state_db
     # Read the live state (labels, approvals, counters) without changing it.
     state = PolicyState(state_path if state_path.is_file() else None)
+    anomalies = AnomalyState(home.anomaly_state_db if home.anomaly_state_db.is_file() else None)
     policy = Policy.from_file(Path(args.policy) if args.policy else config.policy_path,
-                              state=state)
+                              state=state, anomalies=anomalies)
     text = sys.stdin.read() if args.text == "-" else args.text
     try:
         calls = parse_model_output(text, parameter_order=registry.parameter_order,
@@ -126,6 +128,7 @@ def _explain(args: argparse.Namespace, home: Home) -> int:
         for call in calls
     ]
     state.close()
+    anomalies.close()
     print_json({"policy": policy.digest, "principal": args.principal, "calls": traces})
     return EXIT_OK
 

@@ -11,6 +11,9 @@ Configuration, version 1; paths are relative to the file::
       runtime: runc        # or runsc (gVisor)
       pool: {size: 2, idle_seconds: 300, memory_budget_mebibytes: 1024}
     models_as_tools: {}    # optional: embed_search, summarize, sentiment (core._model_tools)
+    anomalies:             # optional: anomaly monitoring (callward.core._anomaly), on by default
+      enabled: true
+      quiet_seconds: 900   # and any other DetectorSettings field
 
 State lives under the home directory: ``audit.db``, ``keys/``.
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -30,6 +33,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 from referencing import Registry
 
+from callward.core._anomaly import ANOMALY_SETTING_NAMES, DetectorSettings
 from callward.core._model_tools import ModelToolsSettings, model_tools_settings
 from callward.core._registry import ToolRegistry
 from callward.core._yaml import strict_yaml_load
@@ -69,6 +73,16 @@ CONFIG_SCHEMA: Final = {
         },
         # Model tools (embed_search, summarize, sentiment); core._model_tools validates it.
         "models_as_tools": {"type": "object"},
+        # Anomaly monitoring: DetectorSettings fields (callward.core._anomaly).
+        "anomalies": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "enabled": {"type": "boolean"},
+                **{name: {"type": "number", "exclusiveMinimum": 0}
+                   for name in ANOMALY_SETTING_NAMES},
+            },
+        },
         # Upstream MCP servers; callward.core._mcp_upstream validates the section itself.
         "mcp": {"type": "object"},
         # The model `callward agent` runs: a transformers directory, or the demo model.
@@ -125,6 +139,10 @@ class Home:
         return self.root / "policy-state.db"
 
     @property
+    def anomaly_state_db(self) -> Path:
+        return self.root / "anomaly-state.db"
+
+    @property
     def keys_dir(self) -> Path:
         return self.root / "keys"
 
@@ -171,6 +189,8 @@ class GatewayConfig:
     model: ModelSettings | None = None
     #: ``models_as_tools``: model tools served by warm workers; None means none.
     model_tools: ModelToolsSettings | None = None
+    #: ``anomalies``: the detector's settings; None turns anomaly monitoring off.
+    anomalies: DetectorSettings | None = field(default_factory=DetectorSettings)
 
 
 def example_config_path() -> Path:
@@ -217,7 +237,18 @@ def load_config(path: Path) -> GatewayConfig:
         model=_model_settings(raw.get("model"), resolve),
         model_tools=(model_tools_settings(raw["models_as_tools"], resolve)
                      if "models_as_tools" in raw else None),
+        anomalies=_detector_settings(raw.get("anomalies") or {}, path),
     )
+
+
+def _detector_settings(section: Mapping[str, Any], path: Path) -> DetectorSettings | None:
+    if not section.get("enabled", True):
+        return None
+    given = {name: value for name, value in section.items() if name != "enabled"}
+    try:
+        return DetectorSettings.from_json(given)
+    except ValueError as exc:
+        raise ConfigurationError(f"configuration {path}: anomalies: {exc}") from exc
 
 
 def _model_settings(
@@ -252,6 +283,10 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
     """
     # The edge that wires the stages imports them; the stages never import each other.
     from callward.audit import FileSigner, SQLiteAuditStore, store_settings  # noqa: PLC0415
+    from callward.core._anomaly import AnomalyDetector  # noqa: PLC0415
+    from callward.core._anomaly_state import AnomalyState  # noqa: PLC0415
+    from callward.core._metrics import Metrics  # noqa: PLC0415
+    from callward.core._observe import CallObserver  # noqa: PLC0415
     from callward.core.gateway import Gateway  # noqa: PLC0415
     from callward.policies import Policy, PolicyState  # noqa: PLC0415
     from callward.sandbox import DockerSandbox, PoolConfig  # noqa: PLC0415
@@ -265,10 +300,15 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
     # approvals are signed with the audit key.
     # A shadow (candidate) policy decides beside it, read-only; differences are recorded.
     policy_state = PolicyState(state.policy_state_db)
-    shadow = (Policy.from_file(config.policy_shadow_path, state=policy_state)
+    # Open anomalies survive restarts in their own file; a policy gate reads them.
+    detector_settings = config.anomalies or DetectorSettings()
+    anomalies = AnomalyState(state.anomaly_state_db,
+                             quiet_seconds=detector_settings.quiet_seconds)
+    shadow = (Policy.from_file(config.policy_shadow_path, state=policy_state,
+                               anomalies=anomalies)
               if config.policy_shadow_path is not None else None)
     policy = Policy.from_file(config.policy_path, state=policy_state, signer=signer,
-                              shadow=shadow)
+                              shadow=shadow, anomalies=anomalies)
     settings = store_settings(config.audit or {}, base=config.source.parent)
     audit = SQLiteAuditStore(state.audit_db, signer, checkpoint_every=settings.checkpoint_every,
                              checkpoint_seconds=settings.checkpoint_seconds,
@@ -288,12 +328,20 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
     except SandboxUnavailable:
         # The gateway still starts: each call will then end, audited, as sandbox_unavailable.
         log.warning("sandbox_unavailable_at_start")
+    metrics = Metrics()
+    observers: tuple[CallObserver, ...] = (metrics,)
+    if config.anomalies is not None:
+        detector = AnomalyDetector(anomalies, audit, settings=config.anomalies, metrics=metrics)
+        # From the state file, so anomalies resolved by an operator's command count too.
+        metrics.count_open_anomalies(lambda: len(anomalies.all_open()))
+        observers = (metrics, detector)
     return Gateway(
         registry=registry,
         policy=policy,
         runner=runner,
         audit=audit,
-        closers=(audit.close, policy.state.close, runner.close),
+        closers=(audit.close, policy.state.close, anomalies.close, runner.close),
+        observers=observers,
     )
 
 

@@ -59,5 +59,5 @@ def open_upstreams(path: Path, *, home: Path, servers: tuple[str, ...] | None = 
                           runner=UpstreamRunner(base.runner, upstreams.routes,
                                                 frozenset(upstreams.routes)
                                                 | frozenset(upstreams.blocked)),
-                          audit=base.audit, new_id=base.new_id)
+                          audit=base.audit, new_id=base.new_id, observers=base.observers)
         yield gateway, upstreams

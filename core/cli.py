@@ -19,7 +19,15 @@ from typing import NoReturn
 
 import structlog
 
-from callward.core import _cli_agent, _cli_audit, _cli_mcp, _cli_plan, _cli_policy, _cli_sandbox
+from callward.core import (
+    _cli_agent,
+    _cli_audit,
+    _cli_mcp,
+    _cli_plan,
+    _cli_policy,
+    _cli_sandbox,
+    _cli_stats,
+)
 from callward.core._cli_common import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
@@ -114,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_agent.add_commands(commands)
     _cli_mcp.add_commands(commands)
     _cli_plan.add_commands(commands)
+    _cli_stats.add_commands(commands)
     return parser
 
 

@@ -15,6 +15,10 @@ Invariants, in the order a call meets them:
 
 Every ``ToolResult`` that leaves the gateway therefore carries the receipt of
 the signed record that explains it.
+
+Observers (``callward.core._observe``: the metrics, the anomaly detector) see a
+call only after its final record is durable; one that raises is logged and
+skipped, so observing can neither fail, lose nor change a call.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 import structlog
 
 from callward.core._canonical import JSONValue, canonical_bytes, canonical_loads, sha256_hex
+from callward.core._observe import CallEvent, CallObserver, RecordObserver
 from callward.core._parse import parse_model_output
 from callward.core._registry import ToolRegistry
 from callward.core.errors import CallwardError, MalformedCall, SandboxUnavailable
@@ -106,6 +111,7 @@ class Gateway:
         clock: Clock = time.perf_counter,
         new_id: NewId = new_call_id,
         closers: tuple[Callable[[], None], ...] = (),
+        observers: tuple[CallObserver, ...] = (),
     ) -> None:
         self.registry = registry
         self.policy = policy
@@ -118,6 +124,7 @@ class Gateway:
         self._clock = clock
         self._new_id = new_id
         self._closers = closers
+        self.observers = observers
 
     def close(self) -> None:
         """Release what the gateway was handed to own (the audit store, the engine client)."""
@@ -159,7 +166,14 @@ class Gateway:
         """
         if kind.startswith("call.") or not _RECORD_KIND.match(kind):
             raise ValueError("a record kind is dotted snake_case and not call.*")
-        return self._receipt(self.audit.append(kind, body))
+        receipt = self._receipt(self.audit.append(kind, body))
+        for observer in self.observers:
+            if isinstance(observer, RecordObserver):
+                try:
+                    observer.observe_record(kind, body)
+                except Exception:  # an observer never fails a record
+                    log.exception("observer_failed", observer=type(observer).__name__)
+        return receipt
 
     @contextlib.contextmanager
     def produced_by(self, origin: Mapping[str, JSONValue]) -> Iterator[None]:
@@ -261,11 +275,15 @@ class Gateway:
         outcome = self._execute(call, spec, decision, context)
         sandbox_ms = _ms(started, self._clock())
 
+        queue_ms = None
+        if outcome.execution is not None:
+            queue_ms = round(max(0.0, sandbox_ms - outcome.execution.usage.wall_ms), 3)
         expected_matched = None
         if call.expected_json is not None and outcome.kind == "ok":
             expected_matched = outcome.content_json == call.expected_json
         outcome, result_body = self._treat_result(call, spec, context, outcome)
         execution = outcome.execution
+        started = self._clock()
         completed = self.audit.append(
             "call.completed",
             {
@@ -290,8 +308,16 @@ class Gateway:
                 **_provenance_fields(context),
             },
         )
+        stages = (("parse", parse_ms), ("policy", policy_ms),
+                  ("audit_authorized", authorize_ms), ("sandbox", sandbox_ms),
+                  ("audit_completed", _ms(started, self._clock())))
         clog.info("call_completed", outcome=outcome.kind, seq=completed.seq,
                   result_bytes=len(outcome.content_json))
+        self._notify(CallEvent(
+            call_id=call.id, principal=principal, tool=spec.name, outcome=outcome.kind,
+            record_kind="call.completed", result_bytes=len(outcome.content_json),
+            durations_ms=stages if queue_ms is None else (*stages, ("queue", queue_ms)),
+            reasons=decision.reasons, seq=completed.seq))
         return ToolResult(
             call_id=call.id,
             tool=spec.name,
@@ -303,6 +329,20 @@ class Gateway:
         )
 
     # -- stages ---------------------------------------------------------------
+
+    def _notify(self, event: CallEvent) -> None:
+        """
+        Hand a finished call to the observers (metrics, anomaly detector).
+
+        Runs after the final record is durable; an observer that raises is logged
+        and skipped, so observing can never lose, fail or change a call.
+        """
+        for observer in self.observers:
+            try:
+                observer.observe(event)
+            except Exception:  # observers are not evidence; the call stands
+                log.exception("observer_failed", observer=type(observer).__name__,
+                              call_id=event.call_id)
 
     def poll_policy_reload(self) -> None:
         """
@@ -433,9 +473,16 @@ class Gateway:
         kind = decision.kind if decision.kind is not None else "permission"
         body = self._call_body(call, spec, decision, context)
         body["durations_ms"] = {"parse": parse_ms, "policy": policy_ms}
+        started = self._clock()
         record = self.audit.append("call.denied", body)
         log.info("call_denied", call_id=call.id, kind=kind, rule=decision.reasons[0],
                  seq=record.seq)
+        self._notify(CallEvent(
+            call_id=call.id, principal=context.principal,
+            tool=spec.name if spec is not None else "", outcome=kind, record_kind="call.denied",
+            durations_ms=(("parse", parse_ms), ("policy", policy_ms),
+                          ("audit_denied", _ms(started, self._clock()))),
+            reasons=decision.reasons, seq=record.seq))
         extra: dict[str, JSONValue] = {"rule": decision.reasons[0]}
         if decision.json_path is not None:
             extra["json_path"] = decision.json_path
@@ -470,6 +517,8 @@ class Gateway:
         )
         log.info("call_rejected", call_id=call_id, dialect=error.dialect, offset=error.offset,
                  seq=record.seq)
+        self._notify(CallEvent(call_id=call_id, principal=context.principal, tool="",
+                               outcome="malformed", record_kind="call.rejected", seq=record.seq))
         return ToolResult(
             call_id=call_id,
             tool="",

@@ -36,6 +36,7 @@ from callward.core import (
     ToolSpec,
     canonical_bytes,
 )
+from callward.core._anomaly_state import ANOMALY_METRICS, Anomaly, AnomalyState
 from callward.core._canonical import CanonicalizationError
 from callward.policies._cedar import (
     argument_names,
@@ -48,6 +49,8 @@ from callward.policies._evaluator import Policy
 from callward.policies._state import PolicyState
 
 MAX_EXAMPLES: Final = 5
+#: In a replay an anomaly is open until its ``anomaly.resolved`` record.
+_NEVER_QUIET_SECONDS: Final = 1e12
 
 
 # -- lint ---------------------------------------------------------------------
@@ -528,7 +531,8 @@ def run_cases(policy_path: Path, registry: ToolRegistry, cases: Sequence[Mapping
               *, signer: Any = None) -> list[CaseResult]:
     """Decide every case in order against a fresh in-memory state; never raises for a case."""
     clock = _Clock()
-    policy = Policy(load_policy(policy_path), state=PolicyState(), clock=clock, signer=signer)
+    policy = Policy(load_policy(policy_path), state=PolicyState(), clock=clock, signer=signer,
+                    anomalies=AnomalyState())  # no anomaly is open in a test case
     results = []
     for index, case in enumerate(cases):
         name = str(case.get("name", f"case {index + 1}"))
@@ -617,14 +621,20 @@ def replay(records: Iterable[tuple[str, str, Mapping[str, Any]]], candidate_path
 
     The candidate decides on a fresh in-memory state with its clock at each
     record's time, so rate limits and data-flow labels replay in order; a call
-    that ran on an approval and now asks for one counts as unchanged.
+    that ran on an approval and now asks for one counts as unchanged. An anomaly
+    is open from its ``anomaly.detected`` record to its ``anomaly.resolved``.
     """
     clock = _Clock()
-    candidate = Policy(load_policy(candidate_path), state=PolicyState(), clock=clock)
+    anomalies = AnomalyState(quiet_seconds=_NEVER_QUIET_SECONDS)
+    candidate = Policy(load_policy(candidate_path), state=PolicyState(), clock=clock,
+                       anomalies=anomalies)
     report = ReplayReport()
     ran: dict[str, tuple[ToolCall, ToolSpec, CallContext]] = {}
     for kind, ts, body in records:
         report.records += 1
+        if kind in {"anomaly.detected", "anomaly.resolved"}:
+            _replay_anomaly(anomalies, kind, body, _epoch(ts))
+            continue
         if kind == "call.completed":
             seen = ran.pop(str(body.get("call_id")), None)
             if seen is not None and body.get("outcome") == "ok":
@@ -646,7 +656,19 @@ def replay(records: Iterable[tuple[str, str, Mapping[str, Any]]], candidate_path
         before = body.get("decision") or {}
         _compare(report, call, context, before, after)
     candidate.state.close()
+    anomalies.close()
     return report
+
+
+def _replay_anomaly(anomalies: AnomalyState, kind: str, body: Mapping[str, Any],
+                    at: float) -> None:
+    anomaly_id = str(body.get("anomaly_id"))
+    if kind == "anomaly.resolved":
+        anomalies.resolve(anomaly_id, by=str(body.get("by")), at=at)
+    elif body.get("metric") in ANOMALY_METRICS and anomalies.get(anomaly_id) is None:
+        anomalies.add(Anomaly(id=anomaly_id, principal=str(body.get("principal")),
+                              tool=str(body.get("tool")), metric=body["metric"], evidence={},
+                              detected_at=at, last_seen=at))
 
 
 def _recorded_call(body: Mapping[str, Any]) -> tuple[ToolCall, CallContext]:

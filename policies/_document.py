@@ -42,6 +42,9 @@ and a document needs ``rules`` or ``cedar``)::
     mcp_content:                  # upstream MCP resources and prompts: off unless listed
       - {id: notes-public, server: notes, resources: ["note://public/*"],
          prompts: [summarize], roles: [analyst]}   # URI / name globs; who is optional
+    anomalies:                    # while an anomaly is open for the caller (callward.core._anomaly)
+      - {id: hold-anomalous, effect: approval, tools: ["*"], metrics: [call_rate, denial_ratio],
+         approvers: {roles: [security]}}   # or effect: deny; metrics default to all
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from jsonschema.exceptions import best_match
 from referencing import Registry
 
 from callward.core import PolicyInvalid, ResourceLimits, RuleId, Sha256Hex
+from callward.core._anomaly_state import ANOMALY_METRICS
 from callward.core._canonical import POLICY_DIGEST_DOMAIN, canonical_sha256
 from callward.core._yaml import strict_yaml_load
 from callward.core.types import MIB
@@ -90,6 +94,31 @@ _LIMITS: Final = {
     },
 }
 _WHO: Final = {"roles": _NAME_LIST, "groups": _NAME_LIST, "principals": _NAME_LIST}
+_ANOMALY_GATES: Final = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["id", "effect"],
+        "if": {"properties": {"effect": {"const": "approval"}}},
+        "then": {"required": ["approvers"]},
+        "else": {"not": {"anyOf": [{"required": ["approvers"]},
+                                   {"required": ["expires_seconds"]}]}},
+        "properties": {
+            "id": _ID,
+            "description": {"type": "string"},
+            "effect": {"enum": ["deny", "approval"]},
+            "tools": {**_NAME_LIST, "minItems": 1},
+            **_WHO,
+            "metrics": {"type": "array", "minItems": 1, "uniqueItems": True,
+                        "items": {"enum": list(ANOMALY_METRICS)}},
+            "approvers": {"type": "object", "additionalProperties": False,
+                          "minProperties": 1, "properties": _WHO},
+            "expires_seconds": {"type": "number", "exclusiveMinimum": 0,
+                                "maximum": 7 * 86400},
+        },
+    },
+}
 DOCUMENT_SCHEMA: Final[Mapping[str, Any]] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
@@ -249,6 +278,8 @@ DOCUMENT_SCHEMA: Final[Mapping[str, Any]] = {
                 },
             },
         },
+        # Gates on open anomalies (callward.core._anomaly): deny, or require approval.
+        "anomalies": _ANOMALY_GATES,
     },
 }
 _DOCUMENT_VALIDATOR: Final = Draft202012Validator(DOCUMENT_SCHEMA, registry=Registry())
@@ -399,6 +430,25 @@ class McpContentRule:
 
 
 @dataclass(frozen=True, slots=True)
+class AnomalyGate:
+    """
+    While an anomaly of ``metrics`` is open for the caller, its calls of ``tools``
+    are denied (``approval is None``) or need the approval ``approval`` describes.
+    """
+
+    id: RuleId
+    tools: frozenset[str]
+    who: Who
+    metrics: frozenset[str]
+    approval: ApprovalRule | None
+
+    def applies(self, principal: str, roles: frozenset[str], groups: frozenset[str],
+                tool: str) -> bool:
+        return ("*" in self.tools or tool in self.tools) and self.who.matches(
+            principal, roles, groups)
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyDocument:
     """A loaded, validated policy, and the digest of exactly what was loaded."""
 
@@ -420,6 +470,13 @@ class PolicyDocument:
     results: tuple[ResultRule, ...] = ()
     mcp_content: tuple[McpContentRule, ...] = ()
     version: int = 1
+    anomaly_gates: tuple[AnomalyGate, ...] = ()
+
+    @property
+    def approval_rules(self) -> tuple[ApprovalRule, ...]:
+        """The approval rules, and those of the anomaly gates that ask for approval."""
+        return self.approvals + tuple(g.approval for g in self.anomaly_gates
+                                      if g.approval is not None)
 
     def roles_of(self, principal: str) -> frozenset[str]:
         return self.principal_roles.get(principal, frozenset())
@@ -482,6 +539,19 @@ def _read_cedar(source: str, base: Path | None, names: list[str]) -> list[tuple[
             raise PolicyInvalid(f"{source}: Cedar file {name} cannot be read "
                                 f"({type(exc).__name__})") from exc
     return texts
+
+
+def _anomaly_gate(rule_id: RuleId, entry: Mapping[str, Any]) -> AnomalyGate:
+    tools = frozenset(entry.get("tools", ("*",)))
+    who = _who(entry)
+    approval = None
+    if entry["effect"] == "approval":
+        approval = ApprovalRule(id=rule_id, tools=tools, who=who,
+                                approvers=_who(entry["approvers"]),
+                                expires_seconds=float(entry.get("expires_seconds", 900)))
+    return AnomalyGate(id=rule_id, tools=tools, who=who,
+                       metrics=frozenset(entry.get("metrics", ANOMALY_METRICS)),
+                       approval=approval)
 
 
 def parse_policy(text: str, *, source: str = "<string>", base: Path | None = None
@@ -600,6 +670,8 @@ def parse_policy(text: str, *, source: str = "<string>", base: Path | None = Non
             )
             for entry in raw.get("mcp_content", ())
         ),
+        anomaly_gates=tuple(_anomaly_gate(unique(entry["id"]), entry)
+                            for entry in raw.get("anomalies", ())),
     )
     for tool in document.tool_limits:
         try:

@@ -7,10 +7,11 @@ Invariants:
   the schema or a constraint, a principal no permit names, a Cedar policy
   that errors, a labelled result that would flow where a rule forbids, a
   missing or spent approval, an exhausted rate limit, and any error inside a
-  check (the policy state unreadable included).
+  check (the policy state unreadable included, and the anomaly state when an
+  ``anomalies`` gate applies to the call).
 - A matching ``forbid`` (a ``deny`` rule) overrides every ``permit``.
 - ``decide()`` evaluates the checks in pipeline order (unknown_tool, schema,
-  constraint, permission, flow, approval_required, rate_limit) and returns a
+  constraint, permission, flow, anomaly, approval_required, rate_limit) and returns a
   ``Decision`` listing every rule that decided; its ``kind`` is the first
   failed check. Checks with side effects (a proposal recorded, an approval
   used, a rate-limit token taken) run only when every check before them
@@ -60,6 +61,7 @@ from callward.core import (
     canonical_bytes,
     sha256_hex,
 )
+from callward.core._anomaly_state import AnomalyStateUnavailable, OpenAnomalies
 from callward.core._canonical import MAX_JSON_BYTES, canonical_loads, check_json_bounds
 from callward.core.errors import DenyKind
 from callward.core.protocols import AuditLog
@@ -73,6 +75,7 @@ from callward.policies._approvals import (
 from callward.policies._cedar import CedarPermissions, ContextError
 from callward.policies._constraints import confinement_violation
 from callward.policies._document import (
+    ApprovalRule,
     PolicyDocument,
     ResultRule,
     load_policy,
@@ -90,6 +93,7 @@ BOUNDS_RULE: Final = RuleId("input.bounds")
 CEDAR_ERROR_RULE: Final = RuleId("cedar.evaluation-error")
 CEDAR_CONTEXT_RULE: Final = RuleId("cedar.context")
 STATE_RULE: Final = RuleId("policy.state-unavailable")
+ANOMALY_STATE_RULE: Final = RuleId("anomaly.state-unavailable")
 RELOAD_INTERVAL_SECONDS: Final = 1.0
 
 Clock = Callable[[], float]
@@ -235,6 +239,8 @@ class _Pending:
     charges: list[RateCharge] = field(default_factory=list)
     approval: Proposal | None = None
     checked: bool = False
+    #: An anomaly gate that asks for approval, and the open anomalies behind it.
+    anomaly_approval: tuple[ApprovalRule, tuple[RuleId, ...]] | None = None
 
 
 class Policy:
@@ -250,6 +256,8 @@ class Policy:
             (give it the same state, so it sees the same counters and labels); where
             it differs, ``decide_with_shadow`` says so for the gateway to audit
             (``policy.shadow_diverged``); it is never enforced.
+        anomalies: The open anomalies, for the document's ``anomalies`` gates;
+            without it a gate that applies denies (fail closed).
 
     Example::
 
@@ -272,8 +280,10 @@ class Policy:
         new_proposal_id: Callable[[], str] = _proposal_id,
         path: Path | None = None,
         shadow: Policy | None = None,
+        anomalies: OpenAnomalies | None = None,
     ) -> None:
         self._compiled = _compile(document)
+        self.anomalies = anomalies
         self._schema = SchemaCheck()
         self.state = state if state is not None else PolicyState()
         self._signer = signer
@@ -402,6 +412,8 @@ class Policy:
         self._flow_check(document, labels, session_labels, inflows, context, checks)
 
         pending = _Pending()
+        if document.anomaly_gates:
+            self._anomaly_gates(document, spec, context, pending, checks, now)
         if checks.ok:
             self._rate_limits(document, spec, context=context, labels=labels, pending=pending,
                               record=checks, now=now, commit=commit)
@@ -558,6 +570,41 @@ class Policy:
             record.add("rate_limit", Check("rate_limit", True,
                                        tuple(c.rule for c in pending.charges)))
 
+    def _anomaly_gates(self, document: PolicyDocument, spec: ToolSpec,  # noqa: PLR0917 - one private step
+                       context: CallContext, pending: _Pending, checks: _Checks,
+                       now: float) -> None:
+        """Deny, or ask for approval, while an anomaly a gate names is open for the caller."""
+        roles = document.roles_of(context.principal)
+        groups = document.groups_of(context.principal)
+        gates = [g for g in document.anomaly_gates
+                 if g.applies(context.principal, roles, groups, spec.name)]
+        if not gates:
+            return
+        kind: DenyKind = "permission" if gates[0].approval is None else "approval_required"
+        if self.anomalies is None:
+            checks.add(kind, Check("anomaly", False, (ANOMALY_STATE_RULE,),
+                                   "no anomaly state is configured"))
+            return
+        try:
+            open_now = self.anomalies.open_for(context.principal, now)
+        except AnomalyStateUnavailable:
+            checks.add(kind, Check("anomaly", False, (ANOMALY_STATE_RULE,),
+                                   "the anomaly state is unreadable"))
+            return
+        for gate in gates:
+            held = [a for a in open_now if a.metric in gate.metrics]
+            if not held:
+                continue
+            ids = tuple(RuleId(f"anomaly.{a.id}") for a in held)
+            if gate.approval is None:
+                checks.add("permission", Check(
+                    "anomaly", False, (gate.id, *ids),
+                    f"an anomaly ({held[0].metric}) is open for this principal"))
+            elif pending.anomaly_approval is None:
+                pending.anomaly_approval = (gate.approval, ids)
+        if checks.ok and pending.anomaly_approval is None:
+            checks.add_trace(Check("anomaly", True, tuple(g.id for g in gates)))
+
     def _approvals(self, document: PolicyDocument, call: ToolCall, spec: ToolSpec, *,
                    context: CallContext, pending: _Pending, record: _Checks,
                    now: float, commit: bool) -> None:
@@ -566,6 +613,11 @@ class Policy:
         rules = [rule for rule in document.approvals
                  if (spec.name in rule.tools or "*" in rule.tools)
                  and rule.who.matches(context.principal, roles, groups)]
+        held: tuple[RuleId, ...] = ()
+        if pending.anomaly_approval is not None:
+            # An open anomaly asks for approval first; the gate's rule names the approvers.
+            rule_of_gate, held = pending.anomaly_approval
+            rules.insert(0, rule_of_gate)
         if not rules:
             return
         rule = rules[0]
@@ -595,7 +647,7 @@ class Policy:
         # An approval that expired unused is named, so the log shows that lifecycle too.
         lapsed = () if expired is None else (RuleId(f"approval-expired.{expired}"),)
         record.add("approval_required", Check(
-            "approval", False, (rule.id, *lapsed, RuleId(f"proposal.{proposal.id}")),
+            "approval", False, (rule.id, *held, *lapsed, RuleId(f"proposal.{proposal.id}")),
             f"this call needs an approval: proposal {proposal.id}"))
 
     def _commit(self, call: ToolCall, pending: _Pending, record: _Checks, now: float) -> None:
@@ -755,7 +807,7 @@ class Policy:
         if status != "proposed":
             raise ApprovalRefused(f"the proposal is {status}", rule=proposal.rule_id)
         document = self._compiled.document
-        rule = next((r for r in document.approvals if r.id == proposal.rule_id), None)
+        rule = next((r for r in document.approval_rules if r.id == proposal.rule_id), None)
         if rule is None:
             raise ApprovalRefused("the rule that asked for approval is no longer in the policy",
                                   rule=proposal.rule_id)
