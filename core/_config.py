@@ -10,6 +10,10 @@ Configuration, version 1; paths are relative to the file::
     sandbox:
       runtime: runc        # or runsc (gVisor)
       pool: {size: 2, idle_seconds: 300, memory_budget_mebibytes: 1024}
+      secrets:             # where granted secrets come from (default: environment)
+        source: environment   # CALLWARD_SECRET_<NAME>, or the mapping below
+        environment: {GITHUB_TOKEN: GH_TOKEN}
+        # source: directory, directory: /run/secrets   (one 0600 file per secret)
     models_as_tools: {}    # optional: embed_search, summarize, sentiment (core._model_tools)
     anomalies:             # optional: anomaly monitoring (callward.core._anomaly), on by default
       enabled: true
@@ -67,6 +71,19 @@ CONFIG_SCHEMA: Final = {
                         "idle_seconds": {"type": "number", "exclusiveMinimum": 0,
                                          "maximum": 86400},
                         "memory_budget_mebibytes": {"type": "integer", "minimum": 0},
+                    },
+                },
+                # Where secrets granted to tools are read (callward.sandbox secret sources).
+                "secrets": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "source": {"enum": ["environment", "directory"]},
+                        "directory": {"type": "string", "minLength": 1},
+                        "environment": {
+                            "type": "object",
+                            "additionalProperties": {"type": "string", "minLength": 1},
+                        },
                     },
                 },
             },
@@ -191,6 +208,8 @@ class GatewayConfig:
     model_tools: ModelToolsSettings | None = None
     #: ``anomalies``: the detector's settings; None turns anomaly monitoring off.
     anomalies: DetectorSettings | None = field(default_factory=DetectorSettings)
+    #: ``sandbox.secrets``: the secret source (directory resolved against the file).
+    secrets: Mapping[str, Any] | None = None
 
 
 def example_config_path() -> Path:
@@ -238,7 +257,21 @@ def load_config(path: Path) -> GatewayConfig:
         model_tools=(model_tools_settings(raw["models_as_tools"], resolve)
                      if "models_as_tools" in raw else None),
         anomalies=_detector_settings(raw.get("anomalies") or {}, path),
+        secrets=_secret_settings((raw.get("sandbox") or {}).get("secrets"), resolve),
     )
+
+
+def _secret_settings(
+    section: Mapping[str, Any] | None, resolve: Callable[[str], str]
+) -> Mapping[str, Any] | None:
+    if section is None:
+        return None
+    settings = dict(section)
+    if settings.get("source") == "directory":
+        if "directory" not in settings:
+            raise ConfigurationError("sandbox.secrets: source directory needs a directory")
+        settings["directory"] = resolve(settings["directory"])
+    return settings
 
 
 def _detector_settings(section: Mapping[str, Any], path: Path) -> DetectorSettings | None:
@@ -289,7 +322,7 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
     from callward.core._observe import CallObserver  # noqa: PLC0415
     from callward.core.gateway import Gateway  # noqa: PLC0415
     from callward.policies import Policy, PolicyState  # noqa: PLC0415
-    from callward.sandbox import DockerSandbox, PoolConfig  # noqa: PLC0415
+    from callward.sandbox import DockerSandbox, PoolConfig, secret_source  # noqa: PLC0415
 
     config = load_config(Path(str(path)))
     state = Home.resolve(None if home is None else str(home))
@@ -319,7 +352,8 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
     pool = dict(config.pool or {})
     if "memory_budget_mebibytes" in pool:
         pool["memory_budget_bytes"] = pool.pop("memory_budget_mebibytes") * (1 << 20)
-    sandbox = DockerSandbox.from_env(runtime=config.runtime, pool=PoolConfig(**pool))
+    sandbox = DockerSandbox.from_env(runtime=config.runtime, pool=PoolConfig(**pool),
+                                     secrets=secret_source(config.secrets))
     runner: DockerSandbox | ModelToolRunner = sandbox
     if config.model_tools is not None:
         runner = _with_model_tools(config.model_tools, config.runtime, state, registry, sandbox)

@@ -48,6 +48,7 @@ class _ToolMark:
     description: str | None
     limits: ResourceLimits
     labels: tuple[str, ...]
+    secrets: tuple[str, ...] = ()
 
 
 def tool(
@@ -57,6 +58,7 @@ def tool(
     description: str | None = None,
     limits: ResourceLimits | None = None,
     labels: tuple[str, ...] = (),
+    secrets: tuple[str, ...] = (),
 ) -> Callable[[F], F]:
     """
     Mark a function as a callward tool. The function is returned unchanged.
@@ -67,6 +69,8 @@ def tool(
         description: For the model; defaults to the docstring's first paragraph.
         limits: The tool's default resource limits; the policy may set others.
         labels: Free-form labels for policy (e.g. ``egress``).
+        secrets: Names of host secrets the tool needs (e.g. ``("GITHUB_TOKEN",)``);
+            each must be granted by the policy, and reaches only this tool's executions.
 
     Example::
 
@@ -84,7 +88,8 @@ def tool(
         setattr(
             function,
             _MARK,
-            _ToolMark(version, parameters, description, limits or ResourceLimits(), labels),
+            _ToolMark(version, parameters, description, limits or ResourceLimits(), labels,
+                      tuple(secrets)),
         )
         return function
 
@@ -157,6 +162,8 @@ def spec_from_function(function: Callable[..., Any]) -> ToolSpec:
             "parameter_order": list(order),
             "limits": mark.limits.to_json(),
             "labels": list(mark.labels),
+            # Only when declared, so the digests of tools without secrets stay the same.
+            **({"secrets": list(mark.secrets)} if mark.secrets else {}),
         },
         domain=TOOL_DIGEST_DOMAIN,
     )
@@ -171,6 +178,7 @@ def spec_from_function(function: Callable[..., Any]) -> ToolSpec:
         limits=mark.limits,
         labels=tuple(mark.labels),
         parameter_order=order,
+        secrets=mark.secrets,
     )
 
 

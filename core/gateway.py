@@ -445,13 +445,24 @@ class Gateway:
         decision: Decision,
         context: CallContext,
     ) -> Execution:
-        """Run where the decision says; a runtime the runner cannot choose fails closed."""
-        if decision.isolation == "call" and decision.runtime is None:
+        """
+        Run where the decision says; a runtime, secrets or egress the runner cannot
+        give fail closed.
+        """
+        grants = decision.secrets or decision.egress
+        if decision.isolation == "call" and decision.runtime is None and not grants:
             return self.runner.run(spec, call, limits)
         if isinstance(self.runner, PlacingToolRunner):
+            # Passed only when granted, so runners that know neither keep working.
+            extra = {"secrets": decision.secrets, "egress": decision.egress} if grants else {}
             return self.runner.run_placed(
                 spec, call, limits, isolation=decision.isolation, runtime=decision.runtime,
-                principal=context.principal, session_id=context.session_id,
+                principal=context.principal, session_id=context.session_id, **extra,
+            )
+        if grants:
+            raise SandboxUnavailable(
+                f"the policy grants {spec.name} secrets or egress, "
+                "and this sandbox cannot hand them over"
             )
         if decision.runtime is not None:
             raise SandboxUnavailable(

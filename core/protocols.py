@@ -120,9 +120,14 @@ class PlacingToolRunner(ToolRunner, Protocol):
         runtime: Literal["runc", "runsc"] | None,
         principal: str,
         session_id: str,
+        secrets: tuple[str, ...] = (),
+        egress: tuple[str, ...] = (),
     ) -> Execution:
         """
-        Run like ``run``, in ``isolation`` and on ``runtime`` (None: the runner's own).
+        Run like ``run``, in ``isolation`` and on ``runtime`` (None: the runner's own),
+        handing the execution the named ``secrets`` and letting it reach the
+        ``egress`` targets (``host:port``); the gateway passes these two only when
+        the policy granted any.
 
         Raises:
             SandboxUnavailable: The sandbox could not run the tool at all.

@@ -41,12 +41,37 @@ Effect = Literal["allow", "deny"]
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 _TOOL_NAME = re.compile(r"\A[a-z][a-z0-9_]{0,63}\Z")
 _VERSION = re.compile(r"\A[0-9A-Za-z][0-9A-Za-z.+-]{0,31}\Z")
+_SECRET_NAME = re.compile(r"\A[A-Z][A-Z0-9_]{0,63}\Z")
+#: ``host:port`` of an egress grant: a lower-case DNS name or IPv4 address, a TCP port.
+_EGRESS_TARGET = re.compile(
+    r"\A[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?:(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}"
+    r"|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])\Z"
+)
 MIB: Final = 1 << 20
 
 
 def is_tool_name(name: str) -> bool:
     """Tool names are ASCII snake_case, so look-alike Unicode names cannot exist."""
     return bool(_TOOL_NAME.match(name))
+
+
+def is_secret_name(name: str) -> bool:
+    """Secret names are upper-case ASCII identifiers (``GITHUB_TOKEN``), never values."""
+    return bool(_SECRET_NAME.match(name))
+
+
+def is_egress_target(target: str) -> bool:
+    """Whether ``target`` is a ``host:port`` an egress allowlist can hold."""
+    return bool(_EGRESS_TARGET.match(target))
+
+
+def _require_secret_names(names: tuple[str, ...]) -> None:
+    if not isinstance(names, tuple) or not all(
+        isinstance(n, str) and is_secret_name(n) for n in names
+    ):
+        raise ValueError("secret names are a tuple of upper-case identifiers like GITHUB_TOKEN")
+    if len(set(names)) != len(names):
+        raise ValueError("secret names are unique")
 
 
 def _require_sha256(value: str, what: str) -> None:
@@ -223,6 +248,8 @@ class ToolSpec:
         parameter_order: The property names in the order the author wrote them, which
             canonical JSON (sorted keys) loses; positional calls map onto it.
         model: For a model tool, the model it runs (its digest is part of ``digest``).
+        secrets: The names of the host secrets the tool needs (never their values);
+            the policy must grant each one, or the call is denied.
     """
 
     name: str
@@ -236,8 +263,10 @@ class ToolSpec:
     labels: tuple[str, ...] = ()
     parameter_order: tuple[str, ...] = ()
     model: ModelRef | None = None
+    secrets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        _require_secret_names(self.secrets)
         if not is_tool_name(self.name):
             raise ValueError("a tool name is ASCII snake_case, 1 to 64 characters")
         if not _VERSION.match(self.version):
@@ -370,6 +399,10 @@ class Decision:
             ``session`` (the agent session's container, a fresh process per call).
         runtime: For an allow, ``runc`` or ``runsc`` (gVisor); None leaves the
             sandbox's configured runtime.
+        secrets: For an allow, the names of the host secrets handed to this one
+            execution (the tool declared them, the policy granted them).
+        egress: For an allow, the ``host:port`` targets the execution may reach
+            through the egress proxy; empty means no network at all.
     """
 
     effect: Effect
@@ -383,8 +416,17 @@ class Decision:
     policy_version: int = 1
     isolation: Literal["call", "session"] = "call"
     runtime: Literal["runc", "runsc"] | None = None
+    secrets: tuple[str, ...] = ()
+    egress: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        _require_secret_names(self.secrets)
+        if not isinstance(self.egress, tuple) or not all(
+            isinstance(t, str) and is_egress_target(t) for t in self.egress
+        ):
+            raise ValueError("egress is a tuple of host:port targets")
+        if self.effect == "deny" and (self.secrets or self.egress):
+            raise ValueError("a denial grants no secrets and no egress")
         if not self.reasons:
             raise ValueError("a decision must name the rule that made it")
         _require_sha256(self.policy_digest, "a policy digest")
@@ -421,6 +463,11 @@ class Decision:
             body["isolation"] = self.isolation
         if self.runtime is not None:
             body["runtime"] = self.runtime
+        # Names only: a secret's value never enters a record.
+        if self.secrets:
+            body["secrets"] = list(self.secrets)
+        if self.egress:
+            body["egress"] = list(self.egress)
         return body
 
 
@@ -448,20 +495,41 @@ class ResultTreatment:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """What one execution used, as the host measured it."""
+    """
+    What one execution used, as the host measured it.
+
+    Attributes:
+        secrets_provided: The names of the secrets handed to the execution.
+        secret_redactions: How many occurrences of a secret value (or of its
+            base64, hex or URL encoding) were cut from the result before it was
+            audited or returned.
+        egress_allowed: Connections the egress proxy forwarded for it.
+        egress_refused: Connections the egress proxy refused (not on the allowlist).
+    """
 
     wall_ms: float
     exit_code: int | None
     output_bytes: int
     container_id: str = ""
+    secrets_provided: tuple[str, ...] = ()
+    secret_redactions: int = 0
+    egress_allowed: int = 0
+    egress_refused: int = 0
 
     def to_json(self) -> dict[str, JSONValue]:
-        return {
+        body: dict[str, JSONValue] = {
             "wall_ms": round(self.wall_ms, 3),
             "exit_code": self.exit_code,
             "output_bytes": self.output_bytes,
             "container_id": self.container_id[:12],
         }
+        # Only where a tool had secrets or egress, so other records keep their shape.
+        if self.secrets_provided:
+            body["secrets_provided"] = list(self.secrets_provided)
+            body["secret_redactions"] = self.secret_redactions
+        if self.egress_allowed or self.egress_refused:
+            body["egress"] = {"allowed": self.egress_allowed, "refused": self.egress_refused}
+        return body
 
 
 @dataclass(frozen=True, slots=True)

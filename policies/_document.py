@@ -29,6 +29,9 @@ and a document needs ``rules`` or ``cedar``)::
         output_labels: [secret]   # every result of this tool carries these
         declassifies: [untrusted] # labels its arguments carry that its result does not
         confine: {root: /workspace, arguments: [path]}
+      fetch_issues:
+        secrets: [GITHUB_TOKEN]   # grants secrets the tool declares (@tool(secrets=...))
+        egress: ["127.0.0.1:8080", "internal.example:443"]  # host:port via the egress proxy
     rate_limits:
       - {id: refunds-per-hour, tools: [refund], limit: 5, window_seconds: 3600,
          algorithm: sliding_window, per: [principal, tool]}
@@ -65,7 +68,7 @@ from callward.core import PolicyInvalid, ResourceLimits, RuleId, Sha256Hex
 from callward.core._anomaly_state import ANOMALY_METRICS
 from callward.core._canonical import POLICY_DIGEST_DOMAIN, canonical_sha256
 from callward.core._yaml import strict_yaml_load
-from callward.core.types import MIB
+from callward.core.types import MIB, is_egress_target
 
 MAX_POLICY_BYTES: Final = 1 << 20
 
@@ -170,6 +173,14 @@ DOCUMENT_SCHEMA: Final[Mapping[str, Any]] = {
                     # Sandbox settings, read by the gateway's sandbox stage.
                     "isolation": {"enum": ["call", "session"]},
                     "runtime": {"enum": ["runc", "runsc"]},
+                    "secrets": {
+                        "type": "array", "uniqueItems": True,
+                        "items": {"type": "string", "pattern": "^[A-Z][A-Z0-9_]{0,63}$"},
+                    },
+                    "egress": {
+                        "type": "array", "uniqueItems": True, "maxItems": 64,
+                        "items": {"type": "string", "minLength": 3, "maxLength": 261},
+                    },
                     "labels": _LABEL_LIST,
                     "output_labels": _LABEL_LIST,
                     "declassifies": _LABEL_LIST,
@@ -463,7 +474,7 @@ class PolicyDocument:
     output_labels: Mapping[str, frozenset[str]] = field(default_factory=dict)
     declassifies: Mapping[str, frozenset[str]] = field(default_factory=dict)
     confinements: Mapping[str, Confinement] = field(default_factory=dict)
-    tool_settings: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    tool_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     rate_limits: tuple[RateLimit, ...] = ()
     approvals: tuple[ApprovalRule, ...] = ()
     flows: tuple[FlowRule, ...] = ()
@@ -508,6 +519,15 @@ class PolicyDocument:
         """The runtime the document names for a tool, or None for the sandbox's own."""
         runtime = self.tool_settings.get(tool, {}).get("runtime")
         return "runsc" if runtime == "runsc" else "runc" if runtime == "runc" else None
+
+    def ungranted_secrets(self, tool: str, declared: tuple[str, ...]) -> tuple[str, ...]:
+        """The secrets ``tool`` declares that the document does not grant it."""
+        granted = self.tool_settings.get(tool, {}).get("secrets", ())
+        return tuple(name for name in declared if name not in granted)
+
+    def egress_of(self, tool: str) -> tuple[str, ...]:
+        """The ``host:port`` targets the document lets ``tool`` reach; none by default."""
+        return tuple(self.tool_settings.get(tool, {}).get("egress", ()))
 
     def labels_of(self, tool: str, own: tuple[str, ...]) -> frozenset[str]:
         """A tool's labels: its own and those the policy adds."""
@@ -621,7 +641,8 @@ def parse_policy(text: str, *, source: str = "<string>", base: Path | None = Non
             for name, s in tools.items() if "confine" in s
         },
         tool_settings={
-            name: {key: s[key] for key in ("isolation", "runtime") if key in s}
+            name: {key: (tuple(s[key]) if key in ("secrets", "egress") else s[key])
+                   for key in ("isolation", "runtime", "secrets", "egress") if key in s}
             for name, s in tools.items()
         },
         rate_limits=tuple(
@@ -678,6 +699,11 @@ def parse_policy(text: str, *, source: str = "<string>", base: Path | None = Non
             document.limits_for(tool, ResourceLimits())
         except ValueError as exc:
             raise PolicyInvalid(f"{source}: limits of tool {tool!r}: {exc}") from exc
+    for tool in document.tool_settings:
+        for target in document.egress_of(tool):
+            if not is_egress_target(target):
+                raise PolicyInvalid(f"{source}: egress of tool {tool!r}: {target!r} is not "
+                                    "host:port (a lower-case DNS name or IPv4 address)")
     return document
 
 

@@ -229,7 +229,8 @@ class _Checks:
                         limits=document.limits_for(spec.name, spec.limits),
                         diagnostics=diagnostics, policy_version=document.version,
                         isolation=document.isolation_of(spec.name),
-                        runtime=document.runtime_of(spec.name))
+                        runtime=document.runtime_of(spec.name),
+                        secrets=spec.secrets, egress=document.egress_of(spec.name))
 
 
 @dataclass(slots=True)
@@ -499,6 +500,12 @@ class Policy:
             checks.add("constraint", Check(
                 "constraint", path is None, (RuleId(f"confine.{spec.name}"),),
                 "" if path is None else f"a path argument leaves {confinement.root}", path))
+        if spec.secrets:  # the tool declares, the policy grants; anything else is denied
+            missing = document.ungranted_secrets(spec.name, spec.secrets)
+            checks.add("permission", Check(
+                "secrets", not missing, (RuleId(f"secrets.{spec.name}"),),
+                f"the policy grants {spec.name} no secret {', '.join(missing)}" if missing
+                else ""))
         return True
 
     @staticmethod

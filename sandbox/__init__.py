@@ -35,12 +35,21 @@ from callward.sandbox._limits import Runtime
 from callward.sandbox._model_runner import ModelToolRunner
 from callward.sandbox._model_worker import LoadedWorker, ModelWorkers, WorkerSpec, server_sha256
 from callward.sandbox._pool import PoolConfig
+from callward.sandbox._secrets import (
+    DirectorySecretSource,
+    EnvironmentSecretSource,
+    SecretSource,
+    SecretUnavailable,
+    secret_source,
+)
 from callward.sandbox._stdio_service import ServiceImageSpec, StdioService, ensure_service_image
 from callward.sandbox.base import RawExecution, Sandbox, SandboxBackend
 
 __all__ = [
+    "DirectorySecretSource",
     "DockerSandbox",
     "DoctorCheck",
+    "EnvironmentSecretSource",
     "LoadedWorker",
     "ModelToolRunner",
     "ModelWorkers",
@@ -50,6 +59,8 @@ __all__ = [
     "Sandbox",
     "SandboxBackend",
     "SandboxImage",
+    "SecretSource",
+    "SecretUnavailable",
     "ServiceImageSpec",
     "StdioService",
     "WorkerSpec",
@@ -57,5 +68,6 @@ __all__ = [
     "ensure_image",
     "ensure_service_image",
     "expected_image_tag",
+    "secret_source",
     "server_sha256",
 ]

@@ -16,6 +16,13 @@ Invariants:
   tool that breaks, hangs or floods ends as an ``Execution`` with its kind.
 - Constructing a ``DockerSandbox`` does no I/O; the client, the image lookup
   and the container all happen on first use.
+- Secrets are read from the ``SecretSource`` for the one execution that was
+  granted them, all before any container is asked to run (a missing one is
+  ``SecretUnavailable``); they reach the container only inside its request.
+- A call granted egress runs in a cold container on the internal egress network
+  (never a warm one, which has no network), with a lease on the egress proxy
+  for exactly its allowlist; on gVisor, registered with ``--network=none``,
+  egress is refused (``SandboxUnavailable``) rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from callward.core import (
     ToolCall,
     ToolSpec,
 )
+from callward.sandbox._egress import EgressLease, EgressNetwork
 from callward.sandbox._engine import (
     API_VERSION,
     ClientFactory,
@@ -59,6 +67,7 @@ from callward.sandbox._limits import (
     container_options,
 )
 from callward.sandbox._pool import PoolConfig, WarmPool
+from callward.sandbox._secrets import SecretSource, read_secrets
 from callward.sandbox.base import (
     DEADLINE_GRACE_SECONDS,
     Isolation,
@@ -105,6 +114,8 @@ class DockerSandbox:
         pool: How many warm containers to keep per limits profile; ``PoolConfig(size=0)``
             starts every container cold. The default keeps two.
         clock: Monotonic seconds, injected for tests.
+        secrets: Where granted secrets are read from; without one, a call that
+            needs a secret fails closed.
 
     Raises:
         ValueError: Both ``base_url`` and ``client_factory`` were given.
@@ -119,6 +130,7 @@ class DockerSandbox:
         client_factory: ClientFactory | None = None,
         pool: PoolConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        secrets: SecretSource | None = None,
     ) -> None:
         if base_url is not None and client_factory is not None:
             raise ValueError("give base_url or client_factory, not both")
@@ -131,8 +143,10 @@ class DockerSandbox:
         self._client: docker.DockerClient | None = None
         self._pool_config = pool if pool is not None else PoolConfig()
         self._pool: WarmPool[_Live] | None = None
-        self._sessions: dict[tuple[str, ResourceLimits], _Session] = {}
+        self._sessions: dict[tuple[str, ResourceLimits, tuple[str, ...]], _Session] = {}
         self._siblings: dict[Runtime, DockerSandbox] = {}
+        self._secret_source = secrets
+        self._egress: EgressNetwork | None = None
         self._lock = threading.Lock()
         self._sandbox = Sandbox(self, clock=clock)
 
@@ -143,9 +157,11 @@ class DockerSandbox:
         runtime: Runtime = "runc",
         image: SandboxImage | None = None,
         pool: PoolConfig | None = None,
+        secrets: SecretSource | None = None,
     ) -> DockerSandbox:
         """A sandbox on the engine named by ``DOCKER_HOST`` (and its TLS variables)."""
-        return cls(runtime=runtime, image=image, client_factory=client_from_env, pool=pool)
+        return cls(runtime=runtime, image=image, client_factory=client_from_env, pool=pool,
+                   secrets=secrets)
 
     def close(self) -> None:
         """
@@ -165,6 +181,10 @@ class DockerSandbox:
             pool.close()
         for session in sessions:
             self._discard(session.live)
+        with self._lock:
+            egress, self._egress = self._egress, None
+        if egress is not None:
+            egress.close()
         with self._lock:
             client, self._client = self._client, None
         if client is not None:
@@ -196,6 +216,8 @@ class DockerSandbox:
         isolation: Isolation = "call",
         principal: str = "",
         session_id: str = "",
+        secrets: tuple[str, ...] = (),
+        egress: tuple[str, ...] = (),
     ) -> Execution:
         """
         Run ``spec`` with ``call``'s arguments under ``limits``.
@@ -204,11 +226,29 @@ class DockerSandbox:
         isolation in the container of (``principal``, ``session_id``), started on
         its first call, a fresh process per call and /tmp wiped between calls.
 
+        Args:
+            secrets: Names of secrets to hand to this execution (already granted).
+            egress: ``host:port`` targets it may reach through the egress proxy.
+
         Raises:
-            SandboxUnavailable: The engine could not run the container at all.
+            SecretUnavailable: A secret cannot be read; nothing ran.
+            SandboxUnavailable: The engine could not run the container at all, or
+                egress was asked of a runtime that has no network (gVisor here).
         """
+        values = read_secrets(self._secret_source, secrets)
+        proxy_url = ""
+        if egress:
+            if self._runtime == "runsc":
+                raise SandboxUnavailable(
+                    f"{spec.name} is granted egress, and gVisor (runsc) is registered with "
+                    "--network=none here, so it would have no network at all",
+                    remediation="run tools granted egress on runc (policy runtime: runc), "
+                    "or grant no egress",
+                )
+            proxy_url = self._egress_network().proxy_url
         return self._sandbox.run(
-            spec, call, limits, isolation=isolation, principal=principal, session_id=session_id
+            spec, call, limits, isolation=isolation, principal=principal, session_id=session_id,
+            secrets=values, egress=egress, egress_proxy=proxy_url,
         )
 
     def run_placed(
@@ -221,6 +261,8 @@ class DockerSandbox:
         runtime: Runtime | None,
         principal: str,
         session_id: str,
+        secrets: tuple[str, ...] = (),
+        egress: tuple[str, ...] = (),
     ) -> Execution:
         """
         Run as the policy placed the call: in ``isolation``, on ``runtime``.
@@ -233,7 +275,8 @@ class DockerSandbox:
         """
         target = self if runtime in (None, self._runtime) else self._sibling(runtime)
         return target.run(
-            spec, call, limits, isolation=isolation, principal=principal, session_id=session_id
+            spec, call, limits, isolation=isolation, principal=principal, session_id=session_id,
+            secrets=secrets, egress=egress,
         )
 
     def _sibling(self, runtime: Runtime) -> DockerSandbox:
@@ -242,7 +285,7 @@ class DockerSandbox:
             if sibling is None:
                 sibling = self._siblings[runtime] = DockerSandbox(
                     runtime=runtime, image=self._image, client_factory=self._client_factory,
-                    pool=self._pool_config, clock=self._clock,
+                    pool=self._pool_config, clock=self._clock, secrets=self._secret_source,
                 )
             return sibling
 
@@ -255,7 +298,11 @@ class DockerSandbox:
             self._discard(session.live)
 
     def execute(
-        self, request_bytes: bytes, limits: ResourceLimits, session_key: str = ""
+        self,
+        request_bytes: bytes,
+        limits: ResourceLimits,
+        session_key: str = "",
+        egress: tuple[str, ...] = (),
     ) -> RawExecution:
         """
         Run the runner on ``request_bytes`` in a hardened container used only for it.
@@ -268,8 +315,15 @@ class DockerSandbox:
             SandboxUnavailable: The engine could not create, start or inspect the container.
         """
         if session_key:
-            return self._execute_in_session(request_bytes, limits, session_key)
+            return self._execute_in_session(request_bytes, limits, session_key, egress)
         client = self._docker()
+        if egress:
+            # Warm containers have no network: a call granted egress always starts cold.
+            cold = self._start_container(limits, egress=egress)
+            try:
+                return self._run_on(client, cold, request_bytes, limits, warm=False)
+            finally:
+                self._discard(cold)
         pool = self._warm_pool()
         live = pool.take(limits) if pool is not None else None
         warm = live is not None
@@ -365,7 +419,7 @@ class DockerSandbox:
         return self._image
 
     def _execute_in_session(
-        self, request_bytes: bytes, limits: ResourceLimits, key: str
+        self, request_bytes: bytes, limits: ResourceLimits, key: str, egress: tuple[str, ...] = ()
     ) -> RawExecution:
         """
         One request in a session's container: one line in, one result line out.
@@ -374,8 +428,10 @@ class DockerSandbox:
         container at ``wall_seconds`` plus a grace. A call that hits a host-side
         limit, or ends without a result, ends the session's container too.
         """
-        session = self._session(key, limits)
+        session = self._session(key, limits, egress)
         with session.lock:
+            lease = session.live.lease
+            forwarded_before, refused_before = _lease_counts(lease)
             container_id = session.live.container_id
             # Between two calls only the idle runner is in the container, so the
             # counters read after one call are the next call's "before".
@@ -404,6 +460,7 @@ class DockerSandbox:
             pids_hit = pids_after > pids_before
             session.oom_kills, session.pids_refused = oom_after, pids_after
             session.last_used = self._clock()
+            forwarded, refused = _lease_counts(lease)
         host_limit_hit = exchange.deadline_hit or exchange.output_cap_hit
         exit_code = None
         oom_killed = oom_after is not None and oom_after > oom_before
@@ -422,8 +479,8 @@ class DockerSandbox:
         finally:
             if host_limit_hit or runner_gone:
                 with self._lock:
-                    if self._sessions.get((key, limits)) is session:
-                        del self._sessions[(key, limits)]
+                    if self._sessions.get((key, limits, egress)) is session:
+                        del self._sessions[(key, limits, egress)]
                 self._discard(session.live)
         return RawExecution(
             stdout=exchange.stdout,
@@ -435,14 +492,16 @@ class DockerSandbox:
             oom_killed=oom_killed,
             pids_limit_hit=pids_hit,
             container_id=container_id,
+            egress_allowed=forwarded - forwarded_before,
+            egress_refused=refused - refused_before,
         )
 
-    def _session(self, key: str, limits: ResourceLimits) -> _Session:
-        """The session's container under ``limits``, started now if it has none."""
+    def _session(self, key: str, limits: ResourceLimits, egress: tuple[str, ...]) -> _Session:
+        """The session's container under ``limits`` (and egress), started now if it has none."""
         now = self._clock()
         idle_seconds = self._pool_config.idle_seconds
         with self._lock:
-            session = self._sessions.get((key, limits))
+            session = self._sessions.get((key, limits, egress))
             idle = [
                 self._sessions.pop(k) for k, s in list(self._sessions.items())
                 if s is not session and now - s.last_used > idle_seconds and not s.lock.locked()
@@ -451,10 +510,10 @@ class DockerSandbox:
             self._discard(ended.live)
         if session is not None:
             return session
-        live = self._start_container(limits, session=True)
+        live = self._start_container(limits, session=True, egress=egress)
         session = _Session(live, _Demultiplexer(limits.output_bytes), threading.Lock(), now)
         with self._lock:
-            other = self._sessions.setdefault((key, limits), session)
+            other = self._sessions.setdefault((key, limits, egress), session)
         if other is not session:
             self._discard(live)
         return other
@@ -470,9 +529,27 @@ class DockerSandbox:
                 )
             return self._pool
 
-    def _start_container(self, limits: ResourceLimits, *, session: bool = False) -> _Live:
-        """Create, attach to and start one hardened container; its runner waits on stdin."""
+    def _egress_network(self) -> EgressNetwork:
+        """The internal network and proxy for calls granted egress, made on first use."""
         client = self._docker()
+        with self._lock:
+            if self._egress is None:
+                network = EgressNetwork(client)
+                network.open()
+                self._egress = network
+            return self._egress
+
+    def _start_container(
+        self, limits: ResourceLimits, *, session: bool = False, egress: tuple[str, ...] = ()
+    ) -> _Live:
+        """
+        Create, attach to and start one hardened container; its runner waits on stdin.
+
+        With ``egress`` it joins the egress network, and its address holds a lease
+        for exactly that allowlist before the caller can send it a request.
+        """
+        client = self._docker()
+        network = self._egress_network() if egress else None
         options = container_options(
             limits,
             image=self._sandbox_image().image_id,
@@ -480,6 +557,7 @@ class DockerSandbox:
             owner_pid=os.getpid(),
             owner_pidns=own_pid_namespace(),
             session=session,
+            egress_network=network.name if network is not None else "",
         )
         with map_docker_errors("create the sandbox container"):
             container_id = str(client.containers.create(**options).id)
@@ -495,6 +573,9 @@ class DockerSandbox:
         try:
             with map_docker_errors("start the sandbox container"):
                 client.api.start(container_id)
+            if network is not None:
+                live.network = network
+                live.lease = network.lease(network.address_of(container_id), egress)
         except BaseException:
             self._discard(live)
             raise
@@ -505,6 +586,9 @@ class DockerSandbox:
         """Close the attach connection and kill and remove the container; never raises."""
         _close(live.attached, live.sock)
         _remove(self._docker(), live.container_id)
+        # Only once the container is gone can its address not be the one leased.
+        if live.network is not None and live.lease is not None:
+            live.network.release(live.lease)
 
     def _run_on(
         self,
@@ -526,6 +610,7 @@ class DockerSandbox:
         )
         wall_seconds = self._clock() - started
         container_id = live.container_id
+        forwarded, refused = _lease_counts(live.lease)
         if exchange.deadline_hit or exchange.output_cap_hit:
             # The caller kills and removes it; the pids controller
             # still holds its counters until then.
@@ -538,6 +623,8 @@ class DockerSandbox:
                 output_cap_hit=exchange.output_cap_hit,
                 pids_limit_hit=_pids_limit_hit(container_id),
                 container_id=container_id,
+                egress_allowed=forwarded,
+                egress_refused=refused,
             )
         oom_kills = _oom_kills(container_id) if has_runner_result(exchange.stdout) else None
         if oom_kills is not None:
@@ -550,6 +637,8 @@ class DockerSandbox:
                 exit_code=None,
                 oom_killed=oom_kills > 0,
                 container_id=container_id,
+                egress_allowed=forwarded,
+                egress_refused=refused,
             )
         with map_docker_errors("wait for the sandbox container"):
             status = client.api.wait(container_id, timeout=_EXIT_WAIT_SECONDS)
@@ -561,6 +650,8 @@ class DockerSandbox:
             exit_code=int(status["StatusCode"]),
             oom_killed=bool(state.get("OOMKilled")),
             container_id=container_id,
+            egress_allowed=forwarded,
+            egress_refused=refused,
         )
 
 
@@ -572,6 +663,13 @@ class _Live:
     attached: object
     sock: socket.socket
     started: float
+    network: EgressNetwork | None = None
+    lease: EgressLease | None = None
+
+
+def _lease_counts(lease: EgressLease | None) -> tuple[int, int]:
+    """Connections forwarded and refused so far for a lease (0, 0 without one)."""
+    return (0, 0) if lease is None else (lease.forwarded, lease.refused)
 
 
 @dataclass(slots=True)

@@ -3,7 +3,9 @@ The one translation of ``ResourceLimits`` into a hardened container.
 
 Invariants, whatever the limits say:
 
-- no network (``network_mode="none"``), no host mounts, no IPC namespace
+- no network (``network_mode="none"``) unless the call was granted egress, and
+  then only an internal network whose one way out is the egress proxy
+  (``_egress.py``); no host mounts, no IPC namespace
   shared or mounted (``ipc_mode="none"``: no ``/dev/shm``);
 - a read-only root; ``/tmp`` is the only writable path, a ``noexec`` tmpfs of
   ``tmp_bytes``;
@@ -51,7 +53,7 @@ class ContainerOptions(TypedDict):
     """Keyword arguments for docker-py's ``containers.create``; nothing else is passed."""
 
     image: str
-    network_mode: Literal["none"]
+    network_mode: str
     ipc_mode: Literal["none"]
     read_only: Literal[True]
     tmpfs: dict[str, str]
@@ -84,6 +86,7 @@ def container_options(
     owner_pid: int,
     owner_pidns: str = "",
     session: bool = False,
+    egress_network: str = "",
 ) -> ContainerOptions:
     """
     The ``containers.create`` arguments of one single-use sandbox container.
@@ -99,10 +102,12 @@ def container_options(
             namespace sharing the engine never takes a live owner for a dead one.
         session: Start the runner in session mode (one request per stdin line,
             a forked process per request) instead of one request per container.
+        egress_network: The internal egress network to join instead of none
+            (only for a call granted egress; see ``_egress.py``).
     """
     return ContainerOptions(
         image=image,
-        network_mode="none",
+        network_mode=egress_network or "none",
         ipc_mode="none",
         read_only=True,
         tmpfs={CONTAINER_TMP: f"rw,nosuid,nodev,noexec,size={limits.tmp_bytes},mode=1777"},

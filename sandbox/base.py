@@ -20,13 +20,17 @@ the kernel's OOM killer, the deadline (``pids_limit`` if the engine saw the
 pids limit hit), then the runner's own report, then an unexplained SIGKILL
 (``memory_limit``: inside its PID namespace nothing but the kernel can kill
 the runner), then ``tool_error``.
+
+Secrets handed to an execution travel only in its request; ``Sandbox`` cuts
+their values (and simple encodings) from the value and message of the
+``Execution`` it returns, and counts the cuts in its usage (``_secrets.py``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Final, Literal, Protocol
 
 import structlog
@@ -43,7 +47,9 @@ from callward.core import (
     sha256_hex,
     strict_loads,
 )
+from callward.core._canonical import canonical_loads
 from callward.core.errors import ToolFailureKind
+from callward.sandbox._secrets import SecretRedactor
 
 log = structlog.get_logger()
 
@@ -78,6 +84,8 @@ class RawExecution:
         oom_killed: The engine reports the kernel's OOM killer ran in the container.
         pids_limit_hit: The engine saw a fork or clone refused by the pids limit.
         container_id: The engine's id of the container, for operators.
+        egress_allowed: Connections the egress proxy forwarded for this request.
+        egress_refused: Connections the egress proxy refused for this request.
     """
 
     stdout: bytes
@@ -89,6 +97,8 @@ class RawExecution:
     oom_killed: bool = False
     pids_limit_hit: bool = False
     container_id: str = ""
+    egress_allowed: int = 0
+    egress_refused: int = 0
 
     def __post_init__(self) -> None:
         if self.output_bytes < len(self.stdout):
@@ -106,10 +116,17 @@ class SandboxBackend(Protocol):
         ...
 
     def execute(
-        self, request_bytes: bytes, limits: ResourceLimits, session_key: str = ""
+        self,
+        request_bytes: bytes,
+        limits: ResourceLimits,
+        session_key: str = "",
+        egress: tuple[str, ...] = (),
     ) -> RawExecution:
         """
         Run the runner with ``request_bytes`` on stdin, in a fresh container under ``limits``.
+
+        With ``egress`` (``host:port`` targets) the container may reach exactly those
+        through the egress proxy, and nothing else; without, it has no network.
 
         The backend kills the container at ``limits.wall_seconds`` and once
         ``limits.output_bytes`` are exceeded, and always removes it. With a
@@ -123,17 +140,30 @@ class SandboxBackend(Protocol):
         ...
 
 
-def request_bytes(spec: ToolSpec, call: ToolCall, limits: ResourceLimits | None = None) -> bytes:
+def request_bytes(
+    spec: ToolSpec,
+    call: ToolCall,
+    limits: ResourceLimits | None = None,
+    *,
+    secrets: Mapping[str, str] | None = None,
+    egress_proxy: str = "",
+) -> bytes:
     """
     The runner's request for ``call`` to ``spec``, as RFC 8785 bytes.
 
     A session request (``limits`` given) also carries the runner's soft time limit.
+    ``secrets`` and ``egress_proxy`` become environment variables of the tool's
+    process only; a request without them is what older runners read.
     """
     request: dict[str, JSONValue] = {
         "source": spec.source, "entrypoint": spec.entrypoint, "arguments": call.arguments
     }
     if limits is not None:
         request["wall_seconds"] = limits.wall_seconds
+    if secrets:
+        request["secrets"] = dict(secrets)
+    if egress_proxy:
+        request["egress_proxy"] = egress_proxy
     return canonical_bytes(request)
 
 
@@ -170,6 +200,9 @@ class Sandbox:
         isolation: Isolation = "call",
         principal: str = "",
         session_id: str = "",
+        secrets: Mapping[str, str] | None = None,
+        egress: tuple[str, ...] = (),
+        egress_proxy: str = "",
     ) -> Execution:
         """
         Run ``spec`` with ``call``'s arguments under ``limits``.
@@ -180,6 +213,10 @@ class Sandbox:
             principal: With ``session``: who calls.
             session_id: With ``session``: the agent session; the container is
                 shared by exactly the calls with the same principal and session id.
+            secrets: Secret values (by name) for this one execution; they are cut
+                from what it returns.
+            egress: ``host:port`` targets the execution may reach.
+            egress_proxy: The proxy's URL, given to the tool's process with ``egress``.
 
         Returns an ``Execution`` for every way the tool can end.
 
@@ -188,19 +225,31 @@ class Sandbox:
             ValueError: ``session`` isolation without a principal.
         """
         clog = log.bind(call_id=call.id, tool=spec.ref, isolation=isolation)
+        if bool(egress) != bool(egress_proxy):
+            raise ValueError("egress and the egress proxy's URL come together")
         started = self._clock()
         if isolation == "session":
             if not principal:
                 raise ValueError("session isolation needs the principal")
-            raw = self._backend.execute(
-                request_bytes(spec, call, limits), limits, session_key(principal, session_id)
-            )
+            request = request_bytes(spec, call, limits, secrets=secrets, egress_proxy=egress_proxy)
+            key = session_key(principal, session_id)
         elif isolation == "call":
-            raw = self._backend.execute(request_bytes(spec, call), limits)
+            request = request_bytes(spec, call, secrets=secrets, egress_proxy=egress_proxy)
+            key = ""
         else:
             raise ValueError(f"isolation is call or session, not {isolation!r}")
+        # Other backends are called exactly as before unless the call has egress.
+        if egress:
+            raw = self._backend.execute(request, limits, key, egress)
+        elif key:
+            raw = self._backend.execute(request, limits, key)
+        else:
+            raw = self._backend.execute(request, limits)
+        del request
         elapsed = self._clock() - started
         execution = interpret(raw, limits)
+        if secrets:
+            execution = redact_secrets(execution, secrets)
         clog.info(
             "sandbox_call_finished",
             kind=execution.kind,
@@ -209,8 +258,26 @@ class Sandbox:
             total_ms=round(elapsed * 1000, 3),
             output_bytes=raw.output_bytes,
             container_id=raw.container_id[:12],
+            secrets=len(secrets or {}),
+            egress_refused=raw.egress_refused,
         )
         return execution
+
+
+def redact_secrets(execution: Execution, secrets: Mapping[str, str]) -> Execution:
+    """
+    ``execution`` with every secret value (and its simple encodings) cut from its
+    value and message, the names and the count of cuts in its usage.
+    """
+    redactor = SecretRedactor.for_secrets(secrets)
+    message, count = redactor.redact_truncated(execution.message)
+    value_json = execution.value_json
+    if value_json is not None:
+        value, value_count = redactor.redact_json(canonical_loads(value_json))
+        value_json = canonical_bytes(value)
+        count += value_count
+    usage = replace(execution.usage, secrets_provided=tuple(secrets), secret_redactions=count)
+    return Execution(kind=execution.kind, value_json=value_json, message=message, usage=usage)
 
 
 def interpret(raw: RawExecution, limits: ResourceLimits) -> Execution:
@@ -220,6 +287,8 @@ def interpret(raw: RawExecution, limits: ResourceLimits) -> Execution:
         exit_code=raw.exit_code,
         output_bytes=raw.output_bytes,
         container_id=raw.container_id,
+        egress_allowed=raw.egress_allowed,
+        egress_refused=raw.egress_refused,
     )
     result = _runner_result(raw.stdout)
     over_time = raw.deadline_hit or raw.wall_seconds > limits.wall_seconds + DEADLINE_GRACE_SECONDS

@@ -6,7 +6,9 @@ the standard library only. The protocol, one request and one result per
 container:
 
 - stdin carries ONE JSON object, ``{"source": str, "entrypoint": str,
-  "arguments": {...}}`` (the host sends it as RFC 8785 bytes, then closes stdin);
+  "arguments": {...}}`` (the host sends it as RFC 8785 bytes, then closes stdin),
+  optionally with ``"secrets": {NAME: value}`` and ``"egress_proxy": url``, which
+  become environment variables of the tool's process only (never of the container);
 - stdout carries exactly one JSON line, written by this process and no other:
   ``{"ok": true, "value": ...}`` or ``{"ok": false, "kind": ..., "error_type": ...,
   "message": ...}`` where ``kind`` is ``tool_error``, ``memory_limit``,
@@ -34,6 +36,12 @@ line it kills every other process in the container (as PID 1; elsewhere, the
 child's process group) and wipes ``/tmp``, so nothing of one call is there for
 the next. The container stays
 single-tenant: the host keys it by principal and session.
+
+A session request that carries secrets is never decoded by PID 1: it reads each
+line into a buffer of its own, takes ``wall_seconds`` from the line's end (RFC
+8785 sorts it last), forks, and zeroes the buffer; only the child parses and
+compiles it. So a secret of one call is not in the memory the next call's
+process is forked from. Requests without secrets keep the compile-once path.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -122,6 +131,43 @@ def parse_request(data: bytes) -> tuple[str, str, dict[str, object]]:
     return _request_fields(json.loads(data.decode("utf-8")))
 
 
+def load_request(data: bytes | bytearray) -> dict[str, object]:
+    """
+    The request object.
+
+    Raises:
+        ValueError: The bytes are not JSON.
+        TypeError: The JSON is not an object.
+    """
+    request = json.loads(data.decode("utf-8"))
+    if not isinstance(request, dict):
+        raise TypeError("the request is not a JSON object")
+    return request
+
+
+def request_environment(request: dict[str, object]) -> dict[str, str]:
+    """
+    The variables the tool's process gets: its secrets, and the egress proxy if any.
+
+    Raises:
+        TypeError: ``secrets`` is not an object of strings, or ``egress_proxy`` not a string.
+    """
+    environment: dict[str, str] = {}
+    secrets = request.get("secrets", {})
+    if not isinstance(secrets, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in secrets.items()
+    ):
+        raise TypeError("the request's secrets are not an object of strings")
+    environment.update(secrets)
+    proxy = request.get("egress_proxy")
+    if proxy is not None:
+        if not isinstance(proxy, str):
+            raise TypeError("the request's egress_proxy is not a string")
+        for variable in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+            environment[variable] = proxy
+    return environment
+
+
 def _request_fields(request: object) -> tuple[str, str, dict[str, object]]:
     if not isinstance(request, dict):
         raise TypeError("the request is not a JSON object")
@@ -193,7 +239,10 @@ def main() -> None:
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)
-        source, entrypoint, arguments = parse_request(data)
+        request = load_request(data)
+        source, entrypoint, arguments = _request_fields(request)
+        os.environ.update(request_environment(request))
+        del data, request
     except (OSError, ValueError, TypeError) as exc:
         _write_all(result_fd, encode_result(failure("tool_error", "BadRequest", str(exc))))
         os._exit(_EXIT_BAD_REQUEST)
@@ -211,13 +260,74 @@ def main() -> None:
 # -- session mode ------------------------------------------------------------------------
 
 
-def session_wall_seconds(data: bytes) -> float:
-    """The soft limit a session request carries (5 s if it carries none that is valid)."""
+_WALL_SECONDS_AT_END: Final = re.compile(rb'"wall_seconds":([0-9][0-9.eE+-]{0,30})}\s*\Z')
+_SECRETS_KEY: Final = b'"secrets":'
+_LINE_BUFFER_BYTES: Final = 1 << 16
+
+
+def session_wall_seconds(data: bytes | bytearray) -> float:
+    """
+    The soft limit a session request carries (5 s if it carries none that is valid).
+
+    Read from the end of the line without decoding the rest: the host sends
+    RFC 8785 bytes, whose sorted keys put ``wall_seconds`` last.
+    """
+    match = _WALL_SECONDS_AT_END.search(data)
     try:
-        request = json.loads(data.decode("utf-8"))
+        value = float(match.group(1)) if match else 5.0
     except ValueError:
         return 5.0
-    return _wall_seconds(request)
+    return value if 0 < value <= 3600 else 5.0
+
+
+def zero(buffer: bytearray) -> None:
+    """Overwrite ``buffer`` in place, so what it held is not left in freed memory."""
+    buffer[:] = bytes(len(buffer))
+
+
+class LineReader:
+    """
+    Reads stdin lines into a buffer of its own, which the caller zeroes after use.
+
+    No line passes through an immutable ``bytes`` object in this process, and a
+    buffer that grows is zeroed before it is dropped.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer = bytearray(_LINE_BUFFER_BYTES)
+        self._filled = 0
+        self._eof = False
+
+    def next_line(self) -> bytearray | None:
+        """The next line (without its newline), or None at the end of stdin."""
+        while True:
+            end = self._buffer.find(b"\n", 0, self._filled)
+            if end >= 0:
+                line = self._buffer[:end]  # a bytearray: one copy, zeroed by the caller
+                rest = self._filled - end - 1
+                with memoryview(self._buffer) as view:  # moved in place, no copy left behind
+                    view[:rest] = view[end + 1 : self._filled]
+                self._buffer[rest : self._filled] = bytes(self._filled - rest)
+                self._filled = rest
+                return line
+            if self._eof:
+                if not self._filled:
+                    return None
+                line = self._buffer[: self._filled]
+                self._buffer[: self._filled] = bytes(self._filled)
+                self._filled = 0
+                return line
+            if self._filled == len(self._buffer):
+                grown = bytearray(2 * len(self._buffer))
+                grown[: self._filled] = self._buffer
+                zero(self._buffer)
+                self._buffer = grown
+            with memoryview(self._buffer) as view:
+                count = os.readv(self._fd, [view[self._filled :]])
+            if count == 0:
+                self._eof = True
+            self._filled += count
 
 
 def _wall_seconds(request: object) -> float:
@@ -249,11 +359,33 @@ def _compiled(source: str) -> CodeType:
     return code
 
 
-def _child(code: CodeType, entrypoint: str, arguments: dict[str, object], result_w: int) -> None:
+def _child(code: CodeType, entrypoint: str, arguments: dict[str, object], result_w: int,
+           environment: dict[str, str]) -> None:
     """In the forked process: run one request, write its result to the pipe, exit."""
     os.setsid()
     child_pid = os.getpid()
+    os.environ.update(environment)
     result = run_code(code, entrypoint, arguments)
+    if os.getpid() != child_pid:
+        os._exit(0)  # a process the tool forked: only the call's own process reports
+    with contextlib.suppress(OSError):
+        _write_all(result_w, encode_result(result))
+    os._exit(0)
+
+
+def _secret_child(data: bytearray, result_w: int) -> None:
+    """In the forked process: parse and run a request with secrets (PID 1 never decodes it)."""
+    os.setsid()
+    child_pid = os.getpid()
+    try:
+        request = load_request(data)
+        source, entrypoint, arguments = _request_fields(request)
+        os.environ.update(request_environment(request))
+        del request
+    except (ValueError, TypeError) as exc:
+        result = failure("tool_error", "BadRequest", str(exc))
+    else:
+        result = run_tool(source, entrypoint, arguments)
     if os.getpid() != child_pid:
         os._exit(0)  # a process the tool forked: only the call's own process reports
     with contextlib.suppress(OSError):
@@ -341,29 +473,41 @@ def wipe(directory: str) -> None:
                     os.unlink(entry.path)
 
 
-def run_session_call(data: bytes, tmp: str = _TMP) -> dict[str, object]:
+def run_session_call(data: bytearray, tmp: str = _TMP) -> dict[str, object]:
     """
     Run one session request in a forked process; afterwards nothing of it is left.
 
     The request is read and its source compiled here, once, so the child only runs
     the tool: a request that is not one, or source that does not compile, is answered
-    without a child, as the child would have answered it.
+    without a child, as the child would have answered it. A request with secrets is
+    not decoded here at all: the child parses it, and ``data`` is zeroed once the
+    child has its copy.
     """
-    try:
-        request = json.loads(data.decode("utf-8"))
-        source, entrypoint, arguments = _request_fields(request)
-    except (ValueError, TypeError) as exc:
-        return failure("tool_error", "BadRequest", str(exc))
-    wall_seconds = _wall_seconds(request)
-    try:
-        code = _compiled(source)
-    except BaseException as exc:  # noqa: BLE001 - the tool boundary: every exception becomes a kind
-        return failure_from(exc)
-    result_r, result_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(result_r)
-        _child(code, entrypoint, arguments, result_w)
+    if _SECRETS_KEY in data:
+        wall_seconds = session_wall_seconds(data)
+        result_r, result_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(result_r)
+            _secret_child(data, result_w)
+        zero(data)
+    else:
+        try:
+            request = load_request(data)
+            source, entrypoint, arguments = _request_fields(request)
+            environment = request_environment(request)
+        except (ValueError, TypeError) as exc:
+            return failure("tool_error", "BadRequest", str(exc))
+        wall_seconds = _wall_seconds(request)
+        try:
+            code = _compiled(source)
+        except BaseException as exc:  # noqa: BLE001 - the tool boundary: every exception becomes a kind
+            return failure_from(exc)
+        result_r, result_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(result_r)
+            _child(code, entrypoint, arguments, result_w, environment)
     os.close(result_w)
     try:
         raw, status = _read_result(result_r, pid, time.monotonic() + wall_seconds)
@@ -391,11 +535,11 @@ def serve_session() -> None:
     sys.stdout.flush()
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    requests = os.fdopen(os.dup(0), "rb")
+    requests = LineReader(os.dup(0))
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)  # the tool never reads the next request
     os.close(devnull)
-    for line in requests:
+    while (line := requests.next_line()) is not None:
         result = run_session_call(line)
         with contextlib.suppress(OSError, ValueError):
             sys.stderr.flush()
