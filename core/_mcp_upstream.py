@@ -67,6 +67,7 @@ from callward.core.types import (
     ToolCall,
     ToolSpec,
     Usage,
+    is_egress_target,
     is_tool_name,
 )
 
@@ -113,6 +114,9 @@ MCP_SECTION_SCHEMA: Final = {
                     "limits": _LIMITS_SCHEMA,
                     "url": {"type": "string", "pattern": "^https?://"},
                     "recheck_seconds": {"type": "number", "minimum": 0, "maximum": 86400},
+                    # host:port targets a stdio server may reach via the egress proxy.
+                    "egress": {"type": "array", "uniqueItems": True, "maxItems": 64,
+                               "items": {"type": "string", "minLength": 3}},
                 },
             },
         },
@@ -147,6 +151,8 @@ class UpstreamConfig:
         recheck_seconds: How old the last ``tools/list`` may be when a call is decided;
             an older one is fetched again, so a definition changed mid-session blocks
             its tool. 0 lists again before every call.
+        egress: ``host:port`` targets a stdio server may reach through the egress
+            proxy; without, its container has no network.
     """
 
     name: str
@@ -156,10 +162,16 @@ class UpstreamConfig:
     limits: ResourceLimits = field(default_factory=ResourceLimits)
     url: str = ""
     recheck_seconds: float = 30.0
+    egress: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if bool(self.command) == bool(self.url):
             raise ValueError("an upstream has a command or a url, not both")
+        if self.egress and not self.command:
+            raise ValueError("egress is for a stdio server (command), which runs in a container")
+        for target in self.egress:
+            if not is_egress_target(target):
+                raise ValueError(f"egress target {target!r} is not host:port")
         if self.url:
             require_loopback_url(self.url)
 
@@ -205,6 +217,7 @@ def parse_mcp_section(section: object, *, base: Path) -> tuple[UpstreamConfig, .
                 limits=limits,
                 url=raw.get("url", ""),
                 recheck_seconds=float(raw.get("recheck_seconds", 30.0)),
+                egress=tuple(raw.get("egress") or ()),
             ))
         except ValueError as exc:
             raise ConfigurationError(f"mcp server {name}: {exc}") from exc
@@ -324,8 +337,10 @@ class UpstreamConnection:
 
             image = ensure_service_image(ServiceImageSpec(
                 files=dict(config.files), distributions=config.python_distributions))
+            # Egress only where configured (empty: the server keeps network none).
             service = stack.enter_context(StdioService(image_id=image, command=config.command,
-                                                       limits=config.limits))
+                                                       limits=config.limits,
+                                                       egress=config.egress))
             self.image_digest = image
             self.container_id = service.container_id
             command = service.stdio_command()
@@ -343,8 +358,11 @@ class UpstreamConnection:
                         list_roots_callback=doors.roots)
         self._portal = portal
         self._client: Client = stack.enter_context(portal.wrap_async_context_manager(client))
-        self.digest = canonical_sha256({"name": config.name, "command": list(config.command),
-                                        "url": config.url, "image": self.image_digest})
+        self.digest = canonical_sha256({
+            "name": config.name, "command": list(config.command), "url": config.url,
+            "image": self.image_digest,
+            **({"egress": list(config.egress)} if config.egress else {}),
+        })
 
     def list_tools(self) -> list[types.Tool]:
         """Every tool the server lists now (pages followed, at most 20)."""

@@ -38,6 +38,7 @@ import socket
 import socketserver
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -82,6 +83,8 @@ class EgressProxy:
 
     def __init__(self, host: str, port: int = 0) -> None:
         self._leases: dict[str, EgressLease] = {}
+        #: Leases whose container's address is learnt at its first connection.
+        self._pending: list[tuple[EgressLease, Callable[[], str]]] = []
         self._lock = threading.Lock()
         proxy = self
 
@@ -123,10 +126,47 @@ class EgressProxy:
             self._leases[address] = lease
         return lease
 
+    def lease_later(self, allowed: tuple[str, ...], address: Callable[[], str]) -> EgressLease:
+        """
+        Grant ``allowed`` to a container not started yet; ``address()`` gives its
+        address once it runs (asked when an unknown address connects).
+
+        Raises:
+            ValueError: A target is not ``host:port``.
+        """
+        if not all(is_egress_target(t) for t in allowed):
+            raise ValueError("an egress allowlist holds host:port targets")
+        lease = EgressLease("", frozenset(allowed))
+        with self._lock:
+            self._pending.append((lease, address))
+        return lease
+
     def release(self, lease: EgressLease) -> None:
         with self._lock:
-            if self._leases.get(lease.address) is lease:
+            if lease.address and self._leases.get(lease.address) is lease:
                 del self._leases[lease.address]
+            self._pending = [p for p in self._pending if p[0] is not lease]
+
+    def _lease_of(self, source: str) -> EgressLease | None:
+        with self._lock:
+            lease = self._leases.get(source)
+            pending = list(self._pending)
+        if lease is not None:
+            return lease
+        for candidate, address in pending:
+            try:
+                found = address()
+            except SandboxUnavailable:
+                continue
+            if found != source:
+                continue
+            with self._lock:
+                if any(p[0] is candidate for p in self._pending):
+                    self._pending = [p for p in self._pending if p[0] is not candidate]
+                    candidate.address = source
+                    self._leases[source] = candidate
+                    return candidate
+        return None
 
     def close(self) -> None:
         self._server.shutdown()
@@ -140,8 +180,7 @@ class EgressProxy:
         except (OSError, ValueError):
             _reply(client, b"400 Bad Request")
             return
-        with self._lock:
-            lease = self._leases.get(source)
+        lease = self._lease_of(source)
         if lease is None or target not in lease.allowed:
             if lease is not None:
                 lease.refused += 1
@@ -329,6 +368,12 @@ class EgressNetwork:
     def release(self, lease: EgressLease) -> None:
         if self.proxy is not None:
             self.proxy.release(lease)
+
+    def lease_container(self, container_id: str, allowed: tuple[str, ...]) -> EgressLease:
+        """A lease for a container created but not started (its address comes later)."""
+        if self.proxy is None:
+            raise SandboxUnavailable("the egress proxy is not running")
+        return self.proxy.lease_later(allowed, lambda: self.address_of(container_id))
 
     def address_of(self, container_id: str) -> str:
         """

@@ -15,6 +15,11 @@ and the image id names exactly what ran.
 The service's stdin and stdout are reached through ``docker start --attach
 --interactive``: ``stdio_command()`` gives the argument list, which an MCP
 client runs as its stdio subprocess.
+
+A service granted ``egress`` (``host:port`` targets) joins an internal network
+of its own whose one way out is the egress proxy (``_egress.py``), told to it
+in ``HTTP_PROXY``/``HTTPS_PROXY``; every other service keeps no network. gVisor,
+registered here with ``--network=none``, cannot give egress: that fails closed.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import docker.errors
 import structlog
 
 from callward.core import ResourceLimits, SandboxUnavailable, Sha256Hex
+from callward.sandbox._egress import EgressNetwork
 from callward.sandbox._engine import ClientFactory, client_from_env, map_docker_errors
 from callward.sandbox._image import BASE_IMAGE
 from callward.sandbox._limits import Runtime, container_options
@@ -184,6 +190,11 @@ class StdioService:
         command: The service's argument list inside the container (never a shell string).
         limits: What the container may use; ``wall_seconds`` does not apply (the
             caller bounds each request).
+        egress: ``host:port`` targets the service may reach through the egress
+            proxy; none (the default) means no network at all.
+
+    Raises:
+        ValueError: An empty command, or egress on gVisor (``runsc``).
     """
 
     def __init__(
@@ -194,9 +205,15 @@ class StdioService:
         limits: ResourceLimits,
         runtime: Runtime = "runc",
         client_factory: ClientFactory = client_from_env,
+        egress: tuple[str, ...] = (),
     ) -> None:
         if not command or not all(isinstance(part, str) and part for part in command):
             raise ValueError("a service command is a non-empty list of non-empty strings")
+        if egress and runtime == "runsc":
+            raise ValueError("gVisor (runsc) is registered with --network=none here: "
+                             "a service granted egress runs on runc")
+        self._egress = tuple(egress)
+        self._network: EgressNetwork | None = None
         self.image_id = image_id
         self._command = list(command)
         self._limits = limits
@@ -212,16 +229,27 @@ class StdioService:
         Raises:
             SandboxUnavailable: The engine failed.
         """
-        # The hardened options, with the service's command in place of the runner's.
-        options: dict[str, object] = {
-            **container_options(self._limits, image=self.image_id, runtime=self._runtime,
-                                owner_pid=os.getpid()),
-            "command": self._command,
-        }
-        with map_docker_errors("create the service container"):
+        with map_docker_errors("connect to the Docker Engine"):
             self._client = self._client_factory()
+        hardened = container_options(self._limits, image=self.image_id, runtime=self._runtime,
+                                     owner_pid=os.getpid())
+        if self._egress:
+            self._network = EgressNetwork(self._client)
+            self._network.open()
+            hardened = container_options(self._limits, image=self.image_id,
+                                         runtime=self._runtime, owner_pid=os.getpid(),
+                                         egress_network=self._network.name)
+            proxy = self._network.proxy_url
+            hardened["environment"] = {**hardened["environment"], "HTTP_PROXY": proxy,
+                                       "HTTPS_PROXY": proxy, "http_proxy": proxy,
+                                       "https_proxy": proxy}
+        # The hardened options, with the service's command in place of the runner's.
+        options: dict[str, object] = {**hardened, "command": self._command}
+        with map_docker_errors("create the service container"):
             container = self._client.containers.create(**options)
         self.container_id = str(container.id)
+        if self._network is not None:
+            self._network.lease_container(self.container_id, self._egress)
         log.info("service_container_created", container_id=self.container_id[:12],
                  image_id=self.image_id)
 
@@ -232,7 +260,7 @@ class StdioService:
         return ("docker", "start", "--attach", "--interactive", self.container_id)
 
     def close(self) -> None:
-        """Kill and remove the container; never raises (a failure is logged)."""
+        """Kill and remove the container and its egress network; never raises (logged)."""
         if self._client is None:
             return
         if self.container_id:
@@ -243,6 +271,9 @@ class StdioService:
             except Exception:  # noqa: BLE001 - cleanup boundary: logged, the sweeper retries
                 log.warning("service_container_not_removed",
                             container_id=self.container_id[:12])
+        if self._network is not None:
+            self._network.close()
+            self._network = None
         self._client.close()
         self._client = None
 
