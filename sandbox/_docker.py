@@ -51,7 +51,7 @@ from callward.core import (
     ToolCall,
     ToolSpec,
 )
-from callward.sandbox._egress import EgressLease, EgressNetwork
+from callward.sandbox._egress import NETWORK_LABEL, EgressLease, EgressNetwork
 from callward.sandbox._engine import (
     API_VERSION,
     ClientFactory,
@@ -399,7 +399,8 @@ class DockerSandbox:
                 except docker.errors.NotFound:
                     continue  # removed meanwhile by someone else
             removed.append(container_id)
-        log.info("sandbox_leftovers_removed", count=len(removed))
+        removed_networks = _remove_leftover_networks(client)
+        log.info("sandbox_leftovers_removed", count=len(removed), networks=removed_networks)
         return tuple(removed)
 
     def _docker(self) -> docker.DockerClient:
@@ -861,6 +862,28 @@ def _remove(client: docker.DockerClient, container_id: str) -> None:
             container_id=container_id[:12],
             error=type(exc.__cause__).__name__,
         )
+
+
+def _remove_leftover_networks(client: docker.DockerClient) -> int:
+    """
+    Remove egress networks whose owning process is gone; how many were removed.
+
+    Their firewall rules name a bridge that no longer exists and match nothing.
+    """
+    with map_docker_errors("list egress networks"):
+        networks = client.api.networks(filters={"label": NETWORK_LABEL})
+    removed = 0
+    for network in networks:
+        if not is_leftover(network.get("Labels") or {}):
+            continue
+        try:
+            with map_docker_errors("remove a leftover egress network"):
+                client.api.remove_network(str(network["Id"]))
+        except SandboxUnavailable:  # gone meanwhile, or still in use: the next sweep retries
+            log.warning("egress_network_not_removed", network=str(network.get("Name", "")))
+            continue
+        removed += 1
+    return removed
 
 
 @functools.cache

@@ -48,7 +48,7 @@ import structlog
 from callward.core import SandboxUnavailable
 from callward.core.types import is_egress_target
 from callward.sandbox._engine import map_docker_errors
-from callward.sandbox._limits import OWNER_LABEL, OWNER_PID_LABEL
+from callward.sandbox._limits import OWNER_LABEL, OWNER_PID_LABEL, OWNER_PIDNS_LABEL
 
 log = structlog.get_logger()
 
@@ -319,7 +319,8 @@ class EgressNetwork:
                 driver="bridge",
                 internal=True,
                 options={"com.docker.network.bridge.enable_icc": "false"},
-                labels={OWNER_LABEL: "1", OWNER_PID_LABEL: str(os.getpid()), NETWORK_LABEL: "1"},
+                labels={OWNER_LABEL: "1", OWNER_PID_LABEL: str(os.getpid()),
+                        OWNER_PIDNS_LABEL: _pid_namespace(), NETWORK_LABEL: "1"},
             )
             self._network_id = str(network.id)
             network.reload()
@@ -409,3 +410,11 @@ class EgressNetwork:
             except SandboxUnavailable:
                 log.exception("egress_network_remove_failed", network=self.name)
             self._network_id = ""
+
+
+def _pid_namespace() -> str:
+    """This process's PID namespace (``pid:[inode]``), so a sweeper elsewhere leaves it be."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""

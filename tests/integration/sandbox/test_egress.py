@@ -9,6 +9,7 @@ way around the proxy if the firewall rules were missing.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import secrets
@@ -337,3 +338,29 @@ class TestEgressThroughTheGateway:
                             bodies[1]["usage"]["egress"],  # type: ignore[index, call-overload]
                             ungranted.content)
 
+
+
+class TestLeftoverNetworks:
+    def test_an_egress_network_of_a_dead_process_is_swept(
+        self, sandbox_image: SandboxImage, engine: docker.DockerClient
+    ) -> None:
+        """remove_leftovers() removes egress networks whose owner is gone, not live ones."""
+        dead = engine.networks.create(
+            f"callward-egress-test-{secrets.token_hex(4)}", internal=True,
+            labels={"callward": "1", "callward.pid": "0", "callward.egress": "1"},
+        )
+        alive = engine.networks.create(
+            f"callward-egress-test-{secrets.token_hex(4)}", internal=True,
+            labels={"callward": "1", "callward.pid": "1", "callward.egress": "1"},
+        )
+        try:
+            with DockerSandbox(image=sandbox_image) as sandbox:
+                sandbox.remove_leftovers()
+            left = {n.id for n in engine.networks.list(names=[dead.name, alive.name])}
+        finally:
+            for network in (dead, alive):
+                with contextlib.suppress(docker.errors.NotFound):
+                    network.remove()
+
+        expected = {alive.id}
+        assert expected == left
