@@ -87,20 +87,28 @@ class ModelToolRunner:
         runtime: Literal["runc", "runsc"] | None,
         principal: str,
         session_id: str,
+        secrets: tuple[str, ...] = (),
+        egress: tuple[str, ...] = (),
     ) -> Execution:
         """
         Raises:
             SandboxUnavailable: As ``run``; or the policy asks a model tool to run on a
-                runtime its workers do not use.
+                runtime its workers do not use, or grants it secrets or egress.
         """
         if spec.name not in self._routes:
             if isinstance(self._fallback, PlacingToolRunner):
+                grants = {"secrets": secrets, "egress": egress} if secrets or egress else {}
                 return self._fallback.run_placed(
                     spec, call, limits, isolation=isolation, runtime=runtime,
-                    principal=principal, session_id=session_id)
+                    principal=principal, session_id=session_id, **grants)
+            if secrets or egress:
+                raise SandboxUnavailable(f"the sandbox cannot hand {spec.name} secrets or egress")
             if runtime is not None:
                 raise SandboxUnavailable(f"the sandbox cannot run {spec.name} on {runtime}")
             return self._fallback.run(spec, call, limits)
+        if secrets or egress:
+            raise SandboxUnavailable(f"model tool {spec.name} runs in a worker without "
+                                     "secrets or network; the policy grants it some")
         if runtime is not None and runtime != self._runtime:
             raise SandboxUnavailable(
                 f"the policy runs {spec.name} on {runtime}; its model worker runs on "
