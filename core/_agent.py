@@ -162,14 +162,14 @@ class Agent:
                 "id": self.model.model_id, "digest": self.model.digest, "run_id": run_id,
                 "turn": len(steps) + 1, "output_sha256": turn.output_sha256,
             }
-            callward_started = time.perf_counter()
+            callward_started = self.clock()
             with self.gateway.produced_by(origin):
                 results, repeats, calls = self._handle(turn.text, executed, run_id)
             receipt = self.gateway.record("model.turn", self._turn_body(
                 run_id=run_id, number=len(steps) + 1, turn=turn, results=results,
                 repeats=repeats, calls=calls))
             step = AgentStep(len(steps) + 1, turn, results, repeats, receipt.seq,
-                             time.perf_counter() - callward_started)
+                             self.clock() - callward_started)
             steps.append(step)
             rlog.info("agent_step", step=step.number, calls=len(results), seq=receipt.seq)
             if not calls and not results:
