@@ -249,7 +249,7 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - one straight benchmark script
         for name in names:
             runtime = pooled.get(name)
             function = ways.callward(runtime) if runtime else plain[name]
-            count = args.throughput_calls // (4 if name == BASELINE else 1)
+            count = max(1, args.throughput_calls // (4 if name == BASELINE else 1))
             count *= 8 if "session /" in name else 1
             row: list[object] = [name]
             for concurrency in (1, 2, 4, 8):
