@@ -77,6 +77,9 @@ class AgentStep:
         results: One per call the turn emitted, in order; a repeat holds the earlier result.
         repeats: For each result, whether its call was a repeat that did not run again.
         turn_seq: The seq of this turn's ``model.turn`` record.
+        callward_seconds: Wall-clock time callward itself spent on this turn: parsing,
+            every call through the gateway (policy, audit, sandbox dispatch and run) and
+            the ``model.turn`` record; the model's generation is not in it.
     """
 
     number: int
@@ -84,6 +87,7 @@ class AgentStep:
     results: tuple[ToolResult, ...]
     repeats: tuple[bool, ...]
     turn_seq: int
+    callward_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,12 +162,14 @@ class Agent:
                 "id": self.model.model_id, "digest": self.model.digest, "run_id": run_id,
                 "turn": len(steps) + 1, "output_sha256": turn.output_sha256,
             }
+            callward_started = self.clock()
             with self.gateway.produced_by(origin):
                 results, repeats, calls = self._handle(turn.text, executed, run_id)
             receipt = self.gateway.record("model.turn", self._turn_body(
                 run_id=run_id, number=len(steps) + 1, turn=turn, results=results,
                 repeats=repeats, calls=calls))
-            step = AgentStep(len(steps) + 1, turn, results, repeats, receipt.seq)
+            step = AgentStep(len(steps) + 1, turn, results, repeats, receipt.seq,
+                             self.clock() - callward_started)
             steps.append(step)
             rlog.info("agent_step", step=step.number, calls=len(results), seq=receipt.seq)
             if not calls and not results:

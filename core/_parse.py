@@ -11,7 +11,9 @@ Parsing of model output into ``ToolCall`` values, whatever the dialect.
   fenced ```` ```json ```` block, or bare at the start of a line (one or several,
   or a list of them). ``parameters`` is read as ``arguments`` (Llama's spelling).
 - ``llama``: ``<|python_tag|>`` followed by JSON calls or ``name.call(k=v, ...)``
-  calls (JSON values), separated by ``;``.
+  calls (JSON values), separated by ``;``; and Llama 3.2+/4's "pythonic" list
+  ``[get_weather(city="Paris"), square(x=3)]`` when it is the whole message (or
+  follows the tag), read by ``ast`` with literal values only (see ``_pythonic``).
 - ``article``: ``call function("square", [3], 9)``: a name, positional (or
   named) arguments and an expected output that is compared afterwards, never
   trusted; and its natural-language form ``请执行square, 参数为3, 期望输出为9``
@@ -47,6 +49,7 @@ from callward.core._canonical import (
     check_json_bounds,
     strict_loads,
 )
+from callward.core._pythonic import parse_pythonic, pythonic_span
 from callward.core.errors import MalformedCall
 from callward.core.types import Dialect, ToolCall
 
@@ -628,7 +631,10 @@ def _parse_llama(
         if index >= end:
             raise _fail(f"{_PYTHON_TAG} is followed by no call", index, "llama")
         while index < end:
-            if text[index] == "{":
+            if text[index] == "[":
+                after = len(text[:end].rstrip())
+                found.extend(_pythonic_found(text, index, after, new_id))
+            elif text[index] == "{":
                 value, after = _decode_at(text, index, "llama")
                 if not isinstance(value, dict) or not _is_call_object(value):
                     raise _fail("expected an object with name and parameters", index, "llama")
@@ -648,6 +654,16 @@ def _parse_llama(
                 raise _fail("expected ';' between calls", index, "llama")
         position = end
     return found, spans
+
+
+def _pythonic_found(text: str, start: int, end: int, new_id: NewId) -> list[_Found]:
+    """The calls of a pythonic list ``[name(k=v), ...]`` standing at ``text[start:end]``."""
+    return [
+        _Found(item.offset, _make_call(call_id=new_id(), name=item.name,
+                                       arguments=item.arguments, dialect="llama",
+                                       offset=item.offset), end)
+        for item in parse_pythonic(text, start, end)
+    ]
 
 
 # --- front ------------------------------------------------------------------
@@ -758,6 +774,10 @@ def parse_model_output(
             found = _parse_document(document, new_id)
             if found is not None:
                 return _bounded(found)
+    span = pythonic_span(text)
+    if span is not None:
+        # The whole message is a list of calls: what its strings hold is data.
+        return _bounded(_pythonic_found(text, *span, new_id))
     return _bounded(_parse_text(text, new_id, parameter_order))
 
 

@@ -83,7 +83,8 @@ class TestDemoModel:
         )
 
         assert 0 == done.returncode, done.stderr
-        for expected in ("model:  Qwen2.5-Coder-0.5B-Instruct", "Answered correctly with tools:",
+        for expected in ("model:  Qwen2.5-Coder-0.5B-Instruct", "set-up: sandbox pool warmed",
+                         "Answered correctly with tools:", "of model + callward time",
                          "outcome:  ok", "outcome:  permission", "verdict: OK"):
             assert expected in done.stdout
 

@@ -147,6 +147,29 @@ class TestBudgets:
 
         assert ("time_budget", 1) == (run.stop, len(run.steps))
 
+    def test_callward_time_excludes_the_model(self, stub_model, gateway, runner, monkeypatch):
+        """A step's callward_seconds counts its calls through the gateway, not generation."""
+        now = [0.0]
+        model = stub_model([ADD, "42"])
+        generate, run_tool = model.generate, runner.run
+
+        def slow_generate(*args, **kwargs):
+            now[0] += 100.0
+            return generate(*args, **kwargs)
+
+        def timed_run(*args, **kwargs):
+            now[0] += 1.0
+            return run_tool(*args, **kwargs)
+
+        monkeypatch.setattr(model, "generate", slow_generate)
+        monkeypatch.setattr(runner, "run", timed_run)
+
+        run = Agent(gateway=gateway, model=model, principal="alice",
+                    clock=lambda: now[0]).run("q")
+
+        assert [1.0, 0.0] == [step.callward_seconds for step in run.steps]
+        assert 201.0 == run.seconds
+
     @pytest.mark.parametrize("limits", [{"max_steps": 0}, {"wall_seconds": 0}])
     def test_budgets_are_finite_and_positive(self, limits):
         """A budget of zero or less is refused at construction."""
