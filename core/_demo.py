@@ -217,6 +217,47 @@ def _run_model(gateway: Gateway, home: Home) -> None:
           "warmed in set-up, as in a running agent)\n")
 
 
+def _plans_dir() -> Path:
+    return example_config_path().parent / "plans"
+
+
+def _run_news_plan(home: Home, *, model: bool) -> bool:
+    """
+    The article's news-summary task as a plan, in the same audit log: retrieve related
+    articles, clean them, summarise (and, with models, judge their tone in parallel).
+    With ``model`` the steps are model tools (MiniLM embeddings, the demo model in a warm
+    worker); without, plain Python tools. Returns whether every step ended ok.
+    """
+    from callward.core._plan_run import run_plan_file  # noqa: PLC0415
+    from callward.core.gateway import Gateway  # noqa: PLC0415
+
+    plans = _plans_dir()
+    config = plans / ("callward-models.yaml" if model else "callward.yaml")
+    plan = plans / ("news_summary_models.yaml" if model else "news_summary.yaml")
+    print(f"[plan] The article's news summary as a plan  (principal: editor)\n"
+          f"    plan:   {plan.name}  config: {config.name}")
+    started = time.perf_counter()
+    with Gateway.from_config(config, home=home.root) as gateway:
+        report = run_plan_file(gateway, plan, principal="editor")
+    for outcome in report.outcomes:
+        sources = ", ".join(f"{edge.argument} <- {edge.source_step}.{edge.source_output_path}"
+                            for edge in outcome.provenance)
+        print(f"  step {outcome.step}: {outcome.tool}  {outcome.status}"
+              f"{'' if outcome.ok else ' (' + outcome.kind + ')'}  {outcome.wall_ms:.0f} ms"
+              f"  receipt seq={outcome.receipt.seq if outcome.receipt else '-'}")
+        if sources:
+            print(f"    provenance: {sources}")
+        if outcome.output_json is not None:
+            text = outcome.output_json.decode()
+            print(f"    output: {text[:300]}{'…' if len(text) > 300 else ''}")
+    loading = " and the model workers' load" if model else ""
+    print(f"  plan {'ok' if report.ok else 'FAILED'}: {len(report.outcomes)} steps in "
+          f"{report.wall_ms / 1000:.1f} s ({time.perf_counter() - started:.1f} s with the "
+          f"gateway's start-up{loading}); plan.started seq={report.started.seq}, "
+          f"plan.completed seq={report.completed.seq}\n")
+    return report.ok
+
+
 def run_demo(*, home: Home, config: Path | None = None, model: bool = True) -> int:
     """Run the demo; return 0 when every step behaved and the log verified, else 1."""
     from callward.audit import verify  # noqa: PLC0415 - the CLI edge wires the stages
@@ -233,6 +274,7 @@ def run_demo(*, home: Home, config: Path | None = None, model: bool = True) -> i
         else:
             print()
             _run_dialects(gateway)
+    plan_ok = _run_news_plan(home, model=model)
 
     print("Verifying the audit log offline with only the public key …")
     try:
@@ -242,4 +284,4 @@ def run_demo(*, home: Home, config: Path | None = None, model: bool = True) -> i
         return 1
     print(f"  verdict: OK  {verified.records} records, head {verified.head_hash[:16]}…")
     print(f"  (callward audit verify --home {home.root})")
-    return 0
+    return 0 if plan_ok else 1

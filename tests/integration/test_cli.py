@@ -32,7 +32,8 @@ class TestDemo:
         assert 0 == done.returncode, done.stderr
         for expected in ("expected output matched: True", "outcome:  schema",
                          "outcome:  unknown_tool", "outcome:  permission", "outcome:  timeout",
-                         "outcome:  malformed", "verdict: OK"):
+                         "outcome:  malformed", "plan ok: 4 steps",
+                         "provenance: /texts <- clean.output.texts", "verdict: OK"):
             assert expected in done.stdout
         assert [] == leftover_containers()
 

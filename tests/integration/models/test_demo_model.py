@@ -85,7 +85,8 @@ class TestDemoModel:
         assert 0 == done.returncode, done.stderr
         for expected in ("model:  Qwen2.5-Coder-0.5B-Instruct", "set-up: sandbox pool warmed",
                          "Answered correctly with tools:", "of model + callward time",
-                         "outcome:  ok", "outcome:  permission", "verdict: OK"):
+                         "outcome:  ok", "outcome:  permission", "plan ok: 4 steps",
+                         "step tone: sentiment  ok", "verdict: OK"):
             assert expected in done.stdout
 
     def test_callward_agent_answers_as_json(self, engine, home, model_cache):
