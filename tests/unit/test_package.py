@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,14 @@ class TestLazyImports:
         ).stdout.strip()
 
         assert "" == loaded
+
+
+def test_test_modules_have_unique_names():
+    """
+    tests/ has no __init__.py, so pytest imports every test module by its file name:
+    two files of one name (e.g. unit and integration test_secrets.py) stop collection.
+    """
+    root = Path(__file__).resolve().parents[1]
+    names = [path.name for path in root.rglob("*.py") if path.name != "conftest.py"]
+
+    assert [] == sorted({name for name in names if names.count(name) > 1})
