@@ -30,6 +30,8 @@ from callward.core._models_gguf import DEMO_MODEL_SHA256, load_demo_model
 from callward.core._plan import Plan, PlanInvalid, load_plan, parse_plan
 from callward.core._plan_run import PlanReport, StepOutcome, run_plan
 from callward.core._registry import ToolRegistry, tool
+from callward.core._registry_live import LiveRegistry
+from callward.core._registry_store import RegistryStore
 from callward.core.errors import (
     AuditUnavailable,
     CallwardError,
@@ -86,6 +88,7 @@ __all__ = [
     "InfrastructureError",
     "JSONValue",
     "KeyId",
+    "LiveRegistry",
     "MalformedCall",
     "ModelRef",
     "ModelTurn",
@@ -101,6 +104,7 @@ __all__ = [
     "Receipt",
     "ReceiptIssuer",
     "ReceiptProof",
+    "RegistryStore",
     "ResourceLimits",
     "RuleId",
     "SandboxUnavailable",

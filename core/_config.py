@@ -19,7 +19,8 @@ Configuration, version 1; paths are relative to the file::
       enabled: true
       quiet_seconds: 900   # and any other DetectorSettings field
 
-State lives under the home directory: ``audit.db``, ``keys/``.
+State lives under the home directory: ``audit.db``, ``keys/``, ``registry.db`` (tool
+versions loaded at run time; they add to and override the ``tools:`` base set).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from callward.core._anomaly import ANOMALY_SETTING_NAMES, DetectorSettings
 from callward.core._model_tools import ModelToolsSettings, model_tools_settings
 from callward.core._registry import ToolRegistry
 from callward.core._yaml import strict_yaml_load
+from callward.core._registry_store import RegistryStore
 from callward.core.errors import ConfigurationError, SandboxUnavailable
 
 log = structlog.get_logger()
@@ -150,6 +152,11 @@ class Home:
     @property
     def audit_db(self) -> Path:
         return self.root / "audit.db"
+
+    @property
+    def registry_db(self) -> Path:
+        """Versions loaded at run time (``callward tools load``) and the active choices."""
+        return self.root / "registry.db"
 
     @property
     def policy_state_db(self) -> Path:
@@ -298,10 +305,29 @@ def _model_settings(
 
 
 def load_registry(config: GatewayConfig) -> ToolRegistry:
+    """The configuration's tools: the registry's base set."""
     registry = ToolRegistry()
     for source in config.tool_sources:
         registry.load(source)
     return registry
+
+
+def open_live_registry(config: GatewayConfig, home: Home) -> tuple[ToolRegistry, RegistryStore]:
+    """
+    The base set with the home's live registry attached (``registry.db``, created if absent).
+
+    Raises:
+        ConfigurationError: A tool file or the registry database is invalid.
+    """
+    registry = load_registry(config)
+    store = RegistryStore(home.registry_db)
+    store.open()
+    try:
+        registry.attach(store)
+    except ConfigurationError:
+        store.close()
+        raise
+    return registry, store
 
 
 def build_gateway(path: object, *, home: object = None) -> Gateway:
@@ -327,7 +353,8 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
     config = load_config(Path(str(path)))
     state = Home.resolve(None if home is None else str(home))
     state.create()
-    registry = load_registry(config)
+    # Versions loaded at run time are read from registry.db before each call.
+    registry, registry_store = open_live_registry(config, state)
     signer = FileSigner.load_or_create(state.keys_dir)
     # Rate limits, session labels and approvals survive restarts in their own file;
     # approvals are signed with the audit key.
@@ -374,7 +401,8 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
         policy=policy,
         runner=runner,
         audit=audit,
-        closers=(audit.close, policy.state.close, anomalies.close, runner.close),
+        closers=(audit.close, policy.state.close, anomalies.close, runner.close,
+                 registry_store.close),
         observers=observers,
     )
 

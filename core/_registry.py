@@ -6,6 +6,12 @@ The function's source (decorators removed) is what runs in the sandbox, so a
 tool must be self-contained: it imports what it needs inside its body. The
 digest covers name, version, description, source, schema and limits, so any
 change to what would run gives a new digest.
+
+Versions: the registry holds every version of a name it knows (``name@version``),
+and one of them is *active*: a plain ``name`` resolves to it, ``name@version``
+to that exact version. The versions named by the configuration are the base
+set; a live source (``callward.core._registry_store.RegistryStore``) adds versions
+and chooses the active one, and ``refresh()`` picks its changes up before a call.
 """
 
 from __future__ import annotations
@@ -14,12 +20,15 @@ import ast
 import importlib
 import importlib.util
 import inspect
+import linecache
 import sys
 import textwrap
+import threading
+import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import structlog
 from jsonschema import Draft202012Validator
@@ -29,10 +38,12 @@ from callward.core._canonical import (
     TOOL_DIGEST_DOMAIN,
     JSONValue,
     canonical_bytes,
+    canonical_loads,
     canonical_sha256,
+    sha256_hex,
 )
 from callward.core.errors import ConfigurationError, UnknownTool
-from callward.core.types import ResourceLimits, ToolSpec, is_tool_name
+from callward.core.types import ResourceLimits, Sha256Hex, ToolSpec, is_tool_name
 
 log = structlog.get_logger()
 
@@ -124,6 +135,66 @@ def _description(function: Callable[..., Any], given: str | None) -> str:
     return doc.split("\n\n", 1)[0].replace("\n", " ").strip()
 
 
+def spec_preimage(spec: ToolSpec) -> dict[str, JSONValue]:
+    """Everything a tool's digest covers, as JSON; ``spec_from_preimage`` inverts it."""
+    return {
+        "name": spec.name,
+        "version": spec.version,
+        "description": spec.description,
+        "source": spec.source,
+        "entrypoint": spec.entrypoint,
+        "parameters": spec.parameters,
+        "parameter_order": list(spec.parameter_order),
+        "limits": spec.limits.to_json(),
+        "labels": list(spec.labels),
+        **({"secrets": list(spec.secrets)} if spec.secrets else {}),
+    }
+
+
+def tool_digest(preimage: Mapping[str, JSONValue]) -> Sha256Hex:
+    """The digest of a tool's preimage (see ``spec_preimage``)."""
+    return canonical_sha256(dict(preimage), domain=TOOL_DIGEST_DOMAIN)
+
+
+def spec_from_preimage(preimage_json: bytes, digest: str) -> ToolSpec:
+    """
+    Rebuild a stored ``ToolSpec`` and check that it still has the digest it was stored with.
+
+    Raises:
+        ConfigurationError: The bytes are not a tool preimage, or their digest differs
+            (the stored snapshot was changed after it was loaded).
+    """
+    try:
+        raw = canonical_loads(preimage_json)
+        if not isinstance(raw, dict):
+            raise TypeError("not an object")  # noqa: TRY301 - one boundary below
+        limits = raw["limits"]
+        if not isinstance(limits, dict):
+            raise TypeError("limits is not an object")  # noqa: TRY301 - one boundary below
+        spec = ToolSpec(
+            name=str(raw["name"]),
+            version=str(raw["version"]),
+            description=str(raw["description"]),
+            source=str(raw["source"]),
+            entrypoint=str(raw["entrypoint"]),
+            parameters_json=canonical_bytes(raw["parameters"]),
+            digest=tool_digest(raw),
+            limits=ResourceLimits(**limits),
+            labels=tuple(str(label) for label in raw["labels"]),
+            parameter_order=tuple(str(p) for p in raw["parameter_order"]),
+            secrets=tuple(str(name) for name in raw.get("secrets", ())),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigurationError(
+            f"a stored tool snapshot is not a tool ({type(exc).__name__})") from exc
+    if spec.digest != digest:
+        raise ConfigurationError(
+            f"the stored snapshot of {spec.ref} does not have the digest it was loaded with",
+            remediation="the registry database was changed outside callward; load the tool again",
+        )
+    return spec
+
+
 def spec_from_function(function: Callable[..., Any]) -> ToolSpec:
     """
     Build the ``ToolSpec`` of a function marked with ``@tool``.
@@ -151,7 +222,7 @@ def spec_from_function(function: Callable[..., Any]) -> ToolSpec:
     order = tuple(properties) if isinstance(properties, Mapping) else ()
     source = function_source(function)
     description = _description(function, mark.description)
-    digest = canonical_sha256(
+    digest = tool_digest(
         {
             "name": name,
             "version": mark.version,
@@ -164,8 +235,7 @@ def spec_from_function(function: Callable[..., Any]) -> ToolSpec:
             "labels": list(mark.labels),
             # Only when declared, so the digests of tools without secrets stay the same.
             **({"secrets": list(mark.secrets)} if mark.secrets else {}),
-        },
-        domain=TOOL_DIGEST_DOMAIN,
+        }
     )
     return ToolSpec(
         name=name,
@@ -180,6 +250,67 @@ def spec_from_function(function: Callable[..., Any]) -> ToolSpec:
         parameter_order=order,
         secrets=mark.secrets,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ToolFile:
+    """
+    A tool file as it was read once: its text, its digest and the tools defined by it.
+
+    The tools are built from ``text``, never from the file again, so what was
+    digested is what runs even if the file changes afterwards.
+    """
+
+    path: Path
+    text: str
+    sha256: Sha256Hex
+    specs: tuple[ToolSpec, ...]
+
+
+def _marked_functions(module: object) -> list[Callable[..., Any]]:
+    return [
+        value
+        for value in vars(module).values()
+        if callable(value) and isinstance(getattr(value, _MARK, None), _ToolMark)
+    ]
+
+
+def read_tool_file(path: Path) -> ToolFile:
+    """
+    Read a ``.py`` file once and build a ``ToolSpec`` for each of its ``@tool`` functions.
+
+    The text is compiled under a pseudo file name held in ``linecache``, so the
+    source of each tool comes from the bytes read here, not from a later read of
+    the file. Importing the file runs its module code in this process, as the
+    configuration's tool files do.
+
+    Raises:
+        ConfigurationError: The file is missing, unreadable, fails to import or has no tools.
+    """
+    try:
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"tool file {path} cannot be read ({type(exc).__name__})"
+                                 ) from exc
+    digest = sha256_hex(data)
+    filename = f"<callward tool file {digest[:16]} {path.name}>"
+    module_name = f"callward_tools_{digest[:16]}"
+    linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
+    module = types.ModuleType(module_name)
+    module.__file__ = filename
+    sys.modules[module_name] = module  # dataclasses and inspect look the module up
+    try:
+        exec(compile(text, filename, "exec"), module.__dict__)  # noqa: S102 - a trusted operator's tool file, as import would run it
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise ConfigurationError(
+            f"tool file {path} failed to import: {type(exc).__name__}"
+        ) from exc
+    functions = _marked_functions(module)
+    if not functions:
+        raise ConfigurationError(f"{path} defines no @tool function")
+    return ToolFile(path, text, digest, tuple(spec_from_function(f) for f in functions))
 
 
 def _load_module_from_path(path: Path) -> object:
@@ -199,13 +330,90 @@ def _load_module_from_path(path: Path) -> object:
     return module
 
 
+@dataclass(frozen=True, slots=True)
+class LiveVersion:
+    """A version held by a live source, with where it was loaded from."""
+
+    spec: ToolSpec
+    source_path: str
+    loaded_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class LiveState:
+    """What a live source holds: its versions, and the active version of each name."""
+
+    versions: tuple[LiveVersion, ...]
+    active: Mapping[str, str]
+
+
+class LiveSource(Protocol):
+    """Versions loaded while callward runs (``RegistryStore``); read before each call."""
+
+    def generation(self) -> int:
+        """A number that changes with every change of the state; cheap to read."""
+        ...
+
+    def state(self) -> LiveState:
+        """
+        The whole state.
+
+        Raises:
+            ConfigurationError: The state cannot be read or a snapshot fails its digest.
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class VersionEntry:
+    """One version the registry knows: the spec, whether it is active, and where it came from."""
+
+    spec: ToolSpec
+    active: bool
+    origin: str  # "config" or "live"
+    source_path: str
+    loaded_at: str = ""
+
+    def to_json(self) -> dict[str, JSONValue]:
+        return {"name": self.spec.name, "version": self.spec.version, "ref": self.spec.ref,
+                "digest": self.spec.digest, "active": self.active, "origin": self.origin,
+                "source_path": self.source_path, "loaded_at": self.loaded_at,
+                "labels": list(self.spec.labels), "description": self.spec.description}
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    """One consistent resolution: every version, and the active spec of each name."""
+
+    versions: Mapping[str, Mapping[str, VersionEntry]]
+    active: Mapping[str, ToolSpec]
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """``name@version`` into its parts; a plain name has no version."""
+    name, sep, version = ref.partition("@")
+    return (name, version) if sep else (name, None)
+
+
 class ToolRegistry:
     """
     The tools the gateway knows, by name. An unknown name is denied, never guessed.
+
+    A plain name resolves to the name's active version, ``name@version`` to that
+    exact version. ``refresh()`` applies a live source's changes; it is one cheap
+    read when nothing changed. If the live source cannot be read, every name
+    resolves to nothing until it can (fail closed: calls are denied as unknown).
     """
 
     def __init__(self) -> None:
-        self._tools: dict[str, ToolSpec] = {}
+        self._base: dict[str, ToolSpec] = {}
+        self._base_paths: dict[str, str] = {}
+        self._live: LiveSource | None = None
+        self._generation: int | None = None
+        self._lock = threading.Lock()
+        self._view = _View({}, {})
+
+    # -- the base set ---------------------------------------------------------
 
     def register(self, function: Callable[..., Any]) -> ToolSpec:
         """
@@ -217,11 +425,19 @@ class ToolRegistry:
         spec = spec_from_function(function)
         return self.add(spec)
 
-    def add(self, spec: ToolSpec) -> ToolSpec:
-        """Register a ready ``ToolSpec``; a second tool of the same name is refused."""
-        if spec.name in self._tools and self._tools[spec.name].digest != spec.digest:
+    def add(self, spec: ToolSpec, *, source_path: str = "") -> ToolSpec:
+        """
+        Register a ready ``ToolSpec`` in the base set (one version per name).
+
+        Raises:
+            ConfigurationError: Another tool (another digest) has the name.
+        """
+        if spec.name in self._base and self._base[spec.name].digest != spec.digest:
             raise ConfigurationError(f"two different tools are named {spec.name}")
-        self._tools[spec.name] = spec
+        self._base[spec.name] = spec
+        self._base_paths[spec.name] = source_path
+        with self._lock:
+            self._view = self._resolve(self._live_state_of_view())
         log.info("tool_registered", tool=spec.ref, digest=spec.digest)
         return spec
 
@@ -246,37 +462,155 @@ class ToolRegistry:
             if not path.is_file():
                 raise ConfigurationError(f"tool file {path} does not exist")
             module = _load_module_from_path(path)
-        functions = [
-            value
-            for value in vars(module).values()
-            if callable(value) and isinstance(getattr(value, _MARK, None), _ToolMark)
-        ]
+        functions = _marked_functions(module)
         if not functions:
             raise ConfigurationError(f"{text} defines no @tool function")
-        return tuple(self.register(function) for function in functions)
+        return tuple(self.add(spec_from_function(function), source_path=text)
+                     for function in functions)
+
+    # -- the live source ------------------------------------------------------
+
+    @property
+    def live(self) -> LiveSource | None:
+        """The attached live source, if any."""
+        return self._live
+
+    def attach(self, live: LiveSource) -> None:
+        """
+        Take versions and activations from ``live`` from now on, and read it once.
+
+        Raises:
+            ConfigurationError: The live source cannot be read.
+        """
+        with self._lock:
+            self._live = live
+            self._generation = None
+        if not self.refresh():
+            raise ConfigurationError("the live tool registry cannot be read",
+                                     remediation="check the registry database under the home")
+
+    def refresh(self) -> bool:
+        """
+        Apply the live source's changes, if it changed since the last refresh.
+
+        Returns:
+            False if the live source could not be read (every name then resolves
+            to nothing until a later refresh succeeds), else True.
+        """
+        live = self._live
+        if live is None:
+            return True
+        with self._lock:
+            try:
+                generation = live.generation()
+                if generation == self._generation:
+                    return True
+                view = self._resolve(live.state())
+            except ConfigurationError as exc:
+                log.error("live_registry_unreadable", error=exc.message)  # noqa: TRY400 - the message says it all; no traceback
+                self._view = _View({}, {})
+                self._generation = None
+                return False
+            self._view = view
+            self._generation = generation
+        log.info("live_registry_refreshed", generation=generation,
+                 active={name: spec.ref for name, spec in view.active.items()})
+        return True
+
+    def _live_state_of_view(self) -> LiveState | None:
+        """The live part of the current view (to re-resolve after a base change)."""
+        if self._live is None:
+            return None
+        entries = tuple(
+            LiveVersion(entry.spec, entry.source_path, entry.loaded_at)
+            for versions in self._view.versions.values() for entry in versions.values()
+            if entry.origin == "live")
+        active = {name: spec.version for name, spec in self._view.active.items()}
+        return LiveState(entries, active)
+
+    def _resolve(self, live: LiveState | None) -> _View:
+        specs: dict[str, dict[str, tuple[ToolSpec, str, str, str]]] = {}
+        for name, spec in self._base.items():
+            specs.setdefault(name, {})[spec.version] = (spec, "config",
+                                                        self._base_paths.get(name, ""), "")
+        chosen = {name: spec.version for name, spec in self._base.items()}
+        if live is not None:
+            for stored in live.versions:
+                spec = stored.spec
+                known = specs.setdefault(spec.name, {}).get(spec.version)
+                if known is not None and known[0].digest != spec.digest:
+                    log.warning("tool_version_overridden", tool=spec.ref, digest=spec.digest)
+                specs[spec.name][spec.version] = (spec, "live", stored.source_path,
+                                                  stored.loaded_at)
+            chosen.update(live.active)
+        active: dict[str, ToolSpec] = {}
+        for name, version in chosen.items():
+            found = specs.get(name, {}).get(version)
+            if found is None:
+                # The active version is gone (e.g. the configuration changed): fail closed.
+                log.warning("active_tool_version_missing", tool=f"{name}@{version}")
+                continue
+            active[name] = found[0]
+        versions = {
+            name: {
+                version: VersionEntry(spec, active.get(name) is spec, origin, path, at)
+                for version, (spec, origin, path, at) in by_version.items()
+            }
+            for name, by_version in specs.items()
+        }
+        return _View(versions, active)
+
+    # -- lookups --------------------------------------------------------------
 
     def get(self, name: str) -> ToolSpec | None:
-        """The tool of that exact name, or None. Names are compared byte for byte."""
-        return self._tools.get(name)
+        """
+        The active version of ``name``, or the exact version ``name@version``; else None.
+
+        Names are compared byte for byte.
+        """
+        view = self._view
+        if "@" not in name:
+            return view.active.get(name)
+        base, version = split_ref(name)
+        entry = view.versions.get(base, {}).get(version or "")
+        return None if entry is None else entry.spec
 
     def require(self, name: str) -> ToolSpec:
         """
-        The tool of that name.
+        The tool of that name (or ``name@version``).
 
         Raises:
             UnknownTool: No tool has that name.
         """
-        spec = self._tools.get(name)
+        spec = self.get(name)
         if spec is None:
             raise UnknownTool(len(name))
         return spec
 
     def parameter_order(self, name: str) -> tuple[str, ...] | None:
-        spec = self._tools.get(name)
+        spec = self.get(name)
         return None if spec is None else spec.parameter_order
 
+    def versions(self, name: str | None = None) -> tuple[VersionEntry, ...]:
+        """Every version known (of ``name``, or of all names), by name then version."""
+        view = self._view
+        names = sorted(view.versions) if name is None else [name]
+        return tuple(entry for each in names
+                     for _, entry in sorted(view.versions.get(each, {}).items()))
+
+    def base_version(self, name: str) -> str | None:
+        """The configuration's version of ``name``, or None."""
+        spec = self._base.get(name)
+        return None if spec is None else spec.version
+
+    def active_version(self, name: str) -> str | None:
+        """The version a plain ``name`` resolves to, or None."""
+        spec = self._view.active.get(name)
+        return None if spec is None else spec.version
+
     def __iter__(self) -> Iterator[ToolSpec]:
-        return iter(sorted(self._tools.values(), key=lambda spec: spec.name))
+        """The active version of each name, sorted by name."""
+        return iter(sorted(self._view.active.values(), key=lambda spec: spec.name))
 
     def __len__(self) -> int:
-        return len(self._tools)
+        return len(self._view.active)

@@ -27,6 +27,7 @@ from callward.core import (
     _cli_policy,
     _cli_sandbox,
     _cli_stats,
+    _cli_tools,
 )
 from callward.core._cli_common import (
     EXIT_CHECK_FAILED,
@@ -40,7 +41,7 @@ from callward.core._cli_common import (
     print_json,
     subcommand_options,
 )
-from callward.core._config import Home, load_config, load_registry
+from callward.core._config import Home
 from callward.core.errors import CallwardError, ConfigurationError, VerificationFailed
 
 
@@ -78,14 +79,6 @@ def _call(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK if all(result.ok for result in results) else EXIT_CHECK_FAILED
 
 
-def _tools_list(args: argparse.Namespace, home: Home) -> int:
-    registry = load_registry(load_config(config_path(args, home)))
-    print_json([{"name": spec.name, "version": spec.version, "digest": spec.digest,
-                 "description": spec.description, "labels": list(spec.labels),
-                 "parameters": spec.parameters} for spec in registry])
-    return EXIT_OK
-
-
 def _add_core_commands(commands: Subcommands) -> None:
     demo = commands.add_parser("demo", parents=[subcommand_options(), config_options()],
                                help="the main job: model output through the full path, verified")
@@ -99,13 +92,6 @@ def _add_core_commands(commands: Subcommands) -> None:
     call.add_argument("--principal", required=True)
     call.add_argument("--session", default="")
     call.set_defaults(handler=_call)
-
-    tools = commands.add_parser("tools", help="the tool registry")
-    tools_commands = tools.add_subparsers(dest="tools_command", required=True, metavar="COMMAND")
-    tools_list = tools_commands.add_parser("list", parents=[subcommand_options(),
-                                                            config_options()],
-                                           help="registered tools with versions and digests")
-    tools_list.set_defaults(handler=_tools_list)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_mcp.add_commands(commands)
     _cli_plan.add_commands(commands)
     _cli_stats.add_commands(commands)
+    _cli_tools.add_commands(commands)
     return parser
 
 

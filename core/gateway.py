@@ -210,6 +210,7 @@ class Gateway:
         """
         context = CallContext(principal=principal, session_id=session_id)
         started = self._clock()
+        self.registry.refresh()
         try:
             calls = parse_model_output(
                 text, parameter_order=self.registry.parameter_order, new_id=self._new_id
@@ -248,6 +249,7 @@ class Gateway:
         clog = log.bind(call_id=call.id, tool_name_sha256=sha256_hex(call.name.encode())[:16])
         clog.info("call_received", dialect=call.dialect, arguments_bytes=len(call.arguments_json))
 
+        self.registry.refresh()  # versions loaded, activated or unloaded since the last call
         spec = self.registry.get(call.name)
         started = self._clock()
         self.poll_policy_reload()

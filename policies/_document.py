@@ -32,6 +32,9 @@ and a document needs ``rules`` or ``cedar``)::
       fetch_issues:
         secrets: [GITHUB_TOKEN]   # grants secrets the tool declares (@tool(secrets=...))
         egress: ["127.0.0.1:8080", "internal.example:443"]  # host:port via the egress proxy
+      square:
+        versions: ["1.0.0"]       # pins: a call resolving to another version is denied
+        digests: ["<sha256>"]     # and/or to another digest (rule tools.square.pin)
     rate_limits:
       - {id: refunds-per-hour, tools: [refund], limit: 5, window_seconds: 3600,
          algorithm: sliding_window, per: [principal, tool]}
@@ -184,6 +187,12 @@ DOCUMENT_SCHEMA: Final[Mapping[str, Any]] = {
                     "labels": _LABEL_LIST,
                     "output_labels": _LABEL_LIST,
                     "declassifies": _LABEL_LIST,
+                    # Pins: the versions and/or digests a call may resolve to.
+                    "versions": {"type": "array", "minItems": 1, "uniqueItems": True,
+                                 "items": {"type": "string",
+                                           "pattern": "^[0-9A-Za-z][0-9A-Za-z.+-]{0,31}$"}},
+                    "digests": {"type": "array", "minItems": 1, "uniqueItems": True,
+                                "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
                     "confine": {
                         "type": "object",
                         "additionalProperties": False,
@@ -460,6 +469,23 @@ class AnomalyGate:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolPin:
+    """The versions and/or digests of a tool the policy allows; an empty set pins nothing."""
+
+    versions: frozenset[str] = frozenset()
+    digests: frozenset[str] = frozenset()
+
+    def violation(self, version: str, digest: str) -> str | None:
+        """Why a version is not allowed, or None."""
+        if self.versions and version not in self.versions:
+            return (f"version {version} is not allowed by the policy "
+                    f"(allowed: {', '.join(sorted(self.versions))})")
+        if self.digests and digest not in self.digests:
+            return f"version {version} (digest {digest[:16]}…) is not a digest the policy allows"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class PolicyDocument:
     """A loaded, validated policy, and the digest of exactly what was loaded."""
 
@@ -482,6 +508,7 @@ class PolicyDocument:
     mcp_content: tuple[McpContentRule, ...] = ()
     version: int = 1
     anomaly_gates: tuple[AnomalyGate, ...] = ()
+    pins: Mapping[str, ToolPin] = field(default_factory=dict)
 
     @property
     def approval_rules(self) -> tuple[ApprovalRule, ...]:
@@ -636,6 +663,10 @@ def parse_policy(text: str, *, source: str = "<string>", base: Path | None = Non
         tool_labels={name: frozenset(s.get("labels", ())) for name, s in tools.items()},
         output_labels={name: frozenset(s.get("output_labels", ())) for name, s in tools.items()},
         declassifies={name: frozenset(s.get("declassifies", ())) for name, s in tools.items()},
+        pins={
+            name: ToolPin(frozenset(s.get("versions", ())), frozenset(s.get("digests", ())))
+            for name, s in tools.items() if "versions" in s or "digests" in s
+        },
         confinements={
             name: Confinement(s["confine"]["root"], tuple(s["confine"]["arguments"]))
             for name, s in tools.items() if "confine" in s

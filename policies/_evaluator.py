@@ -3,14 +3,16 @@ The policy evaluator: default deny, every decision explained.
 
 Invariants:
 
-- Whatever cannot prove "allow" denies: an unknown tool, arguments that fail
-  the schema or a constraint, a principal no permit names, a Cedar policy
-  that errors, a labelled result that would flow where a rule forbids, a
-  missing or spent approval, an exhausted rate limit, and any error inside a
-  check (the policy state unreadable included, and the anomaly state when an
-  ``anomalies`` gate applies to the call).
+- Whatever cannot prove "allow" denies: an unknown tool, a version or digest
+  the policy does not pin, arguments that fail the schema or a constraint, a
+  principal no permit names, a Cedar policy that errors, a labelled result
+  that would flow where a rule forbids, a missing or spent approval, an
+  exhausted rate limit, and any error inside a check (the policy state
+  unreadable included, and the anomaly state when an ``anomalies`` gate
+  applies to the call).
 - A matching ``forbid`` (a ``deny`` rule) overrides every ``permit``.
-- ``decide()`` evaluates the checks in pipeline order (unknown_tool, schema,
+- ``decide()`` evaluates the checks in pipeline order (unknown_tool, the
+  version pin (kind ``permission``, rule ``tools.NAME.pin``), schema,
   constraint, permission, flow, anomaly, approval_required, rate_limit) and returns a
   ``Decision`` listing every rule that decided; its ``kind`` is the first
   failed check. Checks with side effects (a proposal recorded, an approval
@@ -386,11 +388,17 @@ class Policy:
                   commit: bool) -> Trace:
         compiled = self._compiled
         document = compiled.document
-        if spec is None or spec.name != call.name:
+        # A call names a tool, or one version of it (name@version).
+        if spec is None or call.name not in {spec.name, spec.ref}:
             decision = Decision("deny", (UNKNOWN_TOOL_RULE,), document.digest,
                                 kind="unknown_tool", message="no tool of that name is registered")
             return Trace(decision, (Check("unknown_tool", False, (UNKNOWN_TOOL_RULE,)),))
         checks = _Checks()
+        pin = document.pins.get(spec.name)
+        if pin is not None:
+            violation = pin.violation(spec.version, spec.digest)
+            checks.add("permission", Check("pin", violation is None,
+                                           (RuleId(f"tools.{spec.name}.pin"),), violation or ""))
         in_bounds = self._input_checks(document, call, spec, checks)
         now = self._clock()
         labels = document.labels_of(spec.name, spec.labels)

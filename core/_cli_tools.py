@@ -1,0 +1,128 @@
+"""
+``callward tools list / load / unload / activate / rollback``: the registry at run time.
+
+The commands change ``HOME/registry.db`` and write each change, with the tool's
+digest, to ``HOME/audit.db``; a gateway running on the same home picks the
+change up before its next call. The base set is the configuration's ``tools:``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from callward.core._cli_common import (
+    EXIT_OK,
+    Subcommands,
+    config_options,
+    config_path,
+    print_json,
+    subcommand_options,
+)
+from callward.core._config import Home, load_config, open_live_registry
+from callward.core._registry import ToolRegistry
+from callward.core._registry_live import LiveRegistry
+from callward.core._registry_store import RegistryStore
+
+
+@contextlib.contextmanager
+def _registry(args: argparse.Namespace, home: Home
+              ) -> Iterator[tuple[ToolRegistry, RegistryStore]]:
+    home.create()
+    registry, store = open_live_registry(load_config(config_path(args, home)), home)
+    try:
+        yield registry, store
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def _live(args: argparse.Namespace, home: Home) -> Iterator[LiveRegistry]:
+    from callward.audit import FileSigner, SQLiteAuditStore  # noqa: PLC0415 - only when changing
+
+    with _registry(args, home) as (registry, store):
+        signer = FileSigner.load_or_create(home.keys_dir)
+        with SQLiteAuditStore(home.audit_db, signer) as audit:
+            yield LiveRegistry(registry, store, audit)
+
+
+def _list(args: argparse.Namespace, home: Home) -> int:
+    with _registry(args, home) as (registry, _store):
+        entries = registry.versions()
+    if args.json:
+        print_json([entry.to_json() for entry in entries])
+        return EXIT_OK
+    rows = [("NAME", "VERSION", "ACTIVE", "DIGEST", "ORIGIN", "LABELS", "SOURCE")]
+    rows += [(e.spec.name, e.spec.version, "*" if e.active else "", e.spec.digest[:16],
+              e.origin, ",".join(e.spec.labels), e.source_path) for e in entries]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)),
+                         row[-1]]).rstrip())
+    return EXIT_OK
+
+
+def _load(args: argparse.Namespace, home: Home) -> int:
+    with _live(args, home) as live:
+        changes = live.load(Path(args.path), activate=not args.inactive)
+    print_json([change.to_json() for change in changes])
+    return EXIT_OK
+
+
+def _unload(args: argparse.Namespace, home: Home) -> int:
+    with _live(args, home) as live:
+        changes = live.unload(args.ref, force=args.force)
+    print_json([change.to_json() for change in changes])
+    return EXIT_OK
+
+
+def _activate(args: argparse.Namespace, home: Home) -> int:
+    with _live(args, home) as live:
+        change = live.activate(args.ref)
+    print_json([] if change is None else [change.to_json()])
+    return EXIT_OK
+
+
+def _rollback(args: argparse.Namespace, home: Home) -> int:
+    with _live(args, home) as live:
+        change = live.rollback(args.name)
+    print_json([change.to_json()])
+    return EXIT_OK
+
+
+def add_commands(commands: Subcommands) -> None:
+    """Add ``tools list / load / unload / activate / rollback``."""
+    tools = commands.add_parser("tools", help="the tool registry: versions, loading, rollback")
+    sub = tools.add_subparsers(dest="tools_command", required=True, metavar="COMMAND")
+    parents = [subcommand_options(), config_options()]
+
+    listing = sub.add_parser("list", parents=parents,
+                             help="every version with its digest, origin and whether it is active")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(handler=_list)
+
+    load = sub.add_parser("load", parents=parents,
+                          help="load the @tool functions of a .py file as new versions (audited)")
+    load.add_argument("path", metavar="PATH")
+    load.add_argument("--inactive", action="store_true",
+                      help="load without making the new versions active")
+    load.set_defaults(handler=_load)
+
+    unload = sub.add_parser("unload", parents=parents,
+                            help="remove a loaded version NAME@VERSION (audited)")
+    unload.add_argument("ref", metavar="NAME@VERSION")
+    unload.add_argument("--force", action="store_true",
+                        help="also unload the active version; the previous one takes over")
+    unload.set_defaults(handler=_unload)
+
+    activate = sub.add_parser("activate", parents=parents,
+                              help="make NAME@VERSION the version calls to NAME run (audited)")
+    activate.add_argument("ref", metavar="NAME@VERSION")
+    activate.set_defaults(handler=_activate)
+
+    rollback = sub.add_parser("rollback", parents=parents,
+                              help="re-activate the version active before the current one")
+    rollback.add_argument("name", metavar="NAME")
+    rollback.set_defaults(handler=_rollback)
