@@ -184,6 +184,7 @@ class McpFace:
         # An upstream tool blocked mid-session leaves the listing too, not only the calls.
         policy = self._gateway.policy
         blocked = policy.is_blocked if isinstance(policy, PinGate) else (lambda _name: False)
+        self._gateway.registry.refresh()  # versions loaded or unloaded while serving
         return types.ListToolsResult(tools=tool_definitions(
             spec for spec in self._gateway.registry if not blocked(spec.name)))
 
