@@ -95,6 +95,7 @@ class RegistryStore:
         self._path = path
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.RLock()
+        self._specs: dict[tuple[str, str, str], ToolSpec] = {}
 
     @property
     def path(self) -> Path:
@@ -134,7 +135,8 @@ class RegistryStore:
 
     def _require(self) -> sqlite3.Connection:
         if self._conn is None:
-            raise ValueError("the registry store is not open")
+            raise ConfigurationError("the registry database is not open",
+                                     remediation="open the store before use")
         return self._conn
 
     # -- reading (LiveSource) -------------------------------------------------
@@ -153,6 +155,9 @@ class RegistryStore:
         """
         Every stored version (digests checked) and every active choice, read at once.
 
+        A version is immutable, so its spec is rebuilt and its digest checked once
+        per process; later reads fetch only name, version and digest for it.
+
         Raises:
             ConfigurationError: The database cannot be read or a snapshot fails its digest.
         """
@@ -164,19 +169,34 @@ class RegistryStore:
                 conn.execute("BEGIN")
             try:
                 rows = conn.execute(
-                    "SELECT preimage, digest, source_path, loaded_at FROM versions "
+                    "SELECT name, version, digest, source_path, loaded_at FROM versions "
                     "ORDER BY name, version").fetchall()
+                versions = tuple(LiveVersion(self._spec(conn, name, version, digest), path, at)
+                                 for name, version, digest, path, at in rows)
                 active = dict(conn.execute("SELECT name, version FROM active").fetchall())
             finally:
                 if outer:
                     conn.execute("COMMIT")
-        if not all(isinstance(row[0], bytes) for row in rows):
-            raise ConfigurationError("a stored tool snapshot is not a snapshot (not a blob)",
-                                     remediation="the registry database was changed outside "
-                                                 "callward; load the tool again")
-        versions = tuple(LiveVersion(spec_from_preimage(pre, digest), path, at)
-                         for pre, digest, path, at in rows)
         return LiveState(versions, active)
+
+    def _spec(self, conn: sqlite3.Connection, name: str, version: str, digest: str) -> ToolSpec:
+        key = (name, version, digest)
+        spec = self._specs.get(key)
+        if spec is None:
+            (preimage,) = conn.execute(
+                "SELECT preimage FROM versions WHERE name = ? AND version = ?",
+                (name, version)).fetchone()
+            if not isinstance(preimage, bytes):
+                raise ConfigurationError(
+                    "a stored tool snapshot is not a snapshot (not a blob)",
+                    remediation="the registry database was changed outside callward; "
+                                "load the tool again")
+            spec = spec_from_preimage(preimage, digest)
+            if (spec.name, spec.version) != (name, version):
+                raise ConfigurationError(f"the stored snapshot of {name}@{version} names "
+                                         f"another tool ({spec.ref})")
+            self._specs[key] = spec
+        return spec
 
     def file_text(self, ref_name: str, version: str) -> str | None:
         """The text of the file a stored version was loaded from, as it was read."""

@@ -293,18 +293,28 @@ class TestAcrossProcesses:
         assert (None, []) == (other.get("double@1.0.0"), list(other.versions()))
 
     def test_a_tampered_snapshot_fails_closed(self, live, open_registry, tmp_path):
-        """A stored snapshot changed outside callward: refused at start, nothing resolves."""
+        """A snapshot changed outside callward: a new reader refuses to start; a running one
+        keeps running the snapshot it verified, never the changed bytes."""
         live.load(tool_file(tmp_path, "1.0.0"))
-        registry, _ = open_registry()
+        running, _ = open_registry()
         with sqlite3.connect(tmp_path / "registry.db") as db:
             db.execute("UPDATE versions SET "
                        "preimage = CAST(replace(preimage, 'x * 2', 'x * 7') AS BLOB)")
             db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
 
-        assert registry.refresh() is False
-        assert registry.get("double") is None
+        assert running.refresh()
+        assert "return x * 2" in running.require("double").source
         with pytest.raises(ConfigurationError, match="cannot be read"):
             open_registry()
+
+    def test_an_unreadable_store_resolves_nothing(self, live, open_registry, tmp_path):
+        """If the registry database cannot be read, every name is unknown until it can."""
+        live.load(tool_file(tmp_path, "1.0.0"))
+        running, store = open_registry()
+        store.close()
+
+        assert running.refresh() is False
+        assert (None, []) == (running.get("double"), list(running))
 
     def test_every_change_is_in_a_verifiable_log(self, live, audit, tmp_path):
         """Loads, activations, rollbacks and unloads are signed records the log verifies."""
