@@ -7,7 +7,10 @@ Invariants:
   inside the registry transaction: if the record cannot be written the change
   is rolled back, so a running gateway never runs a version whose loading or
   activation is not in the log (``tool.loaded``, ``tool.activated``,
-  ``tool.rolled_back``, ``tool.unloaded``).
+  ``tool.rolled_back``, ``tool.unloaded``). The converse is weaker: if the
+  registry commit itself fails after the records were written, the log holds
+  records of a change that did not happen (each names its ref and digest, so
+  ``callward tools list`` settles what is in force).
 - ``name@version`` is immutable: loading it again with another digest is refused.
 - What runs is the snapshot stored at load time (``read_tool_file``): editing
   the file afterwards changes nothing until it is loaded again, as a new version.
@@ -132,12 +135,14 @@ class LiveRegistry:
         changes: list[Change] = []
         with self._store.change() as tx:
             self._current()
+            # Every conflict is found before the first record is written.
             for spec in snapshot.specs:
                 known = self._registry.get(spec.ref)
                 if known is not None and known.digest != spec.digest:
                     raise ConfigurationError(
                         f"{spec.ref} is already known with another digest",
                         remediation="a changed tool needs a new version number")
+            for spec in snapshot.specs:
                 if tx.stored_digest(spec.name, spec.version) is None:
                     tx.put_version(spec, source_path=str(path.resolve()),
                                    file_text=snapshot.text, file_sha256=snapshot.sha256)

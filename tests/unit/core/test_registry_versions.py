@@ -328,3 +328,20 @@ class TestAcrossProcesses:
         assert ["tool.loaded", "tool.activated", "tool.loaded", "tool.activated",
                 "tool.rolled_back", "tool.unloaded"] == kinds(audit)
         assert 6 == verified.records
+
+
+class TestLoadIsAllOrNothing:
+    def test_a_conflict_in_a_file_writes_nothing(self, live, audit, tmp_path):
+        """A file whose second tool conflicts loads none of its tools and writes no record."""
+        live.load(tool_file(tmp_path, "1.0.0", name="second"))
+        before = kinds(audit)
+        both = tmp_path / "both.py"
+        both.write_text(tool_file(tmp_path, "1.0.0", name="first").read_text()
+                        + "\n\n" + tool_file(tmp_path, "1.0.0", "x * 5", name="second",
+                                             filename="x.py").read_text().split("\n", 2)[2])
+
+        with pytest.raises(ConfigurationError, match="another digest"):
+            live.load(both)
+
+        assert before == kinds(audit)
+        assert live.registry.get("first") is None
