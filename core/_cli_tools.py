@@ -1,5 +1,5 @@
 """
-``callward tools list / load / unload / activate / rollback``: the registry at run time.
+``callward tools list / history / load / unload / activate / rollback``: the live registry.
 
 The commands change ``HOME/registry.db`` and write each change, with the tool's
 digest, to ``HOME/audit.db``; a gateway running on the same home picks the
@@ -64,6 +64,16 @@ def _list(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK
 
 
+def _history(args: argparse.Namespace, home: Home) -> int:
+    with _registry(args, home) as (registry, store):
+        entries = store.history(args.name)
+        active = registry.active_version(args.name)
+    print_json({"name": args.name, "active": active,
+                "history": [{"seq": e.seq, "action": e.action, "version": e.version,
+                             "previous": e.previous, "at": e.at} for e in entries]})
+    return EXIT_OK
+
+
 def _load(args: argparse.Namespace, home: Home) -> int:
     with _live(args, home) as live:
         changes = live.load(Path(args.path), activate=not args.inactive)
@@ -93,7 +103,7 @@ def _rollback(args: argparse.Namespace, home: Home) -> int:
 
 
 def add_commands(commands: Subcommands) -> None:
-    """Add ``tools list / load / unload / activate / rollback``."""
+    """Add ``tools list / history / load / unload / activate / rollback``."""
     tools = commands.add_parser("tools", help="the tool registry: versions, loading, rollback")
     sub = tools.add_subparsers(dest="tools_command", required=True, metavar="COMMAND")
     parents = [subcommand_options(), config_options()]
@@ -102,6 +112,11 @@ def add_commands(commands: Subcommands) -> None:
                              help="every version with its digest, origin and whether it is active")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(handler=_list)
+
+    history = sub.add_parser("history", parents=parents,
+                             help="how NAME's active version changed (what rollback walks)")
+    history.add_argument("name", metavar="NAME")
+    history.set_defaults(handler=_history)
 
     load = sub.add_parser("load", parents=parents,
                           help="load the @tool functions of a .py file as new versions (audited)")

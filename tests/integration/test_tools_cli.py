@@ -7,11 +7,15 @@ sandbox, real SQLite and real keys.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
+from mcp import Client, StdioServerParameters
 
 from callward.core import ToolCall
 from callward.core.gateway import Gateway
@@ -86,11 +90,16 @@ class TestLiveChanges:
         second_record = gateway.audit.last()
         (rolled,) = tools("rollback", "double")
         third = gateway.handle(call(), principal="alice")
+        history = tools("history", "double")
 
         assert (6, 6, 60, 6) == (first.content, edited.content, second.content, third.content)
         assert ("call.completed", "double@2.0.0") == (second_record.kind,
                                                       second_record.body["tool"])
         assert ("tool.rolled_back", "double@1.0.0") == (rolled["kind"], rolled["ref"])
+        assert ("1.0.0", [("activated", "1.0.0", None), ("activated", "2.0.0", "1.0.0"),
+                          ("rolled_back", "1.0.0", "2.0.0")]) == (
+            history["active"],
+            [(e["action"], e["version"], e["previous"]) for e in history["history"]])
 
     def test_each_record_names_the_version_and_digest_that_ran(
             self, gateway, tools, tmp_path, home):
@@ -161,3 +170,33 @@ class TestLiveChanges:
                 "call.authorized", "call.completed", "tool.rolled_back",
                 "tool.unloaded"] == kinds(home)
         assert (0, "OK") == (verified.returncode, json.loads(verified.stdout)["verdict"])
+
+
+class TestWhileMcpServes:
+    def test_mcp_serve_picks_up_loads_and_rollbacks(self, engine, tools, config, home, tmp_path):
+        """`callward mcp serve` keeps running; a tool loaded meanwhile is listed and runs,
+        a new version runs at the next call, and a rollback is seen at the one after."""
+        params = StdioServerParameters(
+            command=sys.executable, env={**os.environ},
+            args=["-m", "callward.core.cli", "--home", str(home), "mcp", "serve",
+                  "--config", str(config), "--principal", "alice"])
+
+        async def session() -> list[object]:
+            seen: list[object] = []
+            async with Client(params, read_timeout_seconds=60) as client:
+                before = await client.call_tool("double", {"x": 3})
+                seen.append(before.structured_content["kind"])
+                tools("load", str(tool_file(tmp_path, "1.0.0")))
+                listed = await client.list_tools()
+                seen.append("double" in [tool.name for tool in listed.tools])
+                for step in (None, ("load", str(tool_file(tmp_path, "2.0.0", "x * 20"))),
+                             ("rollback", "double")):
+                    if step is not None:
+                        tools(*step)
+                    result = await client.call_tool("double", {"x": 3})
+                    seen.append(result.content[0].text)
+            return seen
+
+        seen = anyio.run(session)
+
+        assert ["unknown_tool", True, "6", "60", "6"] == seen
