@@ -21,17 +21,17 @@ from callward.core._cli_common import (
     print_json,
     subcommand_options,
 )
-from callward.core._config import Home, load_config, open_live_registry
+from callward.core._config import GatewayConfig, Home, load_config, open_live_registry
 from callward.core._registry import ToolRegistry
 from callward.core._registry_live import LiveRegistry
 from callward.core._registry_store import RegistryStore
 
 
 @contextlib.contextmanager
-def _registry(args: argparse.Namespace, home: Home
+def _registry(config: GatewayConfig, home: Home
               ) -> Iterator[tuple[ToolRegistry, RegistryStore]]:
     home.create()
-    registry, store = open_live_registry(load_config(config_path(args, home)), home)
+    registry, store = open_live_registry(config, home)
     try:
         yield registry, store
     finally:
@@ -40,16 +40,21 @@ def _registry(args: argparse.Namespace, home: Home
 
 @contextlib.contextmanager
 def _live(args: argparse.Namespace, home: Home) -> Iterator[LiveRegistry]:
-    from callward.audit import FileSigner, SQLiteAuditStore  # noqa: PLC0415 - only when changing
+    """The live registry, writing to the audit log as the configured gateway does."""
+    from callward.audit import FileSigner, SQLiteAuditStore, store_settings  # noqa: PLC0415
 
-    with _registry(args, home) as (registry, store):
+    config = load_config(config_path(args, home))
+    settings = store_settings(config.audit or {}, base=config.source.parent)
+    with _registry(config, home) as (registry, store):
         signer = FileSigner.load_or_create(home.keys_dir)
-        with SQLiteAuditStore(home.audit_db, signer) as audit:
+        with SQLiteAuditStore(home.audit_db, signer, checkpoint_every=settings.checkpoint_every,
+                              checkpoint_seconds=settings.checkpoint_seconds,
+                              witnesses=settings.witnesses) as audit:
             yield LiveRegistry(registry, store, audit)
 
 
 def _list(args: argparse.Namespace, home: Home) -> int:
-    with _registry(args, home) as (registry, _store):
+    with _registry(load_config(config_path(args, home)), home) as (registry, _store):
         entries = registry.versions()
     if args.json:
         print_json([entry.to_json() for entry in entries])
@@ -65,7 +70,7 @@ def _list(args: argparse.Namespace, home: Home) -> int:
 
 
 def _history(args: argparse.Namespace, home: Home) -> int:
-    with _registry(args, home) as (registry, store):
+    with _registry(load_config(config_path(args, home)), home) as (registry, store):
         entries = store.history(args.name)
         active = registry.active_version(args.name)
     print_json({"name": args.name, "active": active,

@@ -28,7 +28,7 @@ import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import structlog
 from jsonschema import Draft202012Validator
@@ -370,7 +370,7 @@ class VersionEntry:
 
     spec: ToolSpec
     active: bool
-    origin: str  # "config" or "live"
+    origin: Literal["config", "live"]
     source_path: str
     loaded_at: str = ""
 
@@ -529,7 +529,7 @@ class ToolRegistry:
         return LiveState(entries, active)
 
     def _resolve(self, live: LiveState | None) -> _View:
-        specs: dict[str, dict[str, tuple[ToolSpec, str, str, str]]] = {}
+        specs: dict[str, dict[str, tuple[ToolSpec, Literal["config", "live"], str, str]]] = {}
         for name, spec in self._base.items():
             specs.setdefault(name, {})[spec.version] = (spec, "config",
                                                         self._base_paths.get(name, ""), "")
