@@ -23,6 +23,9 @@ from callward.core import (
 )
 from callward.core._canonical import canonical_bytes
 from callward.core._registry import read_tool_file, spec_from_preimage, spec_preimage
+from callward.core.gateway import Gateway
+from callward.policies import Policy
+from tests.unit.core.test_gateway import StubRunner
 
 
 def tool_file(directory: Path, version: str, returns: str = "x * 2", name: str = "double",
@@ -345,3 +348,19 @@ class TestLoadIsAllOrNothing:
 
         assert before == kinds(audit)
         assert live.registry.get("first") is None
+
+
+class TestPythonApi:
+    def test_live_registry_of_a_gateway(self, open_registry, audit, tmp_path):
+        """LiveRegistry.of(gateway) changes what that gateway resolves, audited in its log."""
+        registry, _ = open_registry()
+        policy = Policy.from_text("version: 1\ndefault: deny\nrules: []\n")
+        gateway = Gateway(registry=registry, policy=policy, runner=StubRunner(), audit=audit)
+        plain = Gateway(registry=ToolRegistry(), policy=policy, runner=StubRunner(), audit=audit)
+
+        LiveRegistry.of(gateway).load(tool_file(tmp_path, "1.0.0"))
+
+        assert "1.0.0" == gateway.registry.require("double").version
+        assert "tool.activated" == audit.last().kind
+        with pytest.raises(TypeError, match="no registry database"):
+            LiveRegistry.of(plain)
