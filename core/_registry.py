@@ -409,6 +409,7 @@ class ToolRegistry:
         self._base: dict[str, ToolSpec] = {}
         self._base_paths: dict[str, str] = {}
         self._live: LiveSource | None = None
+        self._live_state: LiveState | None = None
         self._generation: int | None = None
         self._lock = threading.Lock()
         self._view = _View({}, {})
@@ -437,7 +438,7 @@ class ToolRegistry:
         self._base[spec.name] = spec
         self._base_paths[spec.name] = source_path
         with self._lock:
-            self._view = self._resolve(self._live_state_of_view())
+            self._view = self._resolve(self._live_state)
         log.info("tool_registered", tool=spec.ref, digest=spec.digest)
         return spec
 
@@ -505,28 +506,18 @@ class ToolRegistry:
                 generation = live.generation()
                 if generation == self._generation:
                     return True
-                view = self._resolve(live.state())
+                state = live.state()
             except ConfigurationError as exc:
                 log.error("live_registry_unreadable", error=exc.message)  # noqa: TRY400 - the message says it all; no traceback
                 self._view = _View({}, {})
+                self._live_state = None
                 self._generation = None
                 return False
-            self._view = view
-            self._generation = generation
+            view = self._resolve(state)
+            self._view, self._live_state, self._generation = view, state, generation
         log.info("live_registry_refreshed", generation=generation,
                  active={name: spec.ref for name, spec in view.active.items()})
         return True
-
-    def _live_state_of_view(self) -> LiveState | None:
-        """The live part of the current view (to re-resolve after a base change)."""
-        if self._live is None:
-            return None
-        entries = tuple(
-            LiveVersion(entry.spec, entry.source_path, entry.loaded_at)
-            for versions in self._view.versions.values() for entry in versions.values()
-            if entry.origin == "live")
-        active = {name: spec.version for name, spec in self._view.active.items()}
-        return LiveState(entries, active)
 
     def _resolve(self, live: LiveState | None) -> _View:
         specs: dict[str, dict[str, tuple[ToolSpec, Literal["config", "live"], str, str]]] = {}
