@@ -161,3 +161,15 @@ class TestGatewayWithLiveRegistry:
         after_rollback = gateway.handle(call("double"), principal="alice").content
 
         assert ("double@2.0.0", "double@1.0.0") == (after_load, after_rollback)
+
+    def test_model_text_may_name_a_version(self, world, tmp_path):
+        """A parsed call to name@version (any JSON dialect) runs that version."""
+        gateway, live, _audit = world
+        live.load(tool_file(tmp_path, "1.0.0"))
+        live.load(tool_file(tmp_path, "2.0.0", "x * 20"), activate=False)
+
+        (result,) = gateway.handle_text(
+            '<tool_call>{"name": "double@1.0.0", "arguments": {"x": 3}}</tool_call>',
+            principal="alice")
+
+        assert ("ok", "double@1.0.0", "double") == (result.kind, result.content, result.tool)
