@@ -259,7 +259,8 @@ class LiveRegistry:
 
     def _require(self, ref: str) -> ToolSpec:
         if split_ref(ref)[1] is None:
-            raise ConfigurationError(f"{ref!r} names no version; write name@version")
+            raise ConfigurationError(f"{ref!r} names no version",
+                                     remediation="write NAME@VERSION (see callward tools list)")
         spec = self._registry.get(ref)
         if spec is None:
             raise ConfigurationError(f"no version {ref} is known",
