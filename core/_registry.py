@@ -382,6 +382,14 @@ class VersionEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class RegistryDelta:
+    """The versions a refresh added and removed (by digest)."""
+
+    added: tuple[ToolSpec, ...]
+    removed: tuple[ToolSpec, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class _View:
     """One consistent resolution: every version, and the active spec of each name."""
 
@@ -410,6 +418,7 @@ class ToolRegistry:
         self._base_paths: dict[str, str] = {}
         self._live: LiveSource | None = None
         self._live_state: LiveState | None = None
+        self._listeners: list[Callable[[RegistryDelta], None]] = []
         self._generation: int | None = None
         self._lock = threading.Lock()
         self._view = _View({}, {})
@@ -513,11 +522,36 @@ class ToolRegistry:
                 self._live_state = None
                 self._generation = None
                 return False
+            before = self._view
             view = self._resolve(state)
             self._view, self._live_state, self._generation = view, state, generation
         log.info("live_registry_refreshed", generation=generation,
                  active={name: spec.ref for name, spec in view.active.items()})
+        self._notify(before, view)
         return True
+
+    def on_change(self, listener: Callable[[RegistryDelta], None]) -> None:
+        """
+        Call ``listener`` after each refresh that added or removed versions, e.g. to
+        stop the worker of a model version that was unloaded. A failing listener is
+        logged; it does not undo the change.
+        """
+        self._listeners.append(listener)
+
+    def _notify(self, before: _View, after: _View) -> None:
+        old = {entry.spec.digest: entry.spec for each in before.versions.values()
+               for entry in each.values()}
+        new = {entry.spec.digest: entry.spec for each in after.versions.values()
+               for entry in each.values()}
+        delta = RegistryDelta(added=tuple(spec for d, spec in new.items() if d not in old),
+                              removed=tuple(spec for d, spec in old.items() if d not in new))
+        if not delta.added and not delta.removed:
+            return
+        for listener in tuple(self._listeners):
+            try:
+                listener(delta)
+            except Exception:  # boundary: a listener's failure must not break the call path
+                log.exception("registry_listener_failed")
 
     def _resolve(self, live: LiveState | None) -> _View:
         specs: dict[str, dict[str, tuple[ToolSpec, Literal["config", "live"], str, str]]] = {}

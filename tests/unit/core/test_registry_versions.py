@@ -364,3 +364,24 @@ class TestPythonApi:
         assert "tool.activated" == audit.last().kind
         with pytest.raises(TypeError, match="no registry database"):
             LiveRegistry.of(plain)
+
+
+class TestListeners:
+    def test_a_running_registry_reports_added_and_removed_versions(self, live, open_registry,
+                                                                   tmp_path):
+        """A refresh tells listeners which versions came and went (e.g. to stop a worker)."""
+        running, _ = open_registry()
+        deltas = []
+        running.on_change(lambda delta: deltas.append(
+            ([s.ref for s in delta.added], [s.ref for s in delta.removed])))
+        running.on_change(lambda _delta: 1 / 0)  # a failing listener is only logged
+        live.load(tool_file(tmp_path, "1.0.0"))
+        running.refresh()
+        live.load(tool_file(tmp_path, "2.0.0", "x * 20"), activate=False)
+        running.refresh()
+        live.unload("double@2.0.0")
+        running.refresh()
+        running.refresh()  # nothing changed: no call
+
+        assert [(["double@1.0.0"], []), (["double@2.0.0"], []), ([], ["double@2.0.0"])] == deltas
+        assert "1.0.0" == running.require("double").version
