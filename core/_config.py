@@ -41,8 +41,8 @@ from referencing import Registry
 from callward.core._anomaly import ANOMALY_SETTING_NAMES, DetectorSettings
 from callward.core._model_tools import ModelToolsSettings, model_tools_settings
 from callward.core._registry import ToolRegistry
-from callward.core._yaml import strict_yaml_load
 from callward.core._registry_store import RegistryStore
+from callward.core._yaml import strict_yaml_load
 from callward.core.errors import ConfigurationError, SandboxUnavailable
 
 log = structlog.get_logger()
