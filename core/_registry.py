@@ -136,7 +136,15 @@ def _description(function: Callable[..., Any], given: str | None) -> str:
 
 
 def spec_preimage(spec: ToolSpec) -> dict[str, JSONValue]:
-    """Everything a tool's digest covers, as JSON; ``spec_from_preimage`` inverts it."""
+    """
+    Everything a function tool's digest covers, as JSON; ``spec_from_preimage`` inverts it.
+
+    Raises:
+        ConfigurationError: A model tool: its digest covers weights, which this does not hold.
+    """
+    if spec.model is not None:
+        raise ConfigurationError(f"{spec.ref} is a model tool; the configuration's "
+                                 "models_as_tools registers it, not a tool file")
     return {
         "name": spec.name,
         "version": spec.version,
