@@ -132,6 +132,19 @@ class TestToolFile:
             spec_from_preimage(changed, spec.digest)
 
 
+    def test_declared_secrets_are_stored_and_digested(self, tmp_path):
+        """The names of a tool's secrets survive the snapshot and are part of its digest."""
+        path = tool_file(tmp_path, "1.0.0")
+        path.write_text(path.read_text().replace("'required': ['x']})",
+                                                 "'required': ['x']}, secrets=('API_TOKEN',))"))
+        (spec,) = read_tool_file(path).specs
+        (plain,) = read_tool_file(tool_file(tmp_path, "1.0.0", filename="plain.py")).specs
+
+        assert ("API_TOKEN",) == spec_from_preimage(canonical_bytes(spec_preimage(spec)),
+                                                    spec.digest).secrets
+        assert spec.digest != plain.digest
+
+
 class TestLoadAndActivate:
     def test_load_makes_the_new_version_active_and_audits_it(self, live, audit, tmp_path):
         """Loading v1 then v2 leaves v2 active, both callable by ref, each change audited."""
