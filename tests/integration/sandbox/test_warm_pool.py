@@ -9,6 +9,7 @@ that no container labelled callward is left.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -20,8 +21,9 @@ from collections.abc import Callable, Iterator
 import docker
 import pytest
 
-from callward.core import Execution, ResourceLimits, ToolCall, ToolSpec
+from callward.core import Execution, ResourceLimits, SandboxUnavailable, ToolCall, ToolSpec
 from callward.sandbox import DockerSandbox, PoolConfig, Runtime, SandboxImage
+from callward.sandbox._docker import GVISOR_SESSION_MIN_PIDS
 from callward.sandbox.base import Isolation
 
 pytestmark = pytest.mark.docker
@@ -40,6 +42,13 @@ LIMITS: dict[Runtime, ResourceLimits] = {
     )
     for runtime, pids in (("runc", 16), ("runsc", 64))
 }
+
+
+def session_limits(runtime: Runtime) -> ResourceLimits:
+    """Session isolation on gVisor needs GVISOR_SESSION_MIN_PIDS (DockerSandbox refuses less)."""
+    if runtime == "runsc":
+        return dataclasses.replace(LIMITS[runtime], pids=GVISOR_SESSION_MIN_PIDS)
+    return LIMITS[runtime]
 
 MakeSpec = Callable[[Callable[..., object]], ToolSpec]
 
@@ -164,7 +173,7 @@ def warm_run(
     """Run once a warm container is ready, so the call really takes one (or in a session)."""
     if isolation == "session":
         call = ToolCall.create(id="call-1", name=spec.name, arguments=arguments, dialect="api")
-        return sandbox.run(spec, call, LIMITS[runtime], isolation="session",
+        return sandbox.run(spec, call, session_limits(runtime), isolation="session",
                            principal="alice", session_id="session-1")
     assert sandbox.wait_warm(LIMITS[runtime], 1, timeout_seconds=60)
     return run(sandbox, spec, LIMITS[runtime], **arguments)
@@ -331,7 +340,8 @@ class TestSessionIsolation:
         spec = make_spec(square)
         call = ToolCall.create(id="c", name="square", arguments={"x": 2}, dialect="api")
         ids = {
-            pooled.run(spec, call, LIMITS[runtime], isolation="session", principal=principal,
+            pooled.run(spec, call, session_limits(runtime), isolation="session",
+                       principal=principal,
                        session_id=session).usage.container_id
             for principal, session in (("alice", "s1"), ("alice", "s2"), ("bob", "s1"))
         }
@@ -340,13 +350,13 @@ class TestSessionIsolation:
         assert expected == len(ids)
 
     def test_session_without_principal_is_refused(
-        self, pooled: DockerSandbox, make_spec: MakeSpec
+        self, pooled: DockerSandbox, runtime: Runtime, make_spec: MakeSpec
     ) -> None:
         """Session isolation needs to know whose session it is."""
         call = ToolCall.create(id="c", name="square", arguments={"x": 2}, dialect="api")
 
         with pytest.raises(ValueError, match="principal"):
-            pooled.run(make_spec(square), call, LIMITS["runc"], isolation="session")
+            pooled.run(make_spec(square), call, session_limits(runtime), isolation="session")
 
     def test_end_session_removes_its_container(
         self, pooled: DockerSandbox, runtime: Runtime, make_spec: MakeSpec,
@@ -417,3 +427,16 @@ class TestKilledMidCall:
             engine.containers.list(all=True, filters=owned),
             own_leftover_containers(),
         )
+
+
+def test_session_isolation_on_gvisor_with_too_few_pids_is_refused(
+    sandbox_image: SandboxImage, make_spec: MakeSpec
+) -> None:
+    """Below GVISOR_SESSION_MIN_PIDS a gVisor session would die mid-way: refused at once."""
+    call = ToolCall.create(id="c1", name="square", arguments={"x": 3}, dialect="api")
+    with (DockerSandbox(image=sandbox_image, runtime="runsc", pool=PoolConfig(size=0)) as sandbox,
+          pytest.raises(SandboxUnavailable, match="session isolation on gVisor") as caught):
+        sandbox.run(make_spec(square), call, LIMITS["runsc"], isolation="session",
+                    principal="alice", session_id="s1")
+
+    assert "pids: 128 or more" in str(caught.value.remediation)
