@@ -3,7 +3,10 @@
 
 The commands change ``HOME/registry.db`` and write each change, with the tool's
 digest, to ``HOME/audit.db``; a gateway running on the same home picks the
-change up before its next call. The base set is the configuration's ``tools:``.
+change up before its next call. The base set is the configuration's ``tools:``
+and its ``models_as_tools`` (listed by digest without loading a model; ``unload``
+withdraws a model tool and a running gateway stops its worker, ``activate``
+reinstates it).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from callward.core._config import GatewayConfig, Home, load_config, open_live_re
 from callward.core._registry import ToolRegistry
 from callward.core._registry_live import LiveRegistry
 from callward.core._registry_store import RegistryStore
+from callward.core.types import ToolSpec
 
 
 @contextlib.contextmanager
@@ -55,18 +59,26 @@ def _live(args: argparse.Namespace, home: Home) -> Iterator[LiveRegistry]:
 
 def _list(args: argparse.Namespace, home: Home) -> int:
     with _registry(load_config(config_path(args, home)), home) as (registry, _store):
-        entries = registry.versions()
+        entries = sorted((*registry.versions(), *registry.withdrawn()),
+                         key=lambda e: (e.spec.name, e.spec.version))
     if args.json:
         print_json([entry.to_json() for entry in entries])
         return EXIT_OK
-    rows = [("NAME", "VERSION", "ACTIVE", "DIGEST", "ORIGIN", "LABELS", "SOURCE")]
-    rows += [(e.spec.name, e.spec.version, "*" if e.active else "", e.spec.digest[:16],
-              e.origin, ",".join(e.spec.labels), e.source_path) for e in entries]
+    rows = [("NAME", "VERSION", "ACTIVE", "DIGEST", "ORIGIN", "LABELS", "MODEL", "SOURCE")]
+    rows += [(e.spec.name, e.spec.version,
+              "unloaded" if e.withdrawn else "*" if e.active else "", e.spec.digest[:16],
+              e.origin, ",".join(e.spec.labels), _model(e.spec), e.source_path)
+             for e in entries]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)),
                          row[-1]]).rstrip())
     return EXIT_OK
+
+
+def _model(spec: ToolSpec) -> str:
+    model = spec.model
+    return "" if model is None else f"{model.name}@{model.version}:{model.sha256[:16]}"
 
 
 def _history(args: argparse.Namespace, home: Home) -> int:
@@ -114,7 +126,8 @@ def add_commands(commands: Subcommands) -> None:
     parents = [subcommand_options(), config_options()]
 
     listing = sub.add_parser("list", parents=parents,
-                             help="every version with its digest, origin and whether it is active")
+                             help="every version with its digest, origin, model "
+                                  "(name@version:weights sha256), active or unloaded")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(handler=_list)
 
@@ -131,14 +144,16 @@ def add_commands(commands: Subcommands) -> None:
     load.set_defaults(handler=_load)
 
     unload = sub.add_parser("unload", parents=parents,
-                            help="remove a loaded version NAME@VERSION (audited)")
+                            help="remove a loaded version NAME@VERSION, or withdraw a model "
+                                 "tool (its worker stops; `activate` brings it back) (audited)")
     unload.add_argument("ref", metavar="NAME@VERSION")
     unload.add_argument("--force", action="store_true",
                         help="also unload the active version; the previous one takes over")
     unload.set_defaults(handler=_unload)
 
     activate = sub.add_parser("activate", parents=parents,
-                              help="make NAME@VERSION the version calls to NAME run (audited)")
+                              help="make NAME@VERSION the version calls to NAME run, or "
+                                   "reinstate an unloaded model tool (audited)")
     activate.add_argument("ref", metavar="NAME@VERSION")
     activate.set_defaults(handler=_activate)
 

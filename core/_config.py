@@ -316,10 +316,22 @@ def open_live_registry(config: GatewayConfig, home: Home) -> tuple[ToolRegistry,
     """
     The base set with the home's live registry attached (``registry.db``, created if absent).
 
+    The base set holds the model tools too (``models_as_tools``), by digest, without
+    preparing their models, so ``callward tools`` can list, withdraw and reinstate them.
+
     Raises:
-        ConfigurationError: A tool file or the registry database is invalid.
+        ConfigurationError: A tool file, a model or the registry database is invalid.
     """
     registry = load_registry(config)
+    if config.model_tools is not None:
+        from callward.core._model_tools import (  # noqa: PLC0415
+            MODEL_TOOLS_SOURCE,
+            model_tool_specs,
+        )
+        from callward.sandbox import server_sha256  # noqa: PLC0415
+
+        for spec in model_tool_specs(config.model_tools, server_sha256=server_sha256()):
+            registry.add(spec, source_path=MODEL_TOOLS_SOURCE)
     store = RegistryStore(home.registry_db)
     store.open()
     try:
@@ -414,12 +426,25 @@ def _with_model_tools(
     registry: ToolRegistry,
     sandbox: DockerSandbox,
 ) -> ModelToolRunner:
-    """Register the model tools and wrap ``runner`` so they reach their warm workers."""
-    from callward.core._model_tools import build_model_runner, model_tool_set  # noqa: PLC0415
+    """
+    Register the model tools and wrap ``runner`` so they reach their warm workers; a
+    model tool withdrawn from the live registry (``callward tools unload``) has its
+    worker stopped on the refresh that removes it.
+    """
+    from callward.core._model_tools import (  # noqa: PLC0415
+        MODEL_TOOLS_SOURCE,
+        build_model_runner,
+        model_tool_set,
+    )
     from callward.sandbox import server_sha256  # noqa: PLC0415
 
     tool_set = model_tool_set(settings, model_cache=state.root / "models",
                               server_sha256=server_sha256())
     for spec in tool_set.specs:
-        registry.add(spec)
-    return build_model_runner(tool_set, sandbox, runtime=runtime)
+        # The same digests open_live_registry registered; another digest is refused.
+        registry.add(spec, source_path=MODEL_TOOLS_SOURCE)
+    runner = build_model_runner(tool_set, sandbox, runtime=runtime)
+    registry.on_change(lambda delta: runner.tools_removed(
+        delta.removed,
+        lambda name, digest: any(e.spec.digest == digest for e in registry.versions(name))))
+    return runner

@@ -321,6 +321,7 @@ def model_tool_set(
     *,
     model_cache: Path,
     server_sha256: Sha256Hex,
+    prepare: bool = True,
 ) -> ModelToolSet:
     """
     The specs and workers ``settings`` ask for; weights are found and hashed here.
@@ -328,6 +329,9 @@ def model_tool_set(
     Args:
         model_cache: Where the demo model's bf16 copy lives (converted on first use).
         server_sha256: The in-container server's digest, part of every tool's digest.
+        prepare: Convert the demo model if needed. False (``model_tool_specs``) leaves
+            it alone: its digest is the pinned GGUF's SHA-256, whatever the copy; the
+            workers' directory is then where the copy would be.
 
     Raises:
         ConfigurationError: A model or the collection is missing.
@@ -364,8 +368,11 @@ def model_tool_set(
                 prepare_demo_model,
             )
 
-            directory = prepare_demo_model(model_cache)
-            require_readable_in_container(directory, fix=True)
+            if prepare:
+                directory = prepare_demo_model(model_cache)
+                require_readable_in_container(directory, fix=True)
+            else:
+                directory = model_cache / f"{DEMO_MODEL_SHA256[:16]}-bf16"
             model = ModelRef(DEMO_MODEL_ID, "bf16", DEMO_MODEL_SHA256)
         else:
             directory = settings.generator_directory
@@ -385,6 +392,26 @@ def model_tool_set(
             specs.append(spec)
             routes[name] = (recipe.name, spec.digest)
     return ModelToolSet(tuple(specs), routes, recipes, settings.memory_budget_bytes)
+
+
+MODEL_TOOLS_SOURCE: Final = "models_as_tools"
+
+
+def model_tool_specs(settings: ModelToolsSettings, *,
+                     server_sha256: Sha256Hex) -> tuple[ToolSpec, ...]:
+    """
+    The model tools' specs (digests included) without preparing any model: for the
+    registry's base set and ``callward tools list``.
+
+    The demo model's digest is its pinned SHA-256 (nothing is read or converted);
+    MiniLM's directory, the collection and a configured generator directory are
+    hashed file by file (MiniLM: about 90 MB).
+
+    Raises:
+        ConfigurationError: A model or the collection is missing.
+    """
+    return model_tool_set(settings, model_cache=Path("/nonexistent"),
+                          server_sha256=server_sha256, prepare=False).specs
 
 
 def build_model_runner(

@@ -12,6 +12,12 @@ and one of them is *active*: a plain ``name`` resolves to it, ``name@version``
 to that exact version. The versions named by the configuration are the base
 set; a live source (``callward.core._registry_store.RegistryStore``) adds versions
 and chooses the active one, and ``refresh()`` picks its changes up before a call.
+
+A live source may also *withdraw* a configuration version, by name, version and
+digest: only model tools are withdrawn this way (``callward tools unload``), since
+they cannot be removed from a tool file. A withdrawn version resolves to nothing
+(calls to it are ``unknown_tool``) until the live source reinstates it; a
+configuration that changes its digest is not withdrawn by an older marker.
 """
 
 from __future__ import annotations
@@ -353,6 +359,8 @@ class LiveState:
 
     versions: tuple[LiveVersion, ...]
     active: Mapping[str, str]
+    #: Configuration versions taken out of service: (name, version, digest).
+    withdrawn: frozenset[tuple[str, str, str]] = frozenset()
 
 
 class LiveSource(Protocol):
@@ -381,12 +389,17 @@ class VersionEntry:
     origin: Literal["config", "live"]
     source_path: str
     loaded_at: str = ""
+    #: A configuration version withdrawn by the live source (resolves to nothing).
+    withdrawn: bool = False
 
     def to_json(self) -> dict[str, JSONValue]:
+        model = self.spec.model
         return {"name": self.spec.name, "version": self.spec.version, "ref": self.spec.ref,
                 "digest": self.spec.digest, "active": self.active, "origin": self.origin,
                 "source_path": self.source_path, "loaded_at": self.loaded_at,
-                "labels": list(self.spec.labels), "description": self.spec.description}
+                "labels": list(self.spec.labels), "description": self.spec.description,
+                "withdrawn": self.withdrawn,
+                "model": None if model is None else model.to_json()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,6 +416,7 @@ class _View:
 
     versions: Mapping[str, Mapping[str, VersionEntry]]
     active: Mapping[str, ToolSpec]
+    withdrawn: Mapping[str, VersionEntry]
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:
@@ -426,10 +440,10 @@ class ToolRegistry:
         self._base_paths: dict[str, str] = {}
         self._live: LiveSource | None = None
         self._live_state: LiveState | None = None
-        self._listeners: list[Callable[[RegistryDelta], None]] = []
+        self._listeners: list[Callable[[RegistryDelta], object]] = []
         self._generation: int | None = None
         self._lock = threading.Lock()
-        self._view = _View({}, {})
+        self._view = _View({}, {}, {})
 
     # -- the base set ---------------------------------------------------------
 
@@ -526,7 +540,7 @@ class ToolRegistry:
                 state = live.state()
             except ConfigurationError as exc:
                 log.error("live_registry_unreadable", error=exc.message)  # noqa: TRY400 - the message says it all; no traceback
-                self._view = _View({}, {})
+                self._view = _View({}, {}, {})
                 self._live_state = None
                 self._generation = None
                 return False
@@ -538,7 +552,7 @@ class ToolRegistry:
         self._notify(before, view)
         return True
 
-    def on_change(self, listener: Callable[[RegistryDelta], None]) -> None:
+    def on_change(self, listener: Callable[[RegistryDelta], object]) -> None:
         """
         Call ``listener`` after each refresh that added or removed versions, e.g. to
         stop the worker of a model version that was unloaded. A failing listener is
@@ -563,10 +577,16 @@ class ToolRegistry:
 
     def _resolve(self, live: LiveState | None) -> _View:
         specs: dict[str, dict[str, tuple[ToolSpec, Literal["config", "live"], str, str]]] = {}
+        gone = live.withdrawn if live is not None else frozenset()
+        withdrawn: dict[str, VersionEntry] = {}
+        chosen: dict[str, str] = {}
         for name, spec in self._base.items():
-            specs.setdefault(name, {})[spec.version] = (spec, "config",
-                                                        self._base_paths.get(name, ""), "")
-        chosen = {name: spec.version for name, spec in self._base.items()}
+            path = self._base_paths.get(name, "")
+            if (spec.name, spec.version, spec.digest) in gone:
+                withdrawn[spec.ref] = VersionEntry(spec, False, "config", path, withdrawn=True)
+                continue
+            specs.setdefault(name, {})[spec.version] = (spec, "config", path, "")
+            chosen[name] = spec.version
         if live is not None:
             for stored in live.versions:
                 spec = stored.spec
@@ -591,7 +611,7 @@ class ToolRegistry:
             }
             for name, by_version in specs.items()
         }
-        return _View(versions, active)
+        return _View(versions, active, withdrawn)
 
     # -- lookups --------------------------------------------------------------
 
@@ -630,6 +650,16 @@ class ToolRegistry:
         names = sorted(view.versions) if name is None else [name]
         return tuple(entry for each in names
                      for _, entry in sorted(view.versions.get(each, {}).items()))
+
+    def withdrawn(self, ref: str | None = None) -> tuple[VersionEntry, ...]:
+        """The configuration versions the live source withdrew (``ref``'s, or all), by ref."""
+        view = self._view
+        return tuple(entry for key, entry in sorted(view.withdrawn.items())
+                     if ref is None or key == ref)
+
+    def base_spec(self, name: str) -> ToolSpec | None:
+        """The configuration's version of ``name`` (withdrawn or not), or None."""
+        return self._base.get(name)
 
     def base_version(self, name: str) -> str | None:
         """The configuration's version of ``name``, or None."""

@@ -17,6 +17,12 @@ Invariants:
 - The active version is never unloaded by accident: unloading it needs
   ``force``, and then the version active before it (if still known) takes
   over, else the configuration's version, else the name resolves to nothing.
+- A model tool (``models_as_tools``) comes from the configuration and is never
+  stored as a snapshot; ``unload`` *withdraws* it (a marker with its digest, no
+  ``force`` needed: no other version takes over, the name resolves to nothing and a
+  running gateway stops its worker), and ``activate`` of the same ``name@version``
+  reinstates it (its worker starts again on the next call). A configuration's
+  function tools are still changed in the configuration only.
 - Rollback re-activates the version that was active before the current one
   was activated; repeated rollbacks walk further back.
 
@@ -66,7 +72,11 @@ class Change:
 
 
 def _tool(spec: ToolSpec) -> dict[str, JSONValue]:
-    return {"name": spec.name, "version": spec.version, "ref": spec.ref, "digest": spec.digest}
+    tool: dict[str, JSONValue] = {"name": spec.name, "version": spec.version, "ref": spec.ref,
+                                  "digest": spec.digest}
+    if spec.model is not None:
+        tool["model"] = spec.model.to_json()
+    return tool
 
 
 def _ref(name: str, version: str | None) -> str | None:
@@ -167,7 +177,8 @@ class LiveRegistry:
 
     def activate(self, ref: str) -> Change | None:
         """
-        Make ``name@version`` the version a plain ``name`` resolves to.
+        Make ``name@version`` the version a plain ``name`` resolves to; a withdrawn
+        model tool is reinstated (recorded as ``tool.activated`` with ``reinstated``).
 
         Returns:
             The change, or None if it was already active (nothing is recorded).
@@ -178,7 +189,14 @@ class LiveRegistry:
         """
         with self._store.change() as tx:
             self._current()
-            change = self._activate(tx, self._require(ref), "tool.activated")
+            withdrawn = self._registry.withdrawn(ref)
+            if withdrawn:
+                spec = withdrawn[0].spec
+                tx.reinstate(spec)
+                change: Change | None = self._record("tool.activated", spec, None,
+                                                     reinstated=True)
+            else:
+                change = self._activate(tx, self._require(ref), "tool.activated")
         self._registry.refresh()
         return change
 
@@ -213,7 +231,11 @@ class LiveRegistry:
 
     def unload(self, ref: str, *, force: bool = False) -> tuple[Change, ...]:
         """
-        Remove a version loaded at run time.
+        Remove a version loaded at run time, or withdraw a model tool.
+
+        A model tool of the configuration (``models_as_tools``) is withdrawn without
+        ``force``: the name then resolves to nothing, and a running gateway stops its
+        worker on its next refresh; ``activate`` of the same ref reinstates it.
 
         Args:
             force: Also unload the active version; the previous one takes over.
@@ -227,27 +249,41 @@ class LiveRegistry:
         with self._store.change() as tx:
             self._current()
             spec = self._require(ref)
-            if tx.stored_digest(spec.name, spec.version) != spec.digest:
-                raise ConfigurationError(
-                    f"{spec.ref} comes from the configuration, not from `tools load`",
-                    remediation="remove it from the configuration's tool files")
-            active = self._registry.active_version(spec.name) == spec.version
-            if active and not force:
-                raise ConfigurationError(
-                    f"{spec.ref} is the active version of {spec.name}",
-                    remediation="activate or roll back to another version first, or use --force")
-            after: str | None = None
-            base = self._registry.base_version(spec.name)
-            if active:
-                after = self._version_after_unload(spec)
-                tx.set_active(spec.name, after, previous=spec.version, action="unloaded")
-            tx.delete_version(spec.name, spec.version)
-            changes.append(self._record("tool.unloaded", spec, None, forced=force,
-                                        was_active=active,
-                                        active_after=_ref(spec.name, after or base)
-                                        if active else None))
+            base = self._registry.base_spec(spec.name)
+            if spec.model is not None and base is not None and base.digest == spec.digest:
+                # A model tool from the configuration: withdrawn, never stored.
+                tx.withdraw(spec)
+                changes.append(self._record(
+                    "tool.unloaded", spec, None, forced=force, withdrawn=True,
+                    was_active=self._registry.active_version(spec.name) == spec.version,
+                    active_after=None))
+            else:
+                self._unload_stored(tx, spec, force=force, changes=changes)
         self._registry.refresh()
         return tuple(changes)
+
+    def _unload_stored(self, tx: RegistryChange, spec: ToolSpec, *, force: bool,
+                       changes: list[Change]) -> None:
+        """Remove a version loaded at run time (see ``unload``)."""
+        if tx.stored_digest(spec.name, spec.version) != spec.digest:
+            raise ConfigurationError(
+                f"{spec.ref} comes from the configuration, not from `tools load`",
+                remediation="remove it from the configuration's tool files")
+        active = self._registry.active_version(spec.name) == spec.version
+        if active and not force:
+            raise ConfigurationError(
+                f"{spec.ref} is the active version of {spec.name}",
+                remediation="activate or roll back to another version first, or use --force")
+        after: str | None = None
+        base = self._registry.base_version(spec.name)
+        if active:
+            after = self._version_after_unload(spec)
+            tx.set_active(spec.name, after, previous=spec.version, action="unloaded")
+        tx.delete_version(spec.name, spec.version)
+        changes.append(self._record("tool.unloaded", spec, None, forced=force,
+                                    was_active=active,
+                                    active_after=_ref(spec.name, after or base)
+                                    if active else None))
 
     def _version_after_unload(self, spec: ToolSpec) -> str | None:
         """The previous version if still known; else None (the configuration's, if any)."""

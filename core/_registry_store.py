@@ -13,6 +13,9 @@ Invariants:
 - Every change bumps ``generation`` in the same transaction, so a reader
   (a running gateway) notices it with one small query and never sees half a
   change.
+- A configuration version (only model tools, see ``LiveRegistry.unload``) is never
+  stored as a snapshot: unloading it stores a *withdrawn* marker (name, version,
+  digest) and reinstating it deletes the marker.
 - Changes are made inside ``change()``: the caller writes the audit record
   inside the transaction, so a change whose record could not be written is
   rolled back, and a reader never sees an unaudited change.
@@ -55,6 +58,13 @@ CREATE TABLE IF NOT EXISTS versions (
     PRIMARY KEY (name, version)
 );
 CREATE TABLE IF NOT EXISTS active (name TEXT PRIMARY KEY, version TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS withdrawn (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    at TEXT NOT NULL,
+    PRIMARY KEY (name, version, digest)
+);
 CREATE TABLE IF NOT EXISTS history (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL,
@@ -174,10 +184,13 @@ class RegistryStore:
                 versions = tuple(LiveVersion(self._spec(conn, name, version, digest), path, at)
                                  for name, version, digest, path, at in rows)
                 active = dict(conn.execute("SELECT name, version FROM active").fetchall())
+                withdrawn = frozenset(
+                    (str(name), str(version), str(digest)) for name, version, digest in
+                    conn.execute("SELECT name, version, digest FROM withdrawn").fetchall())
             finally:
                 if outer:
                     conn.execute("COMMIT")
-        return LiveState(versions, active)
+        return LiveState(versions, active, withdrawn)
 
     def _spec(self, conn: sqlite3.Connection, name: str, version: str, digest: str) -> ToolSpec:
         key = (name, version, digest)
@@ -269,6 +282,25 @@ class RegistryChange:
         self._conn.execute("DELETE FROM versions WHERE name = ? AND version = ?",
                            (name, version))
 
+    def withdraw(self, spec: ToolSpec) -> None:
+        """Take a configuration version out of service, and record it in the history."""
+        self._conn.execute(
+            "INSERT OR IGNORE INTO withdrawn (name, version, digest, at) VALUES (?, ?, ?, ?)",
+            (spec.name, spec.version, spec.digest, _now()))
+        self._history(spec.name, None, spec.version, "unloaded")
+
+    def reinstate(self, spec: ToolSpec) -> None:
+        """Put a withdrawn configuration version back in service, and record it."""
+        self._conn.execute("DELETE FROM withdrawn WHERE name = ? AND version = ? AND digest = ?",
+                           (spec.name, spec.version, spec.digest))
+        self._history(spec.name, spec.version, None, "activated")
+
+    def _history(self, name: str, version: str | None, previous: str | None,
+                 action: Action) -> None:
+        self._conn.execute(
+            "INSERT INTO history (name, version, previous, action, at) VALUES (?, ?, ?, ?, ?)",
+            (name, version, previous, action, _now()))
+
     def set_active(self, name: str, version: str | None, *, previous: str | None,
                    action: Action) -> None:
         """Make ``version`` the active one (None: the configuration's), and record it."""
@@ -278,9 +310,7 @@ class RegistryChange:
             self._conn.execute(
                 "INSERT INTO active (name, version) VALUES (?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET version = excluded.version", (name, version))
-        self._conn.execute(
-            "INSERT INTO history (name, version, previous, action, at) VALUES (?, ?, ?, ?, ?)",
-            (name, version, previous, action, _now()))
+        self._history(name, version, previous, action)
 
 
 @contextlib.contextmanager

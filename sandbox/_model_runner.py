@@ -11,11 +11,13 @@ Invariants:
 - A model worker keeps only the weights between calls: each request is stateless,
   so it serves every principal and session. A policy that asks for another
   runtime than the workers' is refused, never silently ignored.
+- A worker is stopped (``tools_removed``) once no tool routed to it is still known
+  to the registry with the digest it was configured for; it starts again on demand.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import structlog
@@ -114,6 +116,33 @@ class ModelToolRunner:
                 f"the policy runs {spec.name} on {runtime}; its model worker runs on "
                 f"{self._runtime}")
         return self.run(spec, call, limits)
+
+    def tools_removed(self, removed: tuple[ToolSpec, ...],
+                      known: Callable[[str, Sha256Hex], bool]) -> tuple[str, ...]:
+        """
+        Stop the workers that serve only tools the registry no longer knows (a registry
+        ``on_change`` listener: ``removed`` are the versions a refresh took away).
+
+        Args:
+            removed: The versions removed.
+            known: Whether the registry still knows a tool name with that digest.
+
+        Returns:
+            The names of the workers stopped (each starts again on its next request).
+        """
+        candidates = {self._routes[spec.name][0] for spec in removed
+                      if spec.name in self._routes
+                      and self._routes[spec.name][1] == spec.digest}
+        stopped = []
+        for worker in sorted(candidates):
+            if any(name == worker and known(tool, digest)
+                   for tool, (name, digest) in self._routes.items()):
+                continue  # e.g. summarize is gone but sentiment still uses the generator
+            freed = self.workers.unload(worker)
+            log.info("model_worker_retired", worker=worker, freed_bytes=freed,
+                     tools=[spec.ref for spec in removed])
+            stopped.append(worker)
+        return tuple(stopped)
 
     def close(self) -> None:
         """Stop every model worker, then close the fallback runner."""
