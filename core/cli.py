@@ -23,6 +23,7 @@ from callward.core import (
     _cli_agent,
     _cli_audit,
     _cli_mcp,
+    _cli_models,
     _cli_plan,
     _cli_policy,
     _cli_sandbox,
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cli_plan.add_commands(commands)
     _cli_stats.add_commands(commands)
     _cli_tools.add_commands(commands)
+    _cli_models.add_commands(commands)
     return parser
 
 

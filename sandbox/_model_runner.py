@@ -18,6 +18,7 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import structlog
@@ -30,8 +31,13 @@ from callward.core import (
     ToolCall,
     ToolSpec,
 )
+from callward.core._canonical import JSONValue
 from callward.core.protocols import PlacingToolRunner, ToolRunner
-from callward.sandbox._model_worker import ModelWorkers
+from callward.sandbox._engine import ClientFactory, client_from_env, map_docker_errors
+from callward.sandbox._limits import OWNER_LABEL, OWNER_PID_LABEL
+from callward.sandbox._model_worker import ModelWorkers, _memory_usage
+
+WORKER_LABEL = "callward.model_worker"
 
 log = structlog.get_logger()
 
@@ -155,3 +161,62 @@ class ModelToolRunner:
         """The fallback's sweep of containers a dead process left (workers are labelled alike)."""
         remove = getattr(self._fallback, "remove_leftovers", None)
         return tuple(remove()) if callable(remove) else ()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerContainer:
+    """A model worker container as the engine reports it (any process's, on this engine)."""
+
+    worker: str
+    container_id: str
+    owner_pid: str
+    state: str
+    memory_bytes: int | None
+    memory_limit_bytes: int
+
+    def to_json(self) -> dict[str, JSONValue]:
+        return {"worker": self.worker, "container_id": self.container_id,
+                "owner_pid": self.owner_pid, "state": self.state,
+                "memory_bytes": self.memory_bytes, "memory_limit_bytes": self.memory_limit_bytes}
+
+
+def worker_containers(client_factory: ClientFactory = client_from_env
+                      ) -> tuple[WorkerContainer, ...]:
+    """
+    The model worker containers on the engine (labelled ``callward.model_worker``), with
+    the memory each holds (cgroup usage less inactive page cache, as ``ModelWorkers.loaded``
+    reports it; from the engine's stats where the cgroup files are not readable here).
+
+    Raises:
+        SandboxUnavailable: The engine cannot be reached.
+    """
+    client = client_factory()
+    try:
+        with map_docker_errors("list the model worker containers"):
+            found = client.api.containers(all=True, filters={"label": [OWNER_LABEL,
+                                                                       WORKER_LABEL]})
+        result = []
+        for container in found:
+            container_id = str(container["Id"])
+            labels = container.get("Labels") or {}
+            with map_docker_errors("inspect a model worker container"):
+                host = client.api.inspect_container(container_id)["HostConfig"]
+            usage = _memory_usage(container_id) if container.get("State") == "running" else None
+            if usage is None and container.get("State") == "running":
+                with map_docker_errors("read a model worker's memory"):
+                    stats = client.api.stats(container_id, stream=False, one_shot=True)
+                memory = stats.get("memory_stats") or {}
+                detail = memory.get("stats") or {}
+                inactive = detail.get("total_inactive_file", detail.get("inactive_file", 0))
+                if isinstance(memory.get("usage"), int):
+                    usage = (int(memory["usage"]), int(inactive) if isinstance(inactive, int)
+                             else 0)
+            result.append(WorkerContainer(
+                worker=str(labels.get(WORKER_LABEL, "")), container_id=container_id,
+                owner_pid=str(labels.get(OWNER_PID_LABEL, "")),
+                state=str(container.get("State", "")),
+                memory_bytes=None if usage is None else max(0, usage[0] - usage[1]),
+                memory_limit_bytes=int(host.get("Memory") or 0)))
+    finally:
+        client.close()
+    return tuple(sorted(result, key=lambda w: (w.worker, w.container_id)))

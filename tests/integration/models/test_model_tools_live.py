@@ -1,8 +1,8 @@
 """
-Model tools in the live registry while a gateway runs: the real CLI in another
-process withdraws and reinstates ``embed_search`` (the real MiniLM from the pinned
-wheel), the running gateway object stops and restarts its worker on the real Docker
-Engine; real SQLite registry and audit log, real keys.
+Model tools in the live registry while a gateway runs: the real CLI in another process
+lists the worker (``callward models list``), withdraws and reinstates ``embed_search``
+(the real MiniLM from the pinned wheel); the running gateway object stops and restarts
+its worker on the real Docker Engine. Real SQLite registry and audit log, real keys.
 """
 
 from __future__ import annotations
@@ -72,6 +72,13 @@ def search(query: str) -> ToolCall:
                            arguments={"query": query, "k": 2}, dialect="api")
 
 
+def _models_list(cli) -> list[dict[str, object]]:
+    """`callward models list --json` in another process: the engine's worker containers."""
+    done = cli("models", "list", "--json")
+    assert 0 == done.returncode, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
 def _exists(engine: docker.DockerClient, container_id: str) -> bool:
     try:
         engine.api.inspect_container(container_id)
@@ -90,11 +97,13 @@ def test_unload_from_the_cli_stops_the_worker_and_activate_brings_it_back(
         warm = gateway.handle(search("a vaccine against malaria"), principal="alice")
         (worker,) = gateway.runner.workers.loaded()
         listed = {e["ref"]: e for e in tools("list", "--json")}
+        running = _models_list(cli)
 
         (unloaded,) = tools("unload", "embed_search@1.0.0")
         gone = gateway.handle(search("interest rates"), principal="alice")
         stopped = (_exists(engine, worker.container_id), gateway.runner.workers.loaded())
         table = tools("list")
+        after_unload = _models_list(cli)
 
         (activated,) = tools("activate", "embed_search@1.0.0")
         back = gateway.handle(search("airline pilots on strike"), principal="alice")
@@ -110,6 +119,11 @@ def test_unload_from_the_cli_stops_the_worker_and_activate_brings_it_back(
     assert ("tool.unloaded", spec.digest) == (unloaded["kind"], unloaded["digest"])
     assert "unknown_tool" == gone.kind
     assert (False, ()) == stopped
+    (shown,) = [w for w in running if w["container_id"] == worker.container_id]
+    assert ("minilm", str(os.getpid()), "running") == (shown["worker"], shown["owner_pid"],
+                                                      shown["state"])
+    assert 0 < shown["memory_bytes"] < shown["memory_limit_bytes"] == worker.memory_limit_bytes
+    assert worker.container_id not in [w["container_id"] for w in after_unload]
     assert "unloaded" in next(line for line in table.splitlines()
                               if line.startswith("embed_search"))
     assert ("tool.activated", spec.digest) == (activated["kind"], activated["digest"])
