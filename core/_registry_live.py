@@ -147,7 +147,9 @@ class LiveRegistry:
             self._current()
             # Every conflict is found before the first record is written.
             for spec in snapshot.specs:
-                known = self._registry.get(spec.ref)
+                # A withdrawn model tool keeps its name@version: it may be reinstated.
+                withdrawn = self._registry.withdrawn(spec.ref)
+                known = withdrawn[0].spec if withdrawn else self._registry.get(spec.ref)
                 if known is not None and known.digest != spec.digest:
                     raise ConfigurationError(
                         f"{spec.ref} is already known with another digest",

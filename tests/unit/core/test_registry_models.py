@@ -209,6 +209,16 @@ class TestWithdrawAndReinstate:
             cli_live.activate("summarize@2")
         assert before == kinds(audit)
 
+    def test_a_withdrawn_ref_cannot_be_taken_by_another_tool(self, cli_live, audit, tmp_path):
+        """name@version stays immutable while withdrawn: a file reusing it is refused."""
+        cli_live.unload("embed_search@1.0.0")
+        before = kinds(audit)
+
+        with pytest.raises(ConfigurationError, match="another digest"):
+            cli_live.load(tool_file(tmp_path, "1.0.0", name="embed_search"))
+        assert before == kinds(audit)
+        assert cli_live.registry.get("embed_search") is None
+
     def test_a_configuration_function_tool_still_cannot_be_unloaded(self, cli_live, audit):
         """Only model tools are withdrawn; a function tool is changed in the configuration."""
         with pytest.raises(ConfigurationError, match="comes from the configuration"):
