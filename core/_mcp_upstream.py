@@ -30,7 +30,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol, runtime_checkable
@@ -366,48 +366,33 @@ class UpstreamConnection:
 
     def list_tools(self) -> list[types.Tool]:
         """Every tool the server lists now (pages followed, at most 20)."""
-        async def fetch() -> list[types.Tool]:
-            tools: list[types.Tool] = []
-            cursor: str | None = None
-            for _ in range(_LIST_PAGES):
-                page = await self._client.list_tools(cursor=cursor, cache_mode="bypass")
-                tools.extend(page.tools)
-                cursor = page.next_cursor
-                if not cursor:
-                    break
-            return tools
-
-        return self._portal.call(fetch)
+        tools: list[types.Tool] = self._every_page(self._client.list_tools, "tools")
+        return tools
 
     def list_resources(self) -> list[types.Resource]:
         """Every resource the server lists now (pages followed, at most 20)."""
-        async def fetch() -> list[types.Resource]:
-            resources: list[types.Resource] = []
-            cursor: str | None = None
-            for _ in range(_LIST_PAGES):
-                with anyio.fail_after(_CONNECT_SECONDS):
-                    page = await self._client.list_resources(cursor=cursor, cache_mode="bypass")
-                resources.extend(page.resources)
-                cursor = page.next_cursor
-                if not cursor:
-                    break
-            return resources
-
-        return self._portal.call(fetch)
+        resources: list[types.Resource] = self._every_page(self._client.list_resources,
+                                                           "resources")
+        return resources
 
     def list_prompts(self) -> list[types.Prompt]:
         """Every prompt the server lists now (pages followed, at most 20)."""
-        async def fetch() -> list[types.Prompt]:
-            prompts: list[types.Prompt] = []
+        prompts: list[types.Prompt] = self._every_page(self._client.list_prompts, "prompts")
+        return prompts
+
+    def _every_page(self, list_page: Callable[..., Awaitable[Any]], field: str) -> list[Any]:
+        """The ``field`` items of every page ``list_page`` gives, each page bounded in time."""
+        async def fetch() -> list[Any]:
+            items: list[Any] = []
             cursor: str | None = None
             for _ in range(_LIST_PAGES):
                 with anyio.fail_after(_CONNECT_SECONDS):
-                    page = await self._client.list_prompts(cursor=cursor, cache_mode="bypass")
-                prompts.extend(page.prompts)
+                    page = await list_page(cursor=cursor, cache_mode="bypass")
+                items.extend(getattr(page, field))
                 cursor = page.next_cursor
                 if not cursor:
                     break
-            return prompts
+            return items
 
         return self._portal.call(fetch)
 
