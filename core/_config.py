@@ -48,7 +48,9 @@ from callward.core.errors import ConfigurationError, SandboxUnavailable
 log = structlog.get_logger()
 
 if TYPE_CHECKING:
+    from callward.core._model_tools import ModelToolSet
     from callward.core.gateway import Gateway
+    from callward.core.types import ToolSpec
     from callward.sandbox import DockerSandbox, ModelToolRunner
 
 CONFIG_SCHEMA: Final = {
@@ -312,12 +314,19 @@ def load_registry(config: GatewayConfig) -> ToolRegistry:
     return registry
 
 
-def open_live_registry(config: GatewayConfig, home: Home) -> tuple[ToolRegistry, RegistryStore]:
+def open_live_registry(
+    config: GatewayConfig, home: Home, *, model_specs: tuple[ToolSpec, ...] | None = None
+) -> tuple[ToolRegistry, RegistryStore]:
     """
     The base set with the home's live registry attached (``registry.db``, created if absent).
 
-    The base set holds the model tools too (``models_as_tools``), by digest, without
-    preparing their models, so ``callward tools`` can list, withdraw and reinstate them.
+    The base set holds the model tools too (``models_as_tools``), by digest, so
+    ``callward tools`` can list, withdraw and reinstate them.
+
+    Args:
+        model_specs: The model tools' specs when the caller has built them already (the
+            gateway, which prepares the models); None builds them here without preparing
+            any model.
 
     Raises:
         ConfigurationError: A tool file, a model or the registry database is invalid.
@@ -330,7 +339,9 @@ def open_live_registry(config: GatewayConfig, home: Home) -> tuple[ToolRegistry,
         )
         from callward.sandbox import server_sha256  # noqa: PLC0415
 
-        for spec in model_tool_specs(config.model_tools, server_sha256=server_sha256()):
+        if model_specs is None:
+            model_specs = model_tool_specs(config.model_tools, server_sha256=server_sha256())
+        for spec in model_specs:
             registry.add(spec, source_path=MODEL_TOOLS_SOURCE)
     store = RegistryStore(home.registry_db)
     store.open()
@@ -365,8 +376,12 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
     config = load_config(Path(str(path)))
     state = Home.resolve(None if home is None else str(home))
     state.create()
+    # The model tools' weights are found, hashed (and the demo model converted) once.
+    model_tools = (None if config.model_tools is None
+                   else _prepare_model_tools(config.model_tools, state))
     # Versions loaded at run time are read from registry.db before each call.
-    registry, registry_store = open_live_registry(config, state)
+    registry, registry_store = open_live_registry(
+        config, state, model_specs=None if model_tools is None else model_tools.specs)
     signer = FileSigner.load_or_create(state.keys_dir)
     # Rate limits, session labels and approvals survive restarts in their own file;
     # approvals are signed with the audit key.
@@ -394,8 +409,8 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
     sandbox = DockerSandbox.from_env(runtime=config.runtime, pool=PoolConfig(**pool),
                                      secrets=secret_source(config.secrets))
     runner: DockerSandbox | ModelToolRunner = sandbox
-    if config.model_tools is not None:
-        runner = _with_model_tools(config.model_tools, config.runtime, state, registry, sandbox)
+    if model_tools is not None:
+        runner = _with_model_tools(model_tools, config.runtime, registry, sandbox)
     try:
         runner.remove_leftovers()
     except SandboxUnavailable:
@@ -419,30 +434,28 @@ def build_gateway(path: object, *, home: object = None) -> Gateway:
     )
 
 
+def _prepare_model_tools(settings: ModelToolsSettings, state: Home) -> ModelToolSet:
+    """The model tools' specs and workers, their models prepared under the home."""
+    from callward.core._model_tools import model_tool_set  # noqa: PLC0415
+    from callward.sandbox import server_sha256  # noqa: PLC0415
+
+    return model_tool_set(settings, model_cache=state.root / "models",
+                          server_sha256=server_sha256())
+
+
 def _with_model_tools(
-    settings: ModelToolsSettings,
+    tool_set: ModelToolSet,
     runtime: str,
-    state: Home,
     registry: ToolRegistry,
     sandbox: DockerSandbox,
 ) -> ModelToolRunner:
     """
-    Register the model tools and wrap ``runner`` so they reach their warm workers; a
-    model tool withdrawn from the live registry (``callward tools unload``) has its
-    worker stopped on the refresh that removes it.
+    Wrap ``sandbox`` so the model tools (already in ``registry``'s base set) reach their
+    warm workers; a model tool withdrawn from the live registry (``callward tools
+    unload``) has its worker stopped on the refresh that removes it.
     """
-    from callward.core._model_tools import (  # noqa: PLC0415
-        MODEL_TOOLS_SOURCE,
-        build_model_runner,
-        model_tool_set,
-    )
-    from callward.sandbox import server_sha256  # noqa: PLC0415
+    from callward.core._model_tools import build_model_runner  # noqa: PLC0415
 
-    tool_set = model_tool_set(settings, model_cache=state.root / "models",
-                              server_sha256=server_sha256())
-    for spec in tool_set.specs:
-        # The same digests open_live_registry registered; another digest is refused.
-        registry.add(spec, source_path=MODEL_TOOLS_SOURCE)
     runner = build_model_runner(tool_set, sandbox, runtime=runtime)
     registry.on_change(lambda delta: runner.tools_removed(
         delta.removed,
