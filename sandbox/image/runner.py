@@ -365,12 +365,7 @@ def _child(code: CodeType, entrypoint: str, arguments: dict[str, object], result
     os.setsid()
     child_pid = os.getpid()
     os.environ.update(environment)
-    result = run_code(code, entrypoint, arguments)
-    if os.getpid() != child_pid:
-        os._exit(0)  # a process the tool forked: only the call's own process reports
-    with contextlib.suppress(OSError):
-        _write_all(result_w, encode_result(result))
-    os._exit(0)
+    _report_and_exit(child_pid, run_code(code, entrypoint, arguments), result_w)
 
 
 def _secret_child(data: bytearray, result_w: int) -> None:
@@ -386,10 +381,14 @@ def _secret_child(data: bytearray, result_w: int) -> None:
         result = failure("tool_error", "BadRequest", str(exc))
     else:
         result = run_tool(source, entrypoint, arguments)
-    if os.getpid() != child_pid:
-        os._exit(0)  # a process the tool forked: only the call's own process reports
-    with contextlib.suppress(OSError):
-        _write_all(result_w, encode_result(result))
+    _report_and_exit(child_pid, result, result_w)
+
+
+def _report_and_exit(child_pid: int, result: dict[str, object], result_w: int) -> None:
+    """Write the call's result to the pipe and exit; a process the tool forked only exits."""
+    if os.getpid() == child_pid:  # only the call's own process reports
+        with contextlib.suppress(OSError):
+            _write_all(result_w, encode_result(result))
     os._exit(0)
 
 
