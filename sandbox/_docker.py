@@ -80,9 +80,6 @@ from callward.sandbox.base import (
 log = structlog.get_logger()
 
 DEFAULT_BASE_URL: Final = "unix:///var/run/docker.sock"
-#: gVisor's own threads count against the pids limit and grow with each forked call
-#: in session isolation; below this its sandbox dies after some calls (seen: 16 at 64).
-GVISOR_SESSION_MIN_PIDS: Final = 128
 _ATTACH_PARAMS: Final = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
 #: How long to wait for a container whose output has ended to report its exit.
 _EXIT_WAIT_SECONDS: Final = 10
@@ -236,19 +233,8 @@ class DockerSandbox:
         Raises:
             SecretUnavailable: A secret cannot be read; nothing ran.
             SandboxUnavailable: The engine could not run the container at all,
-                egress was asked of a runtime that has no network (gVisor here), or
-                session isolation on gVisor with fewer than
-                ``GVISOR_SESSION_MIN_PIDS`` pids (its sandbox would die mid-session).
+                or egress was asked of a runtime that has no network (gVisor here).
         """
-        if (isolation == "session" and self._runtime == "runsc"
-                and limits.pids < GVISOR_SESSION_MIN_PIDS):
-            raise SandboxUnavailable(
-                f"{spec.name} runs in session isolation on gVisor (runsc) with pids "
-                f"{limits.pids}; gVisor's own threads count against that limit and grow with "
-                f"each forked call, so its sandbox would die within some calls",
-                remediation=f"give the tool pids: {GVISOR_SESSION_MIN_PIDS} or more in the "
-                "policy (tools.<name>.limits.pids), or run it in call isolation or on runc",
-            )
         values = read_secrets(self._secret_source, secrets)
         proxy_url = ""
         if egress:

@@ -13,6 +13,8 @@ Invariants, whatever the limits say:
   (65534:65534), never root;
 - memory without swap, a pids limit, a CPU share and an open-files limit, all
   finite because ``ResourceLimits`` refuses anything else;
+- on gVisor (``runsc``) the pids limit is kept by gVisor's own kernel: see
+  ``gvisor_task_limits``;
 - no log driver, so a tool that floods its output fills no host disk (the
   host reads the output through ``attach`` and caps it).
 
@@ -21,6 +23,7 @@ Nothing is passed through: callers get exactly these keys.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Final, Literal, TypedDict
 
 from callward.core import ResourceLimits
@@ -37,6 +40,21 @@ CONTAINER_TMP: Final = "/tmp"  # noqa: S108 - inside the container
 #: The host side kills the container at the deadline; this only makes the
 #: kernel choose the sandbox first if the host itself runs out of memory.
 _OOM_SCORE_ADJ: Final = 1000
+#: Tells the runner, on gVisor only, the tasks (processes and threads, itself included)
+#: the call may run, so that it can report a tool that went past them (see runner.py).
+TASK_LIMIT_ENV: Final = "CALLWARD_TASK_LIMIT"
+#: On gVisor: the runner's watcher thread, and one task more, so that going past
+#: ``pids`` is seen by the watcher instead of only refused.
+_GVISOR_EXTRA_TASKS: Final = 2
+#: The host threads gVisor's sentry may need, as a floor and per guest task. Its
+#: ptrace platform keeps a host stub per guest address space and sentry thread: an
+#: idle sandbox holds 38; under a fork bomb 16 / 64 / 128 guest tasks held up to
+#: 515 / 1,750 / 2,012 host tasks (this machine, runsc 20221219).
+_GVISOR_HOST_PIDS_FLOOR: Final = 64
+_GVISOR_HOST_PIDS_PER_TASK: Final = 48
+#: The host pids limit of one gVisor container never goes above this (the host's
+#: pid_max is often 32,768); a larger ``pids`` is then not reached inside.
+GVISOR_HOST_PIDS_MAX: Final = 8192
 
 
 class Ulimit(TypedDict):
@@ -78,6 +96,38 @@ class ContainerOptions(TypedDict):
     command: list[str]
 
 
+@dataclass(frozen=True, slots=True)
+class GvisorTaskLimits:
+    """
+    How the pids limit of a gVisor container is kept.
+
+    Under runc the container's pids controller counts the tool's own tasks. Under
+    gVisor it counts the sentry's host threads, which grow with every guest process,
+    and the sentry dies when it cannot start one (exit code 2, no result, and the
+    cgroup gone before its counters can be read). So gVisor's kernel keeps the limit
+    instead, as ``RLIMIT_NPROC`` of the user nobody, which every process of the
+    sandbox runs as: a fork or clone past it fails with EAGAIN inside the sandbox,
+    as under runc. The host's pids limit stays, sized for the sentry, as a backstop.
+
+    Attributes:
+        guest_nproc: ``RLIMIT_NPROC`` (soft and hard) inside the sandbox: ``pids``
+            plus the runner's watcher thread and one task for the watcher to see.
+        host_pids: The container's pids limit on the host.
+    """
+
+    guest_nproc: int
+    host_pids: int
+
+
+def gvisor_task_limits(pids: int) -> GvisorTaskLimits:
+    """The guest and host task limits of a gVisor container whose tool may run ``pids``."""
+    guest_nproc = pids + _GVISOR_EXTRA_TASKS
+    host_pids = min(
+        GVISOR_HOST_PIDS_MAX, _GVISOR_HOST_PIDS_FLOOR + _GVISOR_HOST_PIDS_PER_TASK * guest_nproc
+    )
+    return GvisorTaskLimits(guest_nproc=guest_nproc, host_pids=host_pids)
+
+
 def container_options(
     limits: ResourceLimits,
     *,
@@ -105,6 +155,15 @@ def container_options(
         egress_network: The internal egress network to join instead of none
             (only for a call granted egress; see ``_egress.py``).
     """
+    ulimits = [Ulimit(name="nofile", soft=limits.open_files, hard=limits.open_files)]
+    pids_limit = limits.pids
+    environment = {"HOME": CONTAINER_TMP}
+    if runtime == "runsc":
+        tasks = gvisor_task_limits(limits.pids)
+        # Per user, so only under gVisor: there the user nobody is this sandbox's alone.
+        ulimits.append(Ulimit(name="nproc", soft=tasks.guest_nproc, hard=tasks.guest_nproc))
+        pids_limit = tasks.host_pids
+        environment[TASK_LIMIT_ENV] = str(limits.pids)
     return ContainerOptions(
         image=image,
         network_mode=egress_network or "none",
@@ -117,11 +176,11 @@ def container_options(
         user=NOBODY,
         mem_limit=limits.memory_bytes,
         memswap_limit=limits.memory_bytes,
-        pids_limit=limits.pids,
+        pids_limit=pids_limit,
         nano_cpus=round(limits.cpus * 1e9),
-        ulimits=[Ulimit(name="nofile", soft=limits.open_files, hard=limits.open_files)],
+        ulimits=ulimits,
         oom_score_adj=_OOM_SCORE_ADJ,
-        environment={"HOME": CONTAINER_TMP},
+        environment=environment,
         working_dir=CONTAINER_TMP,
         hostname="sandbox",
         labels={

@@ -27,6 +27,13 @@ Invariants:
   exit also ends every process the tool started.
 - Messages are truncated to ``MAX_MESSAGE_CHARS``; the host bounds them again.
 
+On gVisor the host sets ``CALLWARD_TASK_LIMIT`` (the tasks, processes and threads,
+the call may run, the runner included) and gVisor's kernel refuses a fork or clone
+past that plus two. The runner watches the count (a thread in call mode, its wait
+loop in session mode, every ``TASK_WATCH_SECONDS``) and, once the call holds more
+than its limit, kills it and reports ``pids_limit``: a tool that catches every
+refusal and keeps forking is reported as one, as the pids controller does under runc.
+
 Session mode (``runner.py --session``, one container per agent session): stdin
 carries one request per line (RFC 8785 bytes hold no raw newline), each with a
 ``wall_seconds`` soft limit. Every request runs in a freshly forked process of
@@ -57,8 +64,10 @@ import shutil
 import signal
 import sys
 import time
+from _thread import allocate_lock as _allocate_lock
+from _thread import start_new_thread as _start_new_thread
 from types import CodeType
-from typing import Final
+from typing import Final, NoReturn
 
 MAX_MESSAGE_CHARS: Final = 500
 #: How many exceptions of a ``__cause__``/``__context__`` chain are examined.
@@ -67,6 +76,9 @@ _DISK_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 _EXIT_BAD_REQUEST: Final = 2
 _TMP: Final = "/tmp"  # noqa: S108 - the container's own tmpfs
 _MAX_RESULT_BYTES: Final = 1 << 26
+TASK_LIMIT_ENV: Final = "CALLWARD_TASK_LIMIT"
+TASK_WATCH_SECONDS: Final = 0.02
+_PROC: Final = "/proc"
 
 
 def _truncate(text: str) -> str:
@@ -118,6 +130,32 @@ def failure(kind: str, error_type: str, message: str) -> dict[str, object]:
 
 def failure_from(exc: BaseException) -> dict[str, object]:
     return failure(classify(exc), type(exc).__name__, str(exc))
+
+
+def task_limit(environ: dict[str, str] | os._Environ[str] = os.environ) -> int | None:
+    """The tasks the call may run (gVisor only), or None where the runner need not watch."""
+    value = environ.get(TASK_LIMIT_ENV, "")
+    return int(value) if value.isdigit() and 0 < int(value) <= 1 << 20 else None
+
+
+def count_tasks(proc: str = _PROC) -> int:
+    """
+    Every task (process or thread) that ``proc`` shows: under gVisor, the sandbox's own.
+
+    Tasks that end while they are counted are skipped.
+    """
+    count = 0
+    with contextlib.suppress(OSError):
+        for name in os.listdir(proc):
+            if name.isdigit():
+                with contextlib.suppress(OSError):
+                    count += len(os.listdir(f"{proc}/{name}/task"))
+    return count
+
+
+def over_task_limit_failure(limit: int) -> dict[str, object]:
+    return failure("pids_limit", "TaskLimit",
+                   f"the tool ran more than {limit} processes or threads")
 
 
 def parse_request(data: bytes) -> tuple[str, str, dict[str, object]]:
@@ -247,14 +285,42 @@ def main() -> None:
         _write_all(result_fd, encode_result(failure("tool_error", "BadRequest", str(exc))))
         os._exit(_EXIT_BAD_REQUEST)
 
+    report = _ResultLine(result_fd)
+    limit = task_limit()
+    if limit is not None:
+        _start_task_watch(limit, report)
     result = run_tool(source, entrypoint, arguments)
     if os.getpid() != runner_pid:
         os._exit(0)  # a process the tool forked: only the runner reports
-    line = encode_result(result)
-    with contextlib.suppress(OSError, ValueError):  # a broken stderr cannot change the result
-        sys.stderr.flush()
-    _write_all(result_fd, line)
-    os._exit(0)
+    report.write_and_exit(result)
+
+
+class _ResultLine:
+    """Call mode's one result line: the first to write it (the tool's end or the watch) exits."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._claimed = _allocate_lock()
+
+    def write_and_exit(self, result: dict[str, object]) -> NoReturn:
+        self._claimed.acquire()  # never released: this process exits holding it
+        line = encode_result(result)
+        with contextlib.suppress(OSError, ValueError):  # a broken stderr cannot change the result
+            sys.stderr.flush()
+        _write_all(self._fd, line)
+        os._exit(0)
+
+
+def _start_task_watch(limit: int, report: _ResultLine) -> None:
+    """Report ``pids_limit`` and end the call once it holds more than ``limit`` tasks."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(TASK_WATCH_SECONDS)
+            if count_tasks() - 1 > limit:  # the watch's own thread is not the call's
+                report.write_and_exit(over_task_limit_failure(limit))
+
+    _start_new_thread(watch, ())
 
 
 # -- session mode ------------------------------------------------------------------------
@@ -392,15 +458,28 @@ def _report_and_exit(child_pid: int, result: dict[str, object], result_w: int) -
     os._exit(0)
 
 
-def _read_result(result_r: int, pid: int, deadline: float) -> tuple[bytes, int | None]:
-    """The child's result bytes and wait status; status None if it ran past the deadline."""
+class _OverTaskLimit(Exception):
+    """The call held more tasks than it may (seen by the session's wait loop)."""
+
+
+def _read_result(result_r: int, pid: int, deadline: float,
+                 limit: int | None = None) -> tuple[bytes, int | None]:
+    """
+    The child's result bytes and wait status; status None if it ran past the deadline.
+
+    Raises:
+        _OverTaskLimit: ``limit`` is set and the container held more tasks than that.
+    """
     data = bytearray()
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return bytes(data), None
-        ready, _, _ = select.select([result_r], [], [], remaining)
+        wait = remaining if limit is None else min(remaining, TASK_WATCH_SECONDS)
+        ready, _, _ = select.select([result_r], [], [], wait)
         if not ready:
+            if limit is not None and count_tasks() > limit:
+                raise _OverTaskLimit
             continue
         chunk = os.read(result_r, 65536)
         if not chunk or len(data) > _MAX_RESULT_BYTES:
@@ -508,12 +587,20 @@ def run_session_call(data: bytearray, tmp: str = _TMP) -> dict[str, object]:
             os.close(result_r)
             _child(code, entrypoint, arguments, result_w, environment)
     os.close(result_w)
+    limit = task_limit()
     try:
-        raw, status = _read_result(result_r, pid, time.monotonic() + wall_seconds)
+        raw, status = _read_result(result_r, pid, time.monotonic() + wall_seconds, limit)
+    except _OverTaskLimit:
+        return over_task_limit_failure(limit or 0)
     finally:
         os.close(result_r)
         _kill_all_but_me(pid)
         wipe(tmp)
+    return _session_result(raw, status, wall_seconds)
+
+
+def _session_result(raw: bytes, status: int | None, wall_seconds: float) -> dict[str, object]:
+    """What a session call's child left: its result line, or how it ended without one."""
     if status is None:
         # Only the host may say timeout; it measures the call past wall_seconds itself.
         return failure("tool_error", "Timeout", f"the tool ran longer than {wall_seconds} s")

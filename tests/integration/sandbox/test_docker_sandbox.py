@@ -186,8 +186,8 @@ class TestDockerSandboxRun:
     def test_gvisor_runtime_runs_the_same_call(
         self, sandbox_image: SandboxImage, make_spec: MakeSpec
     ) -> None:
-        """With runtime runsc (gVisor) the call runs too; gVisor's own threads need pids >= 64."""
-        limits = ResourceLimits(wall_seconds=10.0, memory_bytes=128 * MIB, pids=64)
+        """With runtime runsc (gVisor) the call runs too, under the same pids limit."""
+        limits = ResourceLimits(wall_seconds=10.0, memory_bytes=128 * MIB, pids=16)
         with DockerSandbox(image=sandbox_image, runtime="runsc") as sandbox:
             execution = run(sandbox, make_spec(square), limits, x=7)
 

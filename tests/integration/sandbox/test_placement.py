@@ -93,7 +93,7 @@ class TestPlacementByPolicy:
         self, make_gateway: Callable[[str], Gateway]
     ) -> None:
         """runtime runsc in the policy runs the call on gVisor; the decision records it."""
-        gateway = make_gateway("  square:\n    runtime: runsc\n    limits: {pids: 64}")
+        gateway = make_gateway("  square:\n    runtime: runsc")
 
         (result,) = gateway.handle_text('call function("square", [5])', principal="alice")
         authorized = record_of(gateway, result.receipt.seq - 1)
@@ -122,7 +122,7 @@ class TestPlacementFailsClosed:
         self, make_gateway: Callable[[str], Gateway]
     ) -> None:
         """A policy asking for gVisor on a runner that cannot choose: sandbox_unavailable."""
-        gateway = make_gateway("  square:\n    runtime: runsc\n    limits: {pids: 64}")
+        gateway = make_gateway("  square:\n    runtime: runsc")
         stub = StubPlainRunner()
         gateway.runner = stub
 

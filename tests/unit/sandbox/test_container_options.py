@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from callward.core import ResourceLimits
-from callward.sandbox._limits import ContainerOptions, container_options
+from callward.sandbox._limits import (
+    GVISOR_HOST_PIDS_MAX,
+    ContainerOptions,
+    GvisorTaskLimits,
+    container_options,
+    gvisor_task_limits,
+)
 
 MIB = 1 << 20
 CONTAINER_TMP = "/tmp"  # noqa: S108 - the container's own tmpfs, not the host's
@@ -141,3 +147,35 @@ class TestContainerOptions:
 
         expected = ("sha256:" + "b" * 64, "runsc")
         assert expected == (options["image"], options["runtime"])
+
+
+class TestGvisorTaskLimits:
+    def test_gvisor_keeps_the_pids_limit_in_its_own_kernel(self, limits: ResourceLimits) -> None:
+        """
+        Under runsc the tool's pids become RLIMIT_NPROC inside the sandbox (plus the
+        runner's watch and one task for it to see), the runner is told the limit, and the
+        host's pids limit is sized for gVisor's sentry.
+        """
+        options = container_options(limits, image="sha256:" + "b" * 64, runtime="runsc",
+                                    owner_pid=1)
+
+        expected = (
+            [{"name": "nofile", "soft": 48, "hard": 48}, {"name": "nproc", "soft": 26, "hard": 26}],
+            {"HOME": CONTAINER_TMP, "CALLWARD_TASK_LIMIT": "24"},
+            gvisor_task_limits(24).host_pids,
+        )
+        assert expected == (options["ulimits"], options["environment"], options["pids_limit"])
+
+    def test_runc_keeps_the_pids_limit_in_the_host_cgroup(self, options: ContainerOptions) -> None:
+        """Under runc the pids controller keeps the limit: no nproc (it is per host user)."""
+        expected = ([{"name": "nofile", "soft": 48, "hard": 48}], 24)
+        assert expected == (options["ulimits"], options["pids_limit"])
+
+    @pytest.mark.parametrize(("pids", "host_pids"), [(4, 352), (16, 928), (64, 3232),
+                                                     (4096, GVISOR_HOST_PIDS_MAX)])
+    def test_the_host_limit_grows_with_the_guest_and_is_capped(
+        self, pids: int, host_pids: int
+    ) -> None:
+        """The host's limit is 64 + 48 per guest task, never above GVISOR_HOST_PIDS_MAX."""
+        assert gvisor_task_limits(pids) == GvisorTaskLimits(guest_nproc=pids + 2,
+                                                            host_pids=host_pids)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from runner_alone import run_runner_alone
 
 import callward.sandbox
 
@@ -197,3 +198,42 @@ class TestRunnerProtocol:
 
         expected = {"ok": True, "value": ""}
         assert expected == result_of(source)
+
+
+def run_alone(source: str, task_limit: int) -> dict[str, Any]:
+    request = {"source": textwrap.dedent(source), "entrypoint": "tool", "arguments": {}}
+    return run_runner_alone(json.dumps(request).encode(), task_limit)
+
+
+class TestRunnerTaskWatch:
+    def test_a_call_past_its_task_limit_is_reported_as_pids_limit(self) -> None:
+        """Four tasks (the runner and three sleeping children) where two may run: pids_limit."""
+        source = """
+            import os, time
+            def tool():
+                for _ in range(3):
+                    if os.fork() == 0:
+                        time.sleep(60)
+                        os._exit(0)
+                time.sleep(60)
+        """
+
+        result = run_alone(source, task_limit=2)
+
+        expected = ("pids_limit", "TaskLimit")
+        assert expected == (result["kind"], result["error_type"])
+
+    def test_a_call_within_its_task_limit_is_left_alone(self) -> None:
+        """The runner and one child where two may run: the tool's own value, after 0.2 s."""
+        source = """
+            import os, time
+            def tool():
+                if os.fork() == 0:
+                    time.sleep(60)
+                    os._exit(0)
+                time.sleep(0.2)
+                return "done"
+        """
+
+        expected = {"ok": True, "value": "done"}
+        assert expected == run_alone(source, task_limit=2)

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from runner_alone import run_runner_alone
 
 import callward.sandbox
 
@@ -129,3 +130,42 @@ class TestSessionCall:
         result = runner.run_session_call(data, str(tmp_path))
 
         assert ("tool_error", "Timeout") == (result["kind"], result["error_type"])
+
+
+class TestSessionTaskWatch:
+    def test_a_call_that_keeps_forking_past_its_limit_is_pids_limit(self):
+        """A tool holding more tasks than it may is stopped as pids_limit, not at the deadline."""
+        data = request(
+            """
+            import os, time
+            def tool():
+                for _ in range(4):
+                    if os.fork() == 0:
+                        time.sleep(60)
+                        os._exit(0)
+                time.sleep(60)
+            """,
+            wall_seconds=20,
+        )
+
+        result = run_runner_alone(data + b"\n", 3, "--session")
+
+        assert ("pids_limit", "TaskLimit") == (result["kind"], result["error_type"])
+
+    def test_count_tasks_counts_every_thread_of_every_process(self, runner, tmp_path):
+        """Processes are the numeric entries of /proc; each counts its tasks, threads included."""
+        for pid, threads in (("1", 1), ("7", 3), ("42", 2)):
+            for tid in range(threads):
+                (tmp_path / pid / "task" / f"{pid}{tid}").mkdir(parents=True)
+        (tmp_path / "self").mkdir()
+        (tmp_path / "9").mkdir()  # a process that ended while it was being counted
+
+        assert runner.count_tasks(str(tmp_path)) == 6
+
+    @pytest.mark.parametrize(
+        ("value", "expected"),
+        [("16", 16), ("", None), ("0", None), ("-3", None), ("x", None), ("99999999", None)],
+    )
+    def test_task_limit_is_a_positive_count_or_none(self, runner, value, expected):
+        """Only a positive count turns the watch on; anything else leaves it off."""
+        assert runner.task_limit({"CALLWARD_TASK_LIMIT": value}) == expected
