@@ -9,8 +9,9 @@ argument, or for egress fetches a loopback HTTP server through the proxy):
 - call / plain: a warm single-use container (the baseline for call rows);
 - call / secret: the same with one secret (read from the source, sent in the request,
   redacted from the result);
-- call / egress: a cold container on the internal network (warm containers have no
-  network), one HTTP GET through the egress proxy;
+- call / egress: a warm single-use container started on the internal network with a
+  lease for its allowlist, one HTTP GET through the egress proxy;
+- call / egress, cold: the same with an empty pool (a container started for the call);
 - session / plain and session / secret: one session's container, a forked process per
   call; with a secret PID 1 does not decode the request and the child compiles the tool.
 """
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _table import configure_logging, print_table, summarize
 
 from callward.core import ResourceLimits, ToolCall, ToolSpec, canonical_bytes, sha256_hex
-from callward.sandbox import DockerSandbox, EnvironmentSecretSource, ensure_image
+from callward.sandbox import DockerSandbox, EnvironmentSecretSource, PoolConfig, ensure_image
 
 ECHO = "def echo(text):\n    import os\n    return [text, len(os.environ.get('T', ''))]\n"
 FETCH = (
@@ -70,7 +71,8 @@ def main() -> None:
     def call(name: str, arguments: dict[str, object]) -> ToolCall:
         return ToolCall.create(id="c1", name=name, arguments=arguments, dialect="api")
 
-    with DockerSandbox(image=ensure_image(), secrets=source) as sandbox:
+    with DockerSandbox(image=ensure_image(), secrets=source) as sandbox, \
+            DockerSandbox(image=ensure_image(), pool=PoolConfig(size=0)) as cold:
         session = {"isolation": "session", "principal": "bench", "session_id": "s"}
         ways: dict[str, Callable[[], object]] = {
             "call / plain": lambda: sandbox.run(echo, call("echo", {"text": "x"}), limits),
@@ -78,6 +80,8 @@ def main() -> None:
                                                  secrets=("T",)),
             "call / egress": lambda: sandbox.run(fetch, call("fetch", {"url": f"http://{target}/"}),
                                                  limits, egress=(target,)),
+            "call / egress, cold": lambda: cold.run(
+                fetch, call("fetch", {"url": f"http://{target}/"}), limits, egress=(target,)),
             "session / plain": lambda: sandbox.run(echo, call("echo", {"text": "x"}), limits,
                                                    **session),  # type: ignore[arg-type]
             "session / secret": lambda: sandbox.run(echo, call("echo", {"text": "x"}), limits,
@@ -86,11 +90,14 @@ def main() -> None:
         for way in ways.values():  # warm-up: pool, session container, egress network
             way()
         sandbox.wait_warm(limits, 2)
+        sandbox.wait_warm(limits, 2, egress=(target,))
         times: dict[str, list[float]] = {name: [] for name in ways}
         for _ in range(calls):
             for name, way in ways.items():
                 if name.startswith("call / plain") or name.startswith("call / secret"):
                     sandbox.wait_warm(limits, 1)
+                if name == "call / egress":
+                    sandbox.wait_warm(limits, 1, egress=(target,))
                 started = time.perf_counter()
                 way()
                 times[name].append((time.perf_counter() - started) * 1000)

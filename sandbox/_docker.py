@@ -19,10 +19,11 @@ Invariants:
 - Secrets are read from the ``SecretSource`` for the one execution that was
   granted them, all before any container is asked to run (a missing one is
   ``SecretUnavailable``); they reach the container only inside its request.
-- A call granted egress runs in a cold container on the internal egress network
-  (never a warm one, which has no network), with a lease on the egress proxy
-  for exactly its allowlist; on gVisor, registered with ``--network=none``,
-  egress is refused (``SandboxUnavailable``) rather than silently dropped.
+- A call granted egress runs in a container on the internal egress network with a
+  lease on the egress proxy for exactly its allowlist, taken before any request
+  reaches it: a warm one kept for that very allowlist (never one of another list or
+  of none), else a cold one; on gVisor, registered with ``--network=none``, egress
+  is refused (``SandboxUnavailable``) rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -317,18 +318,13 @@ class DockerSandbox:
         if session_key:
             return self._execute_in_session(request_bytes, limits, session_key, egress)
         client = self._docker()
-        if egress:
-            # Warm containers have no network: a call granted egress always starts cold.
-            cold = self._start_container(limits, egress=egress)
-            try:
-                return self._run_on(client, cold, request_bytes, limits, warm=False)
-            finally:
-                self._discard(cold)
         pool = self._warm_pool()
-        live = pool.take(limits) if pool is not None else None
+        # A call granted egress takes a warm container started on the egress network
+        # with a lease for exactly its allowlist; any other, one with no network.
+        live = pool.take(limits, egress) if pool is not None else None
         warm = live is not None
         if live is None:
-            live = self._start_container(limits)
+            live = self._start_container(limits, egress=egress)
         try:
             raw = self._run_on(client, live, request_bytes, limits, warm=warm)
         except SandboxUnavailable:
@@ -338,7 +334,7 @@ class DockerSandbox:
             # A warm container can vanish while it waits (an operator removed it, the
             # engine restarted): the call gets a cold one; a second failure is the engine's.
             log.warning("sandbox_warm_container_lost", container_id=live.container_id[:12])
-            live = self._start_container(limits)
+            live = self._start_container(limits, egress=egress)
             try:
                 raw = self._run_on(client, live, request_bytes, limits, warm=False)
             finally:
@@ -353,19 +349,23 @@ class DockerSandbox:
             self._discard(live)
         return raw
 
-    def warm(self, limits: ResourceLimits) -> None:
-        """Start keeping warm containers under ``limits`` now, ahead of the first call."""
+    def warm(self, limits: ResourceLimits, egress: tuple[str, ...] = ()) -> None:
+        """
+        Start keeping warm containers under ``limits`` now, ahead of the first call;
+        with ``egress``, on the egress network with a lease for that allowlist.
+        """
         pool = self._warm_pool()
         if pool is not None:
-            pool.warm(limits)
+            pool.warm(limits, egress)
 
-    def wait_warm(self, limits: ResourceLimits, count: int, timeout_seconds: float = 30) -> bool:
+    def wait_warm(self, limits: ResourceLimits, count: int, timeout_seconds: float = 30,
+                  egress: tuple[str, ...] = ()) -> bool:
         """Block until ``count`` warm containers under ``limits`` are ready; whether they are."""
         pool = self._warm_pool()
         if pool is None:
             return False
-        pool.warm(limits)
-        return pool.wait_ready(limits, count, timeout_seconds)
+        pool.warm(limits, egress)
+        return pool.wait_ready(limits, count, timeout_seconds, egress)
 
     def remove_leftovers(self) -> tuple[str, ...]:
         """
@@ -525,7 +525,7 @@ class DockerSandbox:
         with self._lock:
             if self._pool is None:
                 self._pool = WarmPool(
-                    self._pool_config, start=self._start_container, discard=self._discard,
+                    self._pool_config, start=self._start_warm, discard=self._discard,
                     clock=self._clock,
                 )
             return self._pool
@@ -539,6 +539,10 @@ class DockerSandbox:
                 network.open()
                 self._egress = network
             return self._egress
+
+    def _start_warm(self, limits: ResourceLimits, egress: tuple[str, ...]) -> _Live:
+        """One container for the warm pool (call isolation)."""
+        return self._start_container(limits, egress=egress)
 
     def _start_container(
         self, limits: ResourceLimits, *, session: bool = False, egress: tuple[str, ...] = ()

@@ -5,8 +5,10 @@ A warm container is created with exactly the options of a cold one
 (``container_options``), started, and left with its runner blocked on stdin,
 the host holding the attach socket. A call takes one, sends its request, reads
 its result, and the container is removed; a background thread starts its
-replacement. Limits are fixed when a container is created, so the pool keeps
-one queue per limits profile.
+replacement. Limits and network are fixed when a container is created, so the
+pool keeps one queue per profile: the limits, and the egress allowlist of a call
+granted egress (such a container is on the egress network and holds the proxy's
+lease for exactly that allowlist from its start, before any request reaches it).
 
 Invariants:
 
@@ -78,9 +80,14 @@ class PoolConfig:
             raise ValueError("memory_budget_bytes is a non-negative integer")
 
 
+#: A profile's key: its limits and its egress allowlist (empty: no network).
+ProfileKey = tuple[ResourceLimits, tuple[str, ...]]
+
+
 @dataclass(slots=True)
 class _Profile(Generic[T]):
     limits: ResourceLimits
+    egress: tuple[str, ...]
     last_used: float
     ready: deque[T] = field(default_factory=deque)
     starting: int = 0
@@ -88,12 +95,14 @@ class _Profile(Generic[T]):
 
 class WarmPool(Generic[T]):
     """
-    Keeps warm items (containers) per limits profile, started and discarded in one thread.
+    Keeps warm items (containers) per profile, started and discarded in one thread.
+
+    A profile is a limits and an egress allowlist (empty for none).
 
     Args:
         config: Size, idle limit and memory budget.
-        start: Starts one warm item under the given limits (blocking, may raise
-            ``CallwardError``).
+        start: Starts one warm item under the given limits with the given egress
+            allowlist (blocking, may raise ``CallwardError``).
         discard: Ends one item for good; never raises.
         clock: Monotonic seconds, injected for tests.
     """
@@ -102,7 +111,7 @@ class WarmPool(Generic[T]):
         self,
         config: PoolConfig,
         *,
-        start: Callable[[ResourceLimits], T],
+        start: Callable[[ResourceLimits, tuple[str, ...]], T],
         discard: Callable[[T], None],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -110,16 +119,17 @@ class WarmPool(Generic[T]):
         self._start = start
         self._discard = discard
         self._clock = clock
-        self._profiles: dict[ResourceLimits, _Profile[T]] = {}
+        self._profiles: dict[ProfileKey, _Profile[T]] = {}
         self._retired: deque[T] = deque()
         self._changed = threading.Condition()
         self._worker: threading.Thread | None = None
         self._closed = False
         self._backoff_until = 0.0
 
-    def take(self, limits: ResourceLimits) -> T | None:
+    def take(self, limits: ResourceLimits, egress: tuple[str, ...] = ()) -> T | None:
         """
-        A warm item under exactly ``limits``, now yours alone, or None if none is ready.
+        A warm item under exactly ``limits`` and ``egress``, now yours alone, or None
+        if none is ready.
 
         Either way the profile counts as in use, and the worker refills it.
         """
@@ -128,7 +138,7 @@ class WarmPool(Generic[T]):
         with self._changed:
             if self._closed:
                 return None
-            profile = self._profile(limits)
+            profile = self._profile(limits, egress)
             profile.last_used = self._clock()
             item = profile.ready.popleft() if profile.ready else None
             self._ensure_worker()
@@ -136,14 +146,14 @@ class WarmPool(Generic[T]):
         log.debug("sandbox_pool_take", hit=item is not None)
         return item
 
-    def warm(self, limits: ResourceLimits) -> None:
-        """Start keeping warm items under ``limits`` now, before the first call."""
+    def warm(self, limits: ResourceLimits, egress: tuple[str, ...] = ()) -> None:
+        """Start keeping warm items under ``limits`` and ``egress`` now, before the first call."""
         if self.config.size == 0:
             return
         with self._changed:
             if self._closed:
                 return
-            self._profile(limits).last_used = self._clock()
+            self._profile(limits, egress).last_used = self._clock()
             self._ensure_worker()
             self._changed.notify_all()
 
@@ -156,18 +166,19 @@ class WarmPool(Generic[T]):
                 return
         self._discard(item)
 
-    def ready_count(self, limits: ResourceLimits) -> int:
-        """How many warm items under ``limits`` are ready now."""
+    def ready_count(self, limits: ResourceLimits, egress: tuple[str, ...] = ()) -> int:
+        """How many warm items under ``limits`` and ``egress`` are ready now."""
         with self._changed:
-            profile = self._profiles.get(limits)
+            profile = self._profiles.get((limits, egress))
             return len(profile.ready) if profile else 0
 
-    def wait_ready(self, limits: ResourceLimits, count: int, timeout_seconds: float) -> bool:
-        """Block until ``count`` items under ``limits`` are ready; whether they are."""
+    def wait_ready(self, limits: ResourceLimits, count: int, timeout_seconds: float,
+                   egress: tuple[str, ...] = ()) -> bool:
+        """Block until ``count`` items of the profile are ready; whether they are."""
         deadline = self._clock() + timeout_seconds
         with self._changed:
             while True:
-                profile = self._profiles.get(limits)
+                profile = self._profiles.get((limits, egress))
                 if profile is not None and len(profile.ready) >= count:
                     return True
                 remaining = deadline - self._clock()
@@ -195,10 +206,10 @@ class WarmPool(Generic[T]):
 
     # -- the worker -----------------------------------------------------------------
 
-    def _profile(self, limits: ResourceLimits) -> _Profile[T]:
-        profile = self._profiles.get(limits)
+    def _profile(self, limits: ResourceLimits, egress: tuple[str, ...]) -> _Profile[T]:
+        profile = self._profiles.get((limits, egress))
         if profile is None:
-            profile = self._profiles[limits] = _Profile(limits, self._clock())
+            profile = self._profiles[limits, egress] = _Profile(limits, egress, self._clock())
         return profile
 
     def _ensure_worker(self) -> None:
@@ -233,11 +244,11 @@ class WarmPool(Generic[T]):
     def _drain_idle(self) -> list[T]:
         now = self._clock()
         drained: list[T] = []
-        for limits, profile in list(self._profiles.items()):
+        for key, profile in list(self._profiles.items()):
             if now - profile.last_used > self.config.idle_seconds:
                 drained.extend(profile.ready)
                 if profile.starting == 0:
-                    del self._profiles[limits]
+                    del self._profiles[key]
                 else:
                     profile.ready.clear()
         if drained:
@@ -259,7 +270,7 @@ class WarmPool(Generic[T]):
 
     def _start_one(self, profile: _Profile[T]) -> None:
         try:
-            item = self._start(profile.limits)
+            item = self._start(profile.limits, profile.egress)
         except CallwardError as exc:
             log.warning("sandbox_pool_start_failed", kind=exc.kind)
             with self._changed:
@@ -274,7 +285,7 @@ class WarmPool(Generic[T]):
             return
         with self._changed:
             profile.starting -= 1
-            if self._closed or self._profiles.get(profile.limits) is not profile:
+            if self._closed or self._profiles.get((profile.limits, profile.egress)) is not profile:
                 keep = False
             else:
                 keep = self._clock() - profile.last_used <= self.config.idle_seconds

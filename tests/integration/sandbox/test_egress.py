@@ -31,7 +31,7 @@ from callward.core import (
 )
 from callward.core.gateway import Gateway
 from callward.policies import Policy
-from callward.sandbox import DockerSandbox, SandboxImage
+from callward.sandbox import DockerSandbox, PoolConfig, SandboxImage
 
 pytestmark = pytest.mark.docker
 
@@ -140,6 +140,62 @@ def _wide_port() -> Iterator[int]:
 def _egress_sandbox(sandbox_image: SandboxImage) -> Iterator[DockerSandbox]:
     with DockerSandbox(image=sandbox_image) as sandbox:
         yield sandbox
+
+
+class TestWarmEgress:
+    def test_a_call_granted_egress_takes_a_warm_container_holding_its_lease(
+        self, sandbox_image: SandboxImage, allowed_port: int, other_port: int,
+        engine: docker.DockerClient,
+    ) -> None:
+        """
+        A warm container started for one allowlist serves a call granted exactly that
+        list: the granted port answers, another port is refused, both counted.
+        """
+        target = f"127.0.0.1:{allowed_port}"
+        mine = {"label": f"callward.pid={os.getpid()}"}
+        with DockerSandbox(image=sandbox_image, pool=PoolConfig(size=1)) as sandbox:
+            assert sandbox.wait_warm(LIMITS, 1, timeout_seconds=60, egress=(target,))
+            ready_before = {c.id for c in engine.containers.list(filters=mine)}
+            allowed = sandbox.run(spec(fetch), call("fetch", {"url": f"http://{target}/w"}),
+                                  LIMITS, egress=(target,))
+            assert sandbox.wait_warm(LIMITS, 1, timeout_seconds=60, egress=(target,))
+            refused = sandbox.run(
+                spec(fetch), call("fetch", {"url": f"http://127.0.0.1:{other_port}/"}),
+                LIMITS, egress=(target,),
+            )
+
+        expected = (True, 200, 1, 0, 403, 0, 1)
+        assert expected == (
+            allowed.usage.container_id in ready_before,
+            allowed.value["status"],  # type: ignore[index, call-overload]
+            allowed.usage.egress_allowed, allowed.usage.egress_refused,
+            refused.value["status"],  # type: ignore[index, call-overload]
+            refused.usage.egress_allowed, refused.usage.egress_refused,
+        )
+
+    def test_a_warm_container_of_one_allowlist_never_serves_another(
+        self, sandbox_image: SandboxImage, allowed_port: int, other_port: int,
+        engine: docker.DockerClient,
+    ) -> None:
+        """Warm containers for one allowlist are not taken by a call with another or none."""
+        granted = f"127.0.0.1:{allowed_port}"
+        mine = {"label": f"callward.pid={os.getpid()}"}
+        with DockerSandbox(image=sandbox_image, pool=PoolConfig(size=2)) as sandbox:
+            assert sandbox.wait_warm(LIMITS, 2, timeout_seconds=60, egress=(granted,))
+            ready_before = {c.id for c in engine.containers.list(filters=mine)}
+            other = sandbox.run(
+                spec(fetch), call("fetch", {"url": f"http://127.0.0.1:{other_port}/"}),
+                LIMITS, egress=(f"127.0.0.1:{other_port}",),
+            )
+            none = sandbox.run(spec(connect), call("connect", {"host": "127.0.0.1",
+                                                               "port": allowed_port}), LIMITS)
+
+        expected = (False, 200, False)
+        assert expected == (
+            other.usage.container_id in ready_before,
+            other.value["status"],  # type: ignore[index, call-overload]
+            none.usage.container_id in ready_before,
+        )
 
 
 class TestEgressAllowlist:

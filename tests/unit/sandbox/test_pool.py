@@ -23,16 +23,18 @@ class FakeEngine:
     def __init__(self, *, failing: bool = False) -> None:
         self.failing = failing
         self.started: list[tuple[int, ResourceLimits]] = []
+        self.egress_of: dict[int, tuple[str, ...]] = {}
         self.discarded: list[int] = []
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
-    def start(self, limits: ResourceLimits) -> int:
+    def start(self, limits: ResourceLimits, egress: tuple[str, ...] = ()) -> int:
         if self.failing:
             raise SandboxUnavailable("the fake engine is down")
         with self._lock:
             item = next(self._ids)
             self.started.append((item, limits))
+            self.egress_of[item] = egress
         return item
 
     def discard(self, item: int) -> None:
@@ -129,6 +131,22 @@ class TestWarmPool:
         limits_of = dict(engine.started)
         expected = (None, SMALL)
         assert expected == (other, limits_of[small])
+
+    def test_profiles_are_kept_apart_by_egress_allowlist(
+        self, make_pool, engine: FakeEngine
+    ) -> None:
+        """An item started for one egress allowlist serves only that list, never another or none."""
+        pool = make_pool(PoolConfig(size=2))
+        granted = ("127.0.0.1:8080",)
+        pool.warm(SMALL, granted)
+        pool.wait_ready(SMALL, 2, timeout_seconds=5, egress=granted)
+
+        other = pool.take(SMALL, ("127.0.0.1:9090",))
+        none = pool.take(SMALL)
+        item = pool.take(SMALL, granted)
+
+        expected = (None, None, granted)
+        assert expected == (other, none, engine.egress_of[item])
 
     def test_memory_budget_caps_the_idle_items(self, make_pool, engine: FakeEngine) -> None:
         """Idle items' memory limits together stay within the budget, whatever the size."""
