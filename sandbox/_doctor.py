@@ -61,6 +61,7 @@ _PROBES: Final = {
                 "        socket.create_connection(('1.1.1.1', 80), timeout=1)\n"
                 "    except OSError:\n        return 'refused'\n    return 'connected'\n", "ok"),
 }
+_GVISOR_PIDS_PROBE_SECONDS: Final = 10.0
 _PROBE_LIMITS: Final = ResourceLimits(
     wall_seconds=2.0, memory_bytes=48 * MIB, pids=16, cpus=1.0, output_bytes=16 * 1024,
     tmp_bytes=1 * MIB, open_files=32,
@@ -120,12 +121,18 @@ def _probe_runtime(image: SandboxImage, runtime: Runtime) -> list[DoctorCheck]:
     limits = _PROBE_LIMITS if runtime == "runc" else dataclasses.replace(
         _PROBE_LIMITS, memory_bytes=192 * MIB
     )
+    # Under gVisor a fork bomb needs time to reach its limit (its forks are slow, and
+    # on a loaded machine slower still: 0.3-1.8 s seen here); the runner reports it then.
+    pids_limits = limits if runtime == "runc" else dataclasses.replace(
+        limits, wall_seconds=_GVISOR_PIDS_PROBE_SECONDS
+    )
     checks: list[DoctorCheck] = []
     with DockerSandbox(image=image, runtime=runtime, pool=PoolConfig(size=0)) as sandbox:
         for probe, (source, kind) in _PROBES.items():
             name = f"{runtime}.{probe}"
             try:
-                observed, took = _run_probe(sandbox, probe, source, limits)
+                observed, took = _run_probe(sandbox, probe, source,
+                                            pids_limits if probe == "pids" else limits)
             except CallwardError as exc:
                 checks.append(DoctorCheck(name, "fail", exc.message, exc.remediation))
                 if probe == "square":

@@ -152,15 +152,17 @@ class TestSessionTaskWatch:
 
         assert ("pids_limit", "TaskLimit") == (result["kind"], result["error_type"])
 
-    def test_count_tasks_counts_every_thread_of_every_process(self, runner, tmp_path):
-        """Processes are the numeric entries of /proc; each counts its tasks, threads included."""
+    def test_count_tasks_counts_every_process_and_the_tools_threads(self, runner, tmp_path):
+        """Every process counts once; the tool's process counts each of its threads."""
         for pid, threads in (("1", 1), ("7", 3), ("42", 2)):
             for tid in range(threads):
                 (tmp_path / pid / "task" / f"{pid}{tid}").mkdir(parents=True)
         (tmp_path / "self").mkdir()
-        (tmp_path / "9").mkdir()  # a process that ended while it was being counted
 
-        assert runner.count_tasks(str(tmp_path)) == 6
+        expected = (5, 4, 3)
+        assert expected == (runner.count_tasks(str(tmp_path), threads_of=7),
+                            runner.count_tasks(str(tmp_path), threads_of=42),
+                            runner.count_tasks(str(tmp_path), threads_of=9))
 
     @pytest.mark.parametrize(
         ("value", "expected"),
