@@ -24,16 +24,18 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import json
 import os
 import re
+import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol, runtime_checkable
+from typing import Any, Final, Literal, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlsplit
 
 import anyio
@@ -79,6 +81,9 @@ UNAPPROVED_RULE: Final = RuleId("mcp.unapproved")
 RUG_PULL_RULE: Final = RuleId("mcp.rug-pull")
 _LIST_PAGES: Final = 20
 _CONNECT_SECONDS: Final = 60.0
+#: How long past its own bound the caller waits for a request before giving up on it.
+_GRACE_SECONDS: Final = 5.0
+_T = TypeVar("_T")
 _SERVER_NAME = r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$"
 #: An upstream tool's own name: snake_case without a leading, trailing or double underscore.
 _TOOL_PART: Final = re.compile(r"\A[a-z0-9]+(_[a-z0-9]+)*\Z")
@@ -356,8 +361,11 @@ class UpstreamConnection:
                         sampling_callback=doors.sampling,
                         elicitation_callback=doors.elicitation,
                         list_roots_callback=doors.roots)
-        self._portal = portal
         self._client: Client = stack.enter_context(portal.wrap_async_context_manager(client))
+        # Requests go straight onto the portal's loop (``_on_loop``): one thread hop each
+        # way, where ``BlockingPortal.call`` first waits for the loop to spawn its task.
+        self._loop: asyncio.AbstractEventLoop = portal.call(asyncio.get_running_loop)
+        self._loop_thread: int = portal.call(threading.get_ident)
         self.digest = canonical_sha256({
             "name": config.name, "command": list(config.command), "url": config.url,
             "image": self.image_digest,
@@ -394,7 +402,7 @@ class UpstreamConnection:
                     break
             return items
 
-        return self._portal.call(fetch)
+        return self._on_loop(fetch(), _CONNECT_SECONDS * _LIST_PAGES)
 
     def read_resource(self, uri: str, wall_seconds: float) -> types.ReadResourceResult:
         """
@@ -406,7 +414,7 @@ class UpstreamConnection:
             with anyio.fail_after(wall_seconds):
                 return await self._client.read_resource(uri, cache_mode="bypass")
 
-        return self._portal.call(read)
+        return self._on_loop(read(), wall_seconds)
 
     def get_prompt(self, name: str, arguments: dict[str, str],
                    wall_seconds: float) -> types.GetPromptResult:
@@ -419,7 +427,7 @@ class UpstreamConnection:
             with anyio.fail_after(wall_seconds):
                 return await self._client.get_prompt(name, arguments)
 
-        return self._portal.call(get)
+        return self._on_loop(get(), wall_seconds)
 
     def call_tool(self, name: str, arguments: dict[str, JSONValue],
                   wall_seconds: float) -> types.CallToolResult:
@@ -432,7 +440,39 @@ class UpstreamConnection:
             with anyio.fail_after(wall_seconds):
                 return await self._client.call_tool(name, dict(arguments))
 
-        return self._portal.call(call)
+        return self._on_loop(call(), wall_seconds)
+
+    def _on_loop(self, request: Coroutine[Any, Any, _T], bound_seconds: float) -> _T:
+        return wait_on_loop(request, self._loop, self._loop_thread, bound_seconds=bound_seconds)
+
+
+def wait_on_loop(request: Coroutine[Any, Any, _T], loop: asyncio.AbstractEventLoop,
+                 loop_thread: int, *, bound_seconds: float) -> _T:
+    """
+    Run ``request`` on ``loop`` (whose thread is ``loop_thread``) and wait for it, from
+    another thread: one hop each way.
+
+    ``request`` bounds itself (``anyio.fail_after``); the wait is bounded too, a grace
+    period later, so a loop that stopped can never hang the caller.
+
+    Raises:
+        TimeoutError: No answer within ``bound_seconds`` and the grace period.
+        RuntimeError: Called on the loop's own thread, or the loop is closed.
+        Exception: Whatever ``request`` raised (``MCPError``, ``TimeoutError`` …).
+    """
+    if threading.get_ident() == loop_thread:
+        request.close()
+        raise RuntimeError("an upstream request cannot wait on its own event loop")
+    try:
+        future = asyncio.run_coroutine_threadsafe(request, loop)
+    except RuntimeError:
+        request.close()
+        raise
+    try:
+        return future.result(timeout=bound_seconds + _GRACE_SECONDS)
+    except TimeoutError:
+        future.cancel()
+        raise
 
 
 @dataclass(frozen=True, slots=True)

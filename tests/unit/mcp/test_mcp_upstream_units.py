@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
 import anyio
@@ -31,6 +33,7 @@ from callward.core._mcp_upstream import (
     parse_mcp_section,
     raw_mcp_section,
     tool_digest,
+    wait_on_loop,
 )
 from callward.policies import Policy
 
@@ -242,3 +245,77 @@ class TestConfigFile:
         (upstream,) = parse_mcp_section(raw_mcp_section(path), base=tmp_path)
 
         assert ("notes", "http://127.0.0.1:9/mcp") == (upstream.name, upstream.url)
+
+
+class TestWaitOnLoop:
+    """Upstream requests run on the client's loop; the calling thread waits, bounded."""
+
+    def test_the_answer_and_the_errors_of_the_request_come_back(self):
+        """A value is returned, and an exception of the request is raised in the caller."""
+        with anyio.from_thread.start_blocking_portal() as portal:
+            loop = portal.call(asyncio.get_running_loop)
+            thread = portal.call(threading.get_ident)
+
+            async def answer() -> int:
+                await anyio.sleep(0)
+                return 42
+
+            async def refuse() -> int:
+                raise LookupError("refused")
+
+            assert 42 == wait_on_loop(answer(), loop, thread, bound_seconds=5)
+            with pytest.raises(LookupError):
+                wait_on_loop(refuse(), loop, thread, bound_seconds=5)
+
+    def test_a_request_that_bounds_itself_times_out(self):
+        """The request's own bound (fail_after) comes back as TimeoutError."""
+        with anyio.from_thread.start_blocking_portal() as portal:
+            loop = portal.call(asyncio.get_running_loop)
+            thread = portal.call(threading.get_ident)
+
+            async def slow() -> None:
+                with anyio.fail_after(0.05):
+                    await anyio.sleep(10)
+
+            with pytest.raises(TimeoutError):
+                wait_on_loop(slow(), loop, thread, bound_seconds=0.05)
+
+    def test_a_loop_that_never_runs_the_request_cannot_hang_the_caller(self, monkeypatch):
+        """A stopped loop: the wait ends after the bound and grace, as TimeoutError."""
+        monkeypatch.setattr("callward.core._mcp_upstream._GRACE_SECONDS", 0.05)
+        loop = asyncio.new_event_loop()  # never run: nothing it is handed ever happens
+        started = asyncio.Event()
+
+        async def never() -> None:
+            started.set()
+
+        try:
+            with pytest.raises(TimeoutError):
+                wait_on_loop(never(), loop, -1, bound_seconds=0.05)
+            assert not started.is_set()
+        finally:
+            loop.run_until_complete(asyncio.sleep(0))  # the cancelled task ends here
+            loop.close()
+
+    def test_a_closed_loop_is_refused(self):
+        """A closed loop raises at once instead of waiting."""
+        loop = asyncio.new_event_loop()
+        loop.close()
+
+        async def request() -> None:
+            pass
+
+        with pytest.raises(RuntimeError):
+            wait_on_loop(request(), loop, -1, bound_seconds=5)
+
+    def test_the_loop_thread_itself_is_refused(self):
+        """Waiting on the loop from its own thread would deadlock; it raises instead."""
+        async def request() -> None:
+            pass
+
+        async def on_the_loop() -> None:
+            loop = asyncio.get_running_loop()
+            with pytest.raises(RuntimeError):
+                wait_on_loop(request(), loop, threading.get_ident(), bound_seconds=5)
+
+        asyncio.run(on_the_loop())
