@@ -9,10 +9,14 @@ tool in that same container:
 - baseline: the SDK client calls the upstream directly (stdio through ``docker
   start --attach``), as a client without callward would;
 - gateway: ``Gateway.handle`` (pin gate, policy with schema, signed and fsynced
-  ``call.authorized``, signed ``call.completed`` (fsynced with the next call or
-  within 0.5 s, `audit.sync: authorized`), forwarding through the SDK client);
-- face: the SDK client calls callward's MCP server face in-process, which runs
-  the gateway row;
+  ``call.authorized``, signed and fsynced ``call.completed`` (the default
+  ``audit.sync: every``), forwarding through the SDK client);
+- face on the upstream loop: the SDK client calls callward's MCP server face
+  in-process, served on the upstream clients' event loop as ``callward mcp
+  serve`` serves stdio (``run_stdio``): the gateway's stages run on that loop,
+  the request to the upstream is awaited there, no thread hop;
+- face on its own loop: the same face served on another loop, as over HTTP
+  (uvicorn's loop): each upstream call hops onto the upstream clients' loop and back;
 - governance alone: the gateway row with an instant runner instead of the
   upstream (pin gate, policy, two signed records), to show what forwarding adds.
 
@@ -138,12 +142,24 @@ def main() -> None:
                     env={k: v for k, v in os.environ.items() if k.startswith("DOCKER_")}))))
             face_client: Any = stack.enter_context(portal.wrap_async_context_manager(
                 Client(McpFace(gateway, principal="bench").server())))
+            upstream_portal = upstreams.portal
+            if upstream_portal is None:
+                raise SystemExit("no upstream is connected")
+            stdio_face_client: Any = stack.enter_context(
+                upstream_portal.wrap_async_context_manager(
+                    Client(McpFace(gateway, principal="bench").server())))
 
             def direct(index: int) -> None:
                 portal.call(direct_client.call_tool, "add", {"a": index, "b": 1})
 
             def face(index: int) -> None:
                 result = portal.call(face_client.call_tool, "notes__add", {"a": index, "b": 1})
+                if result.is_error:
+                    raise SystemExit("face call failed")
+
+            def face_on_upstream_loop(index: int) -> None:
+                result = upstream_portal.call(stdio_face_client.call_tool, "notes__add",
+                                              {"a": index, "b": 1})
                 if result.is_error:
                     raise SystemExit("face call failed")
 
@@ -161,8 +177,9 @@ def main() -> None:
             rows.append(("baseline: SDK client -> upstream (same container)", *baseline, cpu,
                          0.0, 0.0))
             for label, function in (("gateway: Gateway.handle -> upstream", through_gateway),
-                                    ("face: SDK client -> callward MCP face -> upstream",
-                                     face),
+                                    ("face on the upstream loop (as mcp serve, stdio)",
+                                     face_on_upstream_loop),
+                                    ("face on its own loop (as mcp serve, HTTP)", face),
                                     ("governance alone: Gateway.handle, instant runner",
                                      governance_only)):
                 samples, cpu = timed(calls, function)

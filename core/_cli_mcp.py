@@ -20,16 +20,14 @@ DEFAULT_PORT = 8750
 
 def _serve(args: argparse.Namespace, home: Home) -> int:
     # The CLI edge loads the SDK, docker and the stages only when the command runs.
-    import anyio  # noqa: PLC0415
-
     from callward.core._mcp_auth import parse_clients  # noqa: PLC0415
     from callward.core._mcp_content import UpstreamContent  # noqa: PLC0415
     from callward.core._mcp_gateway import open_upstreams  # noqa: PLC0415
     from callward.core._mcp_server import (  # noqa: PLC0415
         McpFace,
         require_loopback,
+        run_stdio,
         serve_http,
-        serve_stdio,
     )
     from callward.core._mcp_upstream import raw_mcp_section  # noqa: PLC0415
     from callward.core._metrics import serving_metrics  # noqa: PLC0415
@@ -47,7 +45,7 @@ def _serve(args: argparse.Namespace, home: Home) -> int:
         face = McpFace(gateway, principal=args.principal or "", session_id=args.session,
                        content=UpstreamContent.of(gateway, upstreams.connections))
         if args.transport == "stdio":
-            anyio.run(serve_stdio, face)
+            run_stdio(face, portal=upstreams.portal)
         else:
             serve_http(face, host=args.host, port=args.port, tokens=tokens,
                        audit=gateway.audit)

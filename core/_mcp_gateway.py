@@ -55,7 +55,8 @@ def open_upstreams(path: Path, *, home: Path, servers: tuple[str, ...] | None = 
         for spec in upstreams.specs:
             base.registry.add(spec)
         gateway = Gateway(registry=base.registry,
-                          policy=PinGate(base.policy, upstreams.blocked, upstreams.recheck),
+                          policy=PinGate(base.policy, upstreams.blocked, upstreams.recheck,
+                                         upstreams.recheck_awaited),
                           runner=UpstreamRunner(base.runner, upstreams.routes,
                                                 frozenset(upstreams.routes)
                                                 | frozenset(upstreams.blocked)),

@@ -20,14 +20,19 @@ Invariants:
 - Streamable HTTP listens on a loopback address only, with the SDK's DNS-rebinding
   protection on.
 
-Calls are handed to the (blocking) gateway one at a time, on a worker thread.
+Calls are handed to the gateway one at a time: a call of an upstream tool runs on
+that upstream client's event loop (its request to the server awaited there, the
+gateway's blocking stages on that loop's thread), every other call on a worker
+thread; either way this face's own loop never blocks on a decision or an fsync.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
@@ -40,11 +45,12 @@ from mcp.server.lowlevel import Server
 from callward.core._canonical import JSONValue, canonical_bytes
 from callward.core._mcp_auth import PRINCIPAL_SCOPE_KEY, BearerPrincipals, ClientTokens
 from callward.core._mcp_content import UpstreamContent
-from callward.core._mcp_upstream import PinGate
-from callward.core.errors import AuditUnavailable, ConfigurationError
+from callward.core._mcp_upstream import PinGate, UpstreamRunner
+from callward.core.errors import AuditUnavailable, ConfigurationError, SandboxUnavailable
 from callward.core.types import ToolCall, ToolResult, ToolSpec
 
 if TYPE_CHECKING:
+    from anyio.from_thread import BlockingPortal
     from starlette.applications import Starlette
     from starlette.types import ASGIApp
 
@@ -191,11 +197,62 @@ class McpFace:
     async def _call_tool(
         self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
-        return await anyio.to_thread.run_sync(
-            functools.partial(self.call, params.name, params.arguments,
-                              principal=principal_of(ctx, self._principal)),
-            limiter=self._limiter,
-        )
+        principal = principal_of(ctx, self._principal)
+        upstream_loop = self._upstream_loop(params.name)
+        if upstream_loop is None:
+            return await anyio.to_thread.run_sync(
+                functools.partial(self.call, params.name, params.arguments, principal=principal),
+                limiter=self._limiter,
+            )
+        # An upstream tool: the whole call runs on its client's loop (one hop each way,
+        # none for the request to the server), never blocking this one.
+        async with self._limiter:
+            return await _result_from(upstream_loop, self._call_upstream(
+                params.name, params.arguments, principal=principal))
+
+    def _upstream_loop(self, name: str) -> asyncio.AbstractEventLoop | None:
+        """The loop of the upstream client ``name`` is routed to (None: not an upstream tool)."""
+        runner = self._gateway.runner
+        if not isinstance(runner, UpstreamRunner) or not isinstance(self._gateway.policy,
+                                                                    PinGate):
+            return None
+        try:
+            asyncio.get_running_loop()  # the hand-back below is asyncio's
+        except RuntimeError:
+            return None
+        return runner.loop_of(name)
+
+    async def _call_upstream(self, name: str, arguments: dict[str, Any] | None, *,
+                             principal: str) -> types.CallToolResult:
+        """``call`` of an upstream tool, awaited on its client's loop (where this runs)."""
+        call = self._tool_call(name, arguments)
+        if isinstance(call, types.CallToolResult):
+            return call
+        gateway, runner, gate = self._gateway, self._gateway.runner, self._gateway.policy
+        if not isinstance(runner, UpstreamRunner) or not isinstance(gate, PinGate):
+            raise TypeError("an upstream call needs the upstream runner and pin gate")
+        try:
+            async with gate.rechecked(call.name):
+                result = await gateway.handle_awaiting(
+                    call, principal=principal, session_id=self._session_id,
+                    run=runner.run_awaited)
+        except AuditUnavailable as exc:
+            log.exception("mcp_call_unaudited", call_id=call.id)
+            return _error_result(exc.kind, exc.message, {"call_id": call.id})
+        return to_call_tool_result(result)
+
+    def _tool_call(self, name: str, arguments: dict[str, Any] | None
+                   ) -> ToolCall | types.CallToolResult:
+        """The call to decide, or the ``malformed`` refusal of arguments that cannot be one."""
+        try:
+            call = ToolCall.create(id=self._gateway.new_id(), name=name,
+                                   arguments=arguments or {}, dialect="mcp")
+        except (TypeError, ValueError):
+            log.info("mcp_call_malformed", tool_name_bytes=len(name))
+            return _error_result("malformed", "the arguments are not an I-JSON object")
+        if len(call.arguments_json) > MAX_ARGUMENTS_BYTES:
+            return _error_result("malformed", "the arguments are larger than 1 MiB")
+        return call
 
     def call(self, name: str, arguments: dict[str, Any] | None, *,
              principal: str | None = None) -> types.CallToolResult:
@@ -206,14 +263,9 @@ class McpFace:
         Arguments that are not I-JSON, or too large, are refused before any
         decision, as ``malformed``; everything else is decided and audited.
         """
-        try:
-            call = ToolCall.create(id=self._gateway.new_id(), name=name,
-                                   arguments=arguments or {}, dialect="mcp")
-        except (TypeError, ValueError):
-            log.info("mcp_call_malformed", tool_name_bytes=len(name))
-            return _error_result("malformed", "the arguments are not an I-JSON object")
-        if len(call.arguments_json) > MAX_ARGUMENTS_BYTES:
-            return _error_result("malformed", "the arguments are larger than 1 MiB")
+        call = self._tool_call(name, arguments)
+        if isinstance(call, types.CallToolResult):
+            return call
         try:
             result = self._gateway.handle(
                 call, principal=self._principal if principal is None else principal,
@@ -222,6 +274,44 @@ class McpFace:
             log.exception("mcp_call_unaudited", call_id=call.id)
             return _error_result(exc.kind, exc.message, {"call_id": call.id})
         return to_call_tool_result(result)
+
+
+async def _result_from(loop: asyncio.AbstractEventLoop,
+                       request: Coroutine[Any, Any, types.CallToolResult]
+                       ) -> types.CallToolResult:
+    """
+    Run ``request`` on ``loop`` and await its result on this one.
+
+    Like a call on a worker thread, a call once started is never cancelled from
+    here: it runs to its ``call.completed``; only this wait for it ends early.
+    """
+    here = asyncio.get_running_loop()
+    if loop is here:  # the face serves on the upstream client's loop: no hop at all
+        with anyio.CancelScope(shield=True):
+            task = here.create_task(request)
+            await asyncio.wait((task,))
+        return task.result()
+    answer: asyncio.Future[types.CallToolResult] = here.create_future()
+
+    def hand_back(done: concurrent.futures.Future[types.CallToolResult]) -> None:
+        here.call_soon_threadsafe(_settle, answer, done)
+
+    asyncio.run_coroutine_threadsafe(request, loop).add_done_callback(hand_back)
+    with anyio.CancelScope(shield=True):
+        await asyncio.wait((answer,))
+    return answer.result()
+
+
+def _settle(answer: asyncio.Future[types.CallToolResult],
+            done: concurrent.futures.Future[types.CallToolResult]) -> None:
+    if answer.done():
+        return
+    if done.cancelled():
+        answer.set_exception(SandboxUnavailable("the upstream call was cancelled"))
+    elif (error := done.exception()) is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(done.result())
 
 
 def require_loopback(host: str) -> None:
@@ -264,6 +354,23 @@ async def serve_stdio(face: McpFace) -> None:
     server = face.server()
     async with stdio_server() as (read_stream, write_stream):
         await server.run(read_stream, write_stream, server.create_initialization_options())
+
+
+def run_stdio(face: McpFace, *, portal: BlockingPortal | None = None) -> None:
+    """
+    Serve MCP on stdin and stdout until the client closes it (blocking).
+
+    With ``portal`` (the upstream clients', ``Upstreams.portal``) the face serves on
+    that loop, so a call of an upstream tool makes no thread hop at all: its
+    decision and records run on the loop's thread, then its request is awaited
+    there. Over stdio there is one client, whose calls are decided one at a time
+    anyway; the loop is held only for a decision and its fsynced records, never
+    while an upstream works, so the client's other requests are still answered.
+    """
+    if portal is None:
+        anyio.run(serve_stdio, face)
+    else:
+        portal.call(serve_stdio, face)
 
 
 def serve_http(face: McpFace, *, host: str, port: int, tokens: ClientTokens | None = None,

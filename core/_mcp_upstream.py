@@ -26,19 +26,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ipaddress
 import json
 import os
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlsplit
 
 import anyio
+import anyio.to_thread
 import mcp_types as types
 import structlog
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -84,6 +86,9 @@ _CONNECT_SECONDS: Final = 60.0
 #: How long past its own bound the caller waits for a request before giving up on it.
 _GRACE_SECONDS: Final = 5.0
 _T = TypeVar("_T")
+#: The tool re-checked by ``PinGate.rechecked`` in this context, and how its listing failed.
+_RECHECKED: contextvars.ContextVar[tuple[str, Exception | None] | None] = contextvars.ContextVar(
+    "callward_mcp_rechecked", default=None)
 _SERVER_NAME = r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$"
 #: An upstream tool's own name: snake_case without a leading, trailing or double underscore.
 _TOOL_PART: Final = re.compile(r"\A[a-z0-9]+(_[a-z0-9]+)*\Z")
@@ -390,19 +395,22 @@ class UpstreamConnection:
 
     def _every_page(self, list_page: Callable[..., Awaitable[Any]], field: str) -> list[Any]:
         """The ``field`` items of every page ``list_page`` gives, each page bounded in time."""
-        async def fetch() -> list[Any]:
-            items: list[Any] = []
-            cursor: str | None = None
-            for _ in range(_LIST_PAGES):
-                with anyio.fail_after(_CONNECT_SECONDS):
-                    page = await list_page(cursor=cursor, cache_mode="bypass")
-                items.extend(getattr(page, field))
-                cursor = page.next_cursor
-                if not cursor:
-                    break
-            return items
+        return self._on_loop(self._every_page_awaited(list_page, field),
+                             _CONNECT_SECONDS * _LIST_PAGES)
 
-        return self._on_loop(fetch(), _CONNECT_SECONDS * _LIST_PAGES)
+    @staticmethod
+    async def _every_page_awaited(list_page: Callable[..., Awaitable[Any]],
+                                  field: str) -> list[Any]:
+        items: list[Any] = []
+        cursor: str | None = None
+        for _ in range(_LIST_PAGES):
+            with anyio.fail_after(_CONNECT_SECONDS):
+                page = await list_page(cursor=cursor, cache_mode="bypass")
+            items.extend(getattr(page, field))
+            cursor = page.next_cursor
+            if not cursor:
+                break
+        return items
 
     def read_resource(self, uri: str, wall_seconds: float) -> types.ReadResourceResult:
         """
@@ -441,6 +449,29 @@ class UpstreamConnection:
                 return await self._client.call_tool(name, dict(arguments))
 
         return self._on_loop(call(), wall_seconds)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the client runs on; ``*_awaited`` methods are awaited there."""
+        return self._loop
+
+    async def call_tool_awaited(self, name: str, arguments: dict[str, JSONValue],
+                                wall_seconds: float) -> types.CallToolResult:
+        """
+        ``call_tool``, awaited on ``loop`` (no thread waits).
+
+        Raises:
+            TimeoutError: No answer within ``wall_seconds``.
+            MCPError: The server answered with a protocol error.
+        """
+        with anyio.fail_after(wall_seconds):
+            return await self._client.call_tool(name, arguments)
+
+    async def list_tools_awaited(self) -> list[types.Tool]:
+        """``list_tools``, awaited on ``loop``."""
+        tools: list[types.Tool] = await self._every_page_awaited(self._client.list_tools,
+                                                                 "tools")
+        return tools
 
     def _on_loop(self, request: Coroutine[Any, Any, _T], bound_seconds: float) -> _T:
         return wait_on_loop(request, self._loop, self._loop_thread, bound_seconds=bound_seconds)
@@ -515,23 +546,66 @@ class UpstreamRunner:
                 raise SandboxUnavailable(f"upstream tool {spec.name} is blocked")
             return self._inner.run(spec, call, limits)
         started = time.perf_counter()
-
-        def usage(size: int) -> Usage:
-            return Usage(wall_ms=(time.perf_counter() - started) * 1000, exit_code=None,
-                         output_bytes=size, container_id=route.connection.container_id)
-
         try:
             result = route.connection.call_tool(route.tool, call.arguments, limits.wall_seconds)
-        except TimeoutError:
-            return Execution("timeout", None, "the upstream did not answer in time", usage(0))
-        except MCPError as exc:
-            return Execution("tool_error", None, f"the upstream refused the call ({exc.code})",
-                             usage(0))
-        except Exception as exc:
-            raise SandboxUnavailable(
-                f"the upstream MCP server {route.connection.config.name} is unreachable "
-                f"({type(exc).__name__})") from exc
-        return _execution_of(result, limits, usage)
+        except Exception as exc:  # noqa: BLE001 - _failed_call maps or re-raises each kind
+            return _failed_call(route, exc, started)
+        return _execution_of(result, limits, _usage_since(route, started))
+
+    def loop_of(self, name: str) -> asyncio.AbstractEventLoop | None:
+        """The loop of the client that ``name`` (a tool, or ``tool@version``) is routed to."""
+        route = self._routes.get(name.partition("@")[0])
+        return None if route is None else route.connection.loop
+
+    async def run_awaited(self, spec: ToolSpec, call: ToolCall,
+                          limits: ResourceLimits) -> Execution:
+        """
+        ``run``, awaited: on the routed client's own loop the request is awaited there;
+        anything else runs as ``run`` does, on a worker thread.
+
+        Raises:
+            SandboxUnavailable: As ``run``.
+        """
+        route = self._routes.get(spec.name)
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if route is None or route.connection.loop is not running:
+            return await anyio.to_thread.run_sync(self.run, spec, call, limits)
+        started = time.perf_counter()
+        try:
+            result = await route.connection.call_tool_awaited(route.tool, call.arguments,
+                                                              limits.wall_seconds)
+        except Exception as exc:  # noqa: BLE001 - _failed_call maps or re-raises each kind
+            return _failed_call(route, exc, started)
+        return _execution_of(result, limits, _usage_since(route, started))
+
+
+def _usage_since(route: _Route, started: float) -> Callable[[int], Usage]:
+    def usage(size: int) -> Usage:
+        return Usage(wall_ms=(time.perf_counter() - started) * 1000, exit_code=None,
+                     output_bytes=size, container_id=route.connection.container_id)
+
+    return usage
+
+
+def _failed_call(route: _Route, exc: Exception, started: float) -> Execution:
+    """
+    A request to the upstream that raised, as the kind it ended in.
+
+    Raises:
+        SandboxUnavailable: The upstream could not be reached at all.
+    """
+    usage = _usage_since(route, started)
+    if isinstance(exc, TimeoutError):
+        return Execution("timeout", None, "the upstream did not answer in time", usage(0))
+    if isinstance(exc, MCPError):
+        return Execution("tool_error", None, f"the upstream refused the call ({exc.code})",
+                         usage(0))
+    raise SandboxUnavailable(
+        f"the upstream MCP server {route.connection.config.name} is unreachable "
+        f"({type(exc).__name__})") from exc
 
 
 def _execution_of(result: types.CallToolResult, limits: ResourceLimits,
@@ -557,12 +631,34 @@ class PinGate:
     """
 
     def __init__(self, inner: PolicyEngine, blocked: Mapping[str, RuleId],
-                 recheck: Callable[[str], None] | None = None) -> None:
+                 recheck: Callable[[str], None] | None = None,
+                 recheck_awaited: Callable[[str], Awaitable[None]] | None = None) -> None:
         self._inner = inner
         self._hooks = inner if isinstance(inner, PolicyHooks) else None
         # Held, not copied: ``recheck`` may block a tool mid-session.
         self._blocked = blocked
         self._recheck = recheck
+        self._recheck_awaited = recheck_awaited
+
+    @contextlib.asynccontextmanager
+    async def rechecked(self, name: str) -> AsyncIterator[None]:
+        """
+        Re-check ``name`` here, the listing awaited (on the upstream client's loop);
+        within the block, deciding ``name`` uses that re-check instead of listing
+        again, which would wait on this loop from its own thread. A failed listing
+        fails the decision, as it does in ``decide``.
+        """
+        error: Exception | None = None
+        if self._recheck_awaited is not None:
+            try:
+                await self._recheck_awaited(name)
+            except Exception as exc:  # noqa: BLE001 - raised again by decide, which denies
+                error = exc
+        token = _RECHECKED.set((name, error))
+        try:
+            yield
+        finally:
+            _RECHECKED.reset(token)
 
     @property
     def digest(self) -> Sha256Hex:
@@ -580,7 +676,11 @@ class PinGate:
                            ) -> tuple[Decision, Mapping[str, JSONValue] | None]:
         """``decide``, with the inner policy's shadow divergence for the gateway to audit."""
         if self._recheck is not None:
-            self._recheck(call.name)
+            rechecked = _RECHECKED.get()
+            if rechecked is None or rechecked[0] != call.name:
+                self._recheck(call.name)
+            elif rechecked[1] is not None:
+                raise rechecked[1]
         rule = self._blocked.get(call.name)
         if rule is not None:
             message = ("this upstream tool changed since an operator approved it"
@@ -672,6 +772,11 @@ class Upstreams:
         self._listed_at: dict[str, float] = {}
         self._clock = time.monotonic
 
+    @property
+    def portal(self) -> BlockingPortal | None:
+        """The portal whose loop every upstream client runs on (None: none connected)."""
+        return self._portal
+
     def connect(self, config: UpstreamConfig) -> UpstreamConnection:
         """
         Start and connect one upstream and sort its tools into approved and blocked.
@@ -736,15 +841,40 @@ class Upstreams:
         Raises:
             Exception: The server could not be listed (the gateway denies the call).
         """
+        due = self._recheck_due(name)
+        if due is not None:
+            connection, now = due
+            self._absorb_listing(connection, now, connection.list_tools())
+
+    async def recheck_awaited(self, name: str) -> None:
+        """
+        ``recheck``, the listing awaited on the server's client loop (where this runs).
+
+        Raises:
+            Exception: The server could not be listed (the gateway denies the call).
+        """
+        due = self._recheck_due(name)
+        if due is not None:
+            connection, now = due
+            self._absorb_listing(connection, now, await connection.list_tools_awaited())
+
+    def _recheck_due(self, name: str) -> tuple[UpstreamConnection, float] | None:
+        """The connection to list again before ``name`` is decided (its listing is old), and now."""
         route = self.routes.get(name)
         if route is None:
-            return
+            return None
         connection = route.connection
         server = connection.config.name
         now = self._clock()
         if now - self._listed_at.get(server, now) < connection.config.recheck_seconds:
-            return
-        current = {tool.name: tool_digest(server, tool) for tool in connection.list_tools()}
+            return None
+        return connection, now
+
+    def _absorb_listing(self, connection: UpstreamConnection, now: float,
+                        tools: list[types.Tool]) -> None:
+        """Block every routed tool of ``connection`` whose listed definition left its pin."""
+        server = connection.config.name
+        current = {tool.name: tool_digest(server, tool) for tool in tools}
         self._listed_at[server] = now
         for routed, other in list(self.routes.items()):
             if other.connection is not connection:

@@ -28,9 +28,10 @@ import contextvars
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 
+import anyio.to_thread
 import structlog
 
 from callward.core._canonical import JSONValue, canonical_bytes, canonical_loads, sha256_hex
@@ -84,6 +85,23 @@ def _ms(start: float, end: float) -> float:
 
 def _error_content(kind: str, message: str, **extra: JSONValue) -> bytes:
     return canonical_bytes({"error": kind, "message": message, **extra})
+
+
+#: Runs one allowed call, awaited on the running loop (``Gateway.handle_awaiting``).
+AwaitedRun = Callable[[ToolSpec, ToolCall, ResourceLimits], Awaitable[Execution]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Authorized:
+    """A call the policy allowed whose ``call.authorized`` is durable: it may run now."""
+
+    call: ToolCall
+    spec: ToolSpec
+    decision: Decision
+    context: CallContext
+    authorized: AuditRecord
+    clog: structlog.typing.FilteringBoundLogger
+    durations_ms: tuple[tuple[str, float], tuple[str, float], tuple[str, float]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +262,69 @@ class Gateway:
         Raises:
             AuditUnavailable: A record could not be written; nothing is returned.
         """
+        step = self._authorize(call, principal=principal, session_id=session_id,
+                               parse_ms=parse_ms, provenance=provenance)
+        if isinstance(step, ToolResult):
+            return step
+        started = self._clock()
+        outcome = self._execute(call, step.spec, step.decision, step.context)
+        return self._complete(step, outcome, _ms(started, self._clock()))
+
+    async def handle_awaiting(
+        self,
+        call: ToolCall,
+        *,
+        principal: str,
+        session_id: str = "",
+        run: AwaitedRun,
+    ) -> ToolResult:
+        """
+        ``handle``, with the tool's run awaited (``run``) instead of blocking a thread.
+
+        For tools whose run is I/O on the running loop (an upstream MCP server's
+        client). The stages before and after the run are the same calls as in
+        ``handle``, and block this loop's thread while they decide and make the
+        records durable: call it on a loop where that is fine, never on one that
+        serves clients. A decision that places the call (isolation, runtime,
+        secrets, egress) runs as ``handle`` would, on a worker thread.
+
+        Raises:
+            AuditUnavailable: A record could not be written; nothing is returned.
+        """
+        step = self._authorize(call, principal=principal, session_id=session_id)
+        if isinstance(step, ToolResult):
+            return step
+        decision = step.decision
+        started = self._clock()
+        if decision.isolation == "call" and decision.runtime is None and not (
+                decision.secrets or decision.egress):
+            limits = decision.limits if decision.limits is not None else step.spec.limits
+            try:
+                execution = await run(step.spec, call, limits)
+            except Exception as exc:  # noqa: BLE001 - stage boundary, as in _execute
+                outcome = self._failed_run(call, exc)
+            except BaseException:  # cancelled while it ran: its record first, then go on
+                message = "the call was cancelled while it ran"
+                self._complete(step, _Outcome(None, "sandbox_unavailable", _error_content(
+                    "sandbox_unavailable", message), message), _ms(started, self._clock()))
+                raise
+            else:
+                outcome = _outcome_of(execution)
+        else:
+            outcome = await anyio.to_thread.run_sync(
+                self._execute, call, step.spec, decision, step.context)
+        return self._complete(step, outcome, _ms(started, self._clock()))
+
+    def _authorize(
+        self,
+        call: ToolCall,
+        *,
+        principal: str,
+        session_id: str,
+        parse_ms: float = 0.0,
+        provenance: Provenance | None = None,
+    ) -> ToolResult | _Authorized:
+        """Decide; a denial is audited and returned, an allowance made durable first."""
         context = CallContext(principal=principal, session_id=session_id,
                               provenance=provenance)
         clog = log.bind(call_id=call.id, tool_name_sha256=sha256_hex(call.name.encode())[:16])
@@ -272,11 +353,14 @@ class Gateway:
         )
         authorize_ms = _ms(started, self._clock())
         clog.info("call_authorized", seq=authorized.seq)
+        return _Authorized(call, spec, decision, context, authorized, clog,
+                           (("parse", parse_ms), ("policy", policy_ms),
+                            ("audit_authorized", authorize_ms)))
 
-        started = self._clock()
-        outcome = self._execute(call, spec, decision, context)
-        sandbox_ms = _ms(started, self._clock())
-
+    def _complete(self, step: _Authorized, outcome: _Outcome, sandbox_ms: float) -> ToolResult:
+        """Apply the result rules, make ``call.completed`` durable, and return the result."""
+        call, spec, decision, context = step.call, step.spec, step.decision, step.context
+        (_, parse_ms), (_, policy_ms), (_, authorize_ms) = step.durations_ms
         queue_ms = None
         if outcome.execution is not None:
             queue_ms = round(max(0.0, sandbox_ms - outcome.execution.usage.wall_ms), 3)
@@ -291,7 +375,7 @@ class Gateway:
             {
                 "call_id": call.id,
                 "tool": spec.ref,
-                "authorized_seq": authorized.seq,
+                "authorized_seq": step.authorized.seq,
                 "outcome": outcome.kind,
                 "message": outcome.message,
                 "result_sha256": sha256_hex(outcome.content_json),
@@ -310,13 +394,12 @@ class Gateway:
                 **_provenance_fields(context),
             },
         )
-        stages = (("parse", parse_ms), ("policy", policy_ms),
-                  ("audit_authorized", authorize_ms), ("sandbox", sandbox_ms),
+        stages = (*step.durations_ms, ("sandbox", sandbox_ms),
                   ("audit_completed", _ms(started, self._clock())))
-        clog.info("call_completed", outcome=outcome.kind, seq=completed.seq,
-                  result_bytes=len(outcome.content_json))
+        step.clog.info("call_completed", outcome=outcome.kind, seq=completed.seq,
+                       result_bytes=len(outcome.content_json))
         self._notify(CallEvent(
-            call_id=call.id, principal=principal, tool=spec.name, outcome=outcome.kind,
+            call_id=call.id, principal=context.principal, tool=spec.name, outcome=outcome.kind,
             record_kind="call.completed", result_bytes=len(outcome.content_json),
             durations_ms=stages if queue_ms is None else (*stages, ("queue", queue_ms)),
             reasons=decision.reasons, seq=completed.seq))
@@ -424,20 +507,27 @@ class Gateway:
         limits = decision.limits if decision.limits is not None else spec.limits
         try:
             execution = self._run(call, spec, limits, decision, context)
-        except CallwardError as exc:
+        except Exception as exc:  # noqa: BLE001 - stage boundary; _failed_run re-raises the rest
+            return self._failed_run(call, exc)
+        return _outcome_of(execution)
+
+    @staticmethod
+    def _failed_run(call: ToolCall, exc: Exception) -> _Outcome:
+        """
+        A run that raised, as ``sandbox_unavailable``.
+
+        Raises:
+            CallwardError: ``exc`` itself when it is a callward error of another kind.
+        """
+        if isinstance(exc, CallwardError):
             if isinstance(exc, SandboxUnavailable):
                 return _Outcome(None, "sandbox_unavailable",
                                 _error_content(exc.kind, exc.message), exc.message)
-            raise
-        except Exception as exc:
-            log.exception("sandbox_failed", call_id=call.id)
-            message = f"the sandbox failed unexpectedly ({type(exc).__name__})"
-            return _Outcome(None, "sandbox_unavailable",
-                            _error_content("sandbox_unavailable", message), message)
-        if execution.kind == "ok" and execution.value_json is not None:
-            return _Outcome(execution, "ok", execution.value_json, "")
-        return _Outcome(execution, execution.kind,
-                        _error_content(execution.kind, execution.message), execution.message)
+            raise exc
+        log.error("sandbox_failed", call_id=call.id, exc_info=exc)
+        message = f"the sandbox failed unexpectedly ({type(exc).__name__})"
+        return _Outcome(None, "sandbox_unavailable",
+                        _error_content("sandbox_unavailable", message), message)
 
     def _run(
         self,
@@ -586,6 +676,13 @@ class Gateway:
             **_origin_fields(),
             **_provenance_fields(context),
         }
+
+
+def _outcome_of(execution: Execution) -> _Outcome:
+    if execution.kind == "ok" and execution.value_json is not None:
+        return _Outcome(execution, "ok", execution.value_json, "")
+    return _Outcome(execution, execution.kind,
+                    _error_content(execution.kind, execution.message), execution.message)
 
 
 def _provenance_fields(context: CallContext) -> dict[str, JSONValue]:

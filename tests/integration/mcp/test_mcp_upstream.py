@@ -180,6 +180,129 @@ class TestUpstreamGateway:
         assert "notes__greet" not in listed
 
 
+def on_loop(where: str, upstreams: Any, function: Any, *args: Any) -> Any:
+    """Run ``function`` on the upstream clients' loop (as stdio serving does) or its own."""
+    if where == "upstream loop":
+        return upstreams.portal.call(function, *args)
+    return anyio.run(function, *args)
+
+
+class TestFaceOnEitherLoop:
+    """
+    The face runs an upstream call on the upstream clients' loop: awaited there when
+    the face serves on that loop (stdio), after one hop when it serves on its own (HTTP).
+    """
+
+    @pytest.mark.parametrize("where", ["upstream loop", "own loop"])
+    def test_upstream_calls_through_the_face_keep_every_check(self, engine, config, home, cli,
+                                                             where):
+        """Results, schema denials, redaction, timeouts and the log are as through handle."""
+        with open_upstreams(config, home=home) as (_gateway, upstreams):
+            upstreams.approve("notes")
+
+        async def exercise(face: McpFace) -> list[Any]:
+            async with Client(face.server()) as client:
+                return [await client.call_tool(name, arguments) for name, arguments in (
+                    ("notes__add", {"a": 2, "b": 3}),
+                    ("notes__add", {"a": "one", "b": 2}),
+                    ("notes__greet", {"name": "ada@example.org"}),
+                    ("notes__sleep", {"seconds": 30}),
+                    ("notes__add", {"a": 1, "b": 1}),
+                    ("square", {"x": 4}),
+                )]
+
+        with open_upstreams(config, home=home) as (gateway, upstreams):
+            added, outside, greeted, slow, after, native = on_loop(
+                where, upstreams, exercise, McpFace(gateway, principal="alice"))
+
+        assert ("ok", {"result": 5}) == (added.structured_content["kind"],
+                                         added.structured_content["content"])
+        assert added.structured_content["receipt"]["seq"] > 0
+        assert ("schema", True) == (outside.structured_content["kind"], outside.is_error)
+        assert "ada@example.org" not in greeted.content[0].text
+        assert ("timeout", "ok") == (slow.structured_content["kind"],
+                                     after.structured_content["kind"])
+        assert ("ok", 16) == (native.structured_content["kind"],
+                              native.structured_content["content"])
+        written = kinds(home)
+        assert written.count("call.authorized") == written.count("call.completed") == 5
+        verified = cli("audit", "verify")
+        assert 0 == verified.returncode, verified.stdout + verified.stderr
+
+    @pytest.mark.parametrize("where", ["upstream loop", "own loop"])
+    def test_a_definition_changed_mid_session_blocks_its_tool_at_the_face(
+            self, engine, config, home, where):
+        """recheck_seconds 0: the face's awaited re-check blocks the turned tool."""
+        section = yaml.safe_load(config.read_text())
+        section["mcp"]["servers"]["notes"]["recheck_seconds"] = 0
+        config.write_text(yaml.safe_dump(section))
+        with open_upstreams(config, home=home) as (_gateway, upstreams):
+            upstreams.approve("notes")
+
+        async def exercise(face: McpFace) -> tuple[list[Any], list[str]]:
+            async with Client(face.server()) as client:
+                results = [await client.call_tool(name, arguments) for name, arguments in (
+                    ("notes__greet", {"name": "ada"}), ("notes__turn", {}),
+                    ("notes__greet", {"name": "ada"}), ("notes__add", {"a": 1, "b": 2}))]
+                listed = [tool.name for tool in (await client.list_tools()).tools]
+            return results, listed
+
+        with open_upstreams(config, home=home) as (gateway, upstreams):
+            (before, turned, after, other), listed = on_loop(
+                where, upstreams, exercise, McpFace(gateway, principal="alice"))
+
+        assert ["ok", "ok", "approval_required", "ok"] == [
+            result.structured_content["kind"] for result in (before, turned, after, other)]
+        assert ["mcp.rug-pull"] == after.structured_content["decision"]["reasons"]
+        assert "mcp.tool_blocked" in kinds(home)
+        assert "notes__add" in listed
+        assert "notes__greet" not in listed
+
+    def test_the_loop_answers_other_requests_while_an_upstream_works(self, engine, config,
+                                                                    home, cli):
+        """
+        Served on the upstream loop, the face holds it only to decide and to make the
+        records durable: while one client's call waits on a slow upstream, another
+        client's listing is answered at once, and the calls of both clients, made at
+        the same time, all end with their own results and records.
+        """
+        with open_upstreams(config, home=home) as (_gateway, upstreams):
+            upstreams.approve("notes")
+        events: list[str] = []
+
+        async def exercise(face: McpFace) -> tuple[Any, list[Any]]:
+            slow: list[Any] = []
+            sums: list[Any] = []
+            async with Client(face.server()) as first, Client(face.server()) as second:
+                async def sleep() -> None:
+                    slow.append(await first.call_tool("notes__sleep", {"seconds": 1.5}))
+                    events.append("slept")
+
+                async def add(client: Client, a: int) -> None:
+                    sums.append(await client.call_tool("notes__add", {"a": a, "b": 1}))
+
+                async with anyio.create_task_group() as group:
+                    group.start_soon(sleep)
+                    await anyio.sleep(0.5)  # the sleep call is at the upstream now
+                    await second.list_tools()
+                    events.append("listed")
+                    for a in range(6):
+                        group.start_soon(add, first if a % 2 else second, a)
+            return slow[0], sums
+
+        with open_upstreams(config, home=home) as (gateway, upstreams):
+            slept, sums = upstreams.portal.call(exercise, McpFace(gateway, principal="alice"))
+
+        assert ["listed", "slept"] == events
+        assert "ok" == slept.structured_content["kind"]
+        assert sorted(range(1, 7)) == sorted(
+            result.structured_content["content"]["result"] for result in sums)
+        seqs = [result.structured_content["receipt"]["seq"] for result in [slept, *sums]]
+        assert len(set(seqs)) == 7
+        verified = cli("audit", "verify")
+        assert 0 == verified.returncode, verified.stdout + verified.stderr
+
+
 class TestServeWithUpstream:
     def test_sdk_client_reaches_an_approved_upstream_tool(self, engine, config, home, cli):
         """`callward mcp approve`, then `mcp serve`: the SDK client calls notes__add."""

@@ -184,3 +184,81 @@ class TestHttpBatch:
         assert 400 == anyio.run(post_batch)
         assert [] == gateway.runner.calls
         assert [] == list(store.records())
+
+
+class TestHandleAwaiting:
+    """``Gateway.handle_awaiting``: ``handle`` with the run awaited (upstream tools)."""
+
+    @staticmethod
+    def square(x: object = 5) -> ToolCall:
+        return ToolCall.create(id="c1", name="square", arguments={"x": x}, dialect="mcp")
+
+    def test_the_same_records_and_result_as_handle(self, gateway, store):
+        """Decided, authorized before the run, completed after it, with a receipt."""
+        order: list[str] = []
+
+        async def run(spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
+            order.append(list(store.records())[-1].kind)  # what is durable when the run starts
+            await anyio.sleep(0)
+            return Execution("ok", canonical_bytes(25), "", Usage(1.0, 0, 2))
+
+        async def exercise() -> Any:
+            return await gateway.handle_awaiting(self.square(), principal="alice", run=run)
+
+        result = anyio.run(exercise)
+
+        assert ["call.authorized"] == order
+        assert ("ok", 25) == (result.kind, result.content)
+        assert ["call.authorized", "call.completed"] == [r.kind for r in store.records()]
+        assert result.receipt.seq == 2
+
+    def test_a_denied_call_never_runs(self, gateway, store):
+        """A denial is audited and returned; ``run`` is never awaited."""
+        async def run(spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
+            raise AssertionError("a denied call ran")
+
+        async def exercise() -> Any:
+            return await gateway.handle_awaiting(self.square("seven"), principal="alice",
+                                                 run=run)
+
+        result = anyio.run(exercise)
+
+        assert "schema" == result.kind
+        assert ["call.denied"] == [r.kind for r in store.records()]
+
+    def test_a_run_that_raises_is_sandbox_unavailable(self, gateway, store):
+        """An unexpected failure of the run ends as sandbox_unavailable, audited."""
+        async def run(spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
+            raise OSError("the pipe broke")
+
+        async def exercise() -> Any:
+            return await gateway.handle_awaiting(self.square(), principal="alice", run=run)
+
+        result = anyio.run(exercise)
+
+        assert "sandbox_unavailable" == result.kind
+        assert ["call.authorized", "call.completed"] == [r.kind for r in store.records()]
+
+    def test_a_run_cancelled_midway_is_completed_in_the_log(self, gateway, store):
+        """Cancelled while it ran: its call.completed is written before cancelling goes on."""
+        started = anyio.Event()
+
+        async def run(spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
+            started.set()
+            await anyio.sleep(30)
+            raise AssertionError("not cancelled")
+
+        async def exercise() -> None:
+            async with anyio.create_task_group() as group:
+                async def call() -> None:
+                    await gateway.handle_awaiting(self.square(), principal="alice", run=run)
+
+                group.start_soon(call)
+                await started.wait()
+                group.cancel_scope.cancel()
+
+        anyio.run(exercise)
+
+        records = list(store.records())
+        assert ["call.authorized", "call.completed"] == [r.kind for r in records]
+        assert "sandbox_unavailable" == records[-1].body["outcome"]

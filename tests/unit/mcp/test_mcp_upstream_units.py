@@ -147,6 +147,53 @@ class TestPinGate:
             == decision
         assert "schema" == decision.kind
 
+    def test_a_recheck_awaited_ahead_stands_for_the_one_in_decide(self, policy):
+        """
+        Within ``rechecked(name)`` deciding ``name`` does not list again (that would wait
+        on the loop from its own thread); other names, and decisions outside, still do.
+        """
+        synced: list[str] = []
+        awaited: list[str] = []
+
+        async def recheck_awaited(name: str) -> None:
+            awaited.append(name)
+
+        gate = PinGate(policy, {}, synced.append, recheck_awaited)
+        context = CallContext(principal="alice")
+
+        def decide(name: str) -> None:
+            gate.decide(ToolCall.create(id="c", name=name, arguments={}, dialect="mcp"),
+                        None, context)
+
+        async def exercise() -> None:
+            async with gate.rechecked("notes__add"):
+                decide("notes__add")
+                decide("notes__greet")
+            decide("notes__add")
+
+        anyio.run(exercise)
+
+        assert ["notes__add"] == awaited
+        assert ["notes__greet", "notes__add"] == synced
+
+    def test_a_failed_recheck_awaited_ahead_fails_the_decision(self, policy):
+        """A listing that failed ahead raises in decide, as a failed listing there would."""
+        async def recheck_awaited(name: str) -> None:
+            raise ConnectionError("the upstream went away")
+
+        def recheck(name: str) -> None:
+            raise AssertionError("listed again on the loop's own thread")
+
+        gate = PinGate(policy, {}, recheck, recheck_awaited)
+        call = ToolCall.create(id="c", name="notes__add", arguments={}, dialect="mcp")
+
+        async def exercise() -> None:
+            async with gate.rechecked("notes__add"):
+                gate.decide(call, None, CallContext(principal="alice"))
+
+        with pytest.raises(ConnectionError):
+            anyio.run(exercise)
+
 
 class TestExecutionOf:
     @staticmethod
