@@ -61,6 +61,8 @@ log = structlog.get_logger()
 
 SERVER_NAME: Final = "callward"
 KIND_META_KEY: Final = "callward/kind"
+#: The SDK's per-request tracing middleware, left out of the face's servers.
+_SDK_OTEL_MIDDLEWARE: Final = "OpenTelemetryMiddleware"
 #: The largest arguments object accepted from a client, in canonical bytes.
 MAX_ARGUMENTS_BYTES: Final = 1 << 20
 
@@ -130,7 +132,7 @@ class McpFace:
     def server(self) -> Server[Any]:
         """A low-level SDK server: tools, and resources and prompts when given content."""
         served = self._content is not None
-        return Server(
+        server: Server[Any] = Server(
             SERVER_NAME,
             version="0.1.0",
             instructions="Every tool call is decided by policy, sandboxed and signed.",
@@ -141,6 +143,12 @@ class McpFace:
             on_list_prompts=self._list_prompts if served else None,
             on_get_prompt=self._get_prompt if served else None,
         )
+        # The SDK wraps every request in an OpenTelemetry span: a no-op object built
+        # per request, as callward neither ships nor configures an OTel SDK. Its
+        # evidence is the audit log, its telemetry the metrics (--metrics-port).
+        server.middleware = [middleware for middleware in server.middleware
+                             if type(middleware).__name__ != _SDK_OTEL_MIDDLEWARE]
+        return server
 
     # -- resources and prompts (upstream content, by policy) -------------------
 

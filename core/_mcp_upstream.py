@@ -635,6 +635,8 @@ class PinGate:
                  recheck_awaited: Callable[[str], Awaitable[None]] | None = None) -> None:
         self._inner = inner
         self._hooks = inner if isinstance(inner, PolicyHooks) else None
+        # A Protocol isinstance costs microseconds: once here, not per call.
+        self._shadowing = inner if isinstance(inner, ShadowingPolicy) else None
         # Held, not copied: ``recheck`` may block a tool mid-session.
         self._blocked = blocked
         self._recheck = recheck
@@ -688,8 +690,8 @@ class PinGate:
                        "this upstream tool has not been approved by an operator")
             return Decision("deny", (rule,), self._inner.digest, kind="approval_required",
                             message=message), None
-        if isinstance(self._inner, ShadowingPolicy):
-            return self._inner.decide_with_shadow(call, spec, context)
+        if self._shadowing is not None:
+            return self._shadowing.decide_with_shadow(call, spec, context)
         return self._inner.decide(call, spec, context), None
 
     def mcp_content_rule(self, server: str, kind: Literal["resource", "prompt"], name: str,

@@ -10,6 +10,7 @@ import anyio
 import httpx2
 import pytest
 from mcp import Client, MCPError
+from mcp.server.lowlevel import Server
 
 from callward.audit import FileSigner, SQLiteAuditStore
 from callward.core import (
@@ -262,3 +263,11 @@ class TestHandleAwaiting:
         records = list(store.records())
         assert ["call.authorized", "call.completed"] == [r.kind for r in records]
         assert "sandbox_unavailable" == records[-1].body["outcome"]
+
+
+def test_the_face_builds_no_tracing_span_per_request(gateway):
+    """The SDK's per-request OTel middleware (by that name) is left out of the face."""
+    names = [type(m).__name__ for m in McpFace(gateway, principal="alice").server().middleware]
+
+    assert "OpenTelemetryMiddleware" in [type(m).__name__ for m in Server("x").middleware]
+    assert "OpenTelemetryMiddleware" not in names
