@@ -20,10 +20,14 @@ Invariants:
 - Streamable HTTP listens on a loopback address only, with the SDK's DNS-rebinding
   protection on.
 
-Calls are handed to the gateway one at a time: a call of an upstream tool runs on
-that upstream client's event loop (its request to the server awaited there, the
-gateway's blocking stages on that loop's thread), every other call on a worker
-thread; either way this face's own loop never blocks on a decision or an fsync.
+Calls are handed to the gateway one at a time. A call of an upstream tool runs on
+the upstream clients' event loop (``Gateway.handle_awaiting``: its request to the
+server awaited there, the decision and the fsynced records on that loop's
+thread); every other call runs on a worker thread. Over HTTP the face serves on
+its own loop, which therefore never blocks on a decision or an fsync; over stdio
+(``run_stdio``, one client) it serves on the upstream clients' loop, so an
+upstream call makes no thread hop, and holds that loop for a decision and its
+records but never while an upstream works.
 """
 
 from __future__ import annotations

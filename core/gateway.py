@@ -283,10 +283,13 @@ class Gateway:
 
         For tools whose run is I/O on the running loop (an upstream MCP server's
         client). The stages before and after the run are the same calls as in
-        ``handle``, and block this loop's thread while they decide and make the
-        records durable: call it on a loop where that is fine, never on one that
-        serves clients. A decision that places the call (isolation, runtime,
-        secrets, egress) runs as ``handle`` would, on a worker thread.
+        ``handle`` (``call.authorized`` durable before ``run`` starts, the result
+        rules and a durable ``call.completed`` before anything is returned), and
+        block this loop's thread while they decide and make the records durable:
+        call it only on a loop that may wait for that (the upstream clients' loop,
+        see ``callward.core._mcp_server``). A decision that places the call
+        (isolation, runtime, secrets, egress) runs as ``handle`` would, on a worker
+        thread.
 
         Raises:
             AuditUnavailable: A record could not be written; nothing is returned.
