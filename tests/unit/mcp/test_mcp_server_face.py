@@ -271,3 +271,29 @@ def test_the_face_builds_no_tracing_span_per_request(gateway):
 
     assert "OpenTelemetryMiddleware" in [type(m).__name__ for m in Server("x").middleware]
     assert "OpenTelemetryMiddleware" not in names
+
+
+def test_a_placed_call_runs_as_handle_does(examples, store, tmp_path):
+    """A decision that places the call (session isolation) runs the runner on a thread."""
+    (tmp_path / "policy.yaml").write_text(
+        "version: 1\ndefault: deny\nprincipals:\n  alice: {roles: [analyst]}\nrules:\n"
+        "  - {id: squares, effect: allow, roles: [analyst], tools: [square]}\n"
+        "tools:\n  square: {isolation: session}\n")
+    registry = ToolRegistry()
+    registry.load(examples / "tools.py")
+    runner = StubRunner()
+    gateway = Gateway(registry=registry, policy=Policy.from_file(tmp_path / "policy.yaml"),
+                      runner=runner, audit=store)
+
+    async def run(spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
+        raise AssertionError("a placed call was awaited, not placed")
+
+    async def exercise() -> Any:
+        return await gateway.handle_awaiting(TestHandleAwaiting.square(), principal="alice",
+                                             run=run)
+
+    result = anyio.run(exercise)
+
+    assert ("ok", 25) == (result.kind, result.content)
+    assert 1 == len(runner.calls)
+    assert "session" == result.decision.isolation
