@@ -300,9 +300,8 @@ async def _result_from(loop: asyncio.AbstractEventLoop,
     here = asyncio.get_running_loop()
     if loop is here:  # the face serves on the upstream client's loop: no hop at all
         with anyio.CancelScope(shield=True):
-            task = here.create_task(request)
-            await asyncio.wait((task,))
-        return task.result()
+            result = await request
+        return result  # noqa: RET504 - mypy reads a return inside the scope as maybe missing
     answer: asyncio.Future[types.CallToolResult] = here.create_future()
 
     def hand_back(done: concurrent.futures.Future[types.CallToolResult]) -> None:
