@@ -20,7 +20,10 @@ tool in that same container:
 - governance alone: the gateway row with an instant runner instead of the
   upstream (pin gate, policy, two signed records), to show what forwarding adds.
 
-"added" is each row's p50 minus the baseline's p50.
+"added" is each row's p50 minus the baseline's p50. The face rows run the SDK
+client in-process (memory streams): they leave out the leg between a client and
+a ``callward mcp serve`` process (the SDK's stdio or HTTP transport), which a
+client of a real ``mcp serve`` pays on top.
 """
 
 from __future__ import annotations
