@@ -1,0 +1,92 @@
+"""
+Added latency of a real `callward mcp serve` process over stdio, per `tools/call`,
+against the SDK client calling the same upstream container directly; interleaved,
+in one run (run: .venv/bin/python bench/mcp_serve_latency.py --calls 400).
+
+`bench/mcp_latency.py` measures the face in this process (the SDK client on memory
+streams); this one also pays the client's own leg to the gateway process: the SDK's
+stdio transport on both ends of one more pipe, and a second JSON-RPC encoding.
+
+- direct: the SDK client runs the upstream's server (`notes`, the integration tests'
+  server) with `docker exec -i` in the very container `mcp serve` started for it;
+- mcp serve: the SDK client runs `callward mcp serve` as a subprocess (its own home,
+  the upstream pinned first with `mcp approve`) and calls `notes__add` through it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import docker
+from anyio.from_thread import start_blocking_portal
+from mcp import Client, StdioServerParameters
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _table import configure_logging, print_table, summarize
+from mcp_latency import write_config
+
+WARMUP = 30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=400)
+    calls = parser.parse_args().calls
+    configure_logging()
+    python = sys.executable
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        config, home = write_config(root), root / "home"
+        env = {**os.environ, "CALLWARD_HOME": str(home)}
+        cli = [python, "-m", "callward.core.cli", "--home", str(home), "mcp"]
+        subprocess.run([*cli, "approve", "notes", "--config", str(config)], check=True,
+                       capture_output=True, env=env)
+        serve = StdioServerParameters(
+            command=python, args=[*cli[1:], "serve", "--config", str(config),
+                                  "--principal", "bench"], env=env)
+        with start_blocking_portal() as portal, contextlib.ExitStack() as stack:
+            face = stack.enter_context(portal.wrap_async_context_manager(
+                Client(serve, read_timeout_seconds=120)))
+            portal.call(face.call_tool, "notes__add", {"a": 1, "b": 1})
+            container = next(
+                c for c in docker.from_env().containers.list()
+                if "notes_server.py" in " ".join(c.attrs["Config"]["Cmd"] or ())
+                and c.labels.get("callward.pid", "") != str(os.getpid())
+                and Path(f"/proc/{c.labels.get('callward.pid', '0')}/cmdline").exists()
+                and str(config).encode() in Path(
+                    f"/proc/{c.labels['callward.pid']}/cmdline").read_bytes()
+            )
+            direct = stack.enter_context(portal.wrap_async_context_manager(Client(
+                StdioServerParameters(command="docker", args=[
+                    "exec", "-i", container.id, "python3",
+                    "/opt/callward/service/notes_server.py"]))))
+            ways = {"direct: SDK client -> upstream (docker exec)": (direct, "add"),
+                    "mcp serve (stdio subprocess) -> upstream": (face, "notes__add")}
+            samples: dict[str, list[float]] = {name: [] for name in ways}
+            for index in range(calls + WARMUP):
+                for name, (client, tool) in ways.items():
+                    started = time.perf_counter()
+                    result = portal.call(client.call_tool, tool, {"a": index, "b": 1})
+                    if result.is_error:
+                        raise SystemExit(f"{name} failed: {result}")
+                    if index >= WARMUP:
+                        samples[name].append((time.perf_counter() - started) * 1000)
+    base = summarize(samples[next(iter(ways))])[0]
+    rows = []
+    for name, values in samples.items():
+        p50, p99, mean = summarize(values)
+        rows.append((name, p50, p99, mean, p50 - base))
+    print_table(f"MCP tools/call through a real mcp serve process, {calls} calls each (ms)",
+                ["path", "p50", "p99", "mean", "added p50"], rows)
+
+
+if __name__ == "__main__":
+    main()
