@@ -16,7 +16,10 @@ Ways, all on the same image, runner and request (RFC 8785 JSON on stdin):
 "CPU ms/call" is the whole machine's busy CPU time (every process: dockerd,
 containerd, runc or gVisor, this one) over the calls, from /proc/stat: other work
 on the machine during the run shows up in it. Latency of the callward rows is per
-call with the pool's capacity available (the pool refilled before each timed call);
+call with the pool's capacity available (every pool refilled before each timed
+call, so no replacement container is starting while one is timed; a second table
+times the call mode rows again SETTLE_SECONDS after the refill, once the replacements'
+runners have booted, which gVisor's take longer to do);
 throughput rows run back to back, so they include cold starts once the pool's
 refills cannot keep up. Peers (llm-sandbox, smolagents) are measured by
 bench/sandbox_peers.py in a separate environment, never as project dependencies.
@@ -52,6 +55,7 @@ SPEC = ToolSpec(
 # The same limits on both runtimes: on gVisor its own kernel keeps the pids limit.
 LIMITS = {"runc": ResourceLimits(), "runsc": ResourceLimits()}
 POOL_SIZE = 8
+SETTLE_SECONDS = 0.3
 
 
 def request(x: int) -> bytes:
@@ -236,6 +240,31 @@ def throughput(ways: Ways, runtime: str | None, function: Callable[[int], None],
     return cells
 
 
+def print_settled(ways: Ways, pooled: dict[str, str], calls: int) -> None:
+    """
+    The call mode rows again once the replacements have booted: a pool's "ready"
+    container is one started, and its runner's Python may still be starting on the
+    same CPUs (gVisor's takes longer).
+    """
+    settled: dict[str, list[float]] = {name: [] for name in pooled}
+    for number in range(calls):
+        for name, runtime in pooled.items():
+            for each in pooled.values():
+                ways.refill(each)
+            time.sleep(SETTLE_SECONDS)
+            start = time.perf_counter()
+            ways.callward(runtime)(number)
+            settled[name].append((time.perf_counter() - start) * 1000)
+    first_p50 = summarize(settled[next(iter(settled))])[0]
+    print_table(
+        f"Latency of one call with the pool settled ({SETTLE_SECONDS} s after the refill), "
+        f"{calls} interleaved rounds",
+        ["way", "p50 ms", "p99 ms", "x the first row"],
+        [(name, *summarize(values)[:2], summarize(values)[0] / first_p50)
+         for name, values in settled.items()],
+    )
+
+
 def main() -> None:
     configure_logging()
     parser = argparse.ArgumentParser(description=__doc__)
@@ -268,7 +297,9 @@ def main() -> None:
             for name in names:
                 runtime = pooled.get(name)
                 if runtime is not None:
-                    ways.refill(runtime)
+                    # Every pool full, so that no replacement is starting while this runs.
+                    for each in pooled.values():
+                        ways.refill(each)
                     function = ways.callward(runtime)
                 else:
                     function = plain[name]
@@ -289,6 +320,9 @@ def main() -> None:
             ["way", "p50 ms", "p99 ms", "CPU ms/call", "x faster than docker run"],
             rows,
         )
+
+        if pooled:
+            print_settled(ways, pooled, args.calls)
 
         throughput_rows = []
         for name in names:
