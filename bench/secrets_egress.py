@@ -108,7 +108,7 @@ def main() -> None:
         base = summarize(times["session / plain" if name.startswith("session") else
                                "call / plain"])[0]
         rows.append((name, p50, p99, p50 / base))
-    print_table(f"secrets and egress, {calls} calls each, interleaved (busy machine)",
+    print_table(f"secrets and egress, {calls} calls each, interleaved",
                 ["way", "p50 ms", "p99 ms", "p50 / plain of its mode"], rows)
 
 
