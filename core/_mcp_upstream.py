@@ -444,11 +444,7 @@ class UpstreamConnection:
             TimeoutError: No answer within ``wall_seconds``.
             MCPError: The server answered with a protocol error.
         """
-        async def call() -> types.CallToolResult:
-            with anyio.fail_after(wall_seconds):
-                return await self._client.call_tool(name, dict(arguments))
-
-        return self._on_loop(call(), wall_seconds)
+        return self._on_loop(self.call_tool_awaited(name, arguments, wall_seconds), wall_seconds)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
