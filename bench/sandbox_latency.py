@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -161,6 +161,11 @@ class Ways:
     def refill(self, runtime: str) -> None:
         self.sandboxes[runtime].wait_warm(LIMITS[runtime], POOL_SIZE, timeout_seconds=120)
 
+    def refill_every(self, runtimes: Iterable[str]) -> None:
+        """Every pool full, so that no replacement starts while the next call is timed."""
+        for runtime in runtimes:
+            self.refill(runtime)
+
 
 def _process_ticks(names: tuple[bytes, ...]) -> int:
     """utime + stime, in clock ticks, of every process whose command line names one of these."""
@@ -249,8 +254,7 @@ def print_settled(ways: Ways, pooled: dict[str, str], calls: int) -> None:
     settled: dict[str, list[float]] = {name: [] for name in pooled}
     for number in range(calls):
         for name, runtime in pooled.items():
-            for each in pooled.values():
-                ways.refill(each)
+            ways.refill_every(pooled.values())
             time.sleep(SETTLE_SECONDS)
             start = time.perf_counter()
             ways.callward(runtime)(number)
@@ -297,9 +301,7 @@ def main() -> None:
             for name in names:
                 runtime = pooled.get(name)
                 if runtime is not None:
-                    # Every pool full, so that no replacement is starting while this runs.
-                    for each in pooled.values():
-                        ways.refill(each)
+                    ways.refill_every(pooled.values())
                     function = ways.callward(runtime)
                 else:
                     function = plain[name]

@@ -207,9 +207,7 @@ def main() -> None:  # noqa: PLR0912, PLR0915 - one straight benchmark script
             for name in names:
                 runtime = pooled.get(name)
                 if runtime is not None:
-                    # Every pool full, so that no replacement is starting while this runs.
-                    for each in pooled.values():
-                        ways.refill(each)
+                    ways.refill_every(pooled.values())
                     function = ways.callward(runtime)
                 else:
                     function = plain[name]
