@@ -22,14 +22,16 @@ def run_runner_alone(stdin: bytes, task_limit: int, *runner_args: str) -> dict[s
     /proc shows only its own tasks, with ``CALLWARD_TASK_LIMIT`` set (gVisor's
     RLIMIT_NPROC is not set here). The session runner wipes /tmp after every call, so
     the runner gets a tmpfs of its own there, in a private mount namespace: never the
-    host's /tmp.
+    host's /tmp. That tmpfs hides whatever was under /tmp (a clone of this repository,
+    its venv), so the runner's source goes in with ``-c`` and the interpreter is the
+    venv's base one.
     """
     if os.geteuid() != 0:
         pytest.skip("namespaces of its own need root (unshare --pid --mount-proc)")
     done = subprocess.run(
         ["unshare", "--pid", "--fork", "--mount-proc", "--propagation", "private",
          "sh", "-c", 'mount -t tmpfs -o size=1m tmpfs /tmp && exec "$@"', "runner",
-         sys.executable, "-I", "-S", str(RUNNER), *runner_args],
+         os.path.realpath(sys.executable), "-I", "-S", "-c", RUNNER.read_text(), *runner_args],
         input=stdin,
         capture_output=True,
         timeout=30,
