@@ -37,7 +37,7 @@ import concurrent.futures
 import functools
 import ipaddress
 from collections.abc import Coroutine, Iterable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import anyio
 import anyio.to_thread
@@ -49,6 +49,7 @@ from mcp.server.lowlevel import Server
 from callward.core._canonical import JSONValue, canonical_bytes
 from callward.core._mcp_auth import PRINCIPAL_SCOPE_KEY, BearerPrincipals, ClientTokens
 from callward.core._mcp_content import UpstreamContent
+from callward.core._mcp_stdio import loop_stdio
 from callward.core._mcp_upstream import PinGate, UpstreamRunner
 from callward.core.errors import AuditUnavailable, ConfigurationError, SandboxUnavailable
 from callward.core.types import ToolCall, ToolResult, ToolSpec
@@ -359,12 +360,21 @@ def http_app(face: McpFace, *, host: str, tokens: ClientTokens | None = None,
 
 
 async def serve_stdio(face: McpFace) -> None:
-    """Serve MCP on this process's stdin and stdout until the client closes it."""
+    """
+    Serve MCP on this process's stdin and stdout until the client closes it: the
+    SDK's ``stdio_server``, over pipes this loop reads and writes itself
+    (``callward.core._mcp_stdio``).
+    """
     from mcp.server.stdio import stdio_server  # noqa: PLC0415 - claims fds 0 and 1 on use
 
     server = face.server()
-    async with stdio_server() as (read_stream, write_stream):
-        await server.run(read_stream, write_stream, server.create_initialization_options())
+    async with loop_stdio() as wire:
+        # Pipes are read and written by this loop; anything else by the SDK's threads.
+        # stdio_server uses of its two files only ``async for``, ``write`` and ``flush``.
+        streams = stdio_server() if wire is None else stdio_server(
+            cast("anyio.AsyncFile[str]", wire[0]), cast("anyio.AsyncFile[str]", wire[1]))
+        async with streams as (read_stream, write_stream):
+            await server.run(read_stream, write_stream, server.create_initialization_options())
 
 
 def run_stdio(face: McpFace, *, portal: BlockingPortal | None = None) -> None:
