@@ -73,11 +73,13 @@ rules:
 """
 
 
-def write_config(root: Path) -> Path:
+def write_config(root: Path, *, audit_sync: str | None = None) -> Path:
+    """The bench's callward.yaml in ``root``; ``audit_sync`` sets ``audit.sync``."""
     shutil.copy(SERVER, root / "notes_server.py")
     (root / "policy.yaml").write_text(POLICY)
     path = root / "callward.yaml"
     path.write_text(yaml.safe_dump({
+        **({} if audit_sync is None else {"audit": {"sync": audit_sync}}),
         "tools": [str(EXAMPLES / "tools.py")],
         "policy": "policy.yaml",
         "mcp": {"servers": {"notes": {

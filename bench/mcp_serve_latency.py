@@ -10,7 +10,11 @@ stdio transport on both ends of one more pipe, and a second JSON-RPC encoding.
 - direct: the SDK client runs the upstream's server (`notes`, the integration tests'
   server) with `docker exec -i` in the very container `mcp serve` started for it;
 - mcp serve: the SDK client runs `callward mcp serve` as a subprocess (its own home,
-  the upstream pinned first with `mcp approve`) and calls `notes__add` through it.
+  the upstream pinned first with `mcp approve`) and calls `notes__add` through it;
+  once with the default `audit.sync: every` (both records fsynced before the call
+  goes on), once with `audit.sync: authorized` (`call.completed` fsynced with the
+  next call's `call.authorized`, DESIGN's floor of one fsync per authorized batch).
+  Each runs its own upstream container, started the same way.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import docker
 from anyio.from_thread import start_blocking_portal
+from docker.models.containers import Container
 from mcp import Client, StdioServerParameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,43 +47,43 @@ def main() -> None:
     calls = parser.parse_args().calls
     configure_logging()
     python = sys.executable
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        config, home = write_config(root), root / "home"
-        env = {**os.environ, "CALLWARD_HOME": str(home)}
-        cli = [python, "-m", "callward.core.cli", "--home", str(home), "mcp"]
-        subprocess.run([*cli, "approve", "notes", "--config", str(config)], check=True,
-                       capture_output=True, env=env)
-        serve = StdioServerParameters(
-            command=python, args=[*cli[1:], "serve", "--config", str(config),
-                                  "--principal", "bench"], env=env)
-        with start_blocking_portal() as portal, contextlib.ExitStack() as stack:
+    with tempfile.TemporaryDirectory() as tmp, start_blocking_portal() as portal, \
+            contextlib.ExitStack() as stack:
+        serves = {}
+        for sync in ("every", "authorized"):
+            root = Path(tmp) / sync
+            root.mkdir()
+            config, home = write_config(root, audit_sync=sync), root / "home"
+            env = {**os.environ, "CALLWARD_HOME": str(home)}
+            cli = [python, "-m", "callward.core.cli", "--home", str(home), "mcp"]
+            subprocess.run([*cli, "approve", "notes", "--config", str(config)], check=True,
+                           capture_output=True, env=env)
+            serve = StdioServerParameters(
+                command=python, args=[*cli[1:], "serve", "--config", str(config),
+                                      "--principal", "bench"], env=env)
             face = stack.enter_context(portal.wrap_async_context_manager(
                 Client(serve, read_timeout_seconds=120)))
             portal.call(face.call_tool, "notes__add", {"a": 1, "b": 1})
-            container = next(
-                c for c in docker.from_env().containers.list()
-                if "notes_server.py" in " ".join(c.attrs["Config"]["Cmd"] or ())
-                and c.labels.get("callward.pid", "") != str(os.getpid())
-                and Path(f"/proc/{c.labels.get('callward.pid', '0')}/cmdline").exists()
-                and str(config).encode() in Path(
-                    f"/proc/{c.labels['callward.pid']}/cmdline").read_bytes()
-            )
-            direct = stack.enter_context(portal.wrap_async_context_manager(Client(
-                StdioServerParameters(command="docker", args=[
-                    "exec", "-i", container.id, "python3",
-                    "/opt/callward/service/notes_server.py"]))))
-            ways = {"direct: SDK client -> upstream (docker exec)": (direct, "add"),
-                    "mcp serve (stdio subprocess) -> upstream": (face, "notes__add")}
-            samples: dict[str, list[float]] = {name: [] for name in ways}
-            for index in range(calls + WARMUP):
-                for name, (client, tool) in ways.items():
-                    started = time.perf_counter()
-                    result = portal.call(client.call_tool, tool, {"a": index, "b": 1})
-                    if result.is_error:
-                        raise SystemExit(f"{name} failed: {result}")
-                    if index >= WARMUP:
-                        samples[name].append((time.perf_counter() - started) * 1000)
+            serves[sync] = (face, config)
+        container = _upstream_container(serves["every"][1])
+        direct = stack.enter_context(portal.wrap_async_context_manager(Client(
+            StdioServerParameters(command="docker", args=[
+                "exec", "-i", container.id, "python3",
+                "/opt/callward/service/notes_server.py"]))))
+        ways = {"direct: SDK client -> upstream (docker exec)": (direct, "add"),
+                "mcp serve (stdio subprocess), audit.sync every (default)":
+                    (serves["every"][0], "notes__add"),
+                "mcp serve (stdio subprocess), audit.sync authorized":
+                    (serves["authorized"][0], "notes__add")}
+        samples: dict[str, list[float]] = {name: [] for name in ways}
+        for index in range(calls + WARMUP):
+            for name, (client, tool) in ways.items():
+                started = time.perf_counter()
+                result = portal.call(client.call_tool, tool, {"a": index, "b": 1})
+                if result.is_error:
+                    raise SystemExit(f"{name} failed: {result}")
+                if index >= WARMUP:
+                    samples[name].append((time.perf_counter() - started) * 1000)
     base = summarize(samples[next(iter(ways))])[0]
     rows = []
     for name, values in samples.items():
@@ -86,6 +91,18 @@ def main() -> None:
         rows.append((name, p50, p99, mean, p50 - base))
     print_table(f"MCP tools/call through a real mcp serve process, {calls} calls each (ms)",
                 ["path", "p50", "p99", "mean", "added p50"], rows)
+
+
+def _upstream_container(config: Path) -> Container:
+    """The upstream container the `mcp serve` of ``config`` started (not this process's)."""
+    for container in docker.from_env().containers.list():
+        owner = container.labels.get("callward.pid", "")
+        cmdline = Path(f"/proc/{owner}/cmdline")
+        if ("notes_server.py" in " ".join(container.attrs["Config"]["Cmd"] or ())
+                and owner and owner != str(os.getpid()) and cmdline.exists()
+                and str(config).encode() in cmdline.read_bytes()):
+            return container
+    raise SystemExit(f"no upstream container of the mcp serve of {config}")
 
 
 if __name__ == "__main__":
