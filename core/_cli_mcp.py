@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import structlog
+
 from callward.core._cli_common import (
     EXIT_OK,
     Subcommands,
@@ -16,6 +18,8 @@ from callward.core._config import Home
 from callward.core.errors import ConfigurationError
 
 DEFAULT_PORT = 8750
+
+log = structlog.get_logger()
 
 
 def _serve(args: argparse.Namespace, home: Home) -> int:
@@ -45,7 +49,10 @@ def _serve(args: argparse.Namespace, home: Home) -> int:
         face = McpFace(gateway, principal=args.principal or "", session_id=args.session,
                        content=UpstreamContent.of(gateway, upstreams.connections))
         if args.transport == "stdio":
-            run_stdio(face, portal=upstreams.portal)
+            try:
+                run_stdio(face, portal=upstreams.portal)
+            except KeyboardInterrupt:  # Ctrl-C stops a server; the log still closes in order
+                log.info("mcp_serve_interrupted")
         else:
             serve_http(face, host=args.host, port=args.port, tokens=tokens,
                        audit=gateway.audit)

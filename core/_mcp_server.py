@@ -387,11 +387,21 @@ def run_stdio(face: McpFace, *, portal: BlockingPortal | None = None) -> None:
     there. Over stdio there is one client, whose calls are decided one at a time
     anyway; the loop is held only for a decision and its fsynced records, never
     while an upstream works, so the client's other requests are still answered.
+
+    Raises:
+        KeyboardInterrupt: Ctrl-C, after serving stopped.
     """
     if portal is None:
-        anyio.run(serve_stdio, face)
-    else:
-        portal.call(serve_stdio, face)
+        anyio.run(serve_stdio, face)  # Ctrl-C cancels it, then raises KeyboardInterrupt
+        return
+    served = portal.start_task_soon(serve_stdio, face)
+    try:
+        served.result()
+    except BaseException:
+        # Ctrl-C here (the main thread): stop serving now, not when the client closes
+        # stdin, so the upstreams and the log close in order behind it.
+        served.cancel()
+        raise
 
 
 def serve_http(face: McpFace, *, host: str, port: int, tokens: ClientTokens | None = None,

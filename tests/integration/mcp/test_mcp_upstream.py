@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -333,6 +334,41 @@ class TestServeWithUpstream:
         assert ("ok", {"result": 5}) == (added.structured_content["kind"],
                                          added.structured_content["content"])
         assert "approval_required" == pending.structured_content["kind"]
+
+
+    def test_ctrl_c_stops_serving_while_the_client_keeps_stdin_open(self, engine, config,
+                                                                     home, cli):
+        """
+        SIGINT stops `mcp serve` over stdio at once, not when the client closes stdin:
+        exit 0, the upstream's container removed, and the log closed in order.
+        """
+        assert 0 == cli("mcp", "approve", "notes", "--config", str(config)).returncode
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "callward.core.cli", "--home", str(home), "mcp", "serve",
+             "--config", str(config), "--principal", "alice"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert serve.stdin is not None
+            assert serve.stdout is not None
+            hello = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": "2025-06-18", "capabilities": {},
+                "clientInfo": {"name": "ctrl-c", "version": "1"}}}
+            serve.stdin.write(json.dumps(hello).encode() + b"\n")
+            serve.stdin.flush()
+            assert 1 == json.loads(serve.stdout.readline())["id"]  # serving
+            owned = engine.containers.list(filters={"label": f"callward.pid={serve.pid}"})
+            assert len(owned) == 1
+
+            serve.send_signal(signal.SIGINT)  # stdin stays open
+
+            assert 0 == serve.wait(timeout=30), serve.stderr.read().decode()[-2000:]
+        finally:
+            if serve.poll() is None:
+                serve.kill()
+                serve.wait()
+        assert [] == engine.containers.list(all=True, filters={"id": owned[0].id})
+        verified = cli("audit", "verify")
+        assert 0 == verified.returncode, verified.stdout + verified.stderr
 
 
 class TestThirdPartyUpstream:
