@@ -14,7 +14,10 @@ stdio transport on both ends of one more pipe, and a second JSON-RPC encoding.
   once with the default `audit.sync: every` (both records fsynced before the call
   goes on), once with `audit.sync: authorized` (`call.completed` fsynced with the
   next call's `call.authorized`, DESIGN's floor of one fsync per authorized batch).
-  Each runs its own upstream container, started the same way.
+
+One phase per setting, one after the other, each with its own `mcp serve` process,
+upstream container and direct client, so only one gateway runs at a time; within a
+phase the two paths alternate call by call.
 """
 
 from __future__ import annotations
@@ -46,51 +49,54 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=400)
     calls = parser.parse_args().calls
     configure_logging()
-    python = sys.executable
-    with tempfile.TemporaryDirectory() as tmp, start_blocking_portal() as portal, \
-            contextlib.ExitStack() as stack:
-        serves = {}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
         for sync in ("every", "authorized"):
             root = Path(tmp) / sync
             root.mkdir()
-            config, home = write_config(root, audit_sync=sync), root / "home"
-            env = {**os.environ, "CALLWARD_HOME": str(home)}
-            cli = [python, "-m", "callward.core.cli", "--home", str(home), "mcp"]
-            subprocess.run([*cli, "approve", "notes", "--config", str(config)], check=True,
-                           capture_output=True, env=env)
-            serve = StdioServerParameters(
-                command=python, args=[*cli[1:], "serve", "--config", str(config),
-                                      "--principal", "bench"], env=env)
-            face = stack.enter_context(portal.wrap_async_context_manager(
-                Client(serve, read_timeout_seconds=120)))
-            portal.call(face.call_tool, "notes__add", {"a": 1, "b": 1})
-            serves[sync] = (face, config)
-        container = _upstream_container(serves["every"][1])
+            direct, served = _phase(root, sync, calls)
+            base = summarize(direct)[0]
+            label = "every (default)" if sync == "every" else sync
+            for name, values in ((f"direct: SDK client -> upstream (docker exec) [{sync}]",
+                                  direct),
+                                 (f"mcp serve (stdio subprocess), audit.sync {label}",
+                                  served)):
+                p50, p99, mean = summarize(values)
+                rows.append((name, p50, p99, mean, p50 - base))
+    print_table(f"MCP tools/call through a real mcp serve process, {calls} calls each (ms)",
+                ["path", "p50", "p99", "mean", "added p50 (vs its phase's direct)"], rows)
+
+
+def _phase(root: Path, sync: str, calls: int) -> tuple[list[float], list[float]]:
+    """Wall ms of each call: direct, and through `mcp serve` with ``audit.sync``."""
+    python = sys.executable
+    config, home = write_config(root, audit_sync=sync), root / "home"
+    env = {**os.environ, "CALLWARD_HOME": str(home)}
+    cli = [python, "-m", "callward.core.cli", "--home", str(home), "mcp"]
+    subprocess.run([*cli, "approve", "notes", "--config", str(config)], check=True,
+                   capture_output=True, env=env)
+    serve = StdioServerParameters(command=python, args=[
+        *cli[1:], "serve", "--config", str(config), "--principal", "bench"], env=env)
+    with start_blocking_portal() as portal, contextlib.ExitStack() as stack:
+        face = stack.enter_context(portal.wrap_async_context_manager(
+            Client(serve, read_timeout_seconds=120)))
+        portal.call(face.call_tool, "notes__add", {"a": 1, "b": 1})
+        container = _upstream_container(config)
         direct = stack.enter_context(portal.wrap_async_context_manager(Client(
             StdioServerParameters(command="docker", args=[
                 "exec", "-i", container.id, "python3",
                 "/opt/callward/service/notes_server.py"]))))
-        ways = {"direct: SDK client -> upstream (docker exec)": (direct, "add"),
-                "mcp serve (stdio subprocess), audit.sync every (default)":
-                    (serves["every"][0], "notes__add"),
-                "mcp serve (stdio subprocess), audit.sync authorized":
-                    (serves["authorized"][0], "notes__add")}
-        samples: dict[str, list[float]] = {name: [] for name in ways}
+        ways = ((direct, "add"), (face, "notes__add"))
+        samples: tuple[list[float], list[float]] = ([], [])
         for index in range(calls + WARMUP):
-            for name, (client, tool) in ways.items():
+            for (client, tool), into in zip(ways, samples, strict=True):
                 started = time.perf_counter()
                 result = portal.call(client.call_tool, tool, {"a": index, "b": 1})
                 if result.is_error:
-                    raise SystemExit(f"{name} failed: {result}")
+                    raise SystemExit(f"{tool} failed: {result}")
                 if index >= WARMUP:
-                    samples[name].append((time.perf_counter() - started) * 1000)
-    base = summarize(samples[next(iter(ways))])[0]
-    rows = []
-    for name, values in samples.items():
-        p50, p99, mean = summarize(values)
-        rows.append((name, p50, p99, mean, p50 - base))
-    print_table(f"MCP tools/call through a real mcp serve process, {calls} calls each (ms)",
-                ["path", "p50", "p99", "mean", "added p50"], rows)
+                    into.append((time.perf_counter() - started) * 1000)
+    return samples
 
 
 def _upstream_container(config: Path) -> Container:
