@@ -46,12 +46,13 @@ import structlog
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
-from mcp import Client, StdioServerParameters
+from mcp import Client
 from mcp.client.session import ClientRequestContext
 from mcp.shared.exceptions import MCPError
 from referencing import Registry
 
 from callward.core._canonical import JSONValue, Sha256Hex, canonical_bytes, canonical_sha256
+from callward.core._mcp_container_stdio import ContainerStdio
 from callward.core.errors import ConfigurationError, SandboxUnavailable
 from callward.core.protocols import (
     AuditLog,
@@ -336,7 +337,7 @@ class UpstreamConnection:
         self.config = config
         self.image_digest = ""
         self.container_id = ""
-        target: StdioServerParameters | str
+        target: ContainerStdio | str
         if config.command:
             # The edge that wires stages may import them; sandbox never imports core's MCP.
             from callward.sandbox import (  # noqa: PLC0415
@@ -353,11 +354,8 @@ class UpstreamConnection:
                                                        egress=config.egress))
             self.image_digest = image
             self.container_id = service.container_id
-            command = service.stdio_command()
-            docker_env = {key: value for key, value in os.environ.items()
-                          if key.startswith("DOCKER_")}
-            target = StdioServerParameters(command=command[0], args=list(command[1:]),
-                                           env=docker_env)
+            # Its stdio over the Engine's attach socket, on the client's loop.
+            target = ContainerStdio(service, server=config.name)
         else:
             target = config.url
         doors = _SideDoors(config.name, audit)

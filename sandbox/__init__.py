@@ -28,6 +28,7 @@ Example (needs a Docker Engine; the first ``ensure_image()`` takes a minute)::
     ('ok', 9)
 """
 
+from callward.sandbox._attached_stdio import AttachedStdio
 from callward.sandbox._docker import DockerSandbox
 from callward.sandbox._doctor import DoctorCheck, diagnose
 from callward.sandbox._image import SandboxImage, ensure_image, expected_image_tag
@@ -46,6 +47,7 @@ from callward.sandbox._stdio_service import ServiceImageSpec, StdioService, ensu
 from callward.sandbox.base import RawExecution, Sandbox, SandboxBackend
 
 __all__ = [
+    "AttachedStdio",
     "DirectorySecretSource",
     "DockerSandbox",
     "DoctorCheck",

@@ -12,9 +12,11 @@ image built offline from the sandbox's base image (``callward/service:<tag>``,
 the tag a digest of everything copied in), so nothing is mounted from the host
 and the image id names exactly what ran.
 
-The service's stdin and stdout are reached through ``docker start --attach
---interactive``: ``stdio_command()`` gives the argument list, which an MCP
-client runs as its stdio subprocess.
+The service's stdin and stdout are reached through the Engine API: ``attach()``
+attaches, then starts the container, and gives the connected socket, which
+``AttachedStdio`` (``_attached_stdio.py``) reads and writes on an event loop.
+``stdio_command()`` gives the same as a host command (``docker start --attach
+--interactive``), for a client that can only run a subprocess.
 
 A service granted ``egress`` (``host:port`` targets) joins an internal network
 of its own whose one way out is the egress proxy (``_egress.py``), told to it
@@ -29,6 +31,7 @@ import importlib.metadata
 import io
 import os
 import re
+import socket
 import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +43,7 @@ import docker.errors
 import structlog
 
 from callward.core import ResourceLimits, SandboxUnavailable, Sha256Hex
+from callward.sandbox._docker import _ATTACH_PARAMS, _close, _socket_of
 from callward.sandbox._egress import EgressNetwork
 from callward.sandbox._engine import ClientFactory, client_from_env, map_docker_errors
 from callward.sandbox._image import BASE_IMAGE
@@ -220,11 +224,12 @@ class StdioService:
         self._runtime: Runtime = runtime
         self._client_factory = client_factory
         self._client: docker.DockerClient | None = None
+        self._attached: tuple[object, socket.socket] | None = None
         self.container_id = ""
 
     def start(self) -> None:
         """
-        Create the container (not yet running: the attach in ``stdio_command`` starts it).
+        Create the container (not yet running: ``attach()`` or ``stdio_command()`` starts it).
 
         Raises:
             SandboxUnavailable: The engine failed.
@@ -259,10 +264,35 @@ class StdioService:
             raise ValueError("start() the service first")
         return ("docker", "start", "--attach", "--interactive", self.container_id)
 
+    def attach(self) -> socket.socket:
+        """
+        Attach to the container's stdin, stdout and stderr, then start it (attached
+        first, so not one byte of output is missed); the connected socket carries the
+        Engine's multiplexed stream. ``close()`` closes it.
+
+        Raises:
+            ValueError: ``start()`` was not called, or the service is attached already.
+            SandboxUnavailable: The engine failed.
+        """
+        if self._client is None or not self.container_id:
+            raise ValueError("start() the service first")
+        if self._attached is not None:
+            raise ValueError("the service is attached already")
+        with map_docker_errors("attach to the service container"):
+            attached = self._client.api.attach_socket(self.container_id,
+                                                      params=dict(_ATTACH_PARAMS))
+        self._attached = (attached, _socket_of(attached))
+        with map_docker_errors("start the service container"):
+            self._client.api.start(self.container_id)
+        return self._attached[1]
+
     def close(self) -> None:
         """Kill and remove the container and its egress network; never raises (logged)."""
         if self._client is None:
             return
+        if self._attached is not None:
+            _close(*self._attached)
+            self._attached = None
         if self.container_id:
             try:
                 self._client.containers.get(self.container_id).remove(force=True)

@@ -1,0 +1,110 @@
+"""
+The MCP SDK client's transport to an upstream server in a service container: the
+container's stdio over the Engine API attach socket (``callward.sandbox.AttachedStdio``),
+read and written on the client's event loop, with no ``docker`` process relaying it.
+
+It does what the SDK's ``stdio_client`` does with a subprocess's pipes: each stdout
+line is validated as a JSON-RPC message (``mcp_types``) and handed to the session, a
+line that is not one (or is over 16 MiB) as the error it is; each message sent is one
+line of the SDK's own JSON. The server's stderr is logged, never read as messages.
+Leaving the transport ends the server's stdin; removing the container is its
+``StdioService``'s job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import TYPE_CHECKING, Final
+
+import anyio
+import anyio.to_thread
+import mcp_types as types
+import structlog
+from mcp.client import Transport
+from mcp.client._transport import TransportStreams
+from mcp.shared.message import SessionMessage
+
+if TYPE_CHECKING:
+    from callward.sandbox import StdioService
+
+log = structlog.get_logger()
+
+#: How much of one stderr frame of the server's is logged.
+_STDERR_LOGGED_BYTES: Final = 4096
+
+
+class ContainerStdio(Transport):
+    """The SDK ``Transport`` to the MCP server ``server`` that ``service`` runs."""
+
+    def __init__(self, service: StdioService, *, server: str) -> None:
+        self._service = service
+        self._server = server
+        self._streams: contextlib.AbstractAsyncContextManager[TransportStreams] | None = None
+
+    async def __aenter__(self) -> TransportStreams:
+        self._streams = self._connected()
+        return await self._streams.__aenter__()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> bool | None:
+        streams, self._streams = self._streams, None
+        if streams is None:
+            return None
+        return await streams.__aexit__(exc_type, exc, tb)
+
+    @contextlib.asynccontextmanager
+    async def _connected(self) -> AsyncIterator[TransportStreams]:
+        # The sandbox loads docker; only a configured stdio upstream needs it.
+        from callward.sandbox import AttachedStdio  # noqa: PLC0415
+
+        sock = await anyio.to_thread.run_sync(self._service.attach)
+        attached = await AttachedStdio.open(sock, on_stderr=self._log_stderr)
+        read_writer, read_stream = anyio.create_memory_object_stream[
+            SessionMessage | Exception](0)
+        write_stream, write_reader = anyio.create_memory_object_stream[SessionMessage](0)
+
+        async def read() -> None:
+            async with read_writer:
+                async for line in attached.lines():
+                    try:
+                        await read_writer.send(self._message_of(line))
+                    except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                        return  # the session is gone
+
+        async def write() -> None:
+            async with write_reader:
+                async for message in write_reader:
+                    data = message.message.model_dump_json(by_alias=True, exclude_unset=True)
+                    try:
+                        await attached.write(data.encode() + b"\n")
+                    except OSError:  # the container is gone: the session sees the end
+                        await read_writer.aclose()
+                        return
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(read)
+            tasks.start_soon(write)
+            try:
+                yield read_stream, write_stream
+            finally:
+                attached.close()
+                tasks.cancel_scope.cancel()
+
+    def _message_of(self, line: bytes | None) -> SessionMessage | Exception:
+        if line is None:
+            log.warning("mcp_upstream_line_too_long", server=self._server)
+            return ValueError(f"the MCP server {self._server} wrote a line over 16 MiB")
+        try:
+            return SessionMessage(types.jsonrpc_message_adapter.validate_json(line,
+                                                                              by_name=False))
+        except ValueError as exc:
+            log.warning("mcp_upstream_line_malformed", server=self._server, bytes=len(line))
+            return exc
+
+    def _log_stderr(self, data: bytes) -> None:
+        log.warning("mcp_upstream_stderr", server=self._server,
+                    text=data[:_STDERR_LOGGED_BYTES].decode("utf-8", "replace"),
+                    bytes=len(data))
+
