@@ -69,7 +69,8 @@ _IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _FENCE_OPEN: Final = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\r?\n")
 _CALL_FENCES: Final = frozenset({"", "json", "JSON", "tool_call", "tool_code"})
 _FENCE_CLOSE: Final = "```"
-_LINE_JSON: Final = re.compile(r"^[ \t]*([{\[])", re.MULTILINE)
+# A JSON value at a line start, or right after Llama's <|python_tag|>.
+_LINE_JSON: Final = re.compile(r"(?:^[ \t]*|<\|python_tag\|>\s*)([{\[])", re.MULTILINE)
 _NAME_KEY: Final = re.compile(r"""["']name["']\s*:""")
 _NATURAL: Final = re.compile(r"请执行\s*([A-Za-z_][A-Za-z0-9_]*)")
 _NATURAL_ARGUMENTS: Final = re.compile(r"\s*[\uff0c,]?\s*参数为\s*")
@@ -695,8 +696,8 @@ def _parse_document(document: object, new_id: NewId) -> list[_Found] | None:
 
 def _json_call_spans(text: str) -> Spans:
     """
-    Where call objects stand at line starts: tags and call syntax inside their JSON
-    strings are data, never calls of their own.
+    Where call objects stand at line starts or after ``<|python_tag|>``: tags and call
+    syntax inside their JSON strings are data, never calls of their own.
     """
     spans: list[tuple[int, int]] = []
     position = 0

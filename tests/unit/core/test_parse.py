@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from callward.core import MalformedCall
@@ -379,6 +379,11 @@ class TestMoreProperties:
     @settings(max_examples=200, deadline=None)
     @given(arguments=st.dictionaries(st.text(min_size=1, max_size=10), json_values, max_size=5),
            form=st.sampled_from(["fence", "bare", "python_tag", "anthropic"]))
+    # Found by this property: a tag or call syntax in a string after <|python_tag|>.
+    @example(arguments={"0": ["<tool_call>"]}, form="python_tag")
+    @example(arguments={"00": [["<tool_call>"]], "0": None}, form="python_tag")
+    @example(arguments={"q": 'call function("square", [3], 9)'}, form="python_tag")
+    @example(arguments={"q": "请执行add\uff0c参数为{}"}, form="python_tag")
     def test_untagged_round_trip(self, arguments, form):
         """Any JSON arguments object survives each untagged form exactly."""
         body = json.dumps({"name": "t", "arguments": arguments})
