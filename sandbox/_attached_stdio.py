@@ -23,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Final
 
+from callward.core import SandboxUnavailable
 from callward.sandbox._docker import _FRAME_HEADER, _STDOUT
 
 #: The longest stdout line kept (an MCP message); longer ones are dropped whole.
@@ -50,7 +52,16 @@ class AttachedStdio:
     @classmethod
     async def open(cls, sock: socket.socket, *,
                    on_stderr: Callable[[bytes], None]) -> AttachedStdio:
-        """``sock``, connected to the Engine's attach endpoint, on the running loop."""
+        """
+        ``sock``, connected to the Engine's attach endpoint, on the running loop.
+
+        Raises:
+            SandboxUnavailable: ``sock`` is a TLS connection (an engine over TCP), which
+                the loop cannot read as a plain socket.
+        """
+        if isinstance(sock, ssl.SSLSocket):
+            raise SandboxUnavailable("a service's stdio is attached over the local Engine "
+                                     "socket; a TLS connection to the Engine is not supported")
         sock.setblocking(False)
         reader, writer = await asyncio.open_connection(sock=sock, limit=_READ_BYTES)
         return cls(reader, writer, on_stderr)

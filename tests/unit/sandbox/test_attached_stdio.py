@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import struct
 
+import pytest
+
+from callward.core import SandboxUnavailable
 from callward.sandbox import AttachedStdio
 from callward.sandbox._attached_stdio import MAX_LINE_BYTES
 
@@ -85,3 +89,16 @@ class TestWrite:
             received += chunk
         engine.close()
         assert received == b'{"jsonrpc":"2.0"}\n'
+
+
+class TestOpen:
+    def test_a_tls_connection_to_the_engine_is_refused_clearly(self):
+        context = ssl.create_default_context()
+        with socket.socket() as plain, context.wrap_socket(
+                plain, server_hostname="engine.example", do_handshake_on_connect=False) as tls:
+
+            async def open_it() -> None:
+                await AttachedStdio.open(tls, on_stderr=lambda _data: None)
+
+            with pytest.raises(SandboxUnavailable, match="TLS"):
+                asyncio.run(open_it())
