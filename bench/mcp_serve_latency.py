@@ -1,7 +1,7 @@
 """
 Added latency of a real `callward mcp serve` process over stdio, per `tools/call`,
 against the SDK client calling the same upstream container directly; interleaved,
-in one run (run: .venv/bin/python bench/mcp_serve_latency.py --calls 400).
+in one run (run: .venv/bin/python bench/mcp_serve_latency.py --calls 400 --repeats 3).
 
 `bench/mcp_latency.py` measures the face in this process (the SDK client on memory
 streams); this one also pays the client's own leg to the gateway process: the SDK's
@@ -17,7 +17,8 @@ stdio transport on both ends of one more pipe, and a second JSON-RPC encoding.
 
 One phase per setting, one after the other, each with its own `mcp serve` process,
 upstream container and direct client, so only one gateway runs at a time; within a
-phase the two paths alternate call by call.
+phase the two paths alternate call by call. The settings alternate for `--repeats`
+rounds, and a second table gives each setting's added p50 over its phases.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,24 +49,35 @@ WARMUP = 30
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=400)
-    calls = parser.parse_args().calls
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="phases per audit.sync setting, alternating the settings")
+    args = parser.parse_args()
     configure_logging()
     rows = []
+    added: dict[str, list[float]] = {"every": [], "authorized": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for sync in ("every", "authorized"):
-            root = Path(tmp) / sync
-            root.mkdir()
-            direct, served = _phase(root, sync, calls)
-            base = summarize(direct)[0]
-            label = "every (default)" if sync == "every" else sync
-            for name, values in ((f"direct: SDK client -> upstream (docker exec) [{sync}]",
-                                  direct),
-                                 (f"mcp serve (stdio subprocess), audit.sync {label}",
-                                  served)):
-                p50, p99, mean = summarize(values)
-                rows.append((name, p50, p99, mean, p50 - base))
-    print_table(f"MCP tools/call through a real mcp serve process, {calls} calls each (ms)",
-                ["path", "p50", "p99", "mean", "added p50 (vs its phase's direct)"], rows)
+        for repeat in range(args.repeats):
+            for sync, phases in added.items():
+                root = Path(tmp) / f"{sync}-{repeat}"
+                root.mkdir()
+                direct, served = _phase(root, sync, args.calls)
+                base = summarize(direct)[0]
+                label = "every (default)" if sync == "every" else sync
+                for name, values in (
+                        (f"{repeat + 1}: direct: SDK client -> upstream (docker exec)", direct),
+                        (f"{repeat + 1}: mcp serve (stdio subprocess), audit.sync {label}",
+                         served)):
+                    p50, p99, mean = summarize(values)
+                    rows.append((name, p50, p99, mean, p50 - base))
+                phases.append(rows[-1][1] - base)
+    print_table(f"MCP tools/call through a real mcp serve process, {args.calls} calls each "
+                f"way per phase (ms)",
+                ["phase: path", "p50", "p99", "mean", "added p50 (vs its phase's direct)"],
+                rows)
+    print_table("Added p50 per audit.sync setting over its phases (ms)",
+                ["audit.sync", "median", "min", "max"],
+                [(sync, statistics.median(values), min(values), max(values))
+                 for sync, values in added.items()])
 
 
 def _phase(root: Path, sync: str, calls: int) -> tuple[list[float], list[float]]:
