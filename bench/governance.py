@@ -4,9 +4,10 @@ against baselines measured in the same process (run: .venv/bin/python bench/gove
 
 The sandbox is left out on purpose: ``NullRunner`` answers at once, so what is
 timed is what callward adds around a tool. Two audit settings: ``sync="authorized"``
-(the default: ``call.authorized`` is fsynced before the call runs, ``call.completed``
-with the next fsync, one fsync per call) and ``sync="every"`` (both fsynced before
-they return, two per call). Baselines: strict JSON parsing alone, jsonschema
+(``call.authorized`` is fsynced before the call runs, ``call.completed`` with the next
+fsync, one fsync per call: DESIGN's floor of one fsync per authorized batch) and
+``sync="every"`` (the store's default: both fsynced before they return, two per call).
+The ratio column is against the first. Baselines: strict JSON parsing alone, jsonschema
 validation alone, one Ed25519 signature alone, and one SQLite insert with
 synchronous=FULL alone. "CPU ms" is this thread's CPU time per call, which a busy
 machine disturbs far less than wall time (an fsync waits without using CPU).
