@@ -22,14 +22,18 @@ import anyio
 import anyio.to_thread
 import mcp_types as types
 import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from mcp.client import Transport
-from mcp.client._transport import TransportStreams
 from mcp.shared.message import SessionMessage
 
 if TYPE_CHECKING:
     from callward.sandbox import StdioService
 
 log = structlog.get_logger()
+
+#: What the transport yields: the session's messages (or errors) in, its messages out.
+Streams = tuple[MemoryObjectReceiveStream[SessionMessage | Exception],
+                MemoryObjectSendStream[SessionMessage]]
 
 #: How much of one stderr frame of the server's is logged.
 _STDERR_LOGGED_BYTES: Final = 4096
@@ -41,9 +45,9 @@ class ContainerStdio(Transport):
     def __init__(self, service: StdioService, *, server: str) -> None:
         self._service = service
         self._server = server
-        self._streams: contextlib.AbstractAsyncContextManager[TransportStreams] | None = None
+        self._streams: contextlib.AbstractAsyncContextManager[Streams] | None = None
 
-    async def __aenter__(self) -> TransportStreams:
+    async def __aenter__(self) -> Streams:
         self._streams = self._connected()
         return await self._streams.__aenter__()
 
@@ -55,7 +59,7 @@ class ContainerStdio(Transport):
         return await streams.__aexit__(exc_type, exc, tb)
 
     @contextlib.asynccontextmanager
-    async def _connected(self) -> AsyncIterator[TransportStreams]:
+    async def _connected(self) -> AsyncIterator[Streams]:
         # The sandbox loads docker; only a configured stdio upstream needs it.
         from callward.sandbox import AttachedStdio  # noqa: PLC0415
 
