@@ -299,17 +299,15 @@ class Gateway:
             return step
         decision = step.decision
         started = self._clock()
-        if decision.isolation == "call" and decision.runtime is None and not (
-                decision.secrets or decision.egress):
-            limits = decision.limits if decision.limits is not None else step.spec.limits
+        if _runs_anywhere(decision):
             try:
-                execution = await run(step.spec, call, limits)
+                execution = await run(step.spec, call, _limits_of(decision, step.spec))
             except Exception as exc:  # noqa: BLE001 - stage boundary, as in _execute
                 outcome = self._failed_run(call, exc)
             except BaseException:  # cancelled while it ran: its record first, then go on
-                message = "the call was cancelled while it ran"
-                self._complete(step, _Outcome(None, "sandbox_unavailable", _error_content(
-                    "sandbox_unavailable", message), message), _ms(started, self._clock()))
+                cancelled = SandboxUnavailable("the call was cancelled while it ran")
+                self._complete(step, self._failed_run(call, cancelled),
+                               _ms(started, self._clock()))
                 raise
             else:
                 outcome = _outcome_of(execution)
@@ -507,9 +505,8 @@ class Gateway:
     def _execute(
         self, call: ToolCall, spec: ToolSpec, decision: Decision, context: CallContext
     ) -> _Outcome:
-        limits = decision.limits if decision.limits is not None else spec.limits
         try:
-            execution = self._run(call, spec, limits, decision, context)
+            execution = self._run(call, spec, _limits_of(decision, spec), decision, context)
         except Exception as exc:  # noqa: BLE001 - stage boundary; _failed_run re-raises the rest
             return self._failed_run(call, exc)
         return _outcome_of(execution)
@@ -544,9 +541,9 @@ class Gateway:
         Run where the decision says; a runtime, secrets or egress the runner cannot
         give fail closed.
         """
-        grants = decision.secrets or decision.egress
-        if decision.isolation == "call" and decision.runtime is None and not grants:
+        if _runs_anywhere(decision):
             return self.runner.run(spec, call, limits)
+        grants = decision.secrets or decision.egress
         if isinstance(self.runner, PlacingToolRunner):
             # Passed only when granted, so runners that know neither keep working.
             extra = {"secrets": decision.secrets, "egress": decision.egress} if grants else {}
@@ -679,6 +676,17 @@ class Gateway:
             **_origin_fields(),
             **_provenance_fields(context),
         }
+
+
+def _runs_anywhere(decision: Decision) -> bool:
+    """Whether the decision leaves the placing to the runner: one call, no runtime or grants."""
+    return (decision.isolation == "call" and decision.runtime is None
+            and not (decision.secrets or decision.egress))
+
+
+def _limits_of(decision: Decision, spec: ToolSpec) -> ResourceLimits:
+    """The policy's limits for the call, else the tool's own."""
+    return decision.limits if decision.limits is not None else spec.limits
 
 
 def _outcome_of(execution: Execution) -> _Outcome:
