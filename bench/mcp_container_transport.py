@@ -1,7 +1,7 @@
 """
 How the SDK client reaches an MCP server in a service container: over a `docker`
 process's pipes, as any stdio client must, or over the Engine's attach socket, as the
-gateway does (`ContainerStdio`); interleaved, in one run (run: .venv/bin/python
+gateway does (`container_stdio`); interleaved, in one run (run: .venv/bin/python
 bench/mcp_container_transport.py --calls 1000).
 
 Two containers of the same service image run the integration tests' `notes` server;
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _table import configure_logging, print_table, summarize
 
 from callward.core import ResourceLimits
-from callward.core._mcp_container_stdio import ContainerStdio
+from callward.core._mcp_container_stdio import container_stdio
 from callward.sandbox import ServiceImageSpec, StdioService, ensure_service_image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ def main() -> None:
                 command="docker", args=["exec", "-i", execed.container_id, *COMMAND]),
             "SDK client over `docker start --attach -i`": StdioServerParameters(
                 command=started_command[0], args=list(started_command[1:])),
-            "SDK client over the attach socket (ContainerStdio)": ContainerStdio(
+            "SDK client over the attach socket (container_stdio)": container_stdio(
                 attached, server="notes"),
         }
         clients = {name: stack.enter_context(portal.wrap_async_context_manager(

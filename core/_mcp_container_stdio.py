@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from types import TracebackType
 from typing import TYPE_CHECKING, Final
 
 import anyio
@@ -23,7 +22,6 @@ import anyio.to_thread
 import mcp_types as types
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from mcp.client import Transport
 from mcp.shared.message import SessionMessage
 
 if TYPE_CHECKING:
@@ -39,76 +37,63 @@ Streams = tuple[MemoryObjectReceiveStream[SessionMessage | Exception],
 _STDERR_LOGGED_BYTES: Final = 4096
 
 
-class ContainerStdio(Transport):
-    """The SDK ``Transport`` to the MCP server ``server`` that ``service`` runs."""
+@contextlib.asynccontextmanager
+async def container_stdio(service: StdioService, *, server: str) -> AsyncIterator[Streams]:
+    """
+    The SDK client's transport (an async context manager, as ``Client`` takes one) to the
+    MCP server ``server`` that ``service`` runs: attached and started on entry.
 
-    def __init__(self, service: StdioService, *, server: str) -> None:
-        self._service = service
-        self._server = server
-        self._streams: contextlib.AbstractAsyncContextManager[Streams] | None = None
+    Raises:
+        SandboxUnavailable: The Engine could not attach to or start the container.
+    """
+    # The sandbox loads docker; only a configured stdio upstream needs it.
+    from callward.sandbox import AttachedStdio  # noqa: PLC0415
 
-    async def __aenter__(self) -> Streams:
-        self._streams = self._connected()
-        return await self._streams.__aenter__()
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> bool | None:
-        streams, self._streams = self._streams, None
-        if streams is None:
-            return None
-        return await streams.__aexit__(exc_type, exc, tb)
-
-    @contextlib.asynccontextmanager
-    async def _connected(self) -> AsyncIterator[Streams]:
-        # The sandbox loads docker; only a configured stdio upstream needs it.
-        from callward.sandbox import AttachedStdio  # noqa: PLC0415
-
-        sock = await anyio.to_thread.run_sync(self._service.attach)
-        attached = await AttachedStdio.open(sock, on_stderr=self._log_stderr)
-        read_writer, read_stream = anyio.create_memory_object_stream[
-            SessionMessage | Exception](0)
-        write_stream, write_reader = anyio.create_memory_object_stream[SessionMessage](0)
-
-        async def read() -> None:
-            async with read_writer:
-                async for line in attached.lines():
-                    try:
-                        await read_writer.send(self._message_of(line))
-                    except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                        return  # the session is gone
-
-        async def write() -> None:
-            async with write_reader:
-                async for message in write_reader:
-                    data = message.message.model_dump_json(by_alias=True, exclude_unset=True)
-                    try:
-                        await attached.write(data.encode() + b"\n")
-                    except OSError:  # the container is gone: the session sees the end
-                        await read_writer.aclose()
-                        return
-
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(read)
-            tasks.start_soon(write)
-            try:
-                yield read_stream, write_stream
-            finally:
-                attached.close()
-                tasks.cancel_scope.cancel()
-
-    def _message_of(self, line: bytes | None) -> SessionMessage | Exception:
-        if line is None:
-            log.warning("mcp_upstream_line_too_long", server=self._server)
-            return ValueError(f"the MCP server {self._server} wrote a line over 16 MiB")
-        try:
-            return SessionMessage(types.jsonrpc_message_adapter.validate_json(line,
-                                                                              by_name=False))
-        except ValueError as exc:
-            log.warning("mcp_upstream_line_malformed", server=self._server, bytes=len(line))
-            return exc
-
-    def _log_stderr(self, data: bytes) -> None:
-        log.warning("mcp_upstream_stderr", server=self._server,
+    def log_stderr(data: bytes) -> None:
+        log.warning("mcp_upstream_stderr", server=server,
                     text=data[:_STDERR_LOGGED_BYTES].decode("utf-8", "replace"),
                     bytes=len(data))
 
+    sock = await anyio.to_thread.run_sync(service.attach)
+    attached = await AttachedStdio.open(sock, on_stderr=log_stderr)
+    read_writer, read_stream = anyio.create_memory_object_stream[SessionMessage | Exception](0)
+    write_stream, write_reader = anyio.create_memory_object_stream[SessionMessage](0)
+
+    async def read() -> None:
+        async with read_writer:
+            async for line in attached.lines():
+                try:
+                    await read_writer.send(_message_of(line, server))
+                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    return  # the session is gone
+
+    async def write() -> None:
+        async with write_reader:
+            async for message in write_reader:
+                data = message.message.model_dump_json(by_alias=True, exclude_unset=True)
+                try:
+                    await attached.write(data.encode() + b"\n")
+                except OSError:  # the container is gone: the session sees the end
+                    await read_writer.aclose()
+                    return
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(read)
+        tasks.start_soon(write)
+        try:
+            yield read_stream, write_stream
+        finally:
+            attached.close()
+            tasks.cancel_scope.cancel()
+
+
+def _message_of(line: bytes | None, server: str) -> SessionMessage | Exception:
+    """One stdout line of ``server``'s as a message, or as the error it is."""
+    if line is None:
+        log.warning("mcp_upstream_line_too_long", server=server)
+        return ValueError(f"the MCP server {server} wrote a line over 16 MiB")
+    try:
+        return SessionMessage(types.jsonrpc_message_adapter.validate_json(line, by_name=False))
+    except ValueError as exc:
+        log.warning("mcp_upstream_line_malformed", server=server, bytes=len(line))
+        return exc

@@ -52,7 +52,7 @@ from mcp.shared.exceptions import MCPError
 from referencing import Registry
 
 from callward.core._canonical import JSONValue, Sha256Hex, canonical_bytes, canonical_sha256
-from callward.core._mcp_container_stdio import ContainerStdio
+from callward.core._mcp_container_stdio import container_stdio
 from callward.core.errors import ConfigurationError, SandboxUnavailable
 from callward.core.protocols import (
     AuditLog,
@@ -337,7 +337,7 @@ class UpstreamConnection:
         self.config = config
         self.image_digest = ""
         self.container_id = ""
-        target: ContainerStdio | str
+        target: contextlib.AbstractAsyncContextManager[Any] | str
         if config.command:
             # The edge that wires stages may import them; sandbox never imports core's MCP.
             from callward.sandbox import (  # noqa: PLC0415
@@ -355,7 +355,7 @@ class UpstreamConnection:
             self.image_digest = image
             self.container_id = service.container_id
             # Its stdio over the Engine's attach socket, on the client's loop.
-            target = ContainerStdio(service, server=config.name)
+            target = container_stdio(service, server=config.name)
         else:
             target = config.url
         doors = _SideDoors(config.name, audit)

@@ -1,5 +1,5 @@
 """
-The SDK client's transport to a containerized upstream (`ContainerStdio`), against the
+The SDK client's transport to a containerized upstream (`container_stdio`), against the
 other end of a socket pair that plays the Engine's attach stream.
 """
 
@@ -15,7 +15,7 @@ import mcp_types as types
 from mcp.shared.message import SessionMessage
 from structlog.testing import capture_logs
 
-from callward.core._mcp_container_stdio import ContainerStdio
+from callward.core._mcp_container_stdio import container_stdio
 
 
 class FakeAttachableService:
@@ -41,7 +41,7 @@ def test_messages_errors_and_stderr_each_go_their_way():
             "params": {"level": "info", "data": "hi"}}
 
     async def exchange() -> tuple[list[Any], bytes]:
-        async with ContainerStdio(service, server="notes") as (read_stream, write_stream):  # type: ignore[arg-type]
+        async with container_stdio(service, server="notes") as (read_stream, write_stream):  # type: ignore[arg-type]
             engine.sendall(frame(1, json.dumps(note).encode() + b"\n")
                            + frame(2, b"a warning on stderr\n")
                            + frame(1, b"not json\n"))
