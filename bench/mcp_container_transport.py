@@ -29,14 +29,12 @@ from mcp import Client, StdioServerParameters
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _table import configure_logging, print_table, summarize
+from mcp_latency import SERVER, SERVER_COMMAND, exec_server
 
 from callward.core import ResourceLimits
 from callward.core._mcp_container_stdio import container_stdio
 from callward.sandbox import ServiceImageSpec, StdioService, ensure_service_image
 
-REPO = Path(__file__).resolve().parent.parent
-SERVER = REPO / "tests" / "integration" / "mcp" / "servers" / "notes_server.py"
-COMMAND = ["python3", "/opt/callward/service/notes_server.py"]
 WARMUP = 50
 
 
@@ -49,15 +47,14 @@ def main() -> None:
                                                   distributions=("mcp", "cryptography")))
     limits = ResourceLimits(memory_bytes=256 << 20, pids=64, open_files=256, wall_seconds=20)
     with start_blocking_portal() as portal, contextlib.ExitStack() as stack:
-        services = [stack.enter_context(StdioService(image_id=image, command=COMMAND,
+        services = [stack.enter_context(StdioService(image_id=image, command=SERVER_COMMAND,
                                                      limits=limits)) for _ in range(3)]
         execed, started, attached = services
         started_command = started.stdio_command()
         # The exec'd server needs its container running: its own server is its command.
         execed.attach()
         ways = {
-            "SDK client over `docker exec -i` (baseline)": StdioServerParameters(
-                command="docker", args=["exec", "-i", execed.container_id, *COMMAND]),
+            "SDK client over `docker exec -i` (baseline)": exec_server(execed.container_id),
             "SDK client over `docker start --attach -i`": StdioServerParameters(
                 command=started_command[0], args=list(started_command[1:])),
             "SDK client over the attach socket (container_stdio)": container_stdio(

@@ -62,6 +62,8 @@ from callward.core.gateway import Gateway
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER = REPO / "tests" / "integration" / "mcp" / "servers" / "notes_server.py"
+#: The notes server's command inside its service container.
+SERVER_COMMAND = ["python3", "/opt/callward/service/notes_server.py"]
 EXAMPLES = REPO / "core" / "examples"
 POLICY = """\
 version: 1
@@ -83,7 +85,7 @@ def write_config(root: Path, *, audit_sync: str | None = None) -> Path:
         "tools": [str(EXAMPLES / "tools.py")],
         "policy": "policy.yaml",
         "mcp": {"servers": {"notes": {
-            "command": ["python3", "/opt/callward/service/notes_server.py"],
+            "command": SERVER_COMMAND,
             "files": {"notes_server.py": "notes_server.py"},
             "python_distributions": ["mcp", "cryptography"],
             "limits": {"memory_bytes": 256 << 20, "pids": 64, "open_files": 256,
@@ -91,6 +93,13 @@ def write_config(root: Path, *, audit_sync: str | None = None) -> Path:
         }}},
     }))
     return path
+
+
+def exec_server(container_id: str) -> StdioServerParameters:
+    """The baseline: the SDK client runs another notes server with `docker exec -i`."""
+    return StdioServerParameters(
+        command="docker", args=["exec", "-i", container_id, *SERVER_COMMAND],
+        env={key: value for key, value in os.environ.items() if key.startswith("DOCKER_")})
 
 
 class InstantRunner:
@@ -141,10 +150,7 @@ def main() -> None:
 
             portal = stack.enter_context(start_blocking_portal())
             direct_client: Any = stack.enter_context(portal.wrap_async_context_manager(Client(
-                StdioServerParameters(command="docker", args=[
-                    "exec", "-i", connection.container_id, "python3",
-                    "/opt/callward/service/notes_server.py"],
-                    env={k: v for k, v in os.environ.items() if k.startswith("DOCKER_")}))))
+                exec_server(connection.container_id))))
             face_client: Any = stack.enter_context(portal.wrap_async_context_manager(
                 Client(McpFace(gateway, principal="bench").server())))
             upstream_portal = upstreams.portal

@@ -41,7 +41,7 @@ from mcp import Client, StdioServerParameters
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _table import configure_logging, print_table, summarize
-from mcp_latency import write_config
+from mcp_latency import exec_server, write_config
 
 WARMUP = 30
 
@@ -96,9 +96,7 @@ def _phase(root: Path, sync: str, calls: int) -> tuple[list[float], list[float]]
         portal.call(face.call_tool, "notes__add", {"a": 1, "b": 1})
         container = _upstream_container(config)
         direct = stack.enter_context(portal.wrap_async_context_manager(Client(
-            StdioServerParameters(command="docker", args=[
-                "exec", "-i", container.id, "python3",
-                "/opt/callward/service/notes_server.py"]))))
+            exec_server(str(container.id)))))
         ways = ((direct, "add"), (face, "notes__add"))
         samples: tuple[list[float], list[float]] = ([], [])
         for index in range(calls + WARMUP):
