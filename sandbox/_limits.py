@@ -9,8 +9,15 @@ Invariants, whatever the limits say:
   shared or mounted (``ipc_mode="none"``: no ``/dev/shm``);
 - a read-only root; ``/tmp`` is the only writable path, a ``noexec`` tmpfs of
   ``tmp_bytes``;
-- every capability dropped, ``no-new-privileges``, the user ``nobody``
-  (65534:65534), never root;
+- every capability dropped, ``no-new-privileges``, the tool always runs as the
+  user ``nobody`` (65534:65534), never root. A session's container is the one
+  exception for its runner alone: PID 1 starts as root holding only
+  ``CAP_SETUID``, ``CAP_SETGID`` and ``CAP_KILL``, and each call's forked process
+  drops to ``nobody`` (and so to no capability) before the tool runs
+  (``CALLWARD_CALL_USER``). A call then cannot signal, ptrace or read the runner
+  that serves every later call of the session: the kernel's own user boundary
+  keeps them apart, on runc and on gVisor alike (gVisor delivers SIGKILL and
+  SIGSTOP to a PID 1 of the same user);
 - memory without swap, a pids limit, a CPU share and an open-files limit, all
   finite because ``ResourceLimits`` refuses anything else;
 - on gVisor (``runsc``) the pids limit is kept by gVisor's own kernel: see
@@ -31,6 +38,12 @@ from callward.core import ResourceLimits
 Runtime = Literal["runc", "runsc"]
 
 NOBODY: Final = "65534:65534"
+#: A session runner's user: root, with only the capabilities it needs to start each
+#: call as ``NOBODY`` and to end what the call left (see the module's docstring).
+SESSION_RUNNER_USER: Final = "0:0"
+SESSION_RUNNER_CAPABILITIES: Final = ("SETUID", "SETGID", "KILL")
+#: Tells a session runner the user each call runs as; it refuses to serve without it.
+CALL_USER_ENV: Final = "CALLWARD_CALL_USER"
 OWNER_LABEL: Final = "callward"
 OWNER_PID_LABEL: Final = "callward.pid"
 #: The owner's PID namespace (``pid:[inode]``): a pid means nothing outside it.
@@ -76,6 +89,7 @@ class ContainerOptions(TypedDict):
     read_only: Literal[True]
     tmpfs: dict[str, str]
     cap_drop: list[str]
+    cap_add: list[str]
     security_opt: list[str]
     privileged: Literal[False]
     user: str
@@ -164,6 +178,8 @@ def container_options(
         ulimits.append(Ulimit(name="nproc", soft=tasks.guest_nproc, hard=tasks.guest_nproc))
         pids_limit = tasks.host_pids
         environment[TASK_LIMIT_ENV] = str(limits.pids)
+    if session:
+        environment[CALL_USER_ENV] = NOBODY
     return ContainerOptions(
         image=image,
         network_mode=egress_network or "none",
@@ -171,9 +187,10 @@ def container_options(
         read_only=True,
         tmpfs={CONTAINER_TMP: f"rw,nosuid,nodev,noexec,size={limits.tmp_bytes},mode=1777"},
         cap_drop=["ALL"],
+        cap_add=list(SESSION_RUNNER_CAPABILITIES) if session else [],
         security_opt=["no-new-privileges"],
         privileged=False,
-        user=NOBODY,
+        user=SESSION_RUNNER_USER if session else NOBODY,
         mem_limit=limits.memory_bytes,
         memswap_limit=limits.memory_bytes,
         pids_limit=pids_limit,

@@ -44,6 +44,21 @@ child's process group) and wipes ``/tmp``, so nothing of one call is there for
 the next. The container stays
 single-tenant: the host keys it by principal and session.
 
+A call cannot reach the session's runner (PID 1), which holds the session's
+stdin and result stream and serves every later call. In the container the runner
+starts as root with only ``CAP_SETUID``, ``CAP_SETGID`` and ``CAP_KILL``, and
+``CALLWARD_CALL_USER`` names the user every call runs as: each call's forked
+process closes the runner's descriptors (so it can neither read the next request
+nor write a result line of its own), gets back the default signal dispositions
+and drops to that user, and with it every capability, before the tool runs. The
+kernel's user boundary then refuses the call a ptrace of the runner, its
+``/proc/1/mem`` and ``environ``, ``process_vm_readv``/``writev`` and every
+signal to it. The runner is also non-dumpable and ignores every signal it may
+ignore, for a runner started without a call user (on the host, in tests). If it
+cannot protect itself it refuses to serve (exit 3) and the host reports the
+session as unavailable. Between calls a process of the call user wipes ``/tmp``
+(the runner holds no right over files the tool made private).
+
 A session request that carries secrets is never decoded by PID 1: it reads each
 line into a buffer of its own, takes ``wall_seconds`` from the line's end (RFC
 8785 sorts it last), forks, and zeroes the buffer; only the child parses and
@@ -74,6 +89,7 @@ MAX_MESSAGE_CHARS: Final = 500
 _MAX_CHAIN: Final = 16
 _DISK_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 _EXIT_BAD_REQUEST: Final = 2
+_EXIT_UNPROTECTED: Final = 3
 _TMP: Final = "/tmp"  # noqa: S108 - the container's own tmpfs
 _MAX_RESULT_BYTES: Final = 1 << 26
 TASK_LIMIT_ENV: Final = "CALLWARD_TASK_LIMIT"
@@ -433,9 +449,115 @@ def _compiled(source: str) -> CodeType:
     return code
 
 
+_PR_SET_DUMPABLE: Final = 4
+#: Signals a process may send that the runner ignores. SIGKILL and SIGSTOP cannot be
+#: ignored (as PID 1 the kernel drops them from inside the container); SIGCHLD stays
+#: as it is, or the kernel would reap the call's process before the runner waits for
+#: it; faults a process raises on itself (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP,
+#: SIGSYS) stay as they are, so a bug in the runner still ends it.
+_KEPT_SIGNALS: Final = frozenset({
+    signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGSEGV, signal.SIGBUS,
+    signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS,
+})
+#: The dispositions the runner replaced, given back to each call's process.
+_CALL_DISPOSITIONS: dict[signal.Signals, object] = {}
+#: The runner's own descriptors (stdin's requests, the result stream): closed in a call.
+_RUNNER_FDS: set[int] = set()
+CALL_USER_ENV: Final = "CALLWARD_CALL_USER"
+#: The (uid, gid) every call runs as, when the runner was given one (see serve_session).
+_CALL_USER: list[tuple[int, int]] = []
+
+
+def call_user(environ: dict[str, str] | os._Environ[str] = os.environ) -> tuple[int, int] | None:
+    """
+    The ``uid:gid`` in ``CALLWARD_CALL_USER``, or None if it is not set.
+
+    Raises:
+        ValueError: It is set but is not two non-root ids.
+    """
+    value = environ.get(CALL_USER_ENV)
+    if value is None:
+        return None
+    uid_text, _, gid_text = value.partition(":")
+    if not (uid_text.isdigit() and gid_text.isdigit()) or int(uid_text) == 0 or int(gid_text) == 0:
+        raise ValueError(f"{CALL_USER_ENV} must be two non-root ids, uid:gid")
+    return int(uid_text), int(gid_text)
+
+
+def become(user: tuple[int, int]) -> None:
+    """
+    Drop this process to ``user``: no supplementary groups, and so no capability.
+
+    Raises:
+        OSError: The process lacks the right to change its ids.
+    """
+    uid, gid = user
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise OSError(errno.EPERM, "the ids did not change")
+
+
+def set_dumpable(dumpable: bool) -> None:
+    """
+    Set this process's dumpable attribute with ``prctl(PR_SET_DUMPABLE)``.
+
+    Raises:
+        OSError: The kernel (or the sandbox kernel) refused.
+    """
+    import ctypes  # noqa: PLC0415 - only session mode needs it
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_DUMPABLE, int(dumpable), 0, 0, 0) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def protect_runner() -> None:
+    """
+    Make this process unreachable from the calls it forks: no ptrace, no
+    ``/proc/<pid>/mem``, no ``process_vm_readv``/``writev``, no signals.
+
+    Raises:
+        OSError: The process could not be made non-dumpable.
+    """
+    set_dumpable(False)
+    for number in signal.valid_signals():
+        if number in _KEPT_SIGNALS:
+            continue
+        with contextlib.suppress(OSError, ValueError):  # e.g. the C library's own signals
+            previous = signal.signal(number, signal.SIG_IGN)
+            _CALL_DISPOSITIONS[signal.Signals(number)] = (
+                signal.SIG_DFL if previous is None else previous
+            )
+
+
+def enter_call() -> None:
+    """
+    In a call's forked process, first: drop the runner's descriptors, protections and
+    user. A process that cannot drop to the call user never runs the tool: it exits
+    without a result.
+    """
+    for fd in _RUNNER_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    for number, disposition in _CALL_DISPOSITIONS.items():
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(number, disposition)  # type: ignore[arg-type]
+    if _CALL_USER:
+        try:
+            become(_CALL_USER[0])
+        except OSError:
+            os._exit(_EXIT_UNPROTECTED)
+    with contextlib.suppress(OSError):
+        set_dumpable(True)  # the call's own process: /proc/self as usual
+
+
 def _child(code: CodeType, entrypoint: str, arguments: dict[str, object], result_w: int,
            environment: dict[str, str]) -> None:
     """In the forked process: run one request, write its result to the pipe, exit."""
+    enter_call()
     os.setsid()
     child_pid = os.getpid()
     os.environ.update(environment)
@@ -444,6 +566,7 @@ def _child(code: CodeType, entrypoint: str, arguments: dict[str, object], result
 
 def _secret_child(data: bytearray, result_w: int) -> None:
     """In the forked process: parse and run a request with secrets (PID 1 never decodes it)."""
+    enter_call()
     os.setsid()
     child_pid = os.getpid()
     try:
@@ -549,14 +672,67 @@ def _kill_all_but_me(child_pid: int) -> None:
 
 
 def wipe(directory: str) -> None:
-    """Remove everything in ``directory``, leaving the directory itself."""
+    """
+    Remove everything in ``directory``, leaving the directory itself.
+
+    A directory the tool locked (mode 000, say) is opened up first: its owner, the
+    process that wipes, may always change its mode.
+    """
     with contextlib.suppress(OSError), os.scandir(directory) as entries:
         for entry in entries:
             with contextlib.suppress(OSError):
                 if entry.is_dir(follow_symlinks=False):
+                    _open_up(entry.path)
                     shutil.rmtree(entry.path, ignore_errors=True)
                 else:
                     os.unlink(entry.path)
+
+
+def _open_up(top: str) -> None:
+    """Give the owner every right on ``top`` and the directories below it (no symlink)."""
+    with contextlib.suppress(OSError):
+        os.chmod(top, 0o700)
+    for parent, dirs, _ in os.walk(top):
+        for name in dirs:
+            path = os.path.join(parent, name)
+            if not os.path.islink(path):
+                with contextlib.suppress(OSError):
+                    os.chmod(path, 0o700)
+
+
+def _take_call_user() -> None:
+    """
+    Remember the call user, if the container names one.
+
+    Raises:
+        ValueError: The name is not two non-root ids.
+        OSError: A call user is named but this runner, not being root, cannot become it.
+    """
+    user = call_user()
+    if user is None:
+        return
+    if os.getuid() != 0:
+        raise OSError(errno.EPERM, f"{CALL_USER_ENV} is set but the runner is not root")
+    _CALL_USER.append(user)
+
+
+def wipe_as_call_user(directory: str) -> None:
+    """
+    ``wipe(directory)``, in a process of the call user when there is one: the runner
+    has no right over a directory the tool made private, its owner does.
+    """
+    if not _CALL_USER:
+        wipe(directory)
+        return
+    pid = os.fork()
+    if pid == 0:
+        try:
+            become(_CALL_USER[0])
+            wipe(directory)
+        finally:
+            os._exit(0)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 def run_session_call(data: bytearray, tmp: str = _TMP) -> dict[str, object]:
@@ -603,7 +779,7 @@ def run_session_call(data: bytearray, tmp: str = _TMP) -> dict[str, object]:
     finally:
         os.close(result_r)
         _kill_all_but_me(pid)
-        wipe(tmp)
+        wipe_as_call_user(tmp)
     return _session_result(raw, status, wall_seconds)
 
 
@@ -625,11 +801,19 @@ def _session_result(raw: bytes, status: int | None, wall_seconds: float) -> dict
 
 def serve_session() -> None:
     """Answer one request per stdin line until stdin ends; never returns."""
+    try:
+        _take_call_user()
+        protect_runner()
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"callward runner: cannot protect the session's runner: {exc}\n")
+        os._exit(_EXIT_UNPROTECTED)
     result_fd = os.dup(1)
     sys.stdout.flush()
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    requests = LineReader(os.dup(0))
+    request_fd = os.dup(0)
+    _RUNNER_FDS.update({result_fd, request_fd})
+    requests = LineReader(request_fd)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)  # the tool never reads the next request
     os.close(devnull)

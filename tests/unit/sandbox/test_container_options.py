@@ -43,6 +43,7 @@ class TestContainerOptions:
             "ipc_mode": options["ipc_mode"],
             "read_only": options["read_only"],
             "cap_drop": options["cap_drop"],
+            "cap_add": options["cap_add"],
             "security_opt": options["security_opt"],
             "privileged": options["privileged"],
             "user": options["user"],
@@ -56,6 +57,7 @@ class TestContainerOptions:
             "ipc_mode": "none",
             "read_only": True,
             "cap_drop": ["ALL"],
+            "cap_add": [],
             "security_opt": ["no-new-privileges"],
             "privileged": False,
             "user": "65534:65534",
@@ -64,6 +66,24 @@ class TestContainerOptions:
             "stdin_open": True,
         }
         assert expected == hardening
+
+    def test_a_session_runner_holds_only_what_it_needs_to_start_calls_as_nobody(
+        self, limits: ResourceLimits
+    ) -> None:
+        """
+        A session's PID 1 is root with CAP_SETUID, CAP_SETGID and CAP_KILL alone, and
+        is told to run every call as 65534:65534; the rest of the hardening is kept.
+        """
+        options = container_options(limits, image="sha256:" + "a" * 64, runtime="runc",
+                                    owner_pid=4242, session=True)
+
+        expected = ("0:0", ["ALL"], ["SETUID", "SETGID", "KILL"], ["no-new-privileges"],
+                    "65534:65534", ["--session"], True)
+        assert expected == (
+            options["user"], options["cap_drop"], options["cap_add"], options["security_opt"],
+            options["environment"]["CALLWARD_CALL_USER"], options["command"],
+            options["read_only"],
+        )
 
     def test_limits_come_from_resource_limits(
         self, limits: ResourceLimits, options: ContainerOptions
@@ -105,6 +125,7 @@ class TestContainerOptions:
             "read_only",
             "tmpfs",
             "cap_drop",
+            "cap_add",
             "security_opt",
             "privileged",
             "user",

@@ -171,3 +171,24 @@ class TestSessionTaskWatch:
     def test_task_limit_is_a_positive_count_or_none(self, runner, value, expected):
         """Only a positive count turns the watch on; anything else leaves it off."""
         assert runner.task_limit({"CALLWARD_TASK_LIMIT": value}) == expected
+
+
+class TestCallUser:
+    @pytest.mark.parametrize(
+        ("value", "expected"), [("65534:65534", (65534, 65534)), ("1000:100", (1000, 100))]
+    )
+    def test_two_non_root_ids_name_the_call_user(self, runner, value, expected):
+        """CALLWARD_CALL_USER is uid:gid, both ids other than root's."""
+        assert expected == runner.call_user({"CALLWARD_CALL_USER": value})
+
+    @pytest.mark.parametrize(
+        "value", ["0:0", "65534:0", "0:65534", "nobody", "", "65534:", "-1:-1"]
+    )
+    def test_anything_else_is_refused(self, runner, value):
+        """Root, a name, a half or a negative id is refused: a runner never runs a call as root."""
+        with pytest.raises(ValueError, match="non-root"):
+            runner.call_user({"CALLWARD_CALL_USER": value})
+
+    def test_unset_means_no_call_user(self, runner):
+        """Without the variable (on the host, in tests) there is no user to change to."""
+        assert runner.call_user({}) is None
