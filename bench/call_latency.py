@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _table import configure_logging, print_table, summarize
 
-from callward.core._config import example_config_path
 from callward.core.gateway import Gateway
+from callward.core.gateway._config import example_config_path
 from callward.sandbox import expected_image_tag
 
 

@@ -32,7 +32,7 @@ from _table import configure_logging, print_table, summarize
 from mcp_latency import SERVER, SERVER_COMMAND, exec_server
 
 from callward.core import ResourceLimits
-from callward.core._mcp_container_stdio import container_stdio
+from callward.core.mcp._container_stdio import container_stdio
 from callward.sandbox import ServiceImageSpec, StdioService, ensure_service_image
 
 WARMUP = 50

@@ -56,9 +56,9 @@ from callward.core import (
     Usage,
     canonical_bytes,
 )
-from callward.core._mcp_gateway import open_upstreams
-from callward.core._mcp_server import McpFace
 from callward.core.gateway import Gateway
+from callward.core.mcp._gateway import open_upstreams
+from callward.core.mcp._server import McpFace
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER = REPO / "tests" / "integration" / "mcp" / "servers" / "notes_server.py"

@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _table import configure_logging, print_table, summarize
 
 from callward.core import ToolCall
-from callward.core._config import example_config_path
-from callward.core._model_tools import example_collection_path
 from callward.core.gateway import Gateway
+from callward.core.gateway._config import example_config_path
+from callward.core.models._tools import example_collection_path
 from callward.sandbox._model_worker import server_script
 
 POLICY = """

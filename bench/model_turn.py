@@ -22,11 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _table import configure_logging, print_table
 
-from callward.core import Agent, ChatMessage
-from callward.core._config import Home, example_config_path
-from callward.core._demo import QUESTIONS
-from callward.core._models_gguf import load_demo_model
+from callward.core.agent import Agent
+from callward.core.cli._demo import QUESTIONS
 from callward.core.gateway import Gateway
+from callward.core.gateway._config import Home, example_config_path
+from callward.core.models import ChatMessage
+from callward.core.models._gguf import load_demo_model
 
 
 def main() -> None:

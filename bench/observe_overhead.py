@@ -37,12 +37,12 @@ from callward.core import (
     ToolSpec,
     Usage,
 )
-from callward.core._anomaly import AnomalyDetector
-from callward.core._anomaly_state import AnomalyState
-from callward.core._metrics import Metrics
-from callward.core._observe import CallEvent, CallObserver
 from callward.core.gateway import Gateway
+from callward.core.observe._anomaly import AnomalyDetector
+from callward.core.observe._events import CallEvent, CallObserver
+from callward.core.observe._metrics import Metrics
 from callward.policies import Policy
+from callward.policies._anomaly_state import AnomalyState
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "core" / "examples"
 TEXT = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 40}}</tool_call>'

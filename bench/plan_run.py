@@ -30,10 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _table import configure_logging, print_table, summarize
 
-from callward.core import Plan, PlanReport, ResourceLimits, ToolCall, load_plan, run_plan
+from callward.core import ResourceLimits, ToolCall
 from callward.core._canonical import canonical_loads
-from callward.core._plan import substitute
 from callward.core.gateway import Gateway
+from callward.core.plans import Plan, PlanReport, load_plan, run_plan
+from callward.core.plans._document import substitute
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "core" / "examples" / "plans"
 

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _table import configure_logging, print_table, summarize
 
 from callward.audit import FileSigner, SQLiteAuditStore
-from callward.core import LiveRegistry, RegistryStore, ToolRegistry
+from callward.core import ToolRegistry
+from callward.core.registry import LiveRegistry, RegistryStore
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "core" / "examples"
 

@@ -1,6 +1,11 @@
 """
-The types every part of callward shares, the tool registry, parsing of model
-output, the gateway pipeline and the CLI.
+The kernel every part of callward shares: the values that flow through a call,
+the errors, the protocols of the backends, canonical bytes, and the tool registry.
+
+The stages (``callward.policies``, ``callward.sandbox``, ``callward.audit``) import
+only this kernel; the wiring above them lives in sub-packages of this package
+(``observe``, ``models``, ``gateway``, ``agent``, ``plans``, ``mcp``, ``cli``), and
+importing this face loads none of it.
 
 Example::
 
@@ -10,7 +15,6 @@ Example::
     {'x': 3}
 """
 
-from callward.core._agent import Agent, AgentLimits, AgentRun, AgentStep
 from callward.core._canonical import (
     JSONValue,
     Sha256Hex,
@@ -19,19 +23,6 @@ from callward.core._canonical import (
     sha256_hex,
     strict_loads,
 )
-from callward.core._models import (
-    ChatMessage,
-    ChatModel,
-    GenerationConfig,
-    ModelTurn,
-    TransformersChatModel,
-)
-from callward.core._models_gguf import DEMO_MODEL_SHA256, load_demo_model
-from callward.core._plan import Plan, PlanInvalid, load_plan, parse_plan
-from callward.core._plan_run import PlanReport, StepOutcome, run_plan
-from callward.core._registry import ToolRegistry, tool
-from callward.core._registry_live import LiveRegistry
-from callward.core._registry_store import RegistryStore
 from callward.core.errors import (
     AuditUnavailable,
     CallwardError,
@@ -47,6 +38,7 @@ from callward.core.errors import (
     VerificationFailed,
 )
 from callward.core.protocols import AuditLog, PolicyEngine, ReceiptIssuer, ToolRunner
+from callward.core.registry import ToolRegistry, tool
 from callward.core.types import (
     AuditRecord,
     CallContext,
@@ -68,34 +60,21 @@ from callward.core.types import (
 )
 
 __all__ = [
-    "DEMO_MODEL_SHA256",
-    "Agent",
-    "AgentLimits",
-    "AgentRun",
-    "AgentStep",
     "AuditLog",
     "AuditRecord",
     "AuditUnavailable",
     "CallContext",
     "CallId",
     "CallwardError",
-    "ChatMessage",
-    "ChatModel",
     "ConfigurationError",
     "Decision",
     "Execution",
-    "GenerationConfig",
     "InfrastructureError",
     "JSONValue",
     "KeyId",
-    "LiveRegistry",
     "MalformedCall",
     "ModelRef",
-    "ModelTurn",
     "ModelUnavailable",
-    "Plan",
-    "PlanInvalid",
-    "PlanReport",
     "PolicyDenied",
     "PolicyEngine",
     "PolicyInvalid",
@@ -104,29 +83,64 @@ __all__ = [
     "Receipt",
     "ReceiptIssuer",
     "ReceiptProof",
-    "RegistryStore",
     "ResourceLimits",
     "RuleId",
     "SandboxUnavailable",
     "Sha256Hex",
-    "StepOutcome",
     "ToolCall",
     "ToolFailed",
     "ToolRegistry",
     "ToolResult",
     "ToolRunner",
     "ToolSpec",
-    "TransformersChatModel",
     "UnknownTool",
     "Usage",
     "VerificationFailed",
     "canonical_bytes",
     "canonical_sha256",
-    "load_demo_model",
-    "load_plan",
-    "parse_plan",
-    "run_plan",
     "sha256_hex",
     "strict_loads",
     "tool",
 ]
+
+
+# Names this face exported before the kernel and the wiring were split: they keep
+# working for one release, each with a DeprecationWarning that names the new place.
+_MOVED: dict[str, str] = {
+    "Agent": "callward.core.agent",
+    "AgentLimits": "callward.core.agent",
+    "AgentRun": "callward.core.agent",
+    "AgentStep": "callward.core.agent",
+    "ChatMessage": "callward.core.models",
+    "ChatModel": "callward.core.models",
+    "DEMO_MODEL_SHA256": "callward.core.models",
+    "GenerationConfig": "callward.core.models",
+    "LiveRegistry": "callward.core.registry",
+    "ModelTurn": "callward.core.models",
+    "Plan": "callward.core.plans",
+    "PlanInvalid": "callward.core.plans",
+    "PlanReport": "callward.core.plans",
+    "RegistryStore": "callward.core.registry",
+    "StepOutcome": "callward.core.plans",
+    "TransformersChatModel": "callward.core.models",
+    "load_demo_model": "callward.core.models",
+    "load_plan": "callward.core.plans",
+    "parse_plan": "callward.core.plans",
+    "run_plan": "callward.core.plans",
+}
+
+
+def __getattr__(name: str) -> object:
+    """A moved name, from its new module, with a warning; anything else is an AttributeError."""
+    module_name = _MOVED.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'callward.core' has no attribute {name!r}")
+    import importlib  # noqa: PLC0415 - only for a deprecated name
+    import warnings  # noqa: PLC0415 - only for a deprecated name
+
+    warnings.warn(
+        f"callward.core.{name} moved to {module_name}.{name}; the old name goes in a later release",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(importlib.import_module(module_name), name)

@@ -19,6 +19,13 @@ Example::
     frozenset({'analyst'})
 """
 
+from callward.policies._anomaly_state import (
+    ANOMALY_METRICS,
+    Anomaly,
+    AnomalyState,
+    AnomalyStateUnavailable,
+    OpenAnomalies,
+)
 from callward.policies._approvals import ApprovalRefused, ApprovalSigner
 from callward.policies._document import PolicyDocument, Rule, load_policy, parse_policy
 from callward.policies._evaluator import (
@@ -32,11 +39,16 @@ from callward.policies._evaluator import (
 from callward.policies._state import PolicyState, Proposal
 
 __all__ = [
+    "ANOMALY_METRICS",
     "DEFAULT_DENY_RULE",
     "UNKNOWN_TOOL_RULE",
+    "Anomaly",
+    "AnomalyState",
+    "AnomalyStateUnavailable",
     "ApprovalRefused",
     "ApprovalSigner",
     "Check",
+    "OpenAnomalies",
     "Policy",
     "PolicyDocument",
     "PolicyState",

@@ -36,8 +36,8 @@ from callward.core import (
     ToolSpec,
     canonical_bytes,
 )
-from callward.core._anomaly_state import ANOMALY_METRICS, Anomaly, AnomalyState
 from callward.core._canonical import CanonicalizationError
+from callward.policies._anomaly_state import ANOMALY_METRICS, Anomaly, AnomalyState
 from callward.policies._cedar import (
     argument_names,
     cedar_schema,

@@ -48,7 +48,7 @@ and a document needs ``rules`` or ``cedar``)::
     mcp_content:                  # upstream MCP resources and prompts: off unless listed
       - {id: notes-public, server: notes, resources: ["note://public/*"],
          prompts: [summarize], roles: [analyst]}   # URI / name globs; who is optional
-    anomalies:                    # while an anomaly is open for the caller (callward.core._anomaly)
+    anomalies:                    # while an anomaly is open for the caller (core/observe)
       - {id: hold-anomalous, effect: approval, tools: ["*"], metrics: [call_rate, denial_ratio],
          approvers: {roles: [security]}}   # or effect: deny; metrics default to all
 """
@@ -68,10 +68,10 @@ from jsonschema.exceptions import best_match
 from referencing import Registry
 
 from callward.core import PolicyInvalid, ResourceLimits, RuleId, Sha256Hex
-from callward.core._anomaly_state import ANOMALY_METRICS
 from callward.core._canonical import POLICY_DIGEST_DOMAIN, canonical_sha256
 from callward.core._yaml import strict_yaml_load
 from callward.core.types import MIB, is_egress_target
+from callward.policies._anomaly_state import ANOMALY_METRICS
 
 MAX_POLICY_BYTES: Final = 1 << 20
 
@@ -298,7 +298,7 @@ DOCUMENT_SCHEMA: Final[Mapping[str, Any]] = {
                 },
             },
         },
-        # Gates on open anomalies (callward.core._anomaly): deny, or require approval.
+        # Gates on open anomalies (callward.core.observe._anomaly): deny, or require approval.
         "anomalies": _ANOMALY_GATES,
     },
 }

@@ -63,11 +63,11 @@ from callward.core import (
     canonical_bytes,
     sha256_hex,
 )
-from callward.core._anomaly_state import AnomalyStateUnavailable, OpenAnomalies
 from callward.core._canonical import MAX_JSON_BYTES, canonical_loads, check_json_bounds
 from callward.core.errors import DenyKind
 from callward.core.protocols import AuditLog
 from callward.core.types import Provenance, ResultTreatment
+from callward.policies._anomaly_state import AnomalyStateUnavailable, OpenAnomalies
 from callward.policies._approvals import (
     ApprovalRefused,
     ApprovalSigner,

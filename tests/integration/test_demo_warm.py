@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from callward.core._config import example_config_path
-from callward.core._demo import _warm_sandbox
+from callward.core.cli._demo import _warm_sandbox
 from callward.core.gateway import Gateway
+from callward.core.gateway._config import example_config_path
 
 
 def test_every_tool_profile_has_a_warm_container_before_the_first_question(engine, home):

@@ -19,7 +19,7 @@ import pytest
 from mcp import Client
 from prometheus_client.parser import text_string_to_metric_families
 
-from callward.core._anomaly_state import Anomaly, AnomalyState
+from callward.policies._anomaly_state import Anomaly, AnomalyState
 
 
 def _free_port() -> int:

@@ -17,9 +17,9 @@ import yaml
 from mcp import Client, MCPError
 
 from callward.audit import read_records
-from callward.core._mcp_content import UpstreamContent, resource_uri
-from callward.core._mcp_gateway import open_upstreams
-from callward.core._mcp_server import McpFace
+from callward.core.mcp._content import UpstreamContent, resource_uri
+from callward.core.mcp._gateway import open_upstreams
+from callward.core.mcp._server import McpFace
 
 SERVERS = Path(__file__).resolve().parent / "servers"
 POLICY = """\

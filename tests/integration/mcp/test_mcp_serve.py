@@ -20,7 +20,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
 from callward.audit import read_records
-from callward.core._mcp_auth import token_sha256
+from callward.core.mcp._auth import token_sha256
 
 
 def _serve_args(home: Path, examples: Path, *extra: str) -> list[str]:

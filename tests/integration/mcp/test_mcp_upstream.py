@@ -20,8 +20,8 @@ import yaml
 from mcp import Client, StdioServerParameters
 
 from callward.core import ToolCall
-from callward.core._mcp_gateway import open_upstreams
-from callward.core._mcp_server import McpFace
+from callward.core.mcp._gateway import open_upstreams
+from callward.core.mcp._server import McpFace
 
 SERVERS = Path(__file__).resolve().parent / "servers"
 POLICY = """\

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from callward.audit import verify
-from callward.core import Agent
-from callward.core._config import example_config_path
-from callward.core._models_gguf import DEMO_MODEL_ID, DEMO_MODEL_SHA256, load_demo_model
+from callward.core.agent import Agent
 from callward.core.gateway import Gateway
+from callward.core.gateway._config import example_config_path
+from callward.core.models._gguf import DEMO_MODEL_ID, DEMO_MODEL_SHA256, load_demo_model
 
 
 @pytest.fixture(scope="session", name="model_cache")

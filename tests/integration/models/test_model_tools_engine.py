@@ -20,9 +20,9 @@ import yaml
 
 from callward.audit import verify
 from callward.core import ToolCall
-from callward.core._config import example_config_path
-from callward.core._model_tools import ModelToolsSettings, model_tool_set
 from callward.core.gateway import Gateway
+from callward.core.gateway._config import example_config_path
+from callward.core.models._tools import ModelToolsSettings, model_tool_set
 from callward.core.types import MIB
 from callward.sandbox import ModelWorkers, WorkerSpec, server_sha256
 from callward.sandbox._limits import OWNER_LABEL, OWNER_PID_LABEL

@@ -22,8 +22,8 @@ from callward.core import (
     ToolSpec,
     Usage,
 )
-from callward.core._config import example_config_path
 from callward.core.gateway import Gateway
+from callward.core.gateway._config import example_config_path
 
 pytestmark = pytest.mark.docker
 

@@ -32,7 +32,7 @@ from callward.core import (
     KeyId,
     VerificationFailed,
 )
-from callward.core._config import load_config
+from callward.core.gateway._config import load_config
 
 GENESIS = "0" * 64
 

@@ -28,8 +28,8 @@ from callward.core import (
     Usage,
     canonical_bytes,
 )
-from callward.core._config import example_config_path, load_config
 from callward.core.gateway import Gateway
+from callward.core.gateway._config import example_config_path, load_config
 from callward.policies import Policy
 
 FULL, NORMAL = 2, 1

@@ -21,12 +21,12 @@ from callward.core import (
     ToolSpec,
     Usage,
 )
-from callward.core._anomaly import AnomalyDetector, DetectorSettings, resolve
-from callward.core._anomaly_state import AnomalyState
 from callward.core._canonical import canonical_bytes
-from callward.core._observe import CallEvent
 from callward.core.gateway import Gateway
+from callward.core.observe._anomaly import AnomalyDetector, DetectorSettings, resolve
+from callward.core.observe._events import CallEvent
 from callward.policies import Policy
+from callward.policies._anomaly_state import AnomalyState
 
 START = 1_800_000_000.0
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from callward.core import ConfigurationError
-from callward.core._anomaly import DetectorSettings
-from callward.core._cli_stats import since_moment, stats_from_records
-from callward.core._config import load_config
+from callward.core.cli._stats import since_moment, stats_from_records
+from callward.core.gateway._config import load_config
+from callward.core.observe._anomaly import DetectorSettings
 
 
 def config_with(tmp_path: Path, examples: Path, section: str) -> Path:

@@ -26,8 +26,8 @@ from callward.core import (
     Usage,
     canonical_bytes,
 )
-from callward.core._config import example_config_path
 from callward.core.gateway import Gateway
+from callward.core.gateway._config import example_config_path
 from callward.policies import Policy
 
 

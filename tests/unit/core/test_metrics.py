@@ -23,10 +23,10 @@ from callward.core import (
     Usage,
 )
 from callward.core._canonical import canonical_bytes
-from callward.core._cli_stats import stats_from_exposition, stats_from_records
-from callward.core._metrics import Metrics, serve_metrics
-from callward.core._observe import CallEvent
+from callward.core.cli._stats import stats_from_exposition, stats_from_records
 from callward.core.gateway import Gateway
+from callward.core.observe._events import CallEvent
+from callward.core.observe._metrics import Metrics, serve_metrics
 from callward.policies import Policy
 
 

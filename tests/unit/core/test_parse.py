@@ -12,7 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from callward.core import MalformedCall
-from callward.core._parse import MAX_CALLS_PER_MESSAGE, parse_model_output
+from callward.core.parse._front import MAX_CALLS_PER_MESSAGE, parse_model_output
 
 ORDERS = {"square": ("x",), "add": ("a", "b"), "capital": ("country",)}
 

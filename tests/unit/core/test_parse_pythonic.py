@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from callward.core import MalformedCall
-from callward.core._parse import parse_model_output
+from callward.core.parse._front import parse_model_output
 
 ORDERS = {"square": ("x",), "add": ("a", "b"), "capital": ("country",)}
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from callward.core import PlanInvalid, parse_plan
-from callward.core._plan import (
+from callward.core.plans import PlanInvalid, parse_plan
+from callward.core.plans._document import (
     OutputRef,
     RefUnresolved,
     build_plan,

@@ -20,7 +20,6 @@ from callward.core import (
     AuditUnavailable,
     CallId,
     Execution,
-    PlanInvalid,
     Provenance,
     ProvenanceEdge,
     ResourceLimits,
@@ -30,11 +29,10 @@ from callward.core import (
     ToolSpec,
     Usage,
     canonical_bytes,
-    parse_plan,
-    run_plan,
 )
-from callward.core._plan_run import run_plan_file
 from callward.core.gateway import Gateway
+from callward.core.plans import PlanInvalid, parse_plan, run_plan
+from callward.core.plans._run import run_plan_file
 from callward.policies import Policy
 from callward.policies._authoring import replay
 

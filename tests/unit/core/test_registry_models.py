@@ -13,21 +13,16 @@ from pathlib import Path
 import pytest
 
 from callward.audit import FileSigner, SQLiteAuditStore, verify
-from callward.core import (
-    ConfigurationError,
-    LiveRegistry,
-    RegistryStore,
-    ToolRegistry,
-    UnknownTool,
-)
-from callward.core._model_tools import (
+from callward.core import ConfigurationError, ToolRegistry, UnknownTool
+from callward.core.models._gguf import DEMO_MODEL_ID, DEMO_MODEL_SHA256
+from callward.core.models._tools import (
     MODEL_TOOLS_SOURCE,
     ModelToolsSettings,
     model_tool_set,
     model_tool_specs,
 )
-from callward.core._models_gguf import DEMO_MODEL_ID, DEMO_MODEL_SHA256
-from callward.core._registry import RegistryDelta
+from callward.core.registry import LiveRegistry, RegistryStore
+from callward.core.registry._registry import RegistryDelta
 from callward.core.types import MIB
 from callward.sandbox import ModelToolRunner, ModelWorkers, WorkerSpec, server_sha256
 from tests.unit.core.test_gateway import StubRunner

@@ -13,17 +13,16 @@ from callward.audit import FileSigner, SQLiteAuditStore
 from callward.core import (
     CallContext,
     Execution,
-    LiveRegistry,
     PolicyInvalid,
-    RegistryStore,
     ToolCall,
     ToolRegistry,
     ToolSpec,
     Usage,
     canonical_bytes,
 )
-from callward.core._registry import read_tool_file
 from callward.core.gateway import Gateway
+from callward.core.registry import LiveRegistry, RegistryStore
+from callward.core.registry._registry import read_tool_file
 from callward.policies import Policy
 from tests.unit.core.test_gateway import StubRunner
 from tests.unit.core.test_registry_versions import tool_file

@@ -17,13 +17,12 @@ from callward.core import (
     AuditUnavailable,
     ConfigurationError,
     JSONValue,
-    LiveRegistry,
-    RegistryStore,
     ToolRegistry,
 )
 from callward.core._canonical import canonical_bytes
-from callward.core._registry import read_tool_file, spec_from_preimage, spec_preimage
 from callward.core.gateway import Gateway
+from callward.core.registry import LiveRegistry, RegistryStore
+from callward.core.registry._registry import read_tool_file, spec_from_preimage, spec_preimage
 from callward.policies import Policy
 from tests.unit.core.test_gateway import StubRunner
 

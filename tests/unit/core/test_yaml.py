@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from callward.core import ConfigurationError
-from callward.core._config import load_config
 from callward.core._yaml import strict_yaml_load
+from callward.core.gateway._config import load_config
 
 
 def test_plain_yaml_reads_as_safe_load_does():

@@ -33,9 +33,9 @@ from callward.core import (
     Usage,
     canonical_bytes,
 )
-from callward.core._mcp_auth import parse_clients, token_sha256
-from callward.core._mcp_server import McpFace, http_app
 from callward.core.gateway import Gateway
+from callward.core.mcp._auth import parse_clients, token_sha256
+from callward.core.mcp._server import McpFace, http_app
 from callward.policies import Policy
 
 ALICE_TOKEN = "alice-" + "a" * 40

@@ -15,7 +15,7 @@ import mcp_types as types
 from mcp.shared.message import SessionMessage
 from structlog.testing import capture_logs
 
-from callward.core._mcp_container_stdio import container_stdio
+from callward.core.mcp._container_stdio import container_stdio
 
 
 class FakeAttachableService:

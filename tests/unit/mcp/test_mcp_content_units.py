@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from callward.core import CallContext, PolicyInvalid, RuleId, ToolCall, ToolRegistry, tool
-from callward.core._mcp_content import resource_uri, split_resource_uri
-from callward.core._mcp_upstream import McpContentPolicy, PinGate
+from callward.core.mcp._content import resource_uri, split_resource_uri
+from callward.core.mcp._upstream import McpContentPolicy, PinGate
 from callward.policies import Policy
 
 POLICY = """

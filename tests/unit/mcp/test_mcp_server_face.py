@@ -27,8 +27,8 @@ from callward.core import (
     Usage,
     canonical_bytes,
 )
-from callward.core._mcp_server import McpFace, http_app, require_loopback
 from callward.core.gateway import Gateway
+from callward.core.mcp._server import McpFace, http_app, require_loopback
 from callward.policies import Policy
 
 

@@ -1,5 +1,5 @@
 """
-The loop's own stdio for `mcp serve` (`callward.core._mcp_stdio`), in child processes:
+The loop's own stdio for `mcp serve` (`callward.core.mcp._stdio`), in child processes:
 it claims fds 0 and 1, which this test process must keep.
 """
 
@@ -15,12 +15,12 @@ import anyio
 import mcp_types as types
 from mcp import Client, StdioServerParameters
 
-from callward.core._mcp_stdio import MAX_LINE_BYTES
+from callward.core.mcp._stdio import MAX_LINE_BYTES
 
 #: Echoes the byte length of each line it reads, printing stray output meanwhile.
 ECHO = textwrap.dedent("""
     import asyncio, os, sys
-    from callward.core._mcp_stdio import loop_stdio
+    from callward.core.mcp._stdio import loop_stdio
 
     async def main():
         async with loop_stdio() as wire:
@@ -44,7 +44,7 @@ SDK_SERVER = textwrap.dedent("""
     from typing import cast
     from mcp.server.lowlevel import Server
     from mcp.server.stdio import stdio_server
-    from callward.core._mcp_stdio import loop_stdio
+    from callward.core.mcp._stdio import loop_stdio
 
     async def list_tools(ctx, params):
         return types.ListToolsResult(tools=[types.Tool(

@@ -20,8 +20,8 @@ from callward.core import (
     ToolRegistry,
     Usage,
 )
-from callward.core._config import load_config
-from callward.core._mcp_upstream import (
+from callward.core.gateway._config import load_config
+from callward.core.mcp._upstream import (
     RUG_PULL_RULE,
     UNAPPROVED_RULE,
     PinGate,
@@ -329,7 +329,7 @@ class TestWaitOnLoop:
 
     def test_a_loop_that_never_runs_the_request_cannot_hang_the_caller(self, monkeypatch):
         """A stopped loop: the wait ends after the bound and grace, as TimeoutError."""
-        monkeypatch.setattr("callward.core._mcp_upstream._GRACE_SECONDS", 0.05)
+        monkeypatch.setattr("callward.core.mcp._upstream._GRACE_SECONDS", 0.05)
         loop = asyncio.new_event_loop()  # never run: nothing it is handed ever happens
         started = asyncio.Event()
 

@@ -24,8 +24,8 @@ from callward.core import (
     Usage,
     canonical_bytes,
 )
-from callward.core._models import ChatMessage, ModelTurn, ToolRole
 from callward.core.gateway import Gateway
+from callward.core.models._chat import ChatMessage, ModelTurn, ToolRole
 from callward.policies import Policy
 
 TEMPLATE = Path(__file__).resolve().parents[3] / "core" / "examples" / "qwen2-chat-template.jinja"

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from callward.audit import verify
-from callward.core._agent import Agent, AgentLimits
-from callward.core._models import TransformersChatModel
+from callward.core.agent._loop import Agent, AgentLimits
+from callward.core.models._chat import TransformersChatModel
 
 ADD = '{"name": "add", "arguments": {"a": 2, "b": 40}}'
 
@@ -200,7 +200,7 @@ class TestResultsBack:
 class TestWithTinyModel:
     def test_real_generation_through_the_loop(self, gateway, store, tiny_model_dir):
         """The real transformers backend drives the loop; each turn is audited with its digest."""
-        from callward.core._models import GenerationConfig
+        from callward.core.models._chat import GenerationConfig
 
         model = TransformersChatModel.from_directory(
             tiny_model_dir, generation=GenerationConfig(max_new_tokens=8))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from callward.core import ConfigurationError
-from callward.core._config import load_config
+from callward.core.gateway._config import load_config
 
 
 def write_config(directory: Path, examples: Path, model_section: str) -> Path:

@@ -26,8 +26,9 @@ from callward.core import (
     Usage,
     canonical_bytes,
 )
-from callward.core._config import load_config
-from callward.core._model_tools import (
+from callward.core.gateway import Gateway
+from callward.core.gateway._config import load_config
+from callward.core.models._tools import (
     MINILM_NAME,
     ModelToolsSettings,
     example_collection_path,
@@ -36,7 +37,6 @@ from callward.core._model_tools import (
     require_readable_in_container,
     weights_sha256,
 )
-from callward.core.gateway import Gateway
 from callward.core.types import MIB
 from callward.policies import Policy
 from callward.sandbox import ModelToolRunner, ModelWorkers, WorkerSpec

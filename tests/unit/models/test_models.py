@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from callward.core import ModelUnavailable
-from callward.core._models import (
+from callward.core.models._chat import (
     ChatMessage,
     GenerationConfig,
     TransformersChatModel,
     directory_digest,
 )
-from callward.core._models_gguf import (
+from callward.core.models._gguf import (
     DEMO_MODEL_PARTS,
     MANIFEST,
     _manifest_ok,
@@ -181,7 +181,7 @@ class TestDemoModelDigest:
 class TestLazyImports:
     def test_core_and_agent_do_not_load_torch(self):
         """Importing the model and agent modules loads neither torch nor transformers."""
-        code = ("import sys, callward.core._agent, callward.core._models_gguf; "
+        code = ("import sys, callward.core.agent._loop, callward.core.models._gguf; "
                 "print([m for m in ('torch', 'transformers') if m in sys.modules])")
 
         loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

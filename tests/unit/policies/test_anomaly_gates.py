@@ -11,11 +11,11 @@ import pytest
 
 from callward.audit import FileSigner, SQLiteAuditStore
 from callward.core import CallContext, Execution, PolicyInvalid, Sha256Hex, ToolCall, Usage
-from callward.core._anomaly import AnomalyDetector, resolve
-from callward.core._anomaly_state import Anomaly, AnomalyState
 from callward.core._canonical import canonical_bytes
 from callward.core.gateway import Gateway
+from callward.core.observe._anomaly import AnomalyDetector, resolve
 from callward.policies import Policy, PolicyState
+from callward.policies._anomaly_state import Anomaly, AnomalyState
 from callward.policies._authoring import replay, run_cases
 
 NOW = 1_800_000_000.0

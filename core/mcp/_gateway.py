@@ -1,0 +1,64 @@
+"""
+The gateway ``callward mcp serve`` runs: the configured one, plus upstream MCP servers.
+
+Approved upstream tools join the registry under ``<server>__<tool>``; the
+policy is wrapped in a ``PinGate`` (unapproved and changed tools are denied)
+and the runner in an ``UpstreamRunner`` (upstream tools go to their server).
+Everything else is the configured gateway's: the same policy, audit log and
+invariants for native and upstream tools.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from callward.core.gateway import Gateway
+from callward.core.gateway._config import Home
+from callward.core.mcp._upstream import (
+    PINS_FILE,
+    PinGate,
+    PinStore,
+    UpstreamRunner,
+    Upstreams,
+    connected_upstreams,
+    parse_mcp_section,
+    raw_mcp_section,
+)
+
+
+def pin_store(home: Path) -> PinStore:
+    """The operator's approvals of upstream tools, under the state directory."""
+    return PinStore(Home.resolve(home).root / PINS_FILE)
+
+
+@contextlib.contextmanager
+def open_upstreams(path: Path, *, home: Path, servers: tuple[str, ...] | None = None
+                   ) -> Iterator[tuple[Gateway, Upstreams]]:
+    """
+    The gateway of a configuration with its upstream MCP servers, and the connected
+    upstreams (for approval and their resources and prompts), all closed on exit.
+
+    Args:
+        servers: Connect only these upstreams (all when None).
+
+    Raises:
+        ConfigurationError: The configuration is invalid or an upstream cannot be reached.
+        SandboxUnavailable: An upstream's container could not be started.
+    """
+    configs = parse_mcp_section(raw_mcp_section(path), base=path.parent)
+    if servers is not None:
+        configs = tuple(config for config in configs if config.name in servers)
+    with Gateway.from_config(path, home=home) as base, connected_upstreams(
+            configs, audit=base.audit, pins=pin_store(home)) as upstreams:
+        for spec in upstreams.specs:
+            base.registry.add(spec)
+        gateway = Gateway(registry=base.registry,
+                          policy=PinGate(base.policy, upstreams.blocked, upstreams.recheck,
+                                         upstreams.recheck_awaited),
+                          runner=UpstreamRunner(base.runner, upstreams.routes,
+                                                frozenset(upstreams.routes)
+                                                | frozenset(upstreams.blocked)),
+                          audit=base.audit, new_id=base.new_id, observers=base.observers)
+        yield gateway, upstreams
