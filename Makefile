@@ -39,9 +39,9 @@ image: setup engine
 	$(VENV)/bin/callward sandbox build-image >/dev/null
 
 bench: image
-	$(PY) bench/governance.py
-	$(PY) bench/audit_append.py
-	$(PY) bench/audit_verify.py
+	$(PY) -m bench.governance
+	$(PY) -m bench.audit_append
+	$(PY) -m bench.audit_verify
 
 clean-containers:
 	docker ps -aq --filter label=callward | xargs -r docker rm -f

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from callward.audit._chain import MAX_RECORD_BYTES
 from callward.audit._checkpoint import Checkpoint, open_checkpoint
 from callward.audit._merkle import leaf_hash, verify_consistency, verify_inclusion
-from callward.audit._sqlite import UnreadableDatabase, connect_read_only, row_to_record
+from callward.audit._sqlite_format import UnreadableDatabase, connect_read_only, row_to_record
 from callward.audit._tree import MissingNode, consistency_path, inclusion_path, root_at
 from callward.audit.signer import key_id_of
 from callward.core._canonical import STRICT_DECODER, JSONValue

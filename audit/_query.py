@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Final, TextIO
 
 from callward.audit._chain import format_ts, is_record_kind, parse_ts
-from callward.audit._sqlite import (
+from callward.audit._sqlite_format import (
     UnreadableDatabase,
     connect_read_only,
     error_name,

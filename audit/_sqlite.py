@@ -1,6 +1,11 @@
 """
 The audit log in one SQLite file: signed, hash-chained, committed before ``append`` returns.
 
+This is the writer. What the file holds and how a reader opens it is
+``_sqlite_format``; preparing the file, transactions and error mapping are
+``_sqlite_connection``; the queue of appends is ``_group_commit``; telling live
+writers from gone ones is ``_writer_lock``; the Merkle tree's tables are ``_tree``.
+
 Invariants:
 
 - ``append`` returns only after its record is committed in WAL mode. The commit is
@@ -21,12 +26,14 @@ Invariants:
   file (SQLite's write lock, waited on up to ``busy_timeout_seconds``) chain one
   after another: seqs are 1..N, each exactly once.
 - Every failure of the file, of SQLite, of the signer or of canonicalization leaves
-  as ``AuditUnavailable``; no ``sqlite3`` type escapes this module.
+  as ``AuditUnavailable`` (through ``_sqlite_connection.store_errors``); no
+  ``sqlite3`` type escapes the store.
 - Timestamps never go backwards along the chain: a clock that steps back is held at
   the head's ts (and logged), so a verifier never sees a false alarm.
-- Group commit: appends from many threads that arrive while one transaction is
-  being written queue up, and the next transaction writes them all with one fsync;
-  no append returns before the transaction holding its record has committed.
+- Group commit (``_group_commit``): appends from many threads that arrive while one
+  transaction is being written queue up, and the next transaction writes them all
+  with one fsync; no append returns before the transaction holding its record has
+  committed.
 - The Merkle tree (``_tree``) and the set of authorized-but-unfinished calls are
   written in the same transaction as the records, so they never disagree with them.
   The store keeps the tree's frontier in memory while the file's head is the one it
@@ -40,15 +47,12 @@ Invariants:
 from __future__ import annotations
 
 import base64
-import contextlib
-import fcntl
 import os
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -67,11 +71,24 @@ from callward.audit._chain import (
     seal,
 )
 from callward.audit._checkpoint import Checkpoint, note_key_hash, sign_checkpoint
+from callward.audit._group_commit import AppendRequest, GroupCommit
 from callward.audit._merkle import leaf_hash, node_hash, root_from_inclusion_proof
+from callward.audit._pending_calls import (
+    call_links,
+    interrupted_body,
+    is_pending,
+    pending_of_others,
+    update_pending,
+)
+from callward.audit._sqlite_connection import prepare, store_errors, transaction
+from callward.audit._sqlite_format import (
+    CALL_INTERRUPTED,
+    INSERT_RECORD,
+    KEY_ROTATED,
+    SELECT_RECORDS,
+    row_to_record,
+)
 from callward.audit._tree import (
-    TREE_TABLES,
-    MissingNode,
-    add_leaf,
     extend_frontier,
     frontier_at,
     get_meta,
@@ -86,6 +103,13 @@ from callward.audit._witness import (
     Witness,
     publish_to_all,
 )
+from callward.audit._writer_lock import (
+    hold_writer_lock,
+    release_writer_lock,
+    remove_dead_writer_files,
+    writer_alive,
+    writer_lock_path,
+)
 from callward.audit.signer import Signer
 from callward.core._canonical import JSONValue, Sha256Hex
 from callward.core.errors import AuditUnavailable, ConfigurationError, VerificationFailed
@@ -93,35 +117,6 @@ from callward.core.types import AuditRecord, KeyId, Receipt, ReceiptProof
 
 log = structlog.get_logger()
 
-#: ``PRAGMA application_id`` of a callward audit database ("cwal").
-APPLICATION_ID: Final = 0x6377616C
-#: ``PRAGMA user_version``: the version of the table layout below (2 adds the tree,
-#: checkpoints, meta and pending calls; a version 1 file is upgraded when opened).
-SCHEMA_VERSION: Final = 2
-#: The record kind that hands the log to a new key, signed by the old one.
-KEY_ROTATED: Final = "key.rotated"
-#: The record kind written at start for an authorized call that never completed.
-CALL_INTERRUPTED: Final = "call.interrupted"
-COLUMNS: Final = ("seq", "ts", "kind", "prev", "key_id", "body", "record", "hash", "signature")
-
-_CREATE_TABLE: Final = """
-CREATE TABLE records (
-    seq INTEGER PRIMARY KEY,
-    ts TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    prev TEXT NOT NULL,
-    key_id TEXT NOT NULL,
-    body TEXT NOT NULL,
-    record BLOB NOT NULL,
-    hash TEXT NOT NULL,
-    signature BLOB NOT NULL
-)
-"""
-_SELECT: Final = "SELECT seq, ts, kind, prev, key_id, body, record, hash, signature FROM records"
-_INSERT: Final = (
-    "INSERT INTO records (seq, ts, kind, prev, key_id, body, record, hash, signature)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
 _HEAD: Final = "SELECT seq, hash, ts FROM records ORDER BY seq DESC LIMIT 1"
 # What an append transaction reads first, in one statement: the key the log is
 # signed by now, the size of the latest checkpoint, and the head (NULLs if empty).
@@ -141,41 +136,13 @@ _FLUSH_SECONDS: Final = 0.5
 # How many of this store's newest records keep their inclusion proof in memory.
 _PROOF_CACHE: Final = 1024
 _PAGE_ROWS: Final = 512
-_POLL_SECONDS: Final = 0.0005
 # A writer that waited for the lock stamps a time just before the head's; that is
 # expected. A step back larger than this is the clock itself going backwards.
 _CLOCK_STEP_BACK_SECONDS: Final = 1.0
-# What SQLite says when a read-only WAL database sits where it cannot make its -shm.
-_NEEDS_IMMUTABLE: Final = frozenset({"SQLITE_READONLY_DIRECTORY", "SQLITE_CANTOPEN"})
-
-
-class UnreadableDatabase(Exception):
-    """A file that cannot be read as a callward audit database (missing, not SQLite, other)."""
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(slots=True)
-class _Request:
-    """One append waiting for a transaction; the leader fills ``record`` or ``error``."""
-
-    kind: str
-    body_json: bytes
-    ts: str
-    authorizes: str | None = None
-    completes: int | None = None
-    only_if_pending: bool = False
-    rotate_to: Signer | None = None
-    record: AuditRecord | None = None
-    error: BaseException | None = None
-    done: bool = False
-
-    def result(self) -> AuditRecord | None:
-        if self.error is not None:
-            raise self.error
-        return self.record
 
 
 class SQLiteAuditStore:
@@ -237,9 +204,7 @@ class SQLiteAuditStore:
         self._checkpoint_seconds = checkpoint_seconds
         self._witnesses = tuple(witnesses)
         self._lock = threading.Lock()
-        self._queue_cond = threading.Condition()
-        self._queue: list[_Request] = []
-        self._leading = False
+        self._group = GroupCommit(self._write)
         self._conn: sqlite3.Connection | None = None
         self._origin = ""
         self._key_hash = b""
@@ -307,7 +272,7 @@ class SQLiteAuditStore:
         with self._lock:
             if self._conn is not None:
                 return
-            with _store_errors("open", self._path):
+            with store_errors("open", self._path):
                 conn = sqlite3.connect(
                     self._path,
                     timeout=self._busy_timeout_seconds,
@@ -315,8 +280,8 @@ class SQLiteAuditStore:
                     check_same_thread=False,
                 )
                 try:
-                    origin = _prepare(conn, self._path, self._busy_timeout_seconds, self._signer)
-                    self._writer_lock = _hold_writer_lock(self._path, self._writer_id)
+                    origin = prepare(conn, self._path, self._busy_timeout_seconds, self._signer)
+                    self._writer_lock = hold_writer_lock(self._path, self._writer_id)
                 except BaseException:
                     conn.close()
                     raise
@@ -357,7 +322,7 @@ class SQLiteAuditStore:
             if conn is not None:
                 conn.close()
             if self._writer_lock is not None:
-                _release_writer_lock(self._path, self._writer_id, self._writer_lock)
+                release_writer_lock(self._path, self._writer_id, self._writer_lock)
                 self._writer_lock = None
 
     def __enter__(self) -> Self:
@@ -406,55 +371,29 @@ class SQLiteAuditStore:
         *,
         only_if_pending: bool = False,
         rotate_to: Signer | None = None,
-    ) -> _Request:
+    ) -> AppendRequest:
         if not is_record_kind(kind):
             raise ValueError("a record kind is dotted lower-case, like call.completed")
         ts = format_ts(now)
-        with _store_errors("append", self._path, kind=kind):
+        with store_errors("append", self._path, kind=kind):
             body_json = canonical_body(body)
-        request = _Request(
-            kind=kind, body_json=body_json, ts=ts, only_if_pending=only_if_pending,
-            rotate_to=rotate_to,
+        authorizes, completes = call_links(kind, body)
+        return AppendRequest(
+            kind=kind, body_json=body_json, ts=ts, authorizes=authorizes, completes=completes,
+            only_if_pending=only_if_pending, rotate_to=rotate_to,
         )
-        if kind == "call.authorized":
-            call = body.get("call")
-            call_id = call.get("id") if isinstance(call, Mapping) else None
-            request.authorizes = call_id if isinstance(call_id, str) else ""
-        elif kind in ("call.completed", CALL_INTERRUPTED):
-            seq = body.get("authorized_seq")
-            if isinstance(seq, int) and not isinstance(seq, bool):
-                request.completes = seq
-        return request
 
-    def _commit(self, request: _Request) -> AuditRecord | None:
-        """Queue ``request``; lead a transaction for the queue or wait for the leader's."""
-        with self._queue_cond:
-            self._queue.append(request)
-            while not request.done:
-                if not self._leading:
-                    self._leading = True
-                    batch, self._queue = self._queue, []
-                    break
-                self._queue_cond.wait()
-            else:
-                return request.result()
-        checkpoint = None
-        try:
-            checkpoint = self._write(batch)
-        finally:
-            with self._queue_cond:
-                for item in batch:
-                    item.done = True
-                self._leading = False
-                self._queue_cond.notify_all()
+    def _commit(self, request: AppendRequest) -> AuditRecord | None:
+        """Queue ``request`` for the next transaction; its record once that committed."""
+        checkpoint = self._group.submit(request)
         if checkpoint is not None:
             self.flush()  # a witness never holds a checkpoint of records not on disk
             publish_to_all(self._witnesses, self._origin, checkpoint.note)
         return request.result()
 
-    def _write(self, batch: list[_Request]) -> Checkpoint | None:
+    def _write(self, batch: list[AppendRequest]) -> Checkpoint | None:
         """Write ``batch`` in one transaction (one fsync); set each request's outcome."""
-        written: list[tuple[_Request, AuditRecord]] = []
+        written: list[tuple[AppendRequest, AuditRecord]] = []
         checkpoint = None
         signer_before, key_hash_before = self._signer, self._key_hash
         proofs: list[tuple[int, str, bytes, tuple[bytes, ...]]] = []
@@ -462,9 +401,9 @@ class SQLiteAuditStore:
         try:
             with self._lock:
                 conn = self._require_open(appending=True)
-                with _store_errors("append", self._path, kind=batch[0].kind):
+                with store_errors("append", self._path, kind=batch[0].kind):
                     self._set_synchronous(conn, full=full)
-                    with _transaction(conn, self._busy_timeout_seconds, polling=True):
+                    with transaction(conn, self._busy_timeout_seconds, polling=True):
                         current_key, last_checkpoint, seq, prev, head_ts = conn.execute(
                             _STATE
                         ).fetchone()
@@ -518,7 +457,7 @@ class SQLiteAuditStore:
     def _write_one(
         self,
         conn: sqlite3.Connection,
-        request: _Request,
+        request: AppendRequest,
         seq: int,
         prev: Sha256Hex,
         head_ts: object,
@@ -529,12 +468,12 @@ class SQLiteAuditStore:
         Write one record after ``seq``; return it, its leaf hash, its inclusion path in
         the tree of ``seq + 1`` records, and the tree's new frontier.
         """
-        if request.only_if_pending and request.completes is not None:
-            still = conn.execute(
-                "SELECT 1 FROM pending_calls WHERE authorized_seq = ?", (request.completes,)
-            ).fetchone()
-            if still is None:
-                return None
+        if (
+            request.only_if_pending
+            and request.completes is not None
+            and not is_pending(conn, request.completes)
+        ):
+            return None
         ts = request.ts
         if head_ts is not None and ts < str(head_ts):
             _log_held_ts(ts, str(head_ts))
@@ -553,7 +492,7 @@ class SQLiteAuditStore:
             request.error = AuditUnavailable(f"audit append on {self._path} failed ({exc})")
             return None
         conn.execute(
-            _INSERT,
+            INSERT_RECORD,
             (
                 record.seq,
                 record.ts,
@@ -568,15 +507,13 @@ class SQLiteAuditStore:
         )
         new_frontier, rows = extend_frontier(frontier, seq, record.record_bytes)
         put_nodes(conn, rows)
-        if request.authorizes is not None:
-            conn.execute(
-                "INSERT INTO pending_calls (authorized_seq, call_id, writer) VALUES (?, ?, ?)",
-                (record.seq, request.authorizes, self._writer_id),
-            )
-        elif request.completes is not None:
-            conn.execute(
-                "DELETE FROM pending_calls WHERE authorized_seq = ?", (request.completes,)
-            )
+        update_pending(
+            conn,
+            record.seq,
+            authorizes=request.authorizes,
+            completes=request.completes,
+            writer_id=self._writer_id,
+        )
         if request.rotate_to is not None:
             set_meta(conn, "current_key_id", request.rotate_to.key_id)
             self._signer = request.rotate_to
@@ -636,11 +573,11 @@ class SQLiteAuditStore:
         """
         with self._lock:
             conn = self._require_open()
-            with _store_errors("checkpoint", self._path):
+            with store_errors("checkpoint", self._path):
                 self._set_synchronous(conn, full=True)
             with (
-                _store_errors("checkpoint", self._path),
-                _transaction(conn, self._busy_timeout_seconds),
+                store_errors("checkpoint", self._path),
+                transaction(conn, self._busy_timeout_seconds),
             ):
                 self._check_current_key(conn)
                 head = conn.execute(_HEAD).fetchone()
@@ -719,7 +656,7 @@ class SQLiteAuditStore:
         else:
             with self._lock:
                 conn = self._require_open()
-                with _store_errors("receipt", self._path):
+                with store_errors("receipt", self._path):
                     path = inclusion_path(conn, record.seq, size)
                     stored_root = root_at(conn, size)
         try:
@@ -779,7 +716,7 @@ class SQLiteAuditStore:
         """
         with self._lock:
             conn = self._require_open()
-            with _store_errors("read", self._path):
+            with store_errors("read", self._path):
                 return get_meta(conn, "current_key_id") == key_id
 
     def recover_interrupted(self) -> list[AuditRecord]:
@@ -796,34 +733,24 @@ class SQLiteAuditStore:
         """
         with self._lock:
             conn = self._require_open()
-            with _store_errors("read", self._path):
-                rows = conn.execute(
-                    "SELECT authorized_seq, call_id, writer FROM pending_calls"
-                    " WHERE writer != ? ORDER BY authorized_seq",
-                    (self._writer_id,),
-                ).fetchall()
+            with store_errors("read", self._path):
+                rows = pending_of_others(conn, self._writer_id)
         gone: dict[str, bool] = {}
         written = []
         for authorized_seq, call_id, writer in rows:
             if writer not in gone:
-                gone[writer] = not _writer_alive(self._path, str(writer))
+                gone[writer] = not writer_alive(self._path, writer)
             if not gone[writer]:
                 continue
-            body: dict[str, JSONValue] = {
-                "call_id": str(call_id),
-                "authorized_seq": int(authorized_seq),
-                "outcome": "interrupted",
-                "message": "the gateway stopped before the call completed; its result, "
-                "if any, never reached the model",
-            }
+            body = interrupted_body(call_id, authorized_seq)
             request = self._request(CALL_INTERRUPTED, body, self._clock(), only_if_pending=True)
             record = self._commit(request)
             if record is not None:
                 written.append(record)
         for writer, is_gone in gone.items():
             if is_gone:
-                _writer_lock_path(self._path, writer).unlink(missing_ok=True)
-        _remove_dead_writer_files(self._path, keep=self._writer_id)
+                writer_lock_path(self._path, writer).unlink(missing_ok=True)
+        remove_dead_writer_files(self._path, keep=self._writer_id)
         if written:
             log.warning("audit_calls_interrupted", count=len(written))
         return written
@@ -835,7 +762,7 @@ class SQLiteAuditStore:
         Raises:
             AuditUnavailable: The file cannot be read.
         """
-        records = self._fetch(f"{_SELECT} ORDER BY seq DESC LIMIT 1", ())
+        records = self._fetch(f"{SELECT_RECORDS} ORDER BY seq DESC LIMIT 1", ())
         return records[0] if records else None
 
     def get(self, seq: int) -> AuditRecord | None:
@@ -845,7 +772,7 @@ class SQLiteAuditStore:
         Raises:
             AuditUnavailable: The file cannot be read.
         """
-        records = self._fetch(f"{_SELECT} WHERE seq = ?", (seq,))
+        records = self._fetch(f"{SELECT_RECORDS} WHERE seq = ?", (seq,))
         return records[0] if records else None
 
     def records(self, start: int = 1) -> Iterator[AuditRecord]:
@@ -860,7 +787,9 @@ class SQLiteAuditStore:
         """
         after = start - 1
         while True:
-            page = self._fetch(f"{_SELECT} WHERE seq > ? ORDER BY seq LIMIT {_PAGE_ROWS}", (after,))
+            page = self._fetch(
+                f"{SELECT_RECORDS} WHERE seq > ? ORDER BY seq LIMIT {_PAGE_ROWS}", (after,)
+            )
             yield from page
             if len(page) < _PAGE_ROWS:
                 return
@@ -875,23 +804,23 @@ class SQLiteAuditStore:
         """
         with self._lock:
             conn = self._require_open()
-            with _store_errors("read", self._path):
+            with store_errors("read", self._path):
                 (count,) = conn.execute("SELECT count(*) FROM records").fetchone()
         return int(count)
 
     def _fetch(self, sql: str, params: tuple[int, ...]) -> list[AuditRecord]:
         with self._lock:
             conn = self._require_open()
-            with _store_errors("read", self._path):
+            with store_errors("read", self._path):
                 # A row that is not a record (the file was edited) fails as a read.
                 return [row_to_record(row) for row in conn.execute(sql, params)]
 
     def _require_open(self, *, appending: bool = False) -> sqlite3.Connection:
         """
         The open connection, its busy timeout set for what comes (call under ``_lock``):
-        0 for appends, which poll for the write lock themselves (``_begin_immediate``),
-        ``busy_timeout_seconds`` for everything else. Set only when it changes, so
-        appends one after another run no PRAGMA.
+        0 for appends, which poll for the write lock themselves
+        (``transaction(..., polling=True)``), ``busy_timeout_seconds`` for everything
+        else. Set only when it changes, so appends one after another run no PRAGMA.
         """
         conn = self._conn
         if conn is None:
@@ -901,7 +830,7 @@ class SQLiteAuditStore:
             )
         if appending != self._busy_zero:
             wait_ms = 0 if appending else round(self._busy_timeout_seconds * 1000)
-            with _store_errors("open", self._path):
+            with store_errors("open", self._path):
                 conn.execute(f"PRAGMA busy_timeout = {wait_ms}")
             self._busy_zero = appending
         return conn
@@ -927,289 +856,11 @@ def _log_held_ts(ts: str, head_ts: str) -> None:
         log.debug("audit_ts_held_at_head", clock_ts=ts, head_ts=head_ts)
 
 
-def _prepare(conn: sqlite3.Connection, path: Path, wait_seconds: float, signer: Signer) -> str:
-    """
-    Set WAL and full sync, and create, upgrade or recognise the tables, in one
-    transaction. Returns the log's origin.
-    """
-    (journal_mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
-    if str(journal_mode).lower() != "wal":
-        raise AuditUnavailable(f"{path} cannot be put in WAL mode (it is in {journal_mode})")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA fullfsync=ON")  # macOS: fsync alone does not reach the disk
-    created = False
-    with _transaction(conn, wait_seconds):
-        (application_id,) = conn.execute("PRAGMA application_id").fetchone()
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
-        (tables,) = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        if application_id == 0 and version == 0 and tables == 0:
-            conn.execute(_CREATE_TABLE)
-            _create_tree_tables(conn, signer)
-            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            created = True
-        elif application_id == APPLICATION_ID and version == 1:
-            _upgrade_from_version_1(conn, path, signer)
-        elif application_id != APPLICATION_ID or version != SCHEMA_VERSION:
-            raise AuditUnavailable(
-                f"{path} is not a callward audit database (version {SCHEMA_VERSION})",
-                remediation="point the audit store at a callward audit.db, or at a new path",
-            )
-        origin = get_meta(conn, "origin")
-        if origin is None:
-            raise AuditUnavailable(f"{path} has lost its origin (the meta table was edited)")
-    if created:
-        # The new file's directory entry must survive a crash, like its records.
-        _fsync_directory(path.parent)
-        log.info("audit_store_created", path=str(path))
-    return origin
-
-
-def _create_tree_tables(conn: sqlite3.Connection, signer: Signer) -> None:
-    for statement in TREE_TABLES:
-        conn.execute(statement)
-    set_meta(conn, "origin", f"callward.audit/{signer.key_id}")
-
-
-def _upgrade_from_version_1(conn: sqlite3.Connection, path: Path, signer: Signer) -> None:
-    """Add the version 2 tables and build the tree over the records already there."""
-    _create_tree_tables(conn, signer)
-    first = conn.execute("SELECT key_id FROM records ORDER BY seq LIMIT 1").fetchone()
-    if first is not None:
-        set_meta(conn, "origin", f"callward.audit/{first[0]}")
-    for seq, data in conn.execute("SELECT seq, record FROM records ORDER BY seq").fetchall():
-        add_leaf(conn, int(seq) - 1, bytes(data))
-    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-    log.info("audit_store_upgraded", path=str(path), version=SCHEMA_VERSION)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _public_key_of(signer: Signer) -> Ed25519PublicKey:
     key = serialization.load_pem_public_key(signer.public_key_pem())
     if not isinstance(key, Ed25519PublicKey):
         raise ConfigurationError("the audit signer's public key is not Ed25519")
     return key
-
-
-def _writer_lock_path(db: Path, writer_id: str) -> Path:
-    return db.with_name(db.name + ".writers") / writer_id
-
-
-def _hold_writer_lock(db: Path, writer_id: str) -> int:
-    """
-    Create and lock this store's writer file; the lock lives as long as the process
-    holds it open, so a crashed or killed writer frees it and can be recognised.
-    """
-    directory = db.with_name(db.name + ".writers")
-    directory.mkdir(mode=0o700, exist_ok=True)
-    fd = os.open(
-        _writer_lock_path(db, writer_id),
-        os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-        0o600,
-    )
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _release_writer_lock(db: Path, writer_id: str, fd: int) -> None:
-    _writer_lock_path(db, writer_id).unlink(missing_ok=True)
-    os.close(fd)
-
-
-def _remove_dead_writer_files(db: Path, *, keep: str) -> None:
-    """Remove the lock files of writers that are gone and left no call open."""
-    directory = db.with_name(db.name + ".writers")
-    try:
-        names = [entry.name for entry in directory.iterdir()]
-    except OSError:
-        return
-    for name in names:
-        if name != keep and not _writer_alive(db, name):
-            _writer_lock_path(db, name).unlink(missing_ok=True)
-
-
-def _writer_alive(db: Path, writer_id: str) -> bool:
-    """Whether the writer ``writer_id`` still holds its lock (its process still runs)."""
-    try:
-        fd = os.open(_writer_lock_path(db, writer_id), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True  # cannot tell: never close out a call that may still be running
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
-def connect_read_only(path: Path) -> sqlite3.Connection:
-    """
-    Open an audit database read-only (``mode=ro``), for verifying and reading.
-
-    Raises:
-        UnreadableDatabase: The file is missing, is not SQLite, or is not a callward
-            audit database of this version.
-    """
-    if not path.is_file():
-        raise UnreadableDatabase(f"{path} does not exist or is not a file")
-    uri = path.resolve().as_uri() + "?mode=ro"
-    try:
-        return _connect_and_check(uri, path)
-    except sqlite3.Error as exc:
-        wal = path.with_name(path.name + "-wal")
-        if error_name(exc) not in _NEEDS_IMMUTABLE or wal.exists():
-            raise UnreadableDatabase(
-                f"{path} cannot be opened as an SQLite database ({error_name(exc)})"
-            ) from exc
-    # A WAL database in a directory we cannot write (a reviewer's copy): with no -wal
-    # file beside it, the main file holds every committed record and nothing is
-    # writing it, so it may be read as immutable.
-    try:
-        return _connect_and_check(uri + "&immutable=1", path)
-    except sqlite3.Error as exc:
-        raise UnreadableDatabase(
-            f"{path} cannot be opened as an SQLite database ({error_name(exc)})"
-        ) from exc
-
-
-def _connect_and_check(uri: str, path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(uri, uri=True, isolation_level=None)
-    try:
-        (application_id,) = conn.execute("PRAGMA application_id").fetchone()
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
-        columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(records)"))
-    except BaseException:
-        conn.close()
-        raise
-    if application_id != APPLICATION_ID or version not in (1, SCHEMA_VERSION) or columns != COLUMNS:
-        conn.close()
-        raise UnreadableDatabase(
-            f"{path} is not a callward audit database (version {SCHEMA_VERSION})"
-        )
-    return conn
-
-
-def error_name(exc: sqlite3.Error) -> str:
-    """SQLite's own name for an error (``SQLITE_BUSY``), or its Python type."""
-    return getattr(exc, "sqlite_errorname", None) or type(exc).__name__
-
-
-def _begin_immediate(conn: sqlite3.Connection, wait_seconds: float, *, polling: bool) -> None:
-    """
-    ``BEGIN IMMEDIATE``, retried every ``_POLL_SECONDS`` for up to ``wait_seconds``.
-
-    SQLite's own busy handler backs off to 100 ms sleeps, so a process appending in a
-    loop can keep the write lock from a waiting one until its timeout; polling at a
-    fixed short interval gives each writer its turn. With ``polling`` the connection's
-    busy timeout is already 0 and stays so; otherwise it is 0 only meanwhile.
-    """
-    deadline = time.monotonic() + wait_seconds
-    if polling:
-        _poll_begin(conn, deadline)
-        return
-    conn.execute("PRAGMA busy_timeout = 0")
-    try:
-        _poll_begin(conn, deadline)
-    finally:
-        conn.execute(f"PRAGMA busy_timeout = {round(wait_seconds * 1000)}")
-
-
-def _poll_begin(conn: sqlite3.Connection, deadline: float) -> None:
-    while True:
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
-            if not busy or time.monotonic() >= deadline:
-                raise
-            time.sleep(_POLL_SECONDS)
-        else:
-            return
-
-
-@contextlib.contextmanager
-def _transaction(
-    conn: sqlite3.Connection, wait_seconds: float, *, polling: bool = False
-) -> Iterator[None]:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``; on any exception, roll back and re-raise."""
-    _begin_immediate(conn, wait_seconds, polling=polling)
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error as exc:
-                # The original error is what the caller needs; SQLite rolls back a
-                # failed transaction itself when the connection closes.
-                log.exception("audit_rollback_failed", error=type(exc).__name__)
-        raise
-
-
-@contextlib.contextmanager
-def _store_errors(operation: str, path: Path, *, kind: str = "") -> Iterator[None]:
-    """The one place SQLite, OS, signer and encoding failures become ``AuditUnavailable``."""
-    try:
-        yield
-    except (sqlite3.Error, OSError, ValueError, MissingNode) as exc:
-        error = error_name(exc) if isinstance(exc, sqlite3.Error) else type(exc).__name__
-        log.exception(
-            "audit_store_failed", operation=operation, path=str(path), kind=kind, error=error
-        )
-        raise AuditUnavailable(f"audit {operation} on {path} failed ({error})") from exc
-
-
-def row_to_record(row: Sequence[object]) -> AuditRecord:
-    """
-    A row of the ``records`` table as an ``AuditRecord``, its columns not yet checked
-    against the signed bytes (``check_record`` does that).
-
-    Raises:
-        ValueError: A column has the wrong type, or a hash column is not 64 hex digits.
-    """
-    seq, ts, kind, prev, key_id, body, record, record_hash, signature = row
-    if not isinstance(seq, int):
-        raise ValueError("the seq column is not an integer")  # noqa: TRY004 - a data error
-    return AuditRecord(
-        seq=seq,
-        ts=_text(ts, "ts"),
-        kind=_text(kind, "kind"),
-        prev=Sha256Hex(_text(prev, "prev")),
-        key_id=KeyId(_text(key_id, "key_id")),
-        body_json=_text(body, "body").encode("utf-8"),
-        record_bytes=_blob(record, "record"),
-        record_hash=Sha256Hex(_text(record_hash, "hash")),
-        signature=_blob(signature, "signature"),
-    )
-
-
-def _text(value: object, column: str) -> str:
-    if isinstance(value, str):
-        return value
-    raise ValueError(f"the {column} column is not text")
-
-
-def _blob(value: object, column: str) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    raise ValueError(f"the {column} column is not a blob")
 
 
 if TYPE_CHECKING:
@@ -1220,13 +871,4 @@ if TYPE_CHECKING:
         return store
 
 
-__all__ = [
-    "APPLICATION_ID",
-    "COLUMNS",
-    "SCHEMA_VERSION",
-    "SQLiteAuditStore",
-    "UnreadableDatabase",
-    "connect_read_only",
-    "error_name",
-    "row_to_record",
-]
+__all__ = ["DEFERRED_SYNC_KINDS", "SQLiteAuditStore"]

@@ -1,6 +1,10 @@
 """
 Verify an audit log offline, with nothing but the database file and the public key.
 
+This module streams the records and checks the chain and the keys; signatures are
+checked by ``_verify_signatures`` (here or in worker processes) and checkpoints by
+``_verify_checkpoints``, as the stream passes them.
+
 Invariants:
 
 - The database is opened read-only; verifying never changes the file.
@@ -28,35 +32,28 @@ import binascii
 import multiprocessing
 import os
 import sqlite3
-from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, NoReturn, Protocol
+from typing import Final, Literal
 
 import structlog
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from callward.audit._chain import (
-    GENESIS_PREV,
-    check_contents,
-    check_position,
-    check_signature,
-    signature_problem,
-)
-from callward.audit._checkpoint import Checkpoint, open_checkpoint, read_unverified
+from callward.audit._chain import GENESIS_PREV, check_contents, check_position
+from callward.audit._checkpoint import Checkpoint, read_unverified
 from callward.audit._merkle import EMPTY_ROOT, Frontier, leaf_hash
-from callward.audit._sqlite import (
+from callward.audit._sqlite_format import (
     KEY_ROTATED,
     UnreadableDatabase,
     connect_read_only,
     error_name,
     row_to_record,
 )
-from callward.audit._tree import MissingNode, root_at
+from callward.audit._verify_checkpoints import CheckpointChecks
+from callward.audit._verify_signatures import InlineSignatures, PooledSignatures, Signatures
 from callward.audit._witness import checkpoint_file_name
 from callward.audit.signer import key_id_of, load_public_key
 from callward.core._canonical import STRICT_DECODER, Sha256Hex
@@ -71,7 +68,6 @@ _SELECT_ALL: Final = (
 #: Logs at least this long are verified with worker processes when ``workers="auto"``.
 PARALLEL_MIN_RECORDS: Final = 50_000
 _MAX_WORKERS: Final = 8
-_BATCH_RECORDS: Final = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +149,7 @@ def verify(
         trust = _Trust(keys, _first_key_id(conn))
         processes = _worker_count(conn) if workers == "auto" else workers
         if processes == 1:
-            verified = _verify_rows(conn, trust, _InlineSignatures(), witnessed)
+            verified = _verify_rows(conn, trust, InlineSignatures(), witnessed)
         else:
             verified = _verify_pooled(conn, trust, processes, witnessed)
     finally:
@@ -250,135 +246,19 @@ def _verify_pooled(
         with ProcessPoolExecutor(
             max_workers=processes, mp_context=multiprocessing.get_context("spawn")
         ) as pool:
-            return _verify_rows(conn, trust, _PooledSignatures(pool, processes), witnessed)
+            return _verify_rows(conn, trust, PooledSignatures(pool, processes), witnessed)
     except (BrokenProcessPool, OSError) as exc:
         # Worker processes cannot run here; the answer must not depend on them.
         log.warning("audit_verify_workers_failed", error=type(exc).__name__)
         trust.known, trust.current, trust.current_id = initial
         trust.used = []
-        return _verify_rows(conn, trust, _InlineSignatures(), witnessed)
-
-
-def _has_table(conn: sqlite3.Connection, name: str) -> bool:
-    (count,) = conn.execute(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
-    ).fetchone()
-    return bool(count)
-
-
-def _stored_checkpoints(conn: sqlite3.Connection) -> Iterator[tuple[int, str]]:
-    """The stored checkpoints by size; none in a version 1 file."""
-    if not _has_table(conn, "checkpoints"):
-        return iter(())
-    # A second cursor beside the records': checkpoints stream too, in constant memory.
-    return ((int(size), str(note)) for size, note in
-            conn.execute("SELECT size, note FROM checkpoints ORDER BY size"))
-
-
-class _Checkpoints:
-    """Checks stored and witness checkpoints as the stream of records passes their size."""
-
-    def __init__(
-        self, conn: sqlite3.Connection, witnessed: list[tuple[str, Checkpoint]]
-    ) -> None:
-        self._conn = conn
-        self._stored = _stored_checkpoints(conn)
-        self._has_tree = _has_table(conn, "merkle_nodes")
-        self._next = next(self._stored, None)
-        self._witnessed = witnessed
-        self._witness_sizes = {checkpoint.size for _, checkpoint in witnessed}
-        self.roots: dict[int, bytes] = {}
-        self.verified = 0
-        self.latest = 0
-        self.origin: str | None = None
-
-    def passed(self, size: int, frontier: Frontier, trust: _Trust) -> None:
-        """The first ``size`` records verified; ``frontier`` is their tree."""
-        if size in self._witness_sizes:
-            self.roots[size] = frontier.root()
-        while self._next is not None and self._next[0] <= size:
-            stored_size, note = self._next
-            if stored_size < size:
-                raise VerificationFailed(
-                    f"checkpoint {stored_size}: not a size the log passed through", seq=size
-                )
-            self._check(stored_size, note, frontier.root(), trust)
-            self._next = next(self._stored, None)
-
-    def _check(self, size: int, note: str, root: bytes, trust: _Trust) -> None:
-        try:
-            checkpoint = open_checkpoint(note, trust.known.values(), origin=self.origin)
-        except VerificationFailed as exc:
-            raise VerificationFailed(f"checkpoint {size}: {exc.message}", seq=size) from exc
-        if checkpoint.size != size:
-            raise VerificationFailed(
-                f"checkpoint {size}: stored as size {size} but signs size {checkpoint.size}",
-                seq=size,
-            )
-        if checkpoint.root != root:
-            raise VerificationFailed(
-                f"checkpoint {size}: its root is not the Merkle root of records 1..{size}",
-                seq=size,
-            )
-        if self._has_tree:
-            self._check_stored_tree(size, root)
-        self.origin = checkpoint.origin
-        self.verified += 1
-        self.latest = size
-
-    def _check_stored_tree(self, size: int, root: bytes) -> None:
-        """The tree the file serves proofs from must give the root the records give."""
-        try:
-            stored = root_at(self._conn, size)
-        except MissingNode:
-            stored = b""
-        if stored != root:
-            raise VerificationFailed(
-                f"checkpoint {size}: the file's stored Merkle tree does not give the root of "
-                f"records 1..{size}, so proofs made from it would fail",
-                seq=size,
-            )
-
-    def finish(self, count: int, trust: _Trust) -> None:
-        """After the last record: nothing signed may reach past it; witnesses agree."""
-        if self._next is not None:
-            size = self._next[0]
-            raise VerificationFailed(
-                f"checkpoint {size} signs {size} records but the log holds {count}: records "
-                "were removed from the end",
-                seq=count + 1,
-            )
-        for where, claimed in self._witnessed:
-            try:
-                checkpoint = open_checkpoint(claimed.note, trust.known.values())
-            except VerificationFailed as exc:
-                raise VerificationFailed(f"witness {where}: {exc.message}", seq=None) from exc
-            if self.origin is not None and checkpoint.origin != self.origin:
-                continue  # another log's checkpoint in a shared witness directory
-            if checkpoint.size > count:
-                raise VerificationFailed(
-                    f"rolled back: witness {where} holds a checkpoint of {checkpoint.size} "
-                    f"records, the log only {count}",
-                    seq=None,
-                )
-            if self.roots.get(checkpoint.size) != checkpoint.root:
-                raise VerificationFailed(
-                    f"rewritten: the log's first {checkpoint.size} records are not those "
-                    f"witness {where} signed",
-                    seq=None,
-                )
-            if checkpoint.size > self.latest:
-                raise VerificationFailed(
-                    f"rolled back: the log's latest checkpoint ({self.latest}) is behind "
-                    f"witness {where}'s ({checkpoint.size})",
-                    seq=None,
-                )
+        return _verify_rows(conn, trust, InlineSignatures(), witnessed)
 
 
 def _verify_rows(
     conn: sqlite3.Connection,
     trust: _Trust,
-    signatures: _Signatures,
+    signatures: Signatures,
     witnessed: list[tuple[str, Checkpoint]],
 ) -> VerifiedLog:
     count = 0
@@ -386,7 +266,7 @@ def _verify_rows(
     first_ts: str | None = None
     last_ts: str | None = None
     frontier = Frontier()
-    checkpoints = _Checkpoints(conn, witnessed)
+    checkpoints = CheckpointChecks(conn, witnessed)
     try:
         for row in conn.execute(_SELECT_ALL):
             try:
@@ -412,7 +292,7 @@ def _verify_rows(
                     trust.rotate(record)
                 frontier.append(leaf_hash(record.record_bytes))
                 count = record.seq
-                checkpoints.passed(count, frontier, trust)
+                checkpoints.passed(count, frontier, trust.known)
             except VerificationFailed as failure:
                 signatures.raise_first(failure, including_seq=True)
             prev = record.record_hash
@@ -428,7 +308,7 @@ def _verify_rows(
             including_seq=False,
         )
     signatures.finish()
-    checkpoints.finish(count, trust)
+    checkpoints.finish(count, trust.known)
     return VerifiedLog(
         records=count,
         head_hash=prev,
@@ -440,106 +320,6 @@ def _verify_rows(
         key_ids=tuple(trust.used),
         witnessed=len(witnessed),
     )
-
-
-class _Signatures(Protocol):
-    """Checks signatures in seq order, here or elsewhere, and reports the first failure."""
-
-    def check(self, record: AuditRecord, key: Ed25519PublicKey, key_id: KeyId) -> None:
-        """Check (or queue) this record's signature; may raise an earlier record's failure."""
-        ...
-
-    def raise_first(self, failure: VerificationFailed, *, including_seq: bool) -> NoReturn:
-        """
-        Raise the first failure: a signature failure before ``failure.seq`` (or at it, if
-        ``including_seq``, since contents are checked after the signature), else ``failure``.
-        """
-        ...
-
-    def finish(self) -> None:
-        """Raise the first signature failure still outstanding, if any."""
-        ...
-
-
-class _InlineSignatures:
-    def check(self, record: AuditRecord, key: Ed25519PublicKey, key_id: KeyId) -> None:
-        check_signature(record, public_key=key, key_id=key_id)
-
-    def raise_first(self, failure: VerificationFailed, *, including_seq: bool) -> NoReturn:
-        raise failure
-
-    def finish(self) -> None:
-        return
-
-
-_Item = tuple[int, bytes, bytes, str, bytes]
-
-
-class _PooledSignatures:
-    """Batches of signatures checked by worker processes, with a bounded queue."""
-
-    def __init__(self, pool: ProcessPoolExecutor, processes: int) -> None:
-        self._pool = pool
-        self._max_pending = 2 * processes
-        self._batch: list[_Item] = []
-        self._pending: deque[Future[tuple[int, str] | None]] = deque()
-        self._raw: dict[KeyId, bytes] = {}
-
-    def check(self, record: AuditRecord, key: Ed25519PublicKey, key_id: KeyId) -> None:
-        raw = self._raw.get(key_id)
-        if raw is None:
-            raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-            self._raw[key_id] = raw
-        item = (record.seq, record.record_bytes, record.signature, record.key_id, raw)
-        self._batch.append(item)
-        if len(self._batch) >= _BATCH_RECORDS:
-            self._flush()
-        # Bounded memory: wait for the oldest batch once enough are queued.
-        while len(self._pending) > self._max_pending:
-            self._collect_oldest()
-
-    def raise_first(self, failure: VerificationFailed, *, including_seq: bool) -> NoReturn:
-        self._flush()
-        while self._pending:
-            problem = self._pending.popleft().result()
-            if problem is None or failure.seq is None:
-                continue
-            seq, message = problem
-            if seq < failure.seq or (including_seq and seq == failure.seq):
-                raise VerificationFailed(message, seq=seq) from None
-        raise failure
-
-    def finish(self) -> None:
-        self._flush()
-        while self._pending:
-            self._collect_oldest()
-
-    def _flush(self) -> None:
-        if self._batch:
-            self._pending.append(self._pool.submit(_check_batch, self._batch))
-            self._batch = []
-
-    def _collect_oldest(self) -> None:
-        problem = self._pending.popleft().result()
-        if problem is not None:
-            seq, message = problem
-            raise VerificationFailed(message, seq=seq)
-
-
-def _check_batch(batch: list[_Item]) -> tuple[int, str] | None:
-    """In a worker process: the first bad signature of a batch, as (seq, message)."""
-    keys: dict[bytes, tuple[Ed25519PublicKey, KeyId]] = {}
-    for seq, data, signature, stored_key_id, raw_key in batch:
-        if raw_key not in keys:
-            key = Ed25519PublicKey.from_public_bytes(raw_key)
-            keys[raw_key] = (key, key_id_of(key))
-        key, key_id = keys[raw_key]
-        problem = signature_problem(
-            seq, data, signature, stored_key_id, public_key=key, key_id=key_id
-        )
-        if problem is not None:
-            return seq, problem
-    return None
 
 
 __all__ = ["VerifiedLog", "verify"]

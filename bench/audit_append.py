@@ -1,7 +1,7 @@
 """
 Audit log write throughput: signed, chained, Merkle-tree records with group commit,
 against a plain SQLite insert loop measured in the same run
-(run: .venv/bin/python bench/audit_append.py).
+(run: .venv/bin/python -m bench.audit_append).
 
 Rows:
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sqlite3
-import sys
 import tempfile
 import threading
 import time
@@ -29,10 +28,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _table import configure_logging, print_table
-
+from bench._common import configure_logging, print_table
 from callward.audit import FileSigner, SQLiteAuditStore, verify
 
 BODY = {"call_id": "call_0123456789abcdef01234567", "tool": "square@1.0.0", "outcome": "ok",

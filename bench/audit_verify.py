@@ -1,6 +1,6 @@
 """
 Offline verification speed: a whole log, and one receipt, against baselines measured in
-the same run (run: .venv/bin/python bench/audit_verify.py [--records 1000000]).
+the same run (run: .venv/bin/python -m bench.audit_verify [--records 1000000]).
 
 The log is built with the store's own record format (``seal``), tree (``add_leaf``)
 and checkpoint (``sign_checkpoint``) functions, in large transactions so that building
@@ -23,10 +23,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _table import configure_logging, print_table, summarize
-
+from bench._common import configure_logging, print_table, summarize
 from callward.audit import FileSigner, SQLiteAuditStore, prove, verify, verify_receipt
 from callward.audit._chain import GENESIS_PREV, canonical_body, format_ts, seal
 from callward.audit._checkpoint import note_key_hash, sign_checkpoint

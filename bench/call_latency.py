@@ -3,7 +3,7 @@ End-to-end latency of one allowed call through the whole path (parse, policy,
 signed call.authorized, a fresh hardened container, signed call.completed),
 per stage, against `docker run --rm` of the same image in the same process.
 
-Run: .venv/bin/python bench/call_latency.py --calls 60
+Run: .venv/bin/python -m bench.call_latency --calls 60
 Stage times come from the durations each call.completed record carries.
 """
 
@@ -12,15 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _table import configure_logging, print_table, summarize
-
+from bench._common import configure_logging, print_table, summarize
 from callward.core.gateway import Gateway
 from callward.core.gateway._config import example_config_path
 from callward.sandbox import expected_image_tag

@@ -1,6 +1,7 @@
 """
 Governance overhead: parse + policy + two signed, fsynced audit records per call,
-against baselines measured in the same process (run: .venv/bin/python bench/governance.py).
+against baselines measured in the same process
+(run: .venv/bin/python -m bench.governance).
 
 The sandbox is left out on purpose: ``NullRunner`` answers at once, so what is
 timed is what callward adds around a tool. Two audit settings: ``sync="authorized"``
@@ -17,42 +18,19 @@ from __future__ import annotations
 
 import argparse
 import sqlite3
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from jsonschema import Draft202012Validator
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _table import configure_logging, print_table, summarize
-
+from bench._common import EXAMPLES, NullRunner, configure_logging, print_table, summarize
 from callward.audit import FileSigner, SQLiteAuditStore
-from callward.core import (
-    Execution,
-    ResourceLimits,
-    Sha256Hex,
-    ToolCall,
-    ToolRegistry,
-    ToolSpec,
-    Usage,
-    strict_loads,
-)
+from callward.core import ToolRegistry, strict_loads
 from callward.core.gateway import Gateway
 from callward.policies import Policy
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "core" / "examples"
 TEXT = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 40}}</tool_call>'
-
-
-class NullRunner:
-    """Answers at once, so that only governance is timed. A benchmark baseline, not a sandbox."""
-
-    image_digest = Sha256Hex("0" * 64)
-
-    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
-        return Execution("ok", b"42", "", Usage(0.0, 0, 2))
 
 
 def timed(function, count: int) -> tuple[list[float], float]:

@@ -1,8 +1,8 @@
 """
 How the SDK client reaches an MCP server in a service container: over a `docker`
 process's pipes, as any stdio client must, or over the Engine's attach socket, as the
-gateway does (`container_stdio`); interleaved, in one run (run: .venv/bin/python
-bench/mcp_container_transport.py --calls 1000).
+gateway does (`container_stdio`); interleaved, in one run (run: .venv/bin/python -m
+bench.mcp_container_transport --calls 1000).
 
 Two containers of the same service image run the integration tests' `notes` server;
 the SDK `Client` calls `add` on each, one way each:
@@ -19,18 +19,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 import time
-from pathlib import Path
 
 from anyio.from_thread import start_blocking_portal
 from mcp import Client, StdioServerParameters
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _table import configure_logging, print_table, summarize
-from mcp_latency import SERVER, SERVER_COMMAND, exec_server
-
+from bench._common import (
+    SERVER,
+    SERVER_COMMAND,
+    configure_logging,
+    exec_server,
+    print_table,
+    summarize,
+)
 from callward.core import ResourceLimits
 from callward.core.mcp._container_stdio import container_stdio
 from callward.sandbox import ServiceImageSpec, StdioService, ensure_service_image

@@ -1,6 +1,6 @@
 """
 Added latency of callward as an MCP gateway, per ``tools/call``, in one process
-(run: .venv/bin/python bench/mcp_latency.py).
+(run: .venv/bin/python -m bench.mcp_latency).
 
 One upstream MCP server written with the SDK (the integration tests' ``notes``
 server) runs in one hardened callward container; every row calls its ``add``
@@ -30,85 +30,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from anyio.from_thread import start_blocking_portal
-from mcp import Client, StdioServerParameters
+from mcp import Client
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _table import configure_logging, print_table, summarize
-
-from callward.core import (
-    Execution,
-    ResourceLimits,
-    Sha256Hex,
-    ToolCall,
-    ToolSpec,
-    Usage,
-    canonical_bytes,
+from bench._common import (
+    NullRunner,
+    configure_logging,
+    exec_server,
+    print_table,
+    summarize,
+    write_config,
 )
+from callward.core import ToolCall, canonical_bytes
 from callward.core.gateway import Gateway
 from callward.core.mcp._gateway import open_upstreams
 from callward.core.mcp._server import McpFace
-
-REPO = Path(__file__).resolve().parent.parent
-SERVER = REPO / "tests" / "integration" / "mcp" / "servers" / "notes_server.py"
-#: The notes server's command inside its service container.
-SERVER_COMMAND = ["python3", "/opt/callward/service/notes_server.py"]
-EXAMPLES = REPO / "core" / "examples"
-POLICY = """\
-version: 1
-default: deny
-principals:
-  bench: {roles: [bench]}
-rules:
-  - {id: bench-adds, effect: allow, roles: [bench], tools: [notes__add]}
-"""
-
-
-def write_config(root: Path, *, audit_sync: str | None = None) -> Path:
-    """The bench's callward.yaml in ``root``; ``audit_sync`` sets ``audit.sync``."""
-    shutil.copy(SERVER, root / "notes_server.py")
-    (root / "policy.yaml").write_text(POLICY)
-    path = root / "callward.yaml"
-    path.write_text(yaml.safe_dump({
-        **({} if audit_sync is None else {"audit": {"sync": audit_sync}}),
-        "tools": [str(EXAMPLES / "tools.py")],
-        "policy": "policy.yaml",
-        "mcp": {"servers": {"notes": {
-            "command": SERVER_COMMAND,
-            "files": {"notes_server.py": "notes_server.py"},
-            "python_distributions": ["mcp", "cryptography"],
-            "limits": {"memory_bytes": 256 << 20, "pids": 64, "open_files": 256,
-                       "wall_seconds": 20},
-        }}},
-    }))
-    return path
-
-
-def exec_server(container_id: str) -> StdioServerParameters:
-    """The baseline: the SDK client runs another notes server with `docker exec -i`."""
-    return StdioServerParameters(
-        command="docker", args=["exec", "-i", container_id, *SERVER_COMMAND],
-        env={key: value for key, value in os.environ.items() if key.startswith("DOCKER_")})
-
-
-class InstantRunner:
-    """Answers at once: a baseline that leaves the upstream out, not a sandbox."""
-
-    image_digest = Sha256Hex("0" * 64)
-
-    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
-        return Execution("ok", canonical_bytes({"result": 0}), "", Usage(0.0, 0, 12))
 
 
 def timed(calls: int, function: Callable[[int], object]) -> tuple[list[float], float]:
@@ -175,7 +117,8 @@ def main() -> None:
                     raise SystemExit("face call failed")
 
             governance = Gateway(registry=gateway.registry, policy=gateway.policy,
-                                 runner=InstantRunner(), audit=gateway.audit)
+                                 runner=NullRunner(canonical_bytes({"result": 0})),
+                                 audit=gateway.audit)
 
             def governance_only(index: int) -> None:
                 call = ToolCall.create(id=f"g{index}", name="notes__add",

@@ -1,7 +1,7 @@
 """
 Added latency of a real `callward mcp serve` process over stdio, per `tools/call`,
 against the SDK client calling the same upstream container directly; interleaved,
-in one run (run: .venv/bin/python bench/mcp_serve_latency.py --calls 400 --repeats 3).
+in one run (run: .venv/bin/python -m bench.mcp_serve_latency --calls 400 --repeats 3).
 
 `bench/mcp_latency.py` measures the face in this process (the SDK client on memory
 streams); this one also pays the client's own leg to the gateway process: the SDK's
@@ -38,10 +38,7 @@ from anyio.from_thread import start_blocking_portal
 from docker.models.containers import Container
 from mcp import Client, StdioServerParameters
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _table import configure_logging, print_table, summarize
-from mcp_latency import exec_server, write_config
+from bench._common import configure_logging, exec_server, print_table, summarize, write_config
 
 WARMUP = 30
 

@@ -2,7 +2,7 @@
 Model tools through the gateway: cold and warm latency of embed_search, summarize and
 sentiment, the memory each loaded model holds, and what unloading it gives back.
 
-Run: .venv/bin/python bench/model_tools.py [--home DIR] [--warm N]   (needs the Docker Engine)
+Run: .venv/bin/python -m bench.model_tools [--home DIR] [--warm N]   (needs the Docker Engine)
 
 - cold: the worker is unloaded first, so the call starts a container and loads the
   model (torch import + weights) before answering;
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,10 +30,7 @@ from typing import Any
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _table import configure_logging, print_table, summarize
-
+from bench._common import configure_logging, print_table, summarize
 from callward.core import ToolCall
 from callward.core.gateway import Gateway
 from callward.core.gateway._config import example_config_path

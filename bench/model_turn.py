@@ -3,7 +3,7 @@ The demo model on this machine: load time (cold converts the GGUF, warm reads th
 bf16 cache), tokens per second, time per turn, peak memory, the share of a run
 spent outside the model, and how many demo questions it answers correctly.
 
-Run: .venv/bin/python bench/model_turn.py [--home DIR]   (needs the Docker Engine)
+Run: .venv/bin/python -m bench.model_turn [--home DIR]   (needs the Docker Engine)
 
 Baseline, in the same process: the same model turns generated directly (template
 + ``generate``), with no parsing, policy, sandbox or audit around them.
@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _table import configure_logging, print_table
-
+from bench._common import configure_logging, print_table
 from callward.core.agent import Agent
 from callward.core.cli._demo import QUESTIONS
 from callward.core.gateway import Gateway

@@ -1,7 +1,7 @@
 """
 What observing costs per call: the Prometheus metrics and the anomaly detector, and a
 policy gate that reads the anomaly state, against the same gateway without them, all
-in one process (run: .venv/bin/python bench/observe_overhead.py).
+in one process (run: .venv/bin/python -m bench.observe_overhead).
 
 The sandbox is left out (``NullRunner`` answers at once), so the ratio is against
 governance alone, the smallest denominator a call can have; with a real container
@@ -17,26 +17,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _table import configure_logging, print_table, summarize
-
+from bench._common import EXAMPLES, NullRunner, configure_logging, print_table, summarize
 from callward.audit import FileSigner, SQLiteAuditStore
-from callward.core import (
-    Execution,
-    ResourceLimits,
-    Sha256Hex,
-    ToolCall,
-    ToolRegistry,
-    ToolSpec,
-    Usage,
-)
+from callward.core import ToolRegistry
 from callward.core.gateway import Gateway
 from callward.core.observe._anomaly import AnomalyDetector
 from callward.core.observe._events import CallEvent, CallObserver
@@ -44,21 +32,11 @@ from callward.core.observe._metrics import Metrics
 from callward.policies import Policy
 from callward.policies._anomaly_state import AnomalyState
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "core" / "examples"
 TEXT = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 40}}</tool_call>'
 GATE = """
 anomalies:
   - {id: hold-anomalous, effect: deny, tools: ["*"], metrics: [call_rate, denial_ratio]}
 """
-
-
-class NullRunner:
-    """Answers at once, so that only callward's own work is timed. Not a sandbox."""
-
-    image_digest = Sha256Hex("0" * 64)
-
-    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
-        return Execution("ok", b"42", "", Usage(0.0, 0, 2))
 
 
 class SteppingClock:

@@ -15,28 +15,23 @@ step; the example configuration keeps four), so the figures are warm-path
 figures; runs back to back without waiting are bounded by the pool's refill
 rate instead (a cold container start, ~0.5-1 s on a busy machine).
 
-Run: .venv/bin/python bench/plan_run.py --runs 20
+Run: .venv/bin/python -m bench.plan_run --runs 20
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _table import configure_logging, print_table, summarize
-
+from bench._common import EXAMPLES, configure_logging, print_table, summarize
 from callward.core import ResourceLimits, ToolCall
 from callward.core._canonical import canonical_loads
 from callward.core.gateway import Gateway
 from callward.core.plans import Plan, PlanReport, load_plan, run_plan
 from callward.core.plans._document import substitute
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "core" / "examples" / "plans"
+EXAMPLE = EXAMPLES / "plans"
 
 
 def durations_ms(gateway: Gateway, seq: int) -> dict[str, float]:

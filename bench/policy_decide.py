@@ -1,6 +1,6 @@
 """
 The whole policy stage per decision, for a realistic policy, against baselines
-measured in the same process (run: .venv/bin/python bench/policy_decide.py).
+measured in the same process (run: .venv/bin/python -m bench.policy_decide).
 
 The policy: the support team's example (policies/examples/support) grown to
 60 Cedar policies (permits and forbids over roles, groups, labels, arguments
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,15 +29,12 @@ import structlog
 from jsonschema import Draft202012Validator
 from referencing import Registry
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _table import print_table, summarize
-
+from bench._common import REPO, print_table, summarize
 from callward.core import CallContext, ToolCall, ToolRegistry
 from callward.policies import Policy, PolicyState
 from callward.policies._cedar import principal_entities
 
-SUPPORT = Path(__file__).resolve().parent.parent / "policies" / "examples" / "support"
+SUPPORT = REPO / "policies" / "examples" / "support"
 
 
 def cedar_policies(count: int) -> str:

@@ -1,6 +1,6 @@
 """
 What the live registry adds to each call, against a baseline measured in the same
-process (run: .venv/bin/python bench/registry_refresh.py).
+process (run: .venv/bin/python -m bench.registry_refresh).
 
 - baseline ``get`` on a registry with no live source (what every call did before).
 - ``refresh + get`` with ``registry.db`` attached and nothing changed: the
@@ -14,20 +14,14 @@ process (run: .venv/bin/python bench/registry_refresh.py).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _table import configure_logging, print_table, summarize
-
+from bench._common import EXAMPLES, configure_logging, print_table, summarize
 from callward.audit import FileSigner, SQLiteAuditStore
 from callward.core import ToolRegistry
 from callward.core.registry import LiveRegistry, RegistryStore
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "core" / "examples"
 
 
 def _tool_file(directory: Path, name: str, version: str) -> Path:

@@ -3,7 +3,7 @@ One tool call (`square`) in isolation, every way this machine can run it, interl
 in one process: p50/p99 latency, throughput at concurrency 1/2/4/8, CPU per call, and
 the ratio to `docker run --rm`.
 
-Run: .venv/bin/python bench/sandbox_latency.py --calls 40
+Run: .venv/bin/python -m bench.sandbox_latency --calls 40
 
 Ways, all on the same image, runner and request (RFC 8785 JSON on stdin):
 
@@ -31,140 +31,21 @@ import argparse
 import concurrent.futures
 import json
 import os
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _table import configure_logging, print_table, summarize
-
-from callward.core import ResourceLimits, ToolCall, ToolSpec, canonical_bytes, sha256_hex
-from callward.sandbox import DockerSandbox, PoolConfig, ensure_image
-
-RUNNER = Path(__file__).resolve().parents[1] / "sandbox" / "image" / "runner.py"
-SOURCE = "def square(x):\n    return x * x\n"
-SPEC = ToolSpec(
-    name="square", version="1.0.0", description="x squared", source=SOURCE,
-    entrypoint="square", parameters_json=canonical_bytes({"type": "object"}),
-    digest=sha256_hex(SOURCE.encode()),
+from bench._common import (
+    POOL_SIZE,
+    Ways,
+    busy_jiffies,
+    configure_logging,
+    print_table,
+    summarize,
 )
-# The same limits on both runtimes: on gVisor its own kernel keeps the pids limit.
-LIMITS = {"runc": ResourceLimits(), "runsc": ResourceLimits()}
-POOL_SIZE = 8
+from callward.sandbox import ensure_image
+
 SETTLE_SECONDS = 0.3
-
-
-def request(x: int) -> bytes:
-    return canonical_bytes({"source": SOURCE, "entrypoint": "square", "arguments": {"x": x}})
-
-
-def busy_jiffies() -> int:
-    """Busy CPU time of the whole machine, in clock ticks."""
-    fields = Path("/proc/stat").read_text(encoding="ascii").splitlines()[0].split()[1:]
-    values = [int(v) for v in fields]
-    return sum(values) - values[3] - values[4]  # all but idle and iowait
-
-
-def hardening_flags(limits: ResourceLimits) -> list[str]:
-    """callward's container options (sandbox/_limits.py) as docker CLI flags."""
-    return [
-        "--network", "none", "--ipc", "none", "--read-only",
-        "--tmpfs", f"/tmp:rw,nosuid,nodev,noexec,size={limits.tmp_bytes},mode=1777",  # noqa: S108
-        "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--user", "65534:65534",
-        "--memory", str(limits.memory_bytes), "--memory-swap", str(limits.memory_bytes),
-        "--pids-limit", str(limits.pids), "--cpus", str(limits.cpus),
-        "--ulimit", f"nofile={limits.open_files}:{limits.open_files}",
-        "--log-driver", "none", "--label", "callward=1", "--label", f"callward.pid={os.getpid()}",
-    ]
-
-
-def check(output: bytes, x: int) -> None:
-    if f'"value":{x * x}'.encode() not in output:
-        raise SystemExit(f"a call gave {output[-200:]!r}")
-
-
-class Ways:
-    """Each way to run one call, as a function of x that returns when the result is in."""
-
-    def __init__(self, image_tag: str, image_id: str) -> None:
-        self.image_id = image_id
-        self.image_tag = image_tag
-        self.sandboxes = {
-            runtime: DockerSandbox(
-                runtime=runtime, pool=PoolConfig(size=POOL_SIZE, memory_budget_bytes=4 << 30)
-            )
-            for runtime in ("runc", "runsc")
-        }
-        self.exec_container = subprocess.run(
-            ["docker", "run", "-d", *hardening_flags(LIMITS["runc"]), "--entrypoint", "sleep",
-             image_id, "infinity"],
-            check=True, capture_output=True, text=True,
-        ).stdout.strip()
-
-    def close(self) -> None:
-        for sandbox in self.sandboxes.values():
-            sandbox.close()
-        subprocess.run(["docker", "rm", "-f", self.exec_container], check=False,
-                       capture_output=True)
-
-    def host(self, x: int) -> None:
-        done = subprocess.run([sys.executable, str(RUNNER)], input=request(x),
-                              capture_output=True, check=True)
-        check(done.stdout, x)
-
-    def docker_run(self, x: int) -> None:
-        done = subprocess.run(
-            ["docker", "run", "--rm", "-i", *hardening_flags(LIMITS["runc"]), self.image_id],
-            input=request(x), capture_output=True, check=True,
-        )
-        check(done.stdout, x)
-
-    def docker_exec(self, x: int) -> None:
-        done = subprocess.run(
-            ["docker", "exec", "-i", self.exec_container, "python3", "/opt/callward/runner.py"],
-            input=request(x), capture_output=True, check=True,
-        )
-        check(done.stdout, x)
-
-    def callward(self, runtime: str) -> Callable[[int], None]:
-        sandbox = self.sandboxes[runtime]
-
-        def call(x: int) -> None:
-            tool_call = ToolCall.create(id=f"c{x}", name="square", arguments={"x": x},
-                                        dialect="api")
-            execution = sandbox.run(SPEC, tool_call, LIMITS[runtime])
-            if execution.value != x * x:
-                raise SystemExit(f"callward/{runtime} gave {execution.kind}")
-
-        return call
-
-    def session(self, runtime: str) -> Callable[[int], None]:
-        sandbox = self.sandboxes[runtime]
-
-        def call(x: int) -> None:
-            tool_call = ToolCall.create(id=f"c{x}", name="square", arguments={"x": x},
-                                        dialect="api")
-            # One agent session per worker thread (its index, the same in every executor,
-            # so a level reuses the sessions the last one started).
-            session_id = threading.current_thread().name.rsplit("_", 1)[-1]
-            execution = sandbox.run(SPEC, tool_call, LIMITS[runtime], isolation="session",
-                                    principal="bench", session_id=session_id)
-            if execution.value != x * x:
-                raise SystemExit(f"callward session/{runtime} gave {execution.kind}")
-
-        return call
-
-    def refill(self, runtime: str) -> None:
-        self.sandboxes[runtime].wait_warm(LIMITS[runtime], POOL_SIZE, timeout_seconds=120)
-
-    def refill_every(self, runtimes: Iterable[str]) -> None:
-        """Every pool full, so that no replacement starts while the next call is timed."""
-        for runtime in runtimes:
-            self.refill(runtime)
 
 
 def _process_ticks(names: tuple[bytes, ...]) -> int:
@@ -206,7 +87,7 @@ def session_cpu_split(ways: Ways, concurrency: int, count: int) -> list[object]:
     with concurrent.futures.ThreadPoolExecutor(concurrency) as executor:
         list(executor.map(function, range(concurrency * 4)))  # every session started
     sandbox = ways.sandboxes["runc"]
-    containers = [session.live.container_id for session in sandbox._sessions.values()]
+    containers = [session.live.container_id for session in sandbox.backend._sessions.values()]
     engine = (b"dockerd", b"containerd", b"containerd-shim-runc-v2")
     tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
     mine, engine_before = time.process_time(), _process_ticks(engine)

@@ -6,10 +6,10 @@ call, and the ratio to `docker run --rm`.
 Run (the peers live in their own environment, never in callward's dependencies):
 
     bench/setup-peers.sh
-    bench/.venv-peers/bin/python bench/sandbox_peers.py --calls 30
+    bench/.venv-peers/bin/python -m bench.sandbox_peers --calls 30
 
 The ways of bench/sandbox_latency.py (host subprocess, docker run --rm, docker exec,
-callward call/runc, call/runsc, session/runc; imported from there) plus:
+callward call/runc, call/runsc, session/runc; both import them from bench/_common.py) plus:
 
 - llm-sandbox warm session: one `SandboxSession` opened ahead, on callward's sandbox image
   (no pull), `skip_environment_setup=True` (its set-up creates a venv and runs pip, which
@@ -44,17 +44,21 @@ import concurrent.futures
 import json
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _table import configure_logging, print_table, summarize
-from sandbox_latency import LIMITS, POOL_SIZE, SOURCE, Ways, busy_jiffies
-
+from bench._common import (
+    LIMITS,
+    POOL_SIZE,
+    SOURCE,
+    Ways,
+    busy_jiffies,
+    configure_logging,
+    print_table,
+    summarize,
+)
 from callward.sandbox import ensure_image
 
 KERNEL_REPOSITORY = "callward-bench/jupyter-kernel"

@@ -1,7 +1,7 @@
 """
 What a secret and an egress grant cost per call, against the same call without, interleaved.
 
-Run: .venv/bin/python bench/secrets_egress.py --calls 30
+Run: .venv/bin/python -m bench.secrets_egress --calls 30
 
 Rows, all on DockerSandbox with the same image and tool (`echo`, which returns its
 argument, or for egress fetches a loopback HTTP server through the proxy):
@@ -20,17 +20,12 @@ from __future__ import annotations
 
 import argparse
 import http.server
-import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _table import configure_logging, print_table, summarize
-
-from callward.core import ResourceLimits, ToolCall, ToolSpec, canonical_bytes, sha256_hex
+from bench._common import configure_logging, print_table, summarize, tool_spec
+from callward.core import ResourceLimits, ToolCall
 from callward.sandbox import DockerSandbox, EnvironmentSecretSource, PoolConfig, ensure_image
 
 ECHO = "def echo(text):\n    import os\n    return [text, len(os.environ.get('T', ''))]\n"
@@ -38,12 +33,6 @@ FETCH = (
     "def fetch(url):\n    import urllib.request\n"
     "    with urllib.request.urlopen(url, timeout=5) as r:\n        return r.status\n"
 )
-
-
-def spec(name: str, source: str) -> ToolSpec:
-    return ToolSpec(name=name, version="1", description="", source=source, entrypoint=name,
-                    parameters_json=canonical_bytes({"type": "object"}),
-                    digest=sha256_hex(source.encode()))
 
 
 class _Ok(http.server.BaseHTTPRequestHandler):
@@ -66,7 +55,7 @@ def main() -> None:
     target = f"127.0.0.1:{server.server_address[1]}"
     limits = ResourceLimits()
     source = EnvironmentSecretSource({"CALLWARD_SECRET_T": "cwsecret-0123456789abcdef"})
-    echo, fetch = spec("echo", ECHO), spec("fetch", FETCH)
+    echo, fetch = tool_spec("echo", ECHO), tool_spec("fetch", FETCH)
 
     def call(name: str, arguments: dict[str, object]) -> ToolCall:
         return ToolCall.create(id="c1", name=name, arguments=arguments, dialect="api")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make bench/.venv-peers: callward (editable, with its pinned dependencies) plus the
-# peers in bench/requirements-peers.txt, so that bench/sandbox_peers.py measures every
+# peers in bench/requirements-peers.txt, so that `python -m bench.sandbox_peers` measures every
 # way in one process. The peers never become callward dependencies.
 #
 # Also builds, offline, the image smolagents' DockerExecutor runs (a Jupyter kernel

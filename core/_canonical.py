@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, NewType, TypeAlias
 
@@ -145,6 +146,89 @@ def _fit_items(
 def sha256_hex(data: bytes, *, domain: bytes = b"") -> Sha256Hex:
     """SHA-256 of ``domain || data``, as lower-case hex."""
     return Sha256Hex(hashlib.sha256(domain + data).hexdigest())
+
+
+def non_ijson_path(value: object, path: str = "$") -> str | None:
+    """
+    The JSON path of the first value in ``value`` that I-JSON (RFC 7493) cannot hold:
+    an integer beyond +-(2**53 - 1), a float that is not finite, a string with a lone
+    surrogate, a key that is not a string; None if there is none.
+    """
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str) or not _encodes(key):
+                return path
+            found = non_ijson_path(item, path + _step(key))
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = non_ijson_path(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+        return None
+    return None if _is_ijson_scalar(value) else path
+
+
+def _is_ijson_scalar(value: object) -> bool:
+    if isinstance(value, bool) or value is None:
+        return True
+    if isinstance(value, int):
+        return abs(value) <= _SAFE_INTEGER
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, str) and _encodes(value)
+
+
+#: The marker key of a value a record holds as its digest (``elide_large_values``).
+ELIDED_KEY: Final = "$elided"
+_ELIDED_PREFIX_CHARS: Final = 64
+
+
+def elide_large_values(value: JSONValue, max_value_bytes: int, path: str = "$"
+                       ) -> tuple[JSONValue, tuple[str, ...]]:
+    """
+    ``value`` with every part whose canonical bytes exceed ``max_value_bytes`` replaced
+    by ``{"$elided": {"sha256", "bytes", "prefix"}}`` -- the SHA-256 and length of that
+    part's RFC 8785 bytes and its first characters -- and the JSON paths replaced.
+
+    An object or array is elided whole only if it is still too large once its own
+    parts are: a long string inside stays the only thing elided. A reviewer holding
+    the exact arguments checks them against the record by hashing each elided part.
+    """
+    data = canonical_bytes(value)
+    if len(data) <= max_value_bytes:
+        return value, ()
+    bounded: JSONValue = value
+    paths: tuple[str, ...] = ()
+    if isinstance(value, dict):
+        parts = {key: elide_large_values(item, max_value_bytes, path + _step(key))
+                 for key, item in value.items()}
+        bounded = {key: part for key, (part, _) in parts.items()}
+        paths = tuple(p for _, found in parts.values() for p in found)
+    elif isinstance(value, list):
+        items = [elide_large_values(item, max_value_bytes, f"{path}[{index}]")
+                 for index, item in enumerate(value)]
+        bounded = [part for part, _ in items]
+        paths = tuple(p for _, found in items for p in found)
+    if paths and len(canonical_bytes(bounded)) <= max_value_bytes:
+        return bounded, paths
+    text = value if isinstance(value, str) else data.decode("utf-8")
+    return {ELIDED_KEY: {"sha256": sha256_hex(data), "bytes": len(data),
+                         "prefix": text[:_ELIDED_PREFIX_CHARS]}}, (path,)
+
+
+def _step(key: str) -> str:
+    return f".{key}" if key.isidentifier() else f"[{json.dumps(key)}]"
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def canonical_sha256(value: object, *, domain: bytes = b"") -> Sha256Hex:

@@ -3,24 +3,27 @@ Every error callward raises, in one tree, each with a stable ``kind``.
 
 ::
 
-    CallwardError                    kind            who is at fault
-    ├── PolicyDenied                 the answer is no: the call never ran
-    │   ├── MalformedCall            malformed       the model's text
-    │   ├── UnknownTool              unknown_tool    the model
-    │   ├── SchemaViolation          schema          the model
-    │   └── PermissionDenied         permission      the principal
-    ├── ToolFailed                   the tool ran and broke
+    CallwardError                      kind                  who is at fault
+    ├── PolicyDenied                   the answer is no: the call never ran
+    │   ├── MalformedCall              malformed             the model's text
+    │   ├── UnknownTool                unknown_tool          the model
+    │   └── ApprovalRefused            approval_required     an approver (policies)
+    │       (and, by kind: schema, permission, constraint, rate_limit,
+    │        approval_required, flow)
+    ├── ToolFailed                     the tool ran and broke (ToolResult.raise_for_kind)
     │   └── (kinds) tool_error, timeout, memory_limit, pids_limit,
     │               output_limit, disk_limit
-    ├── InfrastructureError          callward itself could not do its job
-    │   ├── SandboxUnavailable       sandbox_unavailable
-    │   └── AuditUnavailable         audit_unavailable
-    └── ConfigurationError           configuration_invalid  the operator's files
-        ├── PolicyInvalid            policy_invalid
-        ├── PlanInvalid              plan_invalid   (core._plan: a plan file or value)
-        └── ModelUnavailable         model_unavailable  the model's files or runtime
-
-    VerificationFailed               verification_failed  (an audit log does not verify)
+    ├── InfrastructureError            callward itself could not do its job
+    │   ├── SandboxUnavailable         sandbox_unavailable
+    │   │   └── SecretUnavailable      sandbox_unavailable   a secret's source (sandbox)
+    │   ├── AuditUnavailable           audit_unavailable
+    │   ├── StateUnavailable           state_unavailable     the policy state (policies)
+    │   └── AnomalyStateUnavailable    state_unavailable     the anomaly state (policies)
+    ├── ConfigurationError             configuration_invalid the operator's files
+    │   ├── PolicyInvalid              policy_invalid
+    │   ├── PlanInvalid                plan_invalid          a plan (core.plans)
+    │   └── ModelUnavailable           model_unavailable     the model's files or runtime
+    └── VerificationFailed             verification_failed   an audit log does not verify
 
 Kinds are the contract: users, the audit log and the model all see them, and
 they never change. Messages may change. Messages never contain argument or
@@ -50,7 +53,7 @@ ToolFailureKind = Literal[
     "output_limit",
     "disk_limit",
 ]
-InfrastructureKind = Literal["sandbox_unavailable", "audit_unavailable"]
+InfrastructureKind = Literal["sandbox_unavailable", "audit_unavailable", "state_unavailable"]
 ConfigurationKind = Literal[
     "configuration_invalid", "policy_invalid", "plan_invalid", "model_unavailable"
 ]
@@ -122,17 +125,22 @@ class MalformedCall(PolicyDenied):
 
     Args:
         offset: The character offset in the model's text where reading failed.
+        tool: The tool the call named, when it got that far.
+        json_path: Where in the arguments reading failed, when it was there.
     """
 
-    def __init__(self, message: str, *, offset: int | None = None, dialect: str = "") -> None:
+    def __init__(self, message: str, *, offset: int | None = None, dialect: str = "",
+                 tool: str = "", json_path: str | None = None) -> None:
         super().__init__(
             message,
             kind="malformed",
             rule="parse",
+            json_path=json_path,
             remediation="emit the call again as valid JSON in one supported format",
         )
         self.offset = offset
         self.dialect = dialect
+        self.tool = tool
 
 
 class UnknownTool(PolicyDenied):
@@ -161,6 +169,22 @@ class InfrastructureError(CallwardError):
     def __init__(self, message: str, *, kind: InfrastructureKind, remediation: str) -> None:
         super().__init__(message, kind=kind, remediation=remediation)
         self.infrastructure_kind: InfrastructureKind = kind
+
+
+class StateUnavailable(InfrastructureError):
+    """
+    The policy's state (rate limits, sessions, approvals, anomalies) could not be read
+    or written. In a call the policy turns it into a denial (fail closed); a command
+    that reads the state reports it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        remediation: str = "check that the state file under CALLWARD_HOME is readable and "
+        "writable and not corrupted (restore it from a backup, or remove it to start empty)",
+    ) -> None:
+        super().__init__(message, kind="state_unavailable", remediation=remediation)
 
 
 class SandboxUnavailable(InfrastructureError):

@@ -9,14 +9,16 @@ tests pass ``Fake*``/``Stub*`` implementations the same way.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from callward.core._canonical import JSONValue, Sha256Hex
+from callward.core.errors import SandboxUnavailable
 from callward.core.types import (
     AuditRecord,
     CallContext,
     Decision,
     Execution,
+    Placement,
     Receipt,
     ResourceLimits,
     ResultTreatment,
@@ -37,6 +39,14 @@ class PolicyEngine(Protocol):
 
         Args:
             spec: The registered tool, or None when the name is unknown (always a denial).
+        """
+        ...
+
+    def may_discover(self, spec: ToolSpec, context: CallContext) -> bool:
+        """
+        Whether a listing of tools shows ``spec`` to this caller: some call of it could
+        be allowed. Hiding is not deciding: a hidden tool called by name is still
+        decided, and denied. When in doubt, False.
         """
         ...
 
@@ -107,32 +117,65 @@ class ToolRunner(Protocol):
 class PlacingToolRunner(ToolRunner, Protocol):
     """
     A ``ToolRunner`` that also runs where the policy says: in an agent session's
-    container, or on another runtime (gVisor).
+    container, on another runtime (gVisor), with secrets, with egress.
     """
 
     def run_placed(
-        self,
-        spec: ToolSpec,
-        call: ToolCall,
-        limits: ResourceLimits,
-        *,
-        isolation: Literal["call", "session"],
-        runtime: Literal["runc", "runsc"] | None,
-        principal: str,
-        session_id: str,
-        secrets: tuple[str, ...] = (),
-        egress: tuple[str, ...] = (),
+        self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits, placement: Placement
     ) -> Execution:
         """
-        Run like ``run``, in ``isolation`` and on ``runtime`` (None: the runner's own),
-        handing the execution the named ``secrets`` and letting it reach the
-        ``egress`` targets (``host:port``); the gateway passes these two only when
-        the policy granted any.
+        Run like ``run``, where ``placement`` says: in its isolation and on its runtime
+        (None: the runner's own), handing the execution the named secrets and letting
+        it reach the egress targets (``host:port``).
 
         Raises:
-            SandboxUnavailable: The sandbox could not run the tool at all.
+            SandboxUnavailable: The sandbox could not run the tool at all, or cannot
+                give what the placement asks (it never runs the tool with less).
         """
         ...
+
+
+def run_as_placed(
+    runner: ToolRunner, spec: ToolSpec, call: ToolCall, limits: ResourceLimits,
+    placement: Placement,
+) -> Execution:
+    """
+    Run on ``runner`` where ``placement`` says: the one way a call is handed to a
+    runner, by the gateway and by every runner that passes calls on to another.
+
+    A placement any runner may take (``placement.anywhere``) is a plain ``run``; any
+    other goes to a ``PlacingToolRunner``'s ``run_placed``. A runner that cannot place
+    fails closed (``refuse_placement``) on secrets, egress and a runtime, and runs a
+    ``session`` call in a fresh container of its own: the stricter choice.
+
+    Raises:
+        SandboxUnavailable: The runner could not run the tool, or cannot place it.
+    """
+    if placement.anywhere:
+        return runner.run(spec, call, limits)
+    if isinstance(runner, PlacingToolRunner):
+        return runner.run_placed(spec, call, limits, placement)
+    refuse_placement(spec, placement)
+    return runner.run(spec, call, limits)
+
+
+def refuse_placement(spec: ToolSpec, placement: Placement) -> None:
+    """
+    Refuse what a runner that cannot place would otherwise drop: secrets, egress, a runtime.
+
+    Raises:
+        SandboxUnavailable: ``placement`` grants secrets or egress, or names a runtime.
+    """
+    if placement.secrets or placement.egress:
+        raise SandboxUnavailable(
+            f"the policy grants {spec.name} secrets or egress, "
+            "and this sandbox cannot hand them over"
+        )
+    if placement.runtime is not None:
+        raise SandboxUnavailable(
+            f"the policy runs {spec.name} on {placement.runtime}, "
+            "and this sandbox cannot choose its runtime"
+        )
 
 
 class AuditLog(Protocol):

@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final, Literal, NewType
+from typing import Final, Literal, NewType, cast, get_args
 
 from callward.core._canonical import (
     JSONValue,
@@ -27,7 +27,11 @@ from callward.core.errors import (
     RESULT_KINDS,
     TOOL_FAILURE_KINDS,
     DenyKind,
+    InfrastructureError,
+    InfrastructureKind,
+    PolicyDenied,
     ResultKind,
+    ToolFailed,
     ToolFailureKind,
 )
 
@@ -37,6 +41,12 @@ CallId = NewType("CallId", str)
 
 Dialect = Literal["article", "openai", "hermes", "api", "anthropic", "json", "llama", "mcp"]
 Effect = Literal["allow", "deny"]
+#: Where a call runs: a fresh container (``call``) or its agent session's (``session``).
+Isolation = Literal["call", "session"]
+#: The OCI runtime a container runs on: ``runc``, or ``runsc`` (gVisor's user-space kernel).
+Runtime = Literal["runc", "runsc"]
+ISOLATIONS: Final[tuple[Isolation, ...]] = get_args(Isolation)
+RUNTIMES: Final[tuple[Runtime, ...]] = get_args(Runtime)
 
 _HEX64 = re.compile(r"\A[0-9a-f]{64}\Z")
 _TOOL_NAME = re.compile(r"\A[a-z][a-z0-9_]{0,63}\Z")
@@ -72,6 +82,20 @@ def _require_secret_names(names: tuple[str, ...]) -> None:
         raise ValueError("secret names are a tuple of upper-case identifiers like GITHUB_TOKEN")
     if len(set(names)) != len(names):
         raise ValueError("secret names are unique")
+
+
+def _require_egress_targets(targets: tuple[str, ...]) -> None:
+    if not isinstance(targets, tuple) or not all(
+        isinstance(t, str) and is_egress_target(t) for t in targets
+    ):
+        raise ValueError("egress is a tuple of host:port targets")
+
+
+def _require_placing(isolation: str, runtime: str | None) -> None:
+    if isolation not in ISOLATIONS:
+        raise ValueError("isolation is call or session")
+    if runtime is not None and runtime not in RUNTIMES:
+        raise ValueError("runtime is runc, runsc or None")
 
 
 def _require_sha256(value: str, what: str) -> None:
@@ -414,17 +438,14 @@ class Decision:
     limits: ResourceLimits | None = None
     diagnostics: tuple[str, ...] = ()
     policy_version: int = 1
-    isolation: Literal["call", "session"] = "call"
-    runtime: Literal["runc", "runsc"] | None = None
+    isolation: Isolation = "call"
+    runtime: Runtime | None = None
     secrets: tuple[str, ...] = ()
     egress: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _require_secret_names(self.secrets)
-        if not isinstance(self.egress, tuple) or not all(
-            isinstance(t, str) and is_egress_target(t) for t in self.egress
-        ):
-            raise ValueError("egress is a tuple of host:port targets")
+        _require_egress_targets(self.egress)
         if self.effect == "deny" and (self.secrets or self.egress):
             raise ValueError("a denial grants no secrets and no egress")
         if not self.reasons:
@@ -442,10 +463,7 @@ class Decision:
                 raise ValueError("an allow must carry the limits it runs under")
         else:
             raise ValueError("effect is allow or deny")
-        if self.isolation not in ("call", "session"):
-            raise ValueError("isolation is call or session")
-        if self.runtime not in (None, "runc", "runsc"):
-            raise ValueError("runtime is runc, runsc or None")
+        _require_placing(self.isolation, self.runtime)
 
     def to_json(self) -> dict[str, JSONValue]:
         body: dict[str, JSONValue] = {
@@ -469,6 +487,60 @@ class Decision:
         if self.egress:
             body["egress"] = list(self.egress)
         return body
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """
+    Where and with what one execution runs: the part of an allow that the sandbox obeys.
+
+    Attributes:
+        isolation: ``call`` (a fresh container, the default) or ``session`` (the
+            container of this principal's agent session, a fresh process per call).
+        runtime: ``runc`` or ``runsc`` (gVisor); None leaves the sandbox's own.
+        secrets: Names of the host secrets handed to this one execution.
+        egress: ``host:port`` targets it may reach through the egress proxy; empty
+            means no network at all.
+        principal: Who calls; with ``session`` isolation, required.
+        session_id: The agent session: a session's container is shared by exactly
+            the calls with the same principal and session id.
+    """
+
+    isolation: Isolation = "call"
+    runtime: Runtime | None = None
+    secrets: tuple[str, ...] = ()
+    egress: tuple[str, ...] = ()
+    principal: str = ""
+    session_id: str = ""
+
+    def __post_init__(self) -> None:
+        _require_placing(self.isolation, self.runtime)
+        _require_secret_names(self.secrets)
+        _require_egress_targets(self.egress)
+        if not isinstance(self.principal, str) or not isinstance(self.session_id, str):
+            raise TypeError("principal and session_id are strings")
+        if self.isolation == "session" and not self.principal:
+            raise ValueError("session isolation needs the principal")
+
+    @classmethod
+    def of(cls, decision: Decision, context: CallContext) -> Placement:
+        """
+        Where ``decision`` runs a call made in ``context``.
+
+        Raises:
+            ValueError: ``decision`` is a denial, which runs nothing.
+        """
+        if decision.effect != "allow":
+            raise ValueError("only an allow places a call")
+        return cls(isolation=decision.isolation, runtime=decision.runtime,
+                   secrets=decision.secrets, egress=decision.egress,
+                   principal=context.principal, session_id=context.session_id)
+
+    @property
+    def anywhere(self) -> bool:
+        """Whether any runner may run it: ``call`` isolation, no runtime, no secret, no egress."""
+        return (self.isolation == "call" and self.runtime is None
+                and not self.secrets and not self.egress)
 
 
 @dataclass(frozen=True, slots=True)
@@ -661,6 +733,31 @@ class ToolResult:
     def content(self) -> JSONValue:
         value: JSONValue = canonical_loads(self.content_json)
         return value
+
+    def raise_for_kind(self) -> None:
+        """
+        Raise the error this result carries; return if it is ``ok``. For callers that
+        want exceptions, as httpx's ``raise_for_status``; the record was written either way.
+
+        Raises:
+            PolicyDenied: The call was refused (``kind`` says by which check; ``rule``
+                is the first rule of the decision, if it has one).
+            ToolFailed: The tool ran and broke.
+            InfrastructureError: callward itself could not do its job.
+        """
+        if self.kind == "ok":
+            return
+        content = self.content
+        message = content.get("message") if isinstance(content, dict) else None
+        text = f"{self.tool}: {message}" if isinstance(message, str) else self.tool
+        if self.kind in DENY_KINDS:
+            rule = self.decision.reasons[0] if self.decision and self.decision.reasons else ""
+            raise PolicyDenied(text, kind=cast("DenyKind", self.kind), rule=rule)
+        if self.kind in TOOL_FAILURE_KINDS:
+            raise ToolFailed(text, kind=cast("ToolFailureKind", self.kind),
+                             remediation="see the tool's error; its limits are in the decision")
+        raise InfrastructureError(text, kind=cast("InfrastructureKind", self.kind),
+                                  remediation="see the operational log of the gateway")
 
     def to_json(self) -> dict[str, JSONValue]:
         return {

@@ -5,6 +5,13 @@ Permissions are Cedar policies (evaluated with ``cedarpy``); the YAML document
 names them and carries what Cedar cannot: sandbox limits, rate limits and
 quotas, approvals, data-flow labels and result rules.
 
+Inside, in the order a call meets them: ``_loader`` reads a document
+(``_format`` is its schema, ``_document`` its model); ``_evaluator`` decides,
+running ``_checks``, ``_flows``, ``_effects`` and ``_approvals`` and writing
+each step to a ``_trace``; ``_results`` treats a result; ``_reload`` swaps a
+changed file in. Policy authors use ``_lint`` (with ``_shapes``), ``_cases``
+and ``_replay``.
+
 Example::
 
     >>> from callward.policies import Policy
@@ -27,16 +34,12 @@ from callward.policies._anomaly_state import (
     OpenAnomalies,
 )
 from callward.policies._approvals import ApprovalRefused, ApprovalSigner
-from callward.policies._document import PolicyDocument, Rule, load_policy, parse_policy
-from callward.policies._evaluator import (
-    DEFAULT_DENY_RULE,
-    UNKNOWN_TOOL_RULE,
-    Check,
-    Policy,
-    ReloadResult,
-    Trace,
-)
+from callward.policies._document import PolicyDocument, Rule
+from callward.policies._evaluator import Policy
+from callward.policies._loader import load_policy, parse_policy
+from callward.policies._reload import ReloadResult
 from callward.policies._state import PolicyState, Proposal
+from callward.policies._trace import DEFAULT_DENY_RULE, UNKNOWN_TOOL_RULE, Check, Trace
 
 __all__ = [
     "ANOMALY_METRICS",

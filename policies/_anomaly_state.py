@@ -18,6 +18,7 @@ from pathlib import Path
 from threading import Lock
 from typing import Final, Literal, Protocol, get_args
 
+from callward.core import errors
 from callward.core._canonical import JSONValue
 
 AnomalyMetric = Literal["call_rate", "denial_ratio", "limits_tripped", "result_size",
@@ -38,7 +39,7 @@ _COLUMNS: Final = ("id, principal, tool, metric, evidence, detected_at, last_see
                    "resolved_at, resolved_by")
 
 
-class AnomalyStateUnavailable(RuntimeError):
+class AnomalyStateUnavailable(errors.StateUnavailable):
     """The anomaly state could not be read or written; a policy that needs it denies."""
 
 

@@ -26,6 +26,7 @@ tool's entity is added once per tool digest.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -353,6 +354,35 @@ class CedarPermissions:
         forbids = tuple(self.ids[p] for p in reasons if self._effects.get(p) == "forbid")
         errors = tuple(str(e)[:300] for e in diagnostics.errors)
         return CedarAnswer(result.allowed and not errors, permits, forbids, errors)
+
+    def may_discover(self, *, principal: str, spec: ToolSpec, now: float) -> bool:
+        """
+        Whether some call of this tool by this principal could be permitted, asked of
+        Cedar without arguments: yes if a permit matched, or failed only because it
+        needs an argument to decide; no if a forbid matched with no argument at all,
+        or nothing permits.
+        """
+        moment = time.gmtime(now)
+        request = {
+            "principal": _uid("Principal", principal),
+            "action": ACTION,
+            "resource": _uid("Tool", spec.name),
+            "context": {"arguments": {}, "session_id": "", "session_labels": [],
+                        "time": {"epoch_seconds": int(now), "hour_utc": moment.tm_hour,
+                                 "weekday_utc": moment.tm_wday}},
+        }
+        result = cedarpy.is_authorized(request, self._policies, self._entities_for(spec))
+        diagnostics = result.diagnostics
+        if any(self._effects.get(p) == "forbid" for p in diagnostics.reasons):
+            return False
+        if result.allowed:
+            return True
+        failed = {match.group(1) for error in diagnostics.errors
+                  if (match := _FAILED_POLICY.search(str(error)))}
+        return any(self._effects.get(p) == "permit" for p in failed)
+
+
+_FAILED_POLICY: Final = re.compile(r"policy `([^`]+)`")
 
 
 def _policy_ids(text: str) -> tuple[dict[str, str], dict[str, RuleId]]:

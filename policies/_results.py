@@ -13,9 +13,31 @@ import re
 from collections.abc import Sequence
 from typing import Final
 
-from callward.core import JSONValue
+from callward.core import JSONValue, canonical_bytes
+from callward.core._canonical import canonical_loads
+from callward.core.types import ResultTreatment
+from callward.policies._document import ResultRule
 
 REDACTED: Final = "[REDACTED]"
+
+
+def treat(rules: Sequence[ResultRule], content_json: bytes, labels: frozenset[str]
+          ) -> ResultTreatment:
+    """Redaction and what the audit keeps, by the result rules that apply."""
+    patterns = [p for rule in rules for p in rule.redact]
+    content, redactions = content_json, 0
+    if patterns:
+        value, redactions = redact(canonical_loads(content_json), patterns)
+        if redactions:
+            content = canonical_bytes(value)
+    keep = [rule.audit_body for rule in rules if rule.audit_body is not None]
+    return ResultTreatment(
+        content_json=content,
+        keep_body=bool(keep) and keep[-1] == "body",
+        labels=tuple(sorted(labels)),
+        rules=tuple(rule.id for rule in rules),
+        redactions=redactions,
+    )
 
 
 def redact(value: JSONValue, patterns: Sequence[re.Pattern[str]]) -> tuple[JSONValue, int]:

@@ -21,6 +21,7 @@ from threading import Lock
 from typing import Final
 
 from callward.core import RuleId
+from callward.core.errors import StateUnavailable
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS rate_events (key TEXT NOT NULL, at REAL NOT NULL);
@@ -45,10 +46,6 @@ CREATE TABLE IF NOT EXISTS proposals (
 CREATE INDEX IF NOT EXISTS proposals_match
     ON proposals (principal, tool, arguments_sha256, status);
 """
-
-
-class StateUnavailable(RuntimeError):
-    """The policy state could not be read or written; the call is denied."""
 
 
 @dataclass(frozen=True, slots=True)

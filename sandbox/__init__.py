@@ -5,6 +5,11 @@ Containers are started ahead of demand (a warm pool per limits profile, see
 ``PoolConfig``), each used for one call and then removed; an empty pool means
 a cold start, never less isolation.
 
+``Sandbox`` is the public class: it places each call where its ``Placement`` says
+(isolation, runtime, secrets, egress) and keeps the wall clock and the output cap
+itself, around a small ``SandboxBackend`` protocol, one module per engine.
+``DockerSandbox`` is a ``Sandbox`` on the Docker Engine.
+
 A container has no network, a read-only root, only a small ``noexec`` tmpfs
 at ``/tmp`` to write to, no capabilities, ``no-new-privileges``, the user
 ``nobody`` and finite memory, pids, CPU, open files, time and output. It is
@@ -28,14 +33,15 @@ Example (needs a Docker Engine; the first ``ensure_image()`` takes a minute)::
     ('ok', 9)
 """
 
+from callward.core import Isolation, Runtime
 from callward.sandbox._attached_stdio import AttachedStdio
 from callward.sandbox._docker import DockerSandbox
 from callward.sandbox._doctor import DoctorCheck, diagnose
 from callward.sandbox._image import SandboxImage, ensure_image, expected_image_tag
-from callward.sandbox._limits import Runtime
 from callward.sandbox._model_runner import ModelToolRunner
-from callward.sandbox._model_worker import LoadedWorker, ModelWorkers, WorkerSpec, server_sha256
+from callward.sandbox._model_worker import LoadedWorker, ModelWorkers, server_sha256
 from callward.sandbox._pool import PoolConfig
+from callward.sandbox._sandbox import Sandbox
 from callward.sandbox._secrets import (
     DirectorySecretSource,
     EnvironmentSecretSource,
@@ -44,7 +50,8 @@ from callward.sandbox._secrets import (
     secret_source,
 )
 from callward.sandbox._stdio_service import ServiceImageSpec, StdioService, ensure_service_image
-from callward.sandbox.base import RawExecution, Sandbox, SandboxBackend
+from callward.sandbox._worker_container import WorkerSpec
+from callward.sandbox.base import RawExecution, SandboxBackend
 
 __all__ = [
     "AttachedStdio",
@@ -52,6 +59,7 @@ __all__ = [
     "DockerSandbox",
     "DoctorCheck",
     "EnvironmentSecretSource",
+    "Isolation",
     "LoadedWorker",
     "ModelToolRunner",
     "ModelWorkers",

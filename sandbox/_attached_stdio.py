@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 from callward.core import SandboxUnavailable
-from callward.sandbox._docker import _FRAME_HEADER, _STDOUT
+from callward.sandbox._attach import FRAME_HEADER, STDOUT
 
 #: The longest stdout line kept (an MCP message); longer ones are dropped whole.
 MAX_LINE_BYTES: Final = 16 << 20
@@ -74,7 +74,7 @@ class AttachedStdio:
             if stream == _STDERR:
                 self._on_stderr(payload)
                 continue
-            if stream != _STDOUT:
+            if stream != STDOUT:
                 continue
             start = 0
             while True:
@@ -100,10 +100,10 @@ class AttachedStdio:
         """Each frame's stream and payload, the payload in pieces of at most 64 KiB."""
         while True:
             try:
-                header = await self._reader.readexactly(_FRAME_HEADER.size)
+                header = await self._reader.readexactly(FRAME_HEADER.size)
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
-            stream, left = _FRAME_HEADER.unpack(header)
+            stream, left = FRAME_HEADER.unpack(header)
             while left:
                 try:
                     piece = await self._reader.read(min(left, _READ_BYTES))

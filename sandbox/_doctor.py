@@ -20,15 +20,16 @@ from typing import Final, Literal
 from callward.core import (
     CallwardError,
     ResourceLimits,
+    Runtime,
     ToolCall,
     ToolSpec,
     canonical_bytes,
     sha256_hex,
 )
+from callward.core.types import RUNTIMES
 from callward.sandbox._docker import DockerSandbox
 from callward.sandbox._engine import client_from_env, map_docker_errors
 from callward.sandbox._image import SandboxImage, ensure_image
-from callward.sandbox._limits import Runtime
 from callward.sandbox._pool import PoolConfig
 
 MIB: Final = 1 << 20
@@ -82,7 +83,7 @@ class DoctorCheck:
                 "fix": self.fix}
 
 
-def diagnose(runtimes: tuple[Runtime, ...] = ("runc", "runsc")) -> tuple[DoctorCheck, ...]:
+def diagnose(runtimes: tuple[Runtime, ...] = RUNTIMES) -> tuple[DoctorCheck, ...]:
     """Run every check; never raises for what it finds."""
     checks: list[DoctorCheck] = []
     try:

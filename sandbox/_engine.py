@@ -15,8 +15,11 @@ from typing import Final
 import docker
 import docker.errors
 import requests
+import structlog
 
 from callward.core import SandboxUnavailable
+
+log = structlog.get_logger()
 
 #: Pinned so that building a client never asks the engine for its version (no I/O).
 API_VERSION: Final = "1.41"
@@ -71,3 +74,16 @@ def _describe(exc: Exception) -> str:
     return (
         text if len(text) <= _MAX_EXPLANATION_CHARS else text[: _MAX_EXPLANATION_CHARS - 3] + "..."
     )
+
+
+def remove_container(client: docker.DockerClient, container_id: str) -> None:
+    """Kill and remove one container; a failure is logged, never raised."""
+    try:
+        with map_docker_errors("remove the sandbox container"):
+            client.api.remove_container(container_id, force=True, v=True)
+    except SandboxUnavailable as exc:
+        log.exception(
+            "sandbox_container_remove_failed",
+            container_id=container_id[:12],
+            error=type(exc.__cause__).__name__,
+        )

@@ -8,7 +8,7 @@ Invariants, whatever the limits say:
   (``_egress.py``); no host mounts, no IPC namespace
   shared or mounted (``ipc_mode="none"``: no ``/dev/shm``);
 - a read-only root; ``/tmp`` is the only writable path, a ``noexec`` tmpfs of
-  ``tmp_bytes``;
+  ``tmp_bytes`` and of ``tmp_inodes(tmp_bytes)`` files;
 - every capability dropped, ``no-new-privileges``, the tool always runs as the
   user ``nobody`` (65534:65534), never root. A session's container is the one
   exception for its runner alone: PID 1 starts as root holding only
@@ -33,9 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal, TypedDict
 
-from callward.core import ResourceLimits
-
-Runtime = Literal["runc", "runsc"]
+from callward.core import ResourceLimits, Runtime
 
 NOBODY: Final = "65534:65534"
 #: A session runner's user: root, with only the capabilities it needs to start each
@@ -50,12 +48,17 @@ OWNER_PID_LABEL: Final = "callward.pid"
 OWNER_PIDNS_LABEL: Final = "callward.pidns"
 #: The container's own tmpfs, the only writable path; not the host's /tmp.
 CONTAINER_TMP: Final = "/tmp"  # noqa: S108 - inside the container
+_BYTES_PER_TMP_INODE: Final = 4096
+_MIN_TMP_INODES: Final = 256
+_MAX_TMP_INODES: Final = 65536
 #: The host side kills the container at the deadline; this only makes the
 #: kernel choose the sandbox first if the host itself runs out of memory.
 _OOM_SCORE_ADJ: Final = 1000
 #: Tells the runner, on gVisor only, the tasks (processes and threads, itself included)
 #: the call may run, so that it can report a tool that went past them (see runner.py).
 TASK_LIMIT_ENV: Final = "CALLWARD_TASK_LIMIT"
+#: On gVisor, whose tmpfs has no inode bound: the files /tmp may hold (see runner.py).
+TMP_INODES_ENV: Final = "CALLWARD_TMP_INODES"
 #: On gVisor: the runner's watcher thread, and one task more, so that going past
 #: ``pids`` is seen by the watcher instead of only refused.
 _GVISOR_EXTRA_TASKS: Final = 2
@@ -142,6 +145,15 @@ def gvisor_task_limits(pids: int) -> GvisorTaskLimits:
     return GvisorTaskLimits(guest_nproc=guest_nproc, host_pids=host_pids)
 
 
+def tmp_inodes(tmp_bytes: int) -> int:
+    """
+    The inodes ``/tmp`` may hold: one per 4 KiB of its size, within [256, 65536]. A
+    tmpfs bounded in bytes only lets empty files fill the container's memory instead;
+    bounded in inodes too, the next file is refused with ENOSPC (``disk_limit``).
+    """
+    return max(_MIN_TMP_INODES, min(_MAX_TMP_INODES, tmp_bytes // _BYTES_PER_TMP_INODE))
+
+
 def container_options(
     limits: ResourceLimits,
     *,
@@ -178,6 +190,8 @@ def container_options(
         ulimits.append(Ulimit(name="nproc", soft=tasks.guest_nproc, hard=tasks.guest_nproc))
         pids_limit = tasks.host_pids
         environment[TASK_LIMIT_ENV] = str(limits.pids)
+        # gVisor's tmpfs ignores nr_inodes: the runner watches the count instead.
+        environment[TMP_INODES_ENV] = str(tmp_inodes(limits.tmp_bytes))
     if session:
         environment[CALL_USER_ENV] = NOBODY
     return ContainerOptions(
@@ -185,7 +199,8 @@ def container_options(
         network_mode=egress_network or "none",
         ipc_mode="none",
         read_only=True,
-        tmpfs={CONTAINER_TMP: f"rw,nosuid,nodev,noexec,size={limits.tmp_bytes},mode=1777"},
+        tmpfs={CONTAINER_TMP: f"rw,nosuid,nodev,noexec,size={limits.tmp_bytes},"
+                              f"nr_inodes={tmp_inodes(limits.tmp_bytes)},mode=1777"},
         cap_drop=["ALL"],
         cap_add=list(SESSION_RUNNER_CAPABILITIES) if session else [],
         security_opt=["no-new-privileges"],

@@ -19,23 +19,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
 
 import structlog
 
 from callward.core import (
     Execution,
+    Placement,
     ResourceLimits,
+    Runtime,
     SandboxUnavailable,
     Sha256Hex,
     ToolCall,
     ToolSpec,
 )
 from callward.core._canonical import JSONValue
-from callward.core.protocols import PlacingToolRunner, ToolRunner
+from callward.core.protocols import ToolRunner, run_as_placed
+from callward.sandbox._cgroups import memory_usage
 from callward.sandbox._engine import ClientFactory, client_from_env, map_docker_errors
 from callward.sandbox._limits import OWNER_LABEL, OWNER_PID_LABEL
-from callward.sandbox._model_worker import ModelWorkers, _memory_usage
+from callward.sandbox._model_worker import ModelWorkers
 
 WORKER_LABEL = "callward.model_worker"
 
@@ -58,7 +60,7 @@ class ModelToolRunner:
         routes: Mapping[str, tuple[str, Sha256Hex]],
         fallback: ToolRunner,
         *,
-        runtime: Literal["runc", "runsc"] = "runc",
+        runtime: Runtime = "runc",
     ) -> None:
         for tool, (worker, _digest) in routes.items():
             if worker not in workers.names:
@@ -66,7 +68,7 @@ class ModelToolRunner:
         self.workers = workers
         self._routes = dict(routes)
         self._fallback = fallback
-        self._runtime = runtime
+        self._runtime: Runtime = runtime
 
     @property
     def image_digest(self) -> Sha256Hex:
@@ -86,41 +88,25 @@ class ModelToolRunner:
         return self.workers.request(worker, spec.name, call.arguments, limits)
 
     def run_placed(
-        self,
-        spec: ToolSpec,
-        call: ToolCall,
-        limits: ResourceLimits,
-        *,
-        isolation: Literal["call", "session"],
-        runtime: Literal["runc", "runsc"] | None,
-        principal: str,
-        session_id: str,
-        secrets: tuple[str, ...] = (),
-        egress: tuple[str, ...] = (),
+        self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits, placement: Placement
     ) -> Execution:
         """
+        Other tools run on the fallback as placed (``run_as_placed``); a model tool runs
+        in its worker, which serves every principal and session alike.
+
         Raises:
             SandboxUnavailable: As ``run``; or the policy asks a model tool to run on a
                 runtime its workers do not use, or grants it secrets or egress.
         """
         if spec.name not in self._routes:
-            if isinstance(self._fallback, PlacingToolRunner):
-                grants = {"secrets": secrets, "egress": egress} if secrets or egress else {}
-                return self._fallback.run_placed(
-                    spec, call, limits, isolation=isolation, runtime=runtime,
-                    principal=principal, session_id=session_id, **grants)
-            if secrets or egress:
-                raise SandboxUnavailable(f"the sandbox cannot hand {spec.name} secrets or egress")
-            if runtime is not None:
-                raise SandboxUnavailable(f"the sandbox cannot run {spec.name} on {runtime}")
-            return self._fallback.run(spec, call, limits)
-        if secrets or egress:
+            return run_as_placed(self._fallback, spec, call, limits, placement)
+        if placement.secrets or placement.egress:
             raise SandboxUnavailable(f"model tool {spec.name} runs in a worker without "
                                      "secrets or network; the policy grants it some")
-        if runtime is not None and runtime != self._runtime:
+        if placement.runtime is not None and placement.runtime != self._runtime:
             raise SandboxUnavailable(
-                f"the policy runs {spec.name} on {runtime}; its model worker runs on "
-                f"{self._runtime}")
+                f"the policy runs {spec.name} on {placement.runtime}; its model worker runs "
+                f"on {self._runtime}")
         return self.run(spec, call, limits)
 
     def tools_removed(self, removed: tuple[ToolSpec, ...],
@@ -201,7 +187,7 @@ def worker_containers(client_factory: ClientFactory = client_from_env
             labels = container.get("Labels") or {}
             with map_docker_errors("inspect a model worker container"):
                 host = client.api.inspect_container(container_id)["HostConfig"]
-            usage = _memory_usage(container_id) if container.get("State") == "running" else None
+            usage = memory_usage(container_id) if container.get("State") == "running" else None
             if usage is None and container.get("State") == "running":
                 with map_docker_errors("read a model worker's memory"):
                     stats = client.api.stats(container_id, stream=False, one_shot=True)

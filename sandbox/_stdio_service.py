@@ -42,12 +42,12 @@ import docker
 import docker.errors
 import structlog
 
-from callward.core import ResourceLimits, SandboxUnavailable, Sha256Hex
-from callward.sandbox._docker import _ATTACH_PARAMS, _close, _socket_of
+from callward.core import ResourceLimits, Runtime, SandboxUnavailable, Sha256Hex
+from callward.sandbox._attach import ATTACH_PARAMS, close_attached, socket_of
 from callward.sandbox._egress import EgressNetwork
 from callward.sandbox._engine import ClientFactory, client_from_env, map_docker_errors
 from callward.sandbox._image import BASE_IMAGE
-from callward.sandbox._limits import Runtime, container_options
+from callward.sandbox._limits import container_options
 
 log = structlog.get_logger()
 
@@ -280,8 +280,8 @@ class StdioService:
             raise ValueError("the service is attached already")
         with map_docker_errors("attach to the service container"):
             attached = self._client.api.attach_socket(self.container_id,
-                                                      params=dict(_ATTACH_PARAMS))
-        self._attached = (attached, _socket_of(attached))
+                                                      params=dict(ATTACH_PARAMS))
+        self._attached = (attached, socket_of(attached))
         with map_docker_errors("start the service container"):
             self._client.api.start(self.container_id)
         return self._attached[1]
@@ -291,7 +291,7 @@ class StdioService:
         if self._client is None:
             return
         if self._attached is not None:
-            _close(*self._attached)
+            close_attached(*self._attached)
             self._attached = None
         if self.container_id:
             try:

@@ -121,7 +121,10 @@ class Agent:
     new_run_id: Callable[[], str] = field(default=lambda: f"run_{uuid.uuid4().hex[:16]}")
 
     def tool_schemas(self) -> list[dict[str, JSONValue]]:
-        """The registry's tools as chat-template ``tools=`` entries (OpenAI function form)."""
+        """
+        The tools this principal could be allowed, as chat-template ``tools=`` entries
+        (OpenAI function form); the others are not shown to the model at all.
+        """
         return [
             {
                 "type": "function",
@@ -131,7 +134,7 @@ class Agent:
                     "parameters": spec.parameters,
                 },
             }
-            for spec in self.gateway.registry
+            for spec in self.gateway.tools_for(self.principal, session_id=self.session_id)
         ]
 
     def run(self, question: str) -> AgentRun:

@@ -127,4 +127,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except CallwardError as exc:
         code = fail(exc, EXIT_USAGE if isinstance(exc, ConfigurationError) else
                     EXIT_CHECK_FAILED)
+    except Exception as exc:  # noqa: BLE001 - the command's boundary: one line, never a traceback
+        structlog.get_logger().debug("command_failed", exc_info=True)
+        print(f"[internal] {type(exc).__name__}: {exc}\n  what to do: this is a bug in "
+              "callward; run again with --log-level debug for the traceback and report it",
+              file=sys.stderr)
+        code = EXIT_CHECK_FAILED
     sys.exit(code)

@@ -42,7 +42,7 @@ def _policy_path(args: argparse.Namespace, home: Home) -> Path:
 
 def _lint(args: argparse.Namespace, home: Home) -> int:
     from callward.policies import Policy  # noqa: PLC0415 - the CLI edge loads stages lazily
-    from callward.policies._authoring import lint  # noqa: PLC0415
+    from callward.policies._lint import lint  # noqa: PLC0415
 
     path = _policy_path(args, home)
     policy = Policy.from_file(path)
@@ -55,7 +55,7 @@ def _lint(args: argparse.Namespace, home: Home) -> int:
 
 
 def _test(args: argparse.Namespace, home: Home) -> int:
-    from callward.policies._authoring import load_cases, run_cases  # noqa: PLC0415
+    from callward.policies._cases import load_cases, run_cases  # noqa: PLC0415
 
     cases_path = Path(args.file)
     cases = load_cases(cases_path)
@@ -135,7 +135,7 @@ def _explain(args: argparse.Namespace, home: Home) -> int:
 
 def _replay(args: argparse.Namespace, home: Home) -> int:
     from callward.audit import read_records  # noqa: PLC0415
-    from callward.policies._authoring import replay  # noqa: PLC0415
+    from callward.policies._replay import replay  # noqa: PLC0415
 
     log_path = Path(args.log) if args.log else home.audit_db
     if not log_path.is_file():
@@ -162,7 +162,7 @@ def _live(args: argparse.Namespace, home: Home) -> tuple[Policy, FileSigner]:
 def _decide_proposal(args: argparse.Namespace, home: Home, *, approve: bool) -> int:
     from callward.audit import SQLiteAuditStore  # noqa: PLC0415
     from callward.policies import ApprovalRefused  # noqa: PLC0415
-    from callward.policies._evaluator import approval_record  # noqa: PLC0415
+    from callward.policies._approvals import approval_record  # noqa: PLC0415
 
     policy, signer = _live(args, home)
     store = SQLiteAuditStore(home.audit_db, signer)

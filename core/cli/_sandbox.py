@@ -12,6 +12,7 @@ from callward.core.cli._common import (
     subcommand_options,
 )
 from callward.core.gateway._config import Home
+from callward.core.types import RUNTIMES
 
 
 def _build_image(args: argparse.Namespace, home: Home) -> int:
@@ -25,7 +26,7 @@ def _build_image(args: argparse.Namespace, home: Home) -> int:
 def _doctor(args: argparse.Namespace, home: Home) -> int:
     from callward.sandbox import diagnose  # noqa: PLC0415 - the CLI edge loads docker
 
-    checks = diagnose(("runc",) if args.runc_only else ("runc", "runsc"))
+    checks = diagnose(("runc",) if args.runc_only else RUNTIMES)
     print_json({"ok": all(c.status != "fail" for c in checks),
                 "checks": [c.to_json() for c in checks]})
     return EXIT_OK if all(c.status != "fail" for c in checks) else EXIT_CHECK_FAILED

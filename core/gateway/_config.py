@@ -38,7 +38,8 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 from referencing import Registry
 
-from callward.audit import FileSigner, SQLiteAuditStore, store_settings
+import callward.audit
+from callward.audit import FileSigner, store_settings
 from callward.core._yaml import strict_yaml_load
 from callward.core.errors import ConfigurationError, SandboxUnavailable
 from callward.core.models._tools import ModelToolsSettings, model_tools_settings
@@ -52,6 +53,7 @@ from callward.core.observe._metrics import Metrics
 from callward.core.protocols import AuditLog, PolicyEngine, ToolRunner
 from callward.core.registry._registry import ToolRegistry
 from callward.core.registry._store import RegistryStore
+from callward.core.types import RUNTIMES, Runtime
 from callward.policies import AnomalyState, Policy, PolicyState
 
 log = structlog.get_logger()
@@ -60,6 +62,11 @@ if TYPE_CHECKING:
     from callward.core.models._tools import ModelToolSet
     from callward.core.types import ToolSpec
     from callward.sandbox import DockerSandbox, ModelToolRunner
+
+#: A record holds an argument value up to this many canonical bytes; a larger one as
+#: its SHA-256, size and first characters (``arguments_elided`` names where).
+DEFAULT_MAX_ARGUMENT_BYTES: Final = 4096
+MIN_MAX_ARGUMENT_BYTES: Final = 256
 
 CONFIG_SCHEMA: Final = {
     "type": "object",
@@ -73,7 +80,7 @@ CONFIG_SCHEMA: Final = {
             "type": "object",
             "additionalProperties": False,
             "properties": {
-                "runtime": {"enum": ["runc", "runsc"]},
+                "runtime": {"enum": list(RUNTIMES)},
                 # The warm pool (callward.sandbox.PoolConfig); size 0 starts every call cold.
                 "pool": {
                     "type": "object",
@@ -131,6 +138,9 @@ CONFIG_SCHEMA: Final = {
                 "checkpoint_every": {"type": "integer", "minimum": 1},
                 "checkpoint_seconds": {"type": "number", "minimum": 0},
                 "sync": {"enum": ["authorized", "every"]},
+                # An argument value larger than this is recorded as its digest.
+                "max_argument_bytes": {"type": "integer", "minimum": MIN_MAX_ARGUMENT_BYTES,
+                                       "maximum": 16 * 1024 * 1024},
                 "witnesses": {"type": "array", "items": {"oneOf": [
                     {"type": "object", "additionalProperties": False, "required": ["directory"],
                      "properties": {"directory": {"type": "string", "minLength": 1}}},
@@ -212,7 +222,7 @@ class ModelSettings:
 class GatewayConfig:
     tool_sources: tuple[str, ...]
     policy_path: Path
-    runtime: Literal["runc", "runsc"]
+    runtime: Runtime
     source: Path
     policy_shadow_path: Path | None = None
     #: The ``audit`` section: checkpoint policy and witnesses (``callward.audit``).
@@ -374,6 +384,7 @@ class GatewayParts:
     audit: AuditLog
     closers: tuple[Callable[[], None], ...]
     observers: tuple[CallObserver, ...]
+    max_argument_bytes: int
 
 
 def build_parts(path: object, *, home: object = None) -> GatewayParts:
@@ -414,9 +425,11 @@ def build_parts(path: object, *, home: object = None) -> GatewayParts:
     policy = Policy.from_file(config.policy_path, state=policy_state, signer=signer,
                               shadow=shadow, anomalies=anomalies)
     settings = store_settings(config.audit or {}, base=config.source.parent)
-    audit = SQLiteAuditStore(state.audit_db, signer, checkpoint_every=settings.checkpoint_every,
-                             checkpoint_seconds=settings.checkpoint_seconds,
-                             witnesses=settings.witnesses, sync=settings.sync)
+    # The writer is loaded on first use, so commands that only read the log never load it.
+    audit = callward.audit.SQLiteAuditStore(
+        state.audit_db, signer, checkpoint_every=settings.checkpoint_every,
+        checkpoint_seconds=settings.checkpoint_seconds, witnesses=settings.witnesses,
+        sync=settings.sync)
     audit.open()
     # Calls a crashed gateway authorized but never completed are closed out now.
     audit.recover_interrupted()
@@ -448,6 +461,8 @@ def build_parts(path: object, *, home: object = None) -> GatewayParts:
         closers=(audit.close, policy.state.close, anomalies.close, runner.close,
                  registry_store.close),
         observers=observers,
+        max_argument_bytes=int(str((config.audit or {}).get(
+            "max_argument_bytes", DEFAULT_MAX_ARGUMENT_BYTES))),
     )
 
 
@@ -462,7 +477,7 @@ def _prepare_model_tools(settings: ModelToolsSettings, state: Home) -> ModelTool
 
 def _with_model_tools(
     tool_set: ModelToolSet,
-    runtime: str,
+    runtime: Runtime,
     registry: ToolRegistry,
     sandbox: DockerSandbox,
 ) -> ModelToolRunner:

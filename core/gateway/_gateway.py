@@ -34,19 +34,29 @@ from dataclasses import dataclass
 import anyio.to_thread
 import structlog
 
-from callward.core._canonical import JSONValue, canonical_bytes, canonical_loads, sha256_hex
+from callward.core._canonical import (
+    JSONValue,
+    canonical_bytes,
+    canonical_loads,
+    elide_large_values,
+    sha256_hex,
+)
 from callward.core.errors import CallwardError, MalformedCall, SandboxUnavailable
-from callward.core.gateway._config import build_parts
+from callward.core.gateway._config import (
+    DEFAULT_MAX_ARGUMENT_BYTES,
+    MIN_MAX_ARGUMENT_BYTES,
+    build_parts,
+)
 from callward.core.observe._events import CallEvent, CallObserver, RecordObserver
 from callward.core.parse._front import parse_model_output
 from callward.core.protocols import (
     AuditLog,
-    PlacingToolRunner,
     PolicyEngine,
     PolicyHooks,
     ReceiptIssuer,
     ShadowingPolicy,
     ToolRunner,
+    run_as_placed,
 )
 from callward.core.registry._registry import ToolRegistry
 from callward.core.types import (
@@ -55,6 +65,7 @@ from callward.core.types import (
     CallId,
     Decision,
     Execution,
+    Placement,
     Provenance,
     Receipt,
     ResourceLimits,
@@ -131,7 +142,11 @@ class Gateway:
         new_id: NewId = new_call_id,
         closers: tuple[Callable[[], None], ...] = (),
         observers: tuple[CallObserver, ...] = (),
+        max_argument_bytes: int = DEFAULT_MAX_ARGUMENT_BYTES,
     ) -> None:
+        if max_argument_bytes < MIN_MAX_ARGUMENT_BYTES:
+            raise ValueError(f"max_argument_bytes is at least {MIN_MAX_ARGUMENT_BYTES}")
+        self.max_argument_bytes = max_argument_bytes
         self.registry = registry
         self.policy = policy
         self._policy_hooks = policy if isinstance(policy, PolicyHooks) else None
@@ -167,12 +182,22 @@ class Gateway:
         """
         parts = build_parts(path, home=home)
         return cls(registry=parts.registry, policy=parts.policy, runner=parts.runner,
-                   audit=parts.audit, closers=parts.closers, observers=parts.observers)
+                   audit=parts.audit, closers=parts.closers, observers=parts.observers,
+                   max_argument_bytes=parts.max_argument_bytes)
 
     @property
     def new_id(self) -> NewId:
         """Makes an id for a call whose model gave none (callers that parse use it too)."""
         return self._new_id
+
+    def tools_for(self, principal: str, *, session_id: str = "") -> tuple[ToolSpec, ...]:
+        """
+        The registered tools a listing shows this caller (MCP ``tools/list``, the agent's
+        prompt): those the policy could allow it. A tool left out is still decided, and
+        denied, when called by name; a listing is never an authorization.
+        """
+        context = CallContext(principal=principal, session_id=session_id)
+        return tuple(spec for spec in self.registry if self.policy.may_discover(spec, context))
 
     def record(self, kind: str, body: Mapping[str, JSONValue]) -> Receipt:
         """
@@ -301,7 +326,7 @@ class Gateway:
             return step
         decision = step.decision
         started = self._clock()
-        if _runs_anywhere(decision):
+        if Placement.of(decision, step.context).anywhere:
             try:
                 execution = await run(step.spec, call, _limits_of(decision, step.spec))
             except Exception as exc:  # noqa: BLE001 - stage boundary, as in _execute
@@ -540,30 +565,11 @@ class Gateway:
         context: CallContext,
     ) -> Execution:
         """
-        Run where the decision says; a runtime, secrets or egress the runner cannot
-        give fail closed.
+        Run where the decision places the call (``run_as_placed``): a runtime, secrets or
+        egress the runner cannot give fail closed; a session it cannot give runs in a
+        fresh container, the stricter choice.
         """
-        if _runs_anywhere(decision):
-            return self.runner.run(spec, call, limits)
-        grants = decision.secrets or decision.egress
-        if isinstance(self.runner, PlacingToolRunner):
-            # Passed only when granted, so runners that know neither keep working.
-            extra = {"secrets": decision.secrets, "egress": decision.egress} if grants else {}
-            return self.runner.run_placed(
-                spec, call, limits, isolation=decision.isolation, runtime=decision.runtime,
-                principal=context.principal, session_id=context.session_id, **extra,
-            )
-        if grants:
-            raise SandboxUnavailable(
-                f"the policy grants {spec.name} secrets or egress, "
-                "and this sandbox cannot hand them over"
-            )
-        if decision.runtime is not None:
-            raise SandboxUnavailable(
-                f"the policy runs {spec.name} on {decision.runtime}, "
-                "and this sandbox cannot choose its runtime"
-            )
-        return self.runner.run(spec, call, limits)  # a fresh container is the stricter choice
+        return run_as_placed(self.runner, spec, call, limits, Placement.of(decision, context))
 
     def _deny(
         self,
@@ -614,6 +620,8 @@ class Gateway:
                 "kind": "malformed",
                 "dialect": error.dialect,
                 "offset": error.offset,
+                "tool": error.tool,
+                "json_path": error.json_path,
                 "message": error.message,
                 "text_sha256": sha256_hex(raw),
                 "text_bytes": len(raw),
@@ -626,9 +634,10 @@ class Gateway:
                                outcome="malformed", record_kind="call.rejected", seq=record.seq))
         return ToolResult(
             call_id=call_id,
-            tool="",
+            tool=error.tool,
             kind="malformed",
-            content_json=_error_content("malformed", error.message, offset=error.offset),
+            content_json=_error_content("malformed", error.message, offset=error.offset,
+                                        json_path=error.json_path),
             receipt=self._receipt(record),
         )
 
@@ -657,14 +666,21 @@ class Gateway:
         decision: Decision,
         context: CallContext,
     ) -> dict[str, JSONValue]:
+        arguments: JSONValue = None
+        elided: tuple[str, ...] = ()
+        if spec is not None:
+            arguments = call.arguments
+            if len(call.arguments_json) > self.max_argument_bytes:
+                arguments, elided = elide_large_values(call.arguments, self.max_argument_bytes)
         return {
             "call": {
                 "id": call.id,
                 "name": call.name[:256],
                 "name_sha256": sha256_hex(call.name.encode("utf-8", "surrogatepass")),
                 "dialect": call.dialect,
-                "arguments": call.arguments if spec is not None else None,
+                "arguments": arguments,
                 "arguments_sha256": call.arguments_sha256,
+                **({"arguments_elided": list(elided)} if elided else {}),
                 "expected": call.expected,
             },
             "principal": context.principal,
@@ -678,12 +694,6 @@ class Gateway:
             **_origin_fields(),
             **_provenance_fields(context),
         }
-
-
-def _runs_anywhere(decision: Decision) -> bool:
-    """Whether the decision leaves the placing to the runner: one call, no runtime or grants."""
-    return (decision.isolation == "call" and decision.runtime is None
-            and not (decision.secrets or decision.egress))
 
 
 def _limits_of(decision: Decision, spec: ToolSpec) -> ResourceLimits:

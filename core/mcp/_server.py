@@ -200,12 +200,12 @@ class McpFace:
     async def _list_tools(
         self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
-        # An upstream tool blocked mid-session leaves the listing too, not only the calls.
-        policy = self._gateway.policy
-        blocked = policy.is_blocked if isinstance(policy, PinGate) else (lambda _name: False)
+        # Only what this caller could be allowed; an upstream tool blocked mid-session
+        # leaves the listing too (the policy in front of it says so), not only the calls.
+        principal = principal_of(ctx, self._principal)
         self._gateway.registry.refresh()  # versions loaded or unloaded while serving
         return types.ListToolsResult(tools=tool_definitions(
-            spec for spec in self._gateway.registry if not blocked(spec.name)))
+            self._gateway.tools_for(principal, session_id=self._session_id)))
 
     async def _call_tool(
         self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams

@@ -61,11 +61,14 @@ from callward.core.protocols import (
     PolicyReload,
     ShadowingPolicy,
     ToolRunner,
+    refuse_placement,
+    run_as_placed,
 )
 from callward.core.types import (
     CallContext,
     Decision,
     Execution,
+    Placement,
     ResourceLimits,
     ResultTreatment,
     RuleId,
@@ -249,7 +252,7 @@ def _limits(given: dict[str, Any]) -> ResourceLimits:
     )
 
 
-def tool_digest(server: str, tool: types.Tool) -> Sha256Hex:
+def upstream_tool_digest(server: str, tool: types.Tool) -> Sha256Hex:
     """SHA-256 of the canonical definition: server, name, description, input schema."""
     return canonical_sha256({"server": server, "name": tool.name,
                              "description": tool.description or "",
@@ -519,7 +522,7 @@ def _value_of(result: types.CallToolResult) -> JSONValue:
 
 class UpstreamRunner:
     """
-    A ``ToolRunner`` that sends upstream tools to their server and the rest to ``inner``.
+    A ``PlacingToolRunner`` that sends upstream tools to their server and the rest to ``inner``.
     """
 
     def __init__(self, inner: ToolRunner, routes: Mapping[str, _Route],
@@ -545,6 +548,21 @@ class UpstreamRunner:
         except Exception as exc:  # noqa: BLE001 - _failed_call maps or re-raises each kind
             return _failed_call(route, exc, started)
         return _execution_of(result, limits, _usage_since(route, started))
+
+    def run_placed(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits,
+                   placement: Placement) -> Execution:
+        """
+        Another tool runs on ``inner`` as placed (``run_as_placed``). An upstream tool
+        runs on its server, which serves every session alike and cannot be handed
+        secrets, egress or a runtime: those are refused, never dropped.
+
+        Raises:
+            SandboxUnavailable: As ``run``, or the placement cannot be given.
+        """
+        if spec.name not in self._routes and spec.name not in self._upstream_names:
+            return run_as_placed(self._inner, spec, call, limits, placement)
+        refuse_placement(spec, placement)
+        return self.run(spec, call, limits)
 
     def loop_of(self, name: str) -> asyncio.AbstractEventLoop | None:
         """The loop of the client that ``name`` (a tool, or ``tool@version``) is routed to."""
@@ -659,6 +677,10 @@ class PinGate:
     @property
     def digest(self) -> Sha256Hex:
         return self._inner.digest
+
+    def may_discover(self, spec: ToolSpec, context: CallContext) -> bool:
+        """A blocked upstream tool leaves listings too; anything else, as the policy says."""
+        return spec.name not in self._blocked and self._inner.may_discover(spec, context)
 
     def decide(self, call: ToolCall, spec: ToolSpec | None, context: CallContext) -> Decision:
         """
@@ -803,7 +825,7 @@ class Upstreams:
 
     def _sort(self, connection: UpstreamConnection, tool: types.Tool) -> None:
         server = connection.config.name
-        digest = tool_digest(server, tool)
+        digest = upstream_tool_digest(server, tool)
         name = namespaced(server, tool.name)
         body: dict[str, JSONValue] = {"server": server, "server_digest": connection.digest,
                                       "tool": tool.name[:256], "name": name, "digest": digest}
@@ -870,7 +892,7 @@ class Upstreams:
                         tools: list[types.Tool]) -> None:
         """Block every routed tool of ``connection`` whose listed definition left its pin."""
         server = connection.config.name
-        current = {tool.name: tool_digest(server, tool) for tool in tools}
+        current = {tool.name: upstream_tool_digest(server, tool) for tool in tools}
         self._listed_at[server] = now
         for routed, other in list(self.routes.items()):
             if other.connection is not connection:

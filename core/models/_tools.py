@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
@@ -53,7 +53,7 @@ from callward.core._canonical import (
     canonical_sha256,
 )
 from callward.core.errors import ConfigurationError
-from callward.core.types import MIB, ModelRef, ResourceLimits, ToolSpec
+from callward.core.types import MIB, ModelRef, ResourceLimits, Runtime, ToolSpec
 
 if TYPE_CHECKING:
     from callward.core.protocols import ToolRunner
@@ -415,7 +415,7 @@ def model_tool_specs(settings: ModelToolsSettings, *,
 
 
 def build_model_runner(
-    tool_set: ModelToolSet, fallback: ToolRunner, *, runtime: str = "runc"
+    tool_set: ModelToolSet, fallback: ToolRunner, *, runtime: Runtime = "runc"
 ) -> ModelToolRunner:
     """
     A runner that sends the model tools to their warm workers and the rest to ``fallback``.
@@ -426,7 +426,6 @@ def build_model_runner(
     # The edge that wires the stages imports them; the stages never import each other.
     from callward.sandbox import ModelToolRunner, ModelWorkers, WorkerSpec  # noqa: PLC0415
 
-    runner_runtime: Literal["runc", "runsc"] = "runsc" if runtime == "runsc" else "runc"
     try:
         workers = ModelWorkers(
             {name: WorkerSpec(name=r.name, task=r.task,  # type: ignore[arg-type]
@@ -434,8 +433,8 @@ def build_model_runner(
                               collection=r.collection, load_seconds=r.load_seconds)
              for name, r in tool_set.workers.items()},
             memory_budget_bytes=tool_set.memory_budget_bytes,
-            runtime=runner_runtime,
+            runtime=runtime,
         )
     except ValueError as exc:
         raise ConfigurationError(f"models_as_tools: {exc}") from exc
-    return ModelToolRunner(workers, tool_set.routes, fallback, runtime=runner_runtime)
+    return ModelToolRunner(workers, tool_set.routes, fallback, runtime=runtime)

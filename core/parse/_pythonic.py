@@ -11,8 +11,9 @@ keys). Names, calls, attribute access, operators, starred and ``**`` arguments,
 positional arguments, sets, tuples and bytes are refused with the character
 offset where they stand.
 
-Only a message that is *wholly* such a list counts, so prose that contains
-brackets is never taken for a call.
+Only a message that is *wholly* such a list counts (or a list right after
+``<|python_tag|>``, see ``_llama``), so prose that contains brackets is never
+taken for a call.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from callward.core.errors import MalformedCall
+from callward.core.parse._common import Found, NewId, fail, make_call
 
 _DIALECT: Final = "llama"
 _START: Final = re.compile(r"\[\s*[A-Za-z_][A-Za-z0-9_.]*\s*\(")
@@ -42,8 +44,7 @@ class PythonicCall:
 
 
 def _fail(message: str, offset: int | None) -> MalformedCall:
-    where = f" at offset {offset}" if offset is not None else ""
-    return MalformedCall(f"{_DIALECT} call{where}: {message}", offset=offset, dialect=_DIALECT)
+    return fail(message, offset, _DIALECT)
 
 
 def pythonic_span(text: str) -> tuple[int, int] | None:
@@ -184,3 +185,22 @@ def parse_pythonic(text: str, start: int, end: int) -> list[PythonicCall]:
     if not isinstance(tree.body, ast.List):
         raise _fail("expected one list of calls", start)
     return [_call(item, offsets) for item in tree.body.elts]
+
+
+def pythonic_found(text: str, start: int, end: int, new_id: NewId) -> list[Found]:
+    """The calls of a pythonic list ``[name(k=v), ...]`` standing at ``text[start:end]``."""
+    return [
+        Found(item.offset, make_call(call_id=new_id(), name=item.name,
+                                     arguments=item.arguments, dialect=_DIALECT,
+                                     offset=item.offset), end)
+        for item in parse_pythonic(text, start, end)
+    ]
+
+
+def read_pythonic_message(text: str, new_id: NewId) -> list[Found] | None:
+    """The calls of a message that is wholly a pythonic list; None when it is not one."""
+    span = pythonic_span(text)
+    if span is None:
+        return None
+    # The whole message is a list of calls: what its strings hold is data.
+    return pythonic_found(text, *span, new_id)

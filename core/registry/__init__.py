@@ -14,7 +14,8 @@ Example::
 """
 
 from callward.core.registry._live import LiveRegistry
-from callward.core.registry._registry import ToolRegistry, tool
+from callward.core.registry._registry import ToolRegistry
+from callward.core.registry._spec import tool
 from callward.core.registry._store import RegistryChange, RegistryStore
 
 __all__ = ["LiveRegistry", "RegistryChange", "RegistryStore", "ToolRegistry", "tool"]

@@ -44,7 +44,8 @@ import structlog
 from callward.core._canonical import JSONValue
 from callward.core.errors import ConfigurationError
 from callward.core.protocols import AuditLog
-from callward.core.registry._registry import ToolRegistry, read_tool_file, split_ref
+from callward.core.registry._files import read_tool_file
+from callward.core.registry._registry import ToolRegistry, split_ref
 from callward.core.registry._store import RegistryChange, RegistryStore
 from callward.core.types import ToolSpec
 

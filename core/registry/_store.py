@@ -36,12 +36,8 @@ import structlog
 
 from callward.core._canonical import canonical_bytes
 from callward.core.errors import ConfigurationError
-from callward.core.registry._registry import (
-    LiveState,
-    LiveVersion,
-    spec_from_preimage,
-    spec_preimage,
-)
+from callward.core.registry._registry import LiveState, LiveVersion
+from callward.core.registry._spec import spec_from_preimage, spec_preimage
 from callward.core.types import ToolSpec
 
 log = structlog.get_logger()

@@ -93,6 +93,9 @@ _EXIT_UNPROTECTED: Final = 3
 _TMP: Final = "/tmp"  # noqa: S108 - the container's own tmpfs
 _MAX_RESULT_BYTES: Final = 1 << 26
 TASK_LIMIT_ENV: Final = "CALLWARD_TASK_LIMIT"
+TMP_INODES_ENV: Final = "CALLWARD_TMP_INODES"
+#: The size a tmpfs directory reports per entry (Linux and gVisor alike).
+_TMPFS_DIRENT_BYTES: Final = 20
 TASK_WATCH_SECONDS: Final = 0.02
 _PROC: Final = "/proc"
 
@@ -172,6 +175,48 @@ def count_tasks(proc: str = _PROC, threads_of: int = 1) -> int:
     with contextlib.suppress(OSError):
         threads = max(1, len(os.listdir(f"{proc}/{threads_of}/task")))
     return processes + threads - 1
+
+
+def tmp_inode_limit(environ: dict[str, str] | os._Environ[str] = os.environ) -> int | None:
+    """The files ``/tmp`` may hold (gVisor only), or None where the kernel keeps the bound."""
+    value = environ.get(TMP_INODES_ENV, "")
+    return int(value) if value.isdigit() and 0 < int(value) <= 1 << 24 else None
+
+
+def count_entries(directory: str, stop_after: int) -> int:
+    """
+    The files and directories below ``directory``, counted up to just past
+    ``stop_after``. A directory that cannot be read counts by the size tmpfs gives it
+    (20 bytes an entry), once the watch has tried to open it up (its owner may).
+    """
+    count = 0
+    stack = [directory]
+    opened: set[str] = set()
+    while stack and count <= stop_after:
+        path = stack.pop()
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    count += 1
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+        except OSError:
+            if path not in opened:  # once: open it up and read it again
+                opened.add(path)
+                try:
+                    os.chmod(path, 0o700)
+                except OSError:
+                    pass
+                else:
+                    stack.append(path)
+                    continue
+            with contextlib.suppress(OSError):
+                count += os.stat(path).st_size // _TMPFS_DIRENT_BYTES
+    return count
+
+
+def over_inode_limit_failure(limit: int) -> dict[str, object]:
+    return failure("disk_limit", "InodeLimit", f"the tool made more than {limit} files in /tmp")
 
 
 def over_task_limit_failure(limit: int) -> dict[str, object]:
@@ -307,9 +352,9 @@ def main() -> None:
         os._exit(_EXIT_BAD_REQUEST)
 
     report = _ResultLine(result_fd)
-    limit = task_limit()
-    if limit is not None:
-        _start_task_watch(limit, report)
+    limit, inodes = task_limit(), tmp_inode_limit()
+    if limit is not None or inodes is not None:
+        _start_task_watch(limit, inodes, report)
     result = run_tool(source, entrypoint, arguments)
     if os.getpid() != runner_pid:
         os._exit(0)  # a process the tool forked: only the runner reports
@@ -332,8 +377,11 @@ class _ResultLine:
         os._exit(0)
 
 
-def _start_task_watch(limit: int, report: _ResultLine) -> None:
-    """Report ``pids_limit`` and end the call once it holds more than ``limit`` tasks."""
+def _start_task_watch(limit: int | None, inodes: int | None, report: _ResultLine) -> None:
+    """
+    Report ``pids_limit`` and end the call once it holds more than ``limit`` tasks, and
+    ``disk_limit`` once ``/tmp`` holds more than ``inodes`` files.
+    """
 
     runner_pid = os.getpid()
 
@@ -341,8 +389,10 @@ def _start_task_watch(limit: int, report: _ResultLine) -> None:
         while True:
             time.sleep(TASK_WATCH_SECONDS)
             # The watch's own thread is not the call's.
-            if count_tasks(threads_of=runner_pid) - 1 > limit:
+            if limit is not None and count_tasks(threads_of=runner_pid) - 1 > limit:
                 report.write_and_exit(over_task_limit_failure(limit))
+            if inodes is not None and count_entries(_TMP, inodes) > inodes:
+                report.write_and_exit(over_inode_limit_failure(inodes))
 
     _start_new_thread(watch, ())
 
@@ -589,28 +639,36 @@ def _report_and_exit(child_pid: int, result: dict[str, object], result_w: int) -
     os._exit(0)
 
 
-class _OverTaskLimit(Exception):
-    """The call held more tasks than it may (seen by the session's wait loop)."""
+class _OverLimit(Exception):
+    """The call held more tasks, or made more files, than it may (seen by the wait loop)."""
+
+    def __init__(self, result: dict[str, object]) -> None:
+        super().__init__(result.get("error_type"))
+        self.result = result
 
 
-def _read_result(result_r: int, pid: int, deadline: float,
-                 limit: int | None = None) -> tuple[bytes, int | None]:
+def _read_result(result_r: int, pid: int, deadline: float, limit: int | None = None, *,
+                 inodes: int | None = None, tmp: str = _TMP) -> tuple[bytes, int | None]:
     """
     The child's result bytes and wait status; status None if it ran past the deadline.
 
     Raises:
-        _OverTaskLimit: ``limit`` is set and the container held more tasks than that.
+        _OverLimit: ``limit`` is set and the container held more tasks than that, or
+            ``inodes`` is set and ``tmp`` holds more files than that.
     """
     data = bytearray()
+    watched = limit is not None or inodes is not None
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return bytes(data), None
-        wait = remaining if limit is None else min(remaining, TASK_WATCH_SECONDS)
+        wait = min(remaining, TASK_WATCH_SECONDS) if watched else remaining
         ready, _, _ = select.select([result_r], [], [], wait)
         if not ready:
             if limit is not None and count_tasks(threads_of=pid) > limit:
-                raise _OverTaskLimit
+                raise _OverLimit(over_task_limit_failure(limit))
+            if inodes is not None and count_entries(tmp, inodes) > inodes:
+                raise _OverLimit(over_inode_limit_failure(inodes))
             continue
         chunk = os.read(result_r, 65536)
         if not chunk or len(data) > _MAX_RESULT_BYTES:
@@ -771,11 +829,11 @@ def run_session_call(data: bytearray, tmp: str = _TMP) -> dict[str, object]:
             os.close(result_r)
             _child(code, entrypoint, arguments, result_w, environment)
     os.close(result_w)
-    limit = task_limit()
     try:
-        raw, status = _read_result(result_r, pid, time.monotonic() + wall_seconds, limit)
-    except _OverTaskLimit:
-        return over_task_limit_failure(limit or 0)
+        raw, status = _read_result(result_r, pid, time.monotonic() + wall_seconds,
+                                   task_limit(), inodes=tmp_inode_limit(), tmp=tmp)
+    except _OverLimit as over:
+        return over.result
     finally:
         os.close(result_r)
         _kill_all_but_me(pid)

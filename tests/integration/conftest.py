@@ -13,7 +13,7 @@ import docker
 import pytest
 
 from callward.sandbox import ensure_image
-from callward.sandbox._docker import is_leftover
+from callward.sandbox._leftovers import is_leftover
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,6 +6,9 @@ import json
 import sqlite3
 from pathlib import Path
 
+from callward.audit import read_records
+from callward.core.testing import kinds
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "core" / "examples" / "plans"
 CONFIG = str(EXAMPLE / "callward.yaml")
 NEWS = str(EXAMPLE / "news_summary.yaml")
@@ -27,11 +30,6 @@ steps:
 """
 
 
-def kinds(home: Path) -> list[str]:
-    with sqlite3.connect(home / "audit.db") as db:
-        return [kind for (kind,) in db.execute("SELECT kind FROM records ORDER BY seq")]
-
-
 def body(home: Path, seq: int) -> dict:
     with sqlite3.connect(home / "audit.db") as db:
         (text,) = db.execute("SELECT body FROM records WHERE seq = ?", (seq,)).fetchone()
@@ -50,7 +48,8 @@ class TestPlanRun:
         summary = report["steps"][3]["output"]["summary"]
         assert summary.startswith("Utilities added record battery storage to the grid")
         assert "<p>" not in summary
-        assert ["plan.started", "plan.completed"] == [kinds(home)[0], kinds(home)[-1]]
+        written = kinds(read_records(home / "audit.db"))
+        assert ["plan.started", "plan.completed"] == [written[0], written[-1]]
         clean = report["steps"][2]
         completed = body(home, clean["receipt"]["seq"])
         assert [e["source_step"] for e in clean["provenance"]] == [
@@ -74,7 +73,7 @@ class TestPlanRun:
         denied = body(home, steps["leak"]["receipt"]["seq"])
         assert ("no-secret-egress", "$.text") == (denied["decision"]["reasons"][0],
                                                   denied["decision"]["json_path"])
-        assert "plan.step_skipped" in kinds(home)
+        assert "plan.step_skipped" in kinds(read_records(home / "audit.db"))
 
     def test_a_bad_plan_exits_2_is_audited_and_nothing_runs(self, cli, engine, home):
         """A plan with an unknown step ref is refused with its location; plan.rejected only."""
@@ -88,7 +87,7 @@ class TestPlanRun:
                  "message": "$ref names unknown step 'clen'"}] == json.loads(
             done.stdout)["problems"]
         assert "[plan_invalid]" in done.stderr
-        assert ["plan.rejected"] == kinds(home)
+        assert ["plan.rejected"] == kinds(read_records(home / "audit.db"))
 
 
 class TestPlanValidate:

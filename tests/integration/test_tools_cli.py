@@ -17,8 +17,10 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
+from callward.audit import read_records
 from callward.core import ToolCall
 from callward.core.gateway import Gateway
+from callward.core.testing import kinds
 from tests.unit.core.test_registry_versions import tool_file
 
 POLICY = """
@@ -38,11 +40,6 @@ tools:
 
 def call(name: str = "double", x: int = 3) -> ToolCall:
     return ToolCall.create(id="c1", name=name, arguments={"x": x}, dialect="api")
-
-
-def kinds(home: Path) -> list[str]:
-    with sqlite3.connect(home / "audit.db") as db:
-        return [kind for (kind,) in db.execute("SELECT kind FROM records ORDER BY seq")]
 
 
 @pytest.fixture(name="config")
@@ -154,7 +151,7 @@ class TestLiveChanges:
         assert ("ok", "permission") == (allowed.kind, denied.kind)
         assert "tools.double.pin" == denied.decision.reasons[0]
         assert "version 2.0.0" in json.loads(denied.content_json)["message"]
-        assert "call.denied" == kinds(home)[-1]
+        assert "call.denied" == kinds(read_records(home / "audit.db"))[-1]
 
     def test_every_change_is_audited_and_the_log_verifies(self, gateway, tools, cli, tmp_path,
                                                           home):
@@ -168,7 +165,7 @@ class TestLiveChanges:
 
         assert ["tool.loaded", "tool.activated", "tool.loaded", "tool.activated",
                 "call.authorized", "call.completed", "tool.rolled_back",
-                "tool.unloaded"] == kinds(home)
+                "tool.unloaded"] == kinds(read_records(home / "audit.db"))
         assert (0, "OK") == (verified.returncode, json.loads(verified.stdout)["verdict"])
 
 

@@ -48,7 +48,8 @@ async def _exercise(target: Any) -> dict[str, Any]:
 
 
 def _check(seen: dict[str, Any], cli: Any) -> None:
-    assert ["add", "capital", "drop_table", "spin", "square"] == seen["tools"]
+    # alice, an analyst, is not shown drop_table (a DBA's tool), and its call is denied.
+    assert ["add", "capital", "spin", "square"] == seen["tools"]
     allowed = seen["allowed"]
     assert (False, "144") == (allowed.is_error, allowed.content[0].text)
     assert "ok" == allowed.structured_content["kind"]

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -19,9 +18,11 @@ import pytest
 import yaml
 from mcp import Client, StdioServerParameters
 
+from callward.audit import read_records
 from callward.core import ToolCall
 from callward.core.mcp._gateway import open_upstreams
 from callward.core.mcp._server import McpFace
+from callward.core.testing import kinds
 
 SERVERS = Path(__file__).resolve().parent / "servers"
 POLICY = """\
@@ -38,11 +39,6 @@ rules:
 results:
   - {id: redact-emails, tools: [notes__greet], redact: [email]}
 """
-
-
-def kinds(home: Path) -> list[str]:
-    with sqlite3.connect(home / "audit.db") as db:
-        return [row[0] for row in db.execute("SELECT kind FROM records ORDER BY seq")]
 
 
 @pytest.fixture(name="config")
@@ -134,7 +130,7 @@ class TestUpstreamGateway:
         with open_upstreams(config, home=home) as (gateway, _upstreams):
             assert "ok" == call(gateway, "notes__greet", name="ada").kind
 
-        written = kinds(home)
+        written = kinds(read_records(home / "audit.db"))
         for kind in ("mcp.server_connected", "mcp.tool_pending", "mcp.tool_pinned",
                      "mcp.tool_blocked", "mcp.tool_reapproved"):
             assert kind in written
@@ -176,7 +172,7 @@ class TestUpstreamGateway:
         assert ("ok", "ok") == (before.kind, turned.kind)
         assert ("approval_required", "mcp.rug-pull") == (after.kind, after.decision.reasons[0])
         assert "ok" == other.kind
-        assert "mcp.tool_blocked" in kinds(home)
+        assert "mcp.tool_blocked" in kinds(read_records(home / "audit.db"))
         assert "notes__add" in listed
         assert "notes__greet" not in listed
 
@@ -225,7 +221,7 @@ class TestFaceOnEitherLoop:
                                      after.structured_content["kind"])
         assert ("ok", 16) == (native.structured_content["kind"],
                               native.structured_content["content"])
-        written = kinds(home)
+        written = kinds(read_records(home / "audit.db"))
         assert written.count("call.authorized") == written.count("call.completed") == 5
         verified = cli("audit", "verify")
         assert 0 == verified.returncode, verified.stdout + verified.stderr
@@ -255,7 +251,7 @@ class TestFaceOnEitherLoop:
         assert ["ok", "ok", "approval_required", "ok"] == [
             result.structured_content["kind"] for result in (before, turned, after, other)]
         assert ["mcp.rug-pull"] == after.structured_content["decision"]["reasons"]
-        assert "mcp.tool_blocked" in kinds(home)
+        assert "mcp.tool_blocked" in kinds(read_records(home / "audit.db"))
         assert "notes__add" in listed
         assert "notes__greet" not in listed
 

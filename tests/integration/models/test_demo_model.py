@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from callward.audit import verify
+from callward.audit import read_records, verify
 from callward.core.agent import Agent
 from callward.core.gateway import Gateway
 from callward.core.gateway._config import example_config_path
 from callward.core.models._gguf import DEMO_MODEL_ID, DEMO_MODEL_SHA256, load_demo_model
+from callward.core.testing import kinds
 
 
 @pytest.fixture(scope="session", name="model_cache")
@@ -32,11 +32,6 @@ def _model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session", name="demo_model")
 def _demo_model(model_cache: Path):
     return load_demo_model(model_cache)
-
-
-def kinds(home: Path) -> list[str]:
-    with sqlite3.connect(home / "audit.db") as db:
-        return [kind for (kind,) in db.execute("SELECT kind FROM records ORDER BY seq")]
 
 
 # A turn takes seconds on an idle 2-core machine, much longer on a shared one.
@@ -56,7 +51,8 @@ class TestDemoModel:
         assert {(DEMO_MODEL_ID, DEMO_MODEL_SHA256)} == {
             (body["model"]["id"], body["model"]["digest"]) for body in turns}
         assert ["call.authorized", "call.completed", "model.turn", "model.turn"] == [
-            kind for kind in kinds(home) if kind.startswith(("call.", "model."))]
+            kind for kind in kinds(read_records(home / "audit.db"))
+            if kind.startswith(("call.", "model."))]
         verify(home / "audit.db", home / "keys" / "audit-ed25519.pub")
         # Only this process's containers: the engine may be shared with other runs.
         assert [] == engine.containers.list(
@@ -71,7 +67,7 @@ class TestDemoModel:
         results = [result for step in run.steps for result in step.results]
         assert "answered" == run.stop
         assert {"permission"} == {result.kind for result in results}
-        assert "call.completed" not in kinds(home)
+        assert "call.completed" not in kinds(read_records(home / "audit.db"))
 
     def test_callward_demo_runs_the_model(self, engine, home, model_cache):
         """`callward demo` runs the model on its questions and ends with a verified log."""

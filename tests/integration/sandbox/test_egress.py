@@ -271,7 +271,7 @@ class TestEgressAllowlist:
         probe = egress_sandbox.run(spec(fetch), call("fetch", {"url": f"http://{target}/"}),
                                    LIMITS, egress=(target,))
         del probe
-        network = egress_sandbox._egress
+        network = egress_sandbox.backend._egress
         assert network is not None
         gateway, proxy_port = network.proxy.address  # type: ignore[union-attr]
         direct = egress_sandbox.run(
@@ -293,7 +293,7 @@ class TestEgressAllowlist:
         target = f"127.0.0.1:{allowed_port}"
         egress_sandbox.run(spec(fetch), call("fetch", {"url": f"http://{target}/"}), LIMITS,
                            egress=(target,))
-        network = egress_sandbox._egress
+        network = egress_sandbox.backend._egress
         assert network is not None
         gateway, proxy_port = network.proxy.address  # type: ignore[union-attr]
         execution = egress_sandbox.run(
@@ -339,7 +339,7 @@ class TestEgressAllowlist:
         with DockerSandbox(image=sandbox_image) as sandbox:
             sandbox.run(spec(fetch), call("fetch", {"url": f"http://{target}/"}), LIMITS,
                         egress=(target,))
-            network = sandbox._egress
+            network = sandbox.backend._egress
             assert network is not None
             name = network.name
             bridge = "br-" + engine.networks.get(name).id[:12]

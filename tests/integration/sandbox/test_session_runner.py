@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from callward.core import Execution, ResourceLimits, ToolCall, ToolSpec
+from callward.core import Execution, Placement, ResourceLimits, ToolCall, ToolSpec
 from callward.sandbox import DockerSandbox, Runtime, SandboxImage
 
 pytestmark = pytest.mark.docker
@@ -195,8 +195,9 @@ def _session_sandbox(sandbox_image: SandboxImage, runtime: Runtime) -> Iterator[
 def in_session(sandbox: DockerSandbox, spec: ToolSpec, runtime: Runtime,
                **arguments: int) -> Execution:
     call = ToolCall.create(id="call-1", name=spec.name, arguments=arguments, dialect="api")
-    return sandbox.run(spec, call, LIMITS[runtime], isolation="session",
-                       principal="alice", session_id="session-1")
+    return sandbox.run_placed(spec, call, LIMITS[runtime],
+                              Placement(isolation="session", principal="alice",
+                                        session_id="session-1"))
 
 
 def attack_then_square(sandbox: DockerSandbox, runtime: Runtime, make_spec: MakeSpec,

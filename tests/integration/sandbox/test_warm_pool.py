@@ -20,9 +20,8 @@ from collections.abc import Callable, Iterator
 import docker
 import pytest
 
-from callward.core import Execution, ResourceLimits, ToolCall, ToolSpec
+from callward.core import Execution, Isolation, ResourceLimits, ToolCall, ToolSpec
 from callward.sandbox import DockerSandbox, PoolConfig, Runtime, SandboxImage
-from callward.sandbox.base import Isolation
 
 pytestmark = pytest.mark.docker
 

@@ -22,7 +22,7 @@ from callward.audit import FileSigner, SQLiteAuditStore, store_settings, verify
 from callward.audit._checkpoint import note_key_hash, open_checkpoint, sign_checkpoint
 from callward.audit._merkle import leaf_hash, root_from_leaf_hashes
 from callward.audit._proofs import verify_receipt
-from callward.audit._sqlite import APPLICATION_ID
+from callward.audit._sqlite_format import APPLICATION_ID
 from callward.audit._tree import root_at
 from callward.audit._witness import CommandWitness, DirectoryWitness
 from callward.core import (
@@ -363,7 +363,8 @@ class StubBlockingSigner:
         if self.first:
             self.first = False
             deadline = time.monotonic() + 30
-            while len(self.store_ref[0]._queue) < self.waiting and time.monotonic() < deadline:
+            group = self.store_ref[0]._group
+            while len(group._queue) < self.waiting and time.monotonic() < deadline:
                 time.sleep(0.001)
         return self.inner.sign(data)
 

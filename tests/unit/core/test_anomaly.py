@@ -11,21 +11,9 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from callward.audit import FileSigner, SQLiteAuditStore, verify
-from callward.core import (
-    Execution,
-    ResourceLimits,
-    Sha256Hex,
-    ToolCall,
-    ToolRegistry,
-    ToolSpec,
-    Usage,
-)
-from callward.core._canonical import canonical_bytes
-from callward.core.gateway import Gateway
+from callward.audit import SQLiteAuditStore, verify
 from callward.core.observe._anomaly import AnomalyDetector, DetectorSettings, resolve
 from callward.core.observe._events import CallEvent
-from callward.policies import Policy
 from callward.policies._anomaly_state import AnomalyState
 
 START = 1_800_000_000.0
@@ -39,14 +27,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture(name="store")
-def _store(tmp_path: Path):
-    store = SQLiteAuditStore(tmp_path / "audit.db", FileSigner.load_or_create(tmp_path / "keys"))
-    store.open()
-    yield store
-    store.close()
 
 
 @pytest.fixture(name="state")
@@ -230,29 +210,14 @@ class TestLifecycle:
 
 
 class TestNeverBlocks:
-    def test_a_broken_state_file_does_not_fail_the_call(self, examples, store, tmp_path):
+    def test_a_broken_state_file_does_not_fail_the_call(self, make_gateway, store, tmp_path):
         """The detector's state cannot open: the call completes, the failure is logged."""
-        registry = ToolRegistry()
-        registry.load(examples / "tools.py")
         (tmp_path / "not-a-file").mkdir()
         detector = AnomalyDetector(AnomalyState(tmp_path / "not-a-file"), store)
-        gateway = Gateway(registry=registry, policy=Policy.from_file(examples / "policy.yaml"),
-                          runner=SquareRunner(), audit=store, observers=(detector,))
+        gateway = make_gateway(observers=(detector,))
         with capture_logs() as logs:
             (result,) = gateway.handle_text('call function("square", [3])', principal="alice")
 
         assert ("ok", "call.completed") == (result.kind, store.last().kind)
         assert ["AnomalyDetector"] == [e["observer"] for e in logs
                                        if e["event"] == "observer_failed"]
-
-
-class SquareRunner:
-    """Squares x, as the real tool would, without a container."""
-
-    @property
-    def image_digest(self) -> Sha256Hex:
-        return Sha256Hex("ab" * 32)
-
-    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
-        x = call.arguments.get("x", 0)
-        return Execution("ok", canonical_bytes(x * x), "", Usage(1.0, 0, 10))

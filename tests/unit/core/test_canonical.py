@@ -17,6 +17,8 @@ from callward.core._canonical import (
     CanonicalizationError,
     canonical_bytes,
     canonical_loads,
+    elide_large_values,
+    non_ijson_path,
     sha256_hex,
     strict_loads,
 )
@@ -382,3 +384,60 @@ class TestSameBytesAsRfc8785:
         }
 
         assert rfc8785.dumps(body) == canonical_bytes(body)
+
+
+class TestNonIJsonPath:
+    @pytest.mark.parametrize(("value", "expected"), [
+        ({"x": 3, "y": [1, 2.5, "a", None, True]}, None),
+        ({"x": 2**53}, "$.x"),
+        ({"x": [1, {"y": -(2**60)}]}, "$.x[1].y"),
+        ({"a b": {"c": float("nan")}}, '$["a b"].c'),
+        ({"s": "\ud800"}, "$.s"),
+        ([0, 2**53 - 1, -(2**53 - 1)], None),
+    ])
+    def test_names_the_first_value_i_json_cannot_hold(self, value, expected):
+        """The path of the first integer, float or string outside I-JSON, else None."""
+        assert expected == non_ijson_path(value)
+
+
+class TestElideLargeValues:
+    def test_values_within_the_bound_are_kept_whole(self):
+        """Nothing over the bound: the same value, nothing elided."""
+        value = {"a": "x" * 100, "b": [1, 2, 3]}
+
+        expected = (value, ())
+        assert expected == elide_large_values(value, 256)
+
+    def test_a_long_string_inside_is_the_only_thing_elided(self):
+        """The object keeps its other parts; only the long string becomes its digest."""
+        long = "y" * 5000
+        value = {"keep": 1, "nested": {"long": long, "short": "s"}}
+
+        bounded, paths = elide_large_values(value, 256)
+
+        expected = (("$.nested.long",), 1, "s", sha256_hex(canonical_bytes(long)))
+        assert expected == (paths, bounded["keep"], bounded["nested"]["short"],
+                            bounded["nested"]["long"]["$elided"]["sha256"])
+
+    def test_many_small_items_are_elided_as_one(self):
+        """An array too large by its count of small items is elided whole."""
+        value = {"items": list(range(10_000))}
+
+        bounded, paths = elide_large_values(value, 256)
+
+        expected = (("$.items",), sha256_hex(canonical_bytes(list(range(10_000)))))
+        assert expected == (paths, bounded["items"]["$elided"]["sha256"])
+
+    @settings(max_examples=300)
+    @given(json_values)
+    def test_whatever_the_value_the_result_is_bounded(self, value):
+        """
+        The bounded value is never larger than the bound or one digest (its 64-character
+        prefix escaped at worst), and it is the value itself exactly when that fits.
+        """
+        bounded, paths = elide_large_values(value, 256)
+
+        fits = len(canonical_bytes(value)) <= 256
+        assert len(canonical_bytes(bounded)) <= 600
+        assert fits == (not paths)
+        assert (bounded == value) or not fits

@@ -6,113 +6,32 @@ sandbox stand-ins (Stub*) for what a unit test cannot start.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping
-from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
-from callward.audit import FileSigner, SQLiteAuditStore, verify
+from callward.audit import verify
 from callward.core import (
-    AuditRecord,
     AuditUnavailable,
     CallContext,
     Decision,
-    Execution,
-    JSONValue,
-    ResourceLimits,
     SandboxUnavailable,
-    Sha256Hex,
     ToolCall,
-    ToolRegistry,
-    ToolSpec,
-    Usage,
-    canonical_bytes,
     sha256_hex,
 )
-from callward.core.gateway import Gateway
-from callward.policies import Policy
-
-IMAGE = Sha256Hex("ab" * 32)
-
-
-class StubRunner:
-    """Returns the square of x as a real runner would, and remembers each call."""
-
-    def __init__(self, on_run=None) -> None:
-        self.calls: list[ToolCall] = []
-        self._on_run = on_run
-
-    @property
-    def image_digest(self) -> Sha256Hex:
-        return IMAGE
-
-    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
-        self.calls.append(call)
-        if self._on_run is not None:
-            return self._on_run(spec, call, limits)
-        x = call.arguments.get("x", 0)
-        return Execution("ok", canonical_bytes(x * x), "", Usage(1.0, 0, 10))
-
-
-class StubFailingAuditLog:
-    """A real store whose Nth append fails, like a disk that fills at the Nth write."""
-
-    def __init__(self, store: SQLiteAuditStore, fail_on: int) -> None:
-        self._store = store
-        self._fail_on = fail_on
-        self.appends = 0
-
-    def append(self, kind: str, body: Mapping[str, JSONValue]) -> AuditRecord:
-        self.appends += 1
-        if self.appends == self._fail_on:
-            raise AuditUnavailable("injected: the disk is full")
-        return self._store.append(kind, body)
-
-
-@pytest.fixture(name="store")
-def _store(tmp_path: Path):
-    store = SQLiteAuditStore(tmp_path / "audit.db", FileSigner.load_or_create(tmp_path / "keys"))
-    store.open()
-    yield store
-    store.close()
-
-
-@pytest.fixture(name="registry")
-def _registry(examples: Path) -> ToolRegistry:
-    registry = ToolRegistry()
-    registry.load(examples / "tools.py")
-    return registry
-
-
-@pytest.fixture(name="policy")
-def _policy(examples: Path) -> Policy:
-    return Policy.from_file(examples / "policy.yaml")
-
-
-@pytest.fixture(name="make_gateway")
-def _make_gateway(registry, policy, store):
-    def make(runner=None, audit=None, policy_engine=None) -> Gateway:
-        return Gateway(
-            registry=registry,
-            policy=policy_engine or policy,
-            runner=runner or StubRunner(),
-            audit=audit or store,
-            new_id=iter(f"gen_{n}" for n in range(1, 1000)).__next__,
-        )
-
-    return make
-
-
-def kinds(store: SQLiteAuditStore) -> list[str]:
-    return [record.kind for record in store.records()]
+from callward.core.testing import (
+    STUB_IMAGE_DIGEST,
+    StubFailingAuditLog,
+    StubRunner,
+    kinds,
+    ok_execution,
+)
 
 
 class TestAllowedCall:
-    def test_allowed_call_is_authorized_run_and_completed(self, make_gateway, store):
+    def test_allowed_call_is_authorized_run_and_completed(self, make_gateway, store, runner):
         """An allowed call returns its value with the receipt of a signed call.completed."""
-        runner = StubRunner()
-        (result,) = make_gateway(runner).handle_text(
+        (result,) = make_gateway().handle_text(
             'call function("square", [3], 9)', principal="alice"
         )
 
@@ -141,7 +60,7 @@ class TestAllowedCall:
                 ).fetchone()
             seen.append((row[0], call.id))
             assert call.id in row[1]
-            return Execution("ok", b"1", "", Usage(1.0, 0, 1))
+            return ok_execution(1)
 
         make_gateway(StubRunner(read_store_from_outside)).handle(
             ToolCall.create(id="ordered", name="square", arguments={"x": 1}, dialect="api"),
@@ -158,7 +77,7 @@ class TestAllowedCall:
         body = authorized.body
         assert policy.digest == body["decision"]["policy_digest"]
         assert registry.get("square").digest == body["tool"]["digest"]
-        assert IMAGE == body["image_digest"]
+        assert STUB_IMAGE_DIGEST == body["image_digest"]
         assert {"x": 2} == body["call"]["arguments"]
 
 
@@ -175,23 +94,19 @@ class TestDenials:
         ],
     )
     def test_denied_calls_are_audited_and_never_run(
-        self, make_gateway, store, principal, text, kind, rule
+        self, make_gateway, store, runner, principal, text, kind, rule
     ):
         """Each denial has its kind and rule, one call.denied record, and nothing ran."""
-        runner = StubRunner()
-
-        (result,) = make_gateway(runner).handle_text(text, principal=principal)
+        (result,) = make_gateway().handle_text(text, principal=principal)
 
         assert (kind, rule) == (result.kind, result.content["rule"])
         assert ["call.denied"] == kinds(store)
         assert kind == store.last().body["decision"]["kind"]
         assert [] == runner.calls
 
-    def test_malformed_text_is_audited_and_never_runs(self, make_gateway, store):
+    def test_malformed_text_is_audited_and_never_runs(self, make_gateway, store, runner):
         """A parse failure is recorded as call.rejected and goes back as malformed."""
-        runner = StubRunner()
-
-        (result,) = make_gateway(runner).handle_text(
+        (result,) = make_gateway().handle_text(
             '<tool_call>{"name": "square", "arguments": {"x": 4}</tool_call>', principal="alice"
         )
 
@@ -209,7 +124,7 @@ class TestDenials:
             def decide(self, call: ToolCall, spec, context: CallContext) -> Decision:
                 raise KeyError("bug")
 
-        (result,) = make_gateway(policy_engine=StubBrokenPolicy()).handle_text(
+        (result,) = make_gateway(policy=StubBrokenPolicy()).handle_text(
             'call function("square", [3])', principal="alice"
         )
 
@@ -245,24 +160,20 @@ class TestFailures:
         assert "sandbox_unavailable" == result.kind
         assert "call.completed" == store.last().kind
 
-    def test_failed_authorization_write_runs_nothing(self, make_gateway, store):
+    def test_failed_authorization_write_runs_nothing(self, make_gateway, store, runner):
         """If call.authorized cannot be written, nothing runs and the caller gets an error."""
-        runner = StubRunner()
-
         with pytest.raises(AuditUnavailable):
-            make_gateway(runner, StubFailingAuditLog(store, fail_on=1)).handle_text(
+            make_gateway(audit=StubFailingAuditLog(store, fail_on=1)).handle_text(
                 'call function("square", [3])', principal="alice"
             )
 
         assert [] == runner.calls
         assert [] == kinds(store)
 
-    def test_failed_completion_write_withholds_the_result(self, make_gateway, store):
+    def test_failed_completion_write_withholds_the_result(self, make_gateway, store, runner):
         """If call.completed cannot be written, the result never reaches the caller."""
-        runner = StubRunner()
-
         with pytest.raises(AuditUnavailable) as caught:
-            make_gateway(runner, StubFailingAuditLog(store, fail_on=2)).handle_text(
+            make_gateway(audit=StubFailingAuditLog(store, fail_on=2)).handle_text(
                 'call function("square", [3])', principal="alice"
             )
 

@@ -5,27 +5,12 @@ and fails closed (audited) with one that cannot.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal
-
 import pytest
 
-from callward.audit import FileSigner, SQLiteAuditStore
-from callward.core import (
-    Execution,
-    ResourceLimits,
-    Sha256Hex,
-    ToolCall,
-    ToolRegistry,
-    ToolSpec,
-    Usage,
-    canonical_bytes,
-    tool,
-)
-from callward.core.gateway import Gateway
+from callward.core import ToolCall, ToolRegistry, tool
+from callward.core.testing import StubPlacingRunner, StubRunner, ok_execution
 from callward.policies import Policy
 
-IMAGE = Sha256Hex("cd" * 32)
 POLICY = """
 version: 1
 default: deny
@@ -48,41 +33,17 @@ def plain():
     return 1
 
 
-class StubPlainRunner:
-    """A runner that can only run: no placement, no secrets, no egress."""
-
-    @property
-    def image_digest(self) -> Sha256Hex:
-        return IMAGE
-
-    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
-        return Execution("ok", canonical_bytes(1), "", Usage(1.0, 0, 1))
-
-
-class StubPlacingRunner(StubPlainRunner):
-    """Records what run_placed was handed."""
-
-    def __init__(self) -> None:
-        self.placed: list[dict[str, object]] = []
-
-    def run_placed(
-        self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits, *,
-        isolation: Literal["call", "session"], runtime: Literal["runc", "runsc"] | None,
-        principal: str, session_id: str, secrets: tuple[str, ...] = (),
-        egress: tuple[str, ...] = (),
-    ) -> Execution:
-        self.placed.append({"tool": spec.name, "secrets": secrets, "egress": egress})
-        return self.run(spec, call, limits)
-
-
-def make_gateway(tmp_path: Path, runner: StubPlainRunner) -> Gateway:
+@pytest.fixture(name="registry")
+def _registry() -> ToolRegistry:
     registry = ToolRegistry()
     registry.register(fetch)
     registry.register(plain)
-    audit = SQLiteAuditStore(tmp_path / "audit.db", FileSigner.load_or_create(tmp_path / "k"))
-    audit.open()
-    return Gateway(registry=registry, policy=Policy.from_text(POLICY), runner=runner,
-                   audit=audit, closers=(audit.close,))
+    return registry
+
+
+@pytest.fixture(name="policy")
+def _policy() -> Policy:
+    return Policy.from_text(POLICY)
 
 
 def call(name: str) -> ToolCall:
@@ -90,32 +51,30 @@ def call(name: str) -> ToolCall:
 
 
 class TestGrants:
-    def test_grants_reach_a_placing_runner(self, tmp_path: Path) -> None:
+    def test_grants_reach_a_placing_runner(self, make_gateway) -> None:
         """The decision's secret names and egress targets are handed to run_placed."""
-        runner = StubPlacingRunner()
-        with make_gateway(tmp_path, runner) as gateway:
-            result = gateway.handle(call("fetch"), principal="alice")
+        runner = StubPlacingRunner(ok_execution(1))
+        result = make_gateway(runner).handle(call("fetch"), principal="alice")
 
-        expected = ("ok", [{"tool": "fetch", "secrets": ("API_TOKEN",),
-                            "egress": ("127.0.0.1:8080",)}])
-        assert expected == (result.kind, runner.placed)
+        expected = ("ok", [("fetch", ("API_TOKEN",), ("127.0.0.1:8080",))])
+        assert expected == (result.kind, [(run.spec.name, run.placement.secrets,
+                                           run.placement.egress) for run in runner.placed])
 
-    def test_a_call_without_grants_runs_as_before(self, tmp_path: Path) -> None:
+    def test_a_call_without_grants_runs_as_before(self, make_gateway) -> None:
         """No grant, default placement: plain run(), run_placed is not even asked."""
-        runner = StubPlacingRunner()
-        with make_gateway(tmp_path, runner) as gateway:
-            result = gateway.handle(call("plain"), principal="alice")
+        runner = StubPlacingRunner(ok_execution(1))
+        result = make_gateway(runner).handle(call("plain"), principal="alice")
 
-        expected = ("ok", [])
-        assert expected == (result.kind, runner.placed)
+        expected = ("ok", [], ["plain"])
+        assert expected == (result.kind, runner.placed, [c.name for c in runner.calls])
 
     @pytest.mark.parametrize("name", ["fetch"])
-    def test_a_runner_that_cannot_take_grants_fails_closed(self, tmp_path: Path,
+    def test_a_runner_that_cannot_take_grants_fails_closed(self, make_gateway, store,
                                                            name: str) -> None:
         """A plain runner never runs a granted call: sandbox_unavailable, audited."""
-        with make_gateway(tmp_path, StubPlainRunner()) as gateway:
-            result = gateway.handle(call(name), principal="alice")
-            completed = gateway.audit.get(result.receipt.seq)  # type: ignore[attr-defined]
+        runner = StubRunner(ok_execution(1))
+        result = make_gateway(runner).handle(call(name), principal="alice")
+        completed = store.get(result.receipt.seq)
 
-        expected = ("sandbox_unavailable", "call.completed")
-        assert expected == (result.kind, completed.kind)
+        expected = ("sandbox_unavailable", "call.completed", [])
+        assert expected == (result.kind, completed.kind, runner.calls)

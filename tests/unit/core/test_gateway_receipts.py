@@ -5,59 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from callward.audit import (
-    FileSigner,
-    SQLiteAuditStore,
-    consistency,
-    verify,
-    verify_receipt,
-)
-from callward.core import (
-    Execution,
-    ResourceLimits,
-    Sha256Hex,
-    ToolCall,
-    ToolRegistry,
-    ToolSpec,
-    Usage,
-    canonical_bytes,
-)
-from callward.core.gateway import Gateway
-from callward.core.gateway._config import example_config_path
-from callward.policies import Policy
-
-
-class StubRunner:
-    """Squares x at once: the sandbox itself is not what these tests are about."""
-
-    @property
-    def image_digest(self) -> Sha256Hex:
-        return Sha256Hex("ab" * 32)
-
-    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
-        x = call.arguments.get("x", 0)
-        return Execution("ok", canonical_bytes(x * x), "", Usage(1.0, 0, 10))
-
-
-@pytest.fixture(name="signer")
-def _signer(tmp_path: Path) -> FileSigner:
-    return FileSigner.load_or_create(tmp_path / "keys")
-
-
-@pytest.fixture(name="gateway")
-def _gateway(tmp_path: Path, signer: FileSigner):
-    examples = example_config_path().parent
-    registry = ToolRegistry()
-    registry.load(str(examples / "tools.py"))
-    store = SQLiteAuditStore(tmp_path / "audit.db", signer)
-    store.open()
-    yield Gateway(registry=registry, policy=Policy.from_file(examples / "policy.yaml"),
-                  runner=StubRunner(), audit=store)
-    store.close()
+from callward.audit import consistency, verify, verify_receipt
 
 
 class TestReceipts:

@@ -6,40 +6,14 @@ registry built from it, and the loopback endpoint scraped over real HTTP.
 from __future__ import annotations
 
 import urllib.request
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from callward.audit import FileSigner, SQLiteAuditStore
-from callward.core import (
-    Execution,
-    ResourceLimits,
-    Sha256Hex,
-    ToolCall,
-    ToolRegistry,
-    ToolSpec,
-    Usage,
-)
-from callward.core._canonical import canonical_bytes
 from callward.core.cli._stats import stats_from_exposition, stats_from_records
-from callward.core.gateway import Gateway
 from callward.core.observe._events import CallEvent
 from callward.core.observe._metrics import Metrics, serve_metrics
-from callward.policies import Policy
-
-
-class StubRunner:
-    """Squares x and says the tool itself ran for 1 ms."""
-
-    @property
-    def image_digest(self) -> Sha256Hex:
-        return Sha256Hex("ab" * 32)
-
-    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
-        x = call.arguments.get("x", 0)
-        return Execution("ok", canonical_bytes(x * x), "", Usage(1.0, 0, 10))
 
 
 class StubBrokenObserver:
@@ -59,26 +33,6 @@ class Recorder:
         self.events.append(event)
 
 
-@pytest.fixture(name="store")
-def _store(tmp_path: Path):
-    store = SQLiteAuditStore(tmp_path / "audit.db", FileSigner.load_or_create(tmp_path / "keys"))
-    store.open()
-    yield store
-    store.close()
-
-
-@pytest.fixture(name="make_gateway")
-def _make_gateway(examples: Path, store):
-    registry = ToolRegistry()
-    registry.load(examples / "tools.py")
-
-    def make(*observers: object) -> Gateway:
-        return Gateway(registry=registry, policy=Policy.from_file(examples / "policy.yaml"),
-                       runner=StubRunner(), audit=store, observers=observers)  # type: ignore[arg-type]
-
-    return make
-
-
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     text = metrics.exposition().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -89,7 +43,7 @@ class TestGatewayObservers:
     def test_completed_call_reports_every_stage(self, make_gateway):
         """An allowed call's event names parse, policy, both audits, sandbox and queue."""
         recorder = Recorder()
-        make_gateway(recorder).handle_text('call function("square", [3], 9)',
+        make_gateway(observers=(recorder,)).handle_text('call function("square", [3], 9)',
                                            principal="alice")
 
         (event,) = recorder.events
@@ -101,7 +55,7 @@ class TestGatewayObservers:
     def test_denied_and_malformed_calls_are_observed(self, make_gateway):
         """A denial and unreadable model text reach the observers with their kinds."""
         recorder = Recorder()
-        gateway = make_gateway(recorder)
+        gateway = make_gateway(observers=(recorder,))
         gateway.handle_text('call function("drop_table", ["users"])', principal="mallory")
         gateway.handle_text('call function("square", [3]', principal="mallory")
 
@@ -113,7 +67,7 @@ class TestGatewayObservers:
         """An observer that raises is logged; the call, its record and later observers stand."""
         recorder = Recorder()
         with capture_logs() as logs:
-            (result,) = make_gateway(StubBrokenObserver(), recorder).handle_text(
+            (result,) = make_gateway(observers=(StubBrokenObserver(), recorder)).handle_text(
                 'call function("square", [4], 16)', principal="alice")
 
         assert ("ok", 16) == (result.kind, result.content)
@@ -127,7 +81,7 @@ class TestMetrics:
     def test_stages_tools_and_outcomes_are_counted(self, make_gateway):
         """Histograms per stage and per tool, and a counter per outcome."""
         metrics = Metrics(open_anomalies=lambda: 2)
-        gateway = make_gateway(metrics)
+        gateway = make_gateway(observers=(metrics,))
         for x in (1, 2, 3):
             gateway.handle_text(f'call function("square", [{x}])', principal="alice")
         gateway.handle_text('call function("nope", [])', principal="alice")
@@ -144,7 +98,7 @@ class TestMetrics:
     def test_model_turn_time_is_the_model_stage(self, make_gateway):
         """A model.turn written through the gateway adds its generation time as ``model``."""
         metrics = Metrics()
-        make_gateway(metrics).record("model.turn", {"duration_ms": 250.0, "turn": 1})
+        make_gateway(observers=(metrics,)).record("model.turn", {"duration_ms": 250.0, "turn": 1})
 
         seen = samples(metrics)
         assert 1 == seen[("callward_stage_seconds_count", (("stage", "model"),))]
@@ -155,7 +109,7 @@ class TestEndpoint:
     def test_endpoint_is_scraped_over_http_and_parses(self, make_gateway):
         """A real GET on the loopback endpoint returns text prometheus_client can parse."""
         metrics = Metrics()
-        gateway = make_gateway(metrics)
+        gateway = make_gateway(observers=(metrics,))
         gateway.handle_text('call function("square", [5])', principal="alice")
         server = serve_metrics(metrics, port=0)
         try:

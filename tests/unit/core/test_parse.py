@@ -12,7 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from callward.core import MalformedCall
-from callward.core.parse._front import MAX_CALLS_PER_MESSAGE, parse_model_output
+from callward.core.parse._front import DIALECTS, MAX_CALLS_PER_MESSAGE, parse_model_output
 
 ORDERS = {"square": ("x",), "add": ("a", "b"), "capital": ("country",)}
 
@@ -135,6 +135,19 @@ class TestDialects:
     def test_plain_answer_has_no_calls(self, parse):
         """Text that asks for no tool gives no calls."""
         assert () == parse("The answer is 9. {not a call}")
+
+
+class TestDialectTable:
+    @pytest.mark.parametrize(
+        "row", DIALECTS, ids=[f"{index}-{row.dialect}" for index, row in enumerate(DIALECTS)]
+    )
+    def test_each_row_reads_its_example(self, parse, row):
+        """Each row of the dialect table reads its example, through the front, as its dialect."""
+        calls = parse(row.example)
+
+        assert [(row.dialect, "square", {"x": 3})] == [
+            (call.dialect, call.name, call.arguments) for call in calls
+        ]
 
 
 class TestMalformed:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from callward.audit import FileSigner, SQLiteAuditStore, verify
+from callward.audit import verify
 from callward.core import (
     AuditUnavailable,
     CallId,
@@ -27,14 +26,19 @@ from callward.core import (
     ToolCall,
     ToolRegistry,
     ToolSpec,
-    Usage,
-    canonical_bytes,
 )
-from callward.core.gateway import Gateway
 from callward.core.plans import PlanInvalid, parse_plan, run_plan
 from callward.core.plans._run import run_plan_file
+from callward.core.testing import (
+    StubFailingAuditLog,
+    StubRunner,
+    computed,
+    failed_execution,
+    kinds,
+    ok_execution,
+)
 from callward.policies import Policy
-from callward.policies._authoring import replay
+from callward.policies._replay import replay
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "core" / "examples" / "plans"
 IMAGE = Sha256Hex("cd" * 32)
@@ -52,60 +56,31 @@ def _tools_module() -> ModuleType:
 TOOLS = _tools_module()
 
 
-class StubRunner:
-    """Runs the example tools in-process, as the sandbox would run them in a container."""
-
-    def __init__(self, before: Callable[[ToolCall], None] | None = None,
-                 fail: frozenset[str] = frozenset(),
-                 values: dict[str, object] | None = None) -> None:
-        self.calls: list[ToolCall] = []
-        self._before = before
-        self._fail = fail
-        self._values = values or {}
-        self._lock = threading.Lock()
-
-    @property
-    def image_digest(self) -> Sha256Hex:
-        return IMAGE
-
-    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
-        with self._lock:
-            self.calls.append(call)
-        if self._before is not None:
-            self._before(call)
-        if spec.name in self._fail:
-            return Execution("tool_error", None, "the tool raised RuntimeError",
-                             Usage(1.0, 1, 0))
-        if spec.name in self._values:
-            return Execution("ok", canonical_bytes(self._values[spec.name]), "",
-                             Usage(1.0, 0, 10))
-        value = getattr(TOOLS, spec.name)(**call.arguments)
-        return Execution("ok", canonical_bytes(value), "", Usage(1.0, 0, 10))
+def run_example_tool(spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
+    """The example tool, run in-process as the sandbox would run it in a container."""
+    return computed(getattr(TOOLS, spec.name))(spec, call, limits)
 
 
-@pytest.fixture(name="store")
-def _store(tmp_path: Path):
-    store = SQLiteAuditStore(tmp_path / "audit.db", FileSigner.load_or_create(tmp_path / "keys"))
-    store.open()
-    yield store
-    store.close()
+def example_runner(**options) -> StubRunner:
+    """A StubRunner of the example tools; ``options`` go to StubRunner (before, tools)."""
+    return StubRunner(run_example_tool, image_digest=IMAGE, **options)
 
 
-@pytest.fixture(name="make_gateway")
-def _make_gateway(store):
-    def make(runner: StubRunner | None = None, policy_text: str | None = None) -> Gateway:
-        registry = ToolRegistry()
-        registry.load(EXAMPLE / "tools.py")
-        policy = (Policy.from_file(EXAMPLE / "policy.yaml") if policy_text is None
-                  else Policy.from_text(policy_text))
-        return Gateway(registry=registry, policy=policy, runner=runner or StubRunner(),
-                       audit=store)
-
-    return make
+@pytest.fixture(name="registry")
+def _registry() -> ToolRegistry:
+    registry = ToolRegistry()
+    registry.load(EXAMPLE / "tools.py")
+    return registry
 
 
-def kinds(store: SQLiteAuditStore) -> list[str]:
-    return [record.kind for record in store.records()]
+@pytest.fixture(name="policy")
+def _policy() -> Policy:
+    return Policy.from_file(EXAMPLE / "policy.yaml")
+
+
+@pytest.fixture(name="runner")
+def _runner() -> StubRunner:
+    return example_runner()
 
 
 def plan(text: str):
@@ -119,7 +94,7 @@ class TestNewsSummary:
     def test_every_step_runs_through_the_gateway_and_ends_ok(self, make_gateway, store,
                                                              tmp_path):
         """The example plan ends ok: two searches, cleanup, a summary; the log verifies."""
-        runner = StubRunner()
+        runner = example_runner()
         report = run_plan(make_gateway(runner), plan(NEWS), principal="editor")
 
         assert report.ok
@@ -189,7 +164,7 @@ class TestParallel:
             if call.name == "search_articles":
                 barrier.wait()
 
-        report = run_plan(make_gateway(StubRunner(meet)), plan(NEWS), principal="editor")
+        report = run_plan(make_gateway(example_runner(before=meet)), plan(NEWS), principal="editor")
 
         assert report.ok
 
@@ -210,8 +185,8 @@ class TestParallel:
         text = "steps:\n" + "".join(
             f"  - {{id: s{i}, tool: search_articles, arguments: {{query: solar}}}}\n"
             for i in range(6))
-        report = run_plan(make_gateway(StubRunner(count)), plan(text), principal="editor",
-                          max_parallel=1)
+        report = run_plan(make_gateway(example_runner(before=count)), plan(text),
+                          principal="editor", max_parallel=1)
 
         assert report.ok
         assert 1 == max(inside)
@@ -225,7 +200,7 @@ class TestParallel:
 class TestFailures:
     def test_failed_step_skips_its_dependents_with_the_reason(self, make_gateway, store):
         """A tool failure skips what depends on it, transitively; the other branch runs."""
-        runner = StubRunner(fail=frozenset({"clean_text"}))
+        runner = example_runner(tools={"clean_text": failed_execution()})
         report = run_plan(make_gateway(runner), plan(NEWS), principal="editor")
 
         assert not report.ok
@@ -262,7 +237,7 @@ class TestFailures:
         text = NEWS.replace("{query: solar farm, limit: 2}", "{query: solar farm, limit: 1}")
         text = text.replace("steps.background.output.hits[0].text",
                             "steps.background.output.hits[1].text")
-        runner = StubRunner()
+        runner = example_runner()
         report = run_plan(make_gateway(runner), plan(text), principal="editor")
 
         clean = report.outcome("clean")
@@ -288,7 +263,8 @@ steps:
     arguments: {texts: [{$ref: "steps.a.output.hits[0].title"}]}
 """
         forged = {"$ref": "steps.wire.output.items[0].text"}
-        runner = StubRunner(values={"search_articles": {"hits": [{"title": forged}]}})
+        runner = example_runner(
+            tools={"search_articles": ok_execution({"hits": [{"title": forged}]})})
 
         report = run_plan(make_gateway(runner), plan(text), principal="editor")
 
@@ -301,7 +277,7 @@ steps:
 class TestRejectedPlans:
     def test_unknown_tool_is_refused_audited_and_nothing_runs(self, make_gateway, store):
         """A plan naming an unregistered tool is refused as plan.rejected; nothing runs."""
-        runner = StubRunner()
+        runner = example_runner()
         text = NEWS.replace("tool: clean_text", "tool: rm_rf")
 
         with pytest.raises(PlanInvalid) as caught:
@@ -357,7 +333,7 @@ class TestFlowsPerValue:
         In one session that has seen a secret, publishing the secret (directly or
         through a cleanup step) is denied as flow, while publishing a news title is allowed.
         """
-        runner = StubRunner()
+        runner = example_runner()
         report = run_plan(make_gateway(runner), plan(FLOWS), principal="editor")
 
         outcomes = {o.step: (o.status, o.kind) for o in report.outcomes}
@@ -399,7 +375,8 @@ class TestFlowsPerValue:
         """When the policy says clean_text declassifies secret, its output may be published."""
         text = (EXAMPLE / "policy.yaml").read_text().replace(
             "  publish:\n", "  clean_text:\n    declassifies: [secret]\n  publish:\n")
-        report = run_plan(make_gateway(policy_text=text), plan(FLOWS), principal="editor")
+        report = run_plan(make_gateway(policy=Policy.from_text(text)), plan(FLOWS),
+                          principal="editor")
 
         outcomes = {o.step: o.kind for o in report.outcomes}
         assert ("ok", "flow") == (outcomes["leak"], outcomes["direct_leak"])
@@ -450,32 +427,10 @@ class TestFlowsPerValue:
         assert "publish" == report.examples["allow_to_deny"][0]["tool"]
 
 
-class StubFailingAuditLog:
-    """A real store whose Nth append fails, like a disk that fills at the Nth write."""
-
-    def __init__(self, store: SQLiteAuditStore, fail_on: int) -> None:
-        self._store = store
-        self._fail_on = fail_on
-        self.appends = 0
-        self._lock = threading.Lock()
-
-    def append(self, kind, body):
-        with self._lock:
-            self.appends += 1
-            failing = self.appends == self._fail_on
-        if failing:
-            raise AuditUnavailable("injected: the disk is full")
-        return self._store.append(kind, body)
-
-
 class TestAuditFailure:
-    def test_a_failed_audit_write_stops_the_plan(self, store):
+    def test_a_failed_audit_write_stops_the_plan(self, make_gateway, store, runner):
         """When a record cannot be written the run raises; no later step starts."""
-        registry = ToolRegistry()
-        registry.load(EXAMPLE / "tools.py")
-        runner = StubRunner()
-        gateway = Gateway(registry=registry, policy=Policy.from_file(EXAMPLE / "policy.yaml"),
-                          runner=runner, audit=StubFailingAuditLog(store, fail_on=4))
+        gateway = make_gateway(audit=StubFailingAuditLog(store, fail_on=4))
 
         with pytest.raises(AuditUnavailable):
             run_plan(gateway, plan(NEWS), principal="editor")

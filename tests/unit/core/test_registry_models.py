@@ -23,9 +23,9 @@ from callward.core.models._tools import (
 )
 from callward.core.registry import LiveRegistry, RegistryStore
 from callward.core.registry._registry import RegistryDelta
+from callward.core.testing import StubRunner
 from callward.core.types import MIB
 from callward.sandbox import ModelToolRunner, ModelWorkers, WorkerSpec, server_sha256
-from tests.unit.core.test_gateway import StubRunner
 from tests.unit.core.test_registry_versions import tool_file
 
 

@@ -22,9 +22,9 @@ from callward.core import (
 )
 from callward.core.gateway import Gateway
 from callward.core.registry import LiveRegistry, RegistryStore
-from callward.core.registry._registry import read_tool_file
+from callward.core.registry._files import read_tool_file
+from callward.core.testing import StubRunner
 from callward.policies import Policy
-from tests.unit.core.test_gateway import StubRunner
 from tests.unit.core.test_registry_versions import tool_file
 
 POLICY = """

@@ -22,9 +22,10 @@ from callward.core import (
 from callward.core._canonical import canonical_bytes
 from callward.core.gateway import Gateway
 from callward.core.registry import LiveRegistry, RegistryStore
-from callward.core.registry._registry import read_tool_file, spec_from_preimage, spec_preimage
+from callward.core.registry._files import read_tool_file
+from callward.core.registry._spec import spec_from_preimage, spec_preimage
+from callward.core.testing import StubRunner
 from callward.policies import Policy
-from tests.unit.core.test_gateway import StubRunner
 
 
 def tool_file(directory: Path, version: str, returns: str = "x * 2", name: str = "double",

@@ -11,7 +11,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -21,52 +20,21 @@ import uvicorn
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from callward.audit import FileSigner, SQLiteAuditStore
-from callward.core import (
-    ConfigurationError,
-    Execution,
-    ResourceLimits,
-    Sha256Hex,
-    ToolCall,
-    ToolRegistry,
-    ToolSpec,
-    Usage,
-    canonical_bytes,
-)
+from callward.audit import SQLiteAuditStore
+from callward.core import ConfigurationError
 from callward.core.gateway import Gateway
 from callward.core.mcp._auth import parse_clients, token_sha256
 from callward.core.mcp._server import McpFace, http_app
-from callward.policies import Policy
+from callward.core.testing import StubRunner, ok_execution
 
 ALICE_TOKEN = "alice-" + "a" * 40
 DANA_TOKEN = "dana-" + "d" * 40
 
 
-class StubRunner:
-    """Answers every tool with 0, as a container would return a value."""
-
-    @property
-    def image_digest(self) -> Sha256Hex:
-        return Sha256Hex("ab" * 32)
-
-    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
-        return Execution("ok", canonical_bytes(0), "", Usage(1.0, 0, 1))
-
-
-@pytest.fixture(name="store")
-def _store(tmp_path: Path):
-    store = SQLiteAuditStore(tmp_path / "audit.db", FileSigner.load_or_create(tmp_path / "keys"))
-    store.open()
-    yield store
-    store.close()
-
-
-@pytest.fixture(name="gateway")
-def _gateway(examples: Path, store: SQLiteAuditStore) -> Gateway:
-    registry = ToolRegistry()
-    registry.load(examples / "tools.py")
-    return Gateway(registry=registry, policy=Policy.from_file(examples / "policy.yaml"),
-                   runner=StubRunner(), audit=store)
+@pytest.fixture(name="runner")
+def _runner() -> StubRunner:
+    """Every tool answers 0, as a container would return a value."""
+    return StubRunner(ok_execution(0))
 
 
 def _free_port() -> int:

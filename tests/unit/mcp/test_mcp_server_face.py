@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -12,64 +10,16 @@ import pytest
 from mcp import Client, MCPError
 from mcp.server.lowlevel import Server
 
-from callward.audit import FileSigner, SQLiteAuditStore
 from callward.core import (
-    AuditRecord,
-    AuditUnavailable,
     ConfigurationError,
     Execution,
-    JSONValue,
     ResourceLimits,
-    Sha256Hex,
     ToolCall,
-    ToolRegistry,
     ToolSpec,
-    Usage,
-    canonical_bytes,
 )
-from callward.core.gateway import Gateway
 from callward.core.mcp._server import McpFace, http_app, require_loopback
+from callward.core.testing import StubFailingAuditLog, kinds, ok_execution
 from callward.policies import Policy
-
-
-class StubRunner:
-    """Squares x, as the example tool does in a container, and remembers each call."""
-
-    def __init__(self) -> None:
-        self.calls: list[ToolCall] = []
-
-    @property
-    def image_digest(self) -> Sha256Hex:
-        return Sha256Hex("ab" * 32)
-
-    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
-        self.calls.append(call)
-        x = call.arguments.get("x", 0)
-        assert isinstance(x, int)
-        return Execution("ok", canonical_bytes(x * x), "", Usage(1.0, 0, 10))
-
-
-class StubFailingAuditLog:
-    """A real store whose every append fails, like a full disk."""
-
-    def append(self, kind: str, body: Mapping[str, JSONValue]) -> AuditRecord:
-        raise AuditUnavailable("injected: the disk is full")
-
-
-@pytest.fixture(name="store")
-def _store(tmp_path: Path):
-    store = SQLiteAuditStore(tmp_path / "audit.db", FileSigner.load_or_create(tmp_path / "keys"))
-    store.open()
-    yield store
-    store.close()
-
-
-@pytest.fixture(name="gateway")
-def _gateway(examples: Path, store: SQLiteAuditStore) -> Gateway:
-    registry = ToolRegistry()
-    registry.load(examples / "tools.py")
-    return Gateway(registry=registry, policy=Policy.from_file(examples / "policy.yaml"),
-                   runner=StubRunner(), audit=store)
 
 
 def run_client(face: McpFace, calls: list[tuple[str, dict[str, Any]]]) -> list[Any]:
@@ -81,17 +31,31 @@ def run_client(face: McpFace, calls: list[tuple[str, dict[str, Any]]]) -> list[A
 
 
 class TestMcpFace:
-    def test_lists_exactly_the_registry(self, gateway):
-        """tools/list gives each registered tool with its description and input schema."""
+    @pytest.mark.parametrize(("principal", "expected"), [
+        ("alice", ["add", "capital", "spin", "square"]),             # an analyst
+        ("dana", ["add", "capital", "drop_table", "spin", "square"]),  # analyst and DBA
+        ("mallory", ["square"]),                                      # a guest
+        ("eve", []),                                                  # unknown to the policy
+    ])
+    def test_lists_what_the_principal_could_be_allowed(self, gateway, principal, expected):
+        """tools/list gives each tool the caller could be allowed, with its input schema."""
         async def go() -> Any:
-            async with Client(McpFace(gateway, principal="alice").server()) as client:
+            async with Client(McpFace(gateway, principal=principal).server()) as client:
                 return await client.list_tools()
 
         listed = anyio.run(go)
 
-        assert [spec.name for spec in gateway.registry] == [tool.name for tool in listed.tools]
-        square = next(tool for tool in listed.tools if tool.name == "square")
-        assert gateway.registry.require("square").parameters == square.input_schema
+        assert expected == sorted(tool.name for tool in listed.tools)
+        for tool in listed.tools:
+            assert gateway.registry.require(tool.name).parameters == tool.input_schema
+
+    def test_a_hidden_tool_is_still_decided_and_denied_by_name(self, gateway, runner):
+        """drop_table is not listed to alice, and calling it by name is denied, not run."""
+        (result,) = run_client(McpFace(gateway, principal="alice"),
+                               [("drop_table", {"table": "users"})])
+
+        expected = ("permission", [])
+        assert expected == (result.structured_content["kind"], runner.calls)
 
     def test_allowed_call_returns_value_and_receipt(self, gateway, store):
         """An allowed call is the gateway's result: value as text, kind and receipt structured."""
@@ -114,16 +78,16 @@ class TestMcpFace:
             result.meta["callward/kind"] for result in results]
         assert [] == gateway.runner.calls
 
-    def test_failed_audit_returns_no_result(self, gateway):
+    def test_failed_audit_returns_no_result(self, make_gateway, store, runner):
         """When the audit log fails, the client gets audit_unavailable and no value."""
-        broken = Gateway(registry=gateway.registry, policy=gateway.policy,
-                         runner=gateway.runner, audit=StubFailingAuditLog())
+        broken = make_gateway(audit=StubFailingAuditLog(store, fail_from=1))
 
         (result,) = run_client(McpFace(broken, principal="alice"), [("square", {"x": 7})])
 
         assert (True, "audit_unavailable") == (result.is_error,
                                                result.structured_content["kind"])
         assert "49" not in result.content[0].text
+        assert ([], []) == (runner.calls, list(store.records()))
 
     def test_no_resources_or_prompts_are_served(self, gateway):
         """Resources and prompts are not a side door: the face does not serve them."""
@@ -201,7 +165,7 @@ class TestHandleAwaiting:
         async def run(spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
             order.append(list(store.records())[-1].kind)  # what is durable when the run starts
             await anyio.sleep(0)
-            return Execution("ok", canonical_bytes(25), "", Usage(1.0, 0, 2))
+            return ok_execution(25)
 
         async def exercise() -> Any:
             return await gateway.handle_awaiting(self.square(), principal="alice", run=run)
@@ -210,7 +174,7 @@ class TestHandleAwaiting:
 
         assert ["call.authorized"] == order
         assert ("ok", 25) == (result.kind, result.content)
-        assert ["call.authorized", "call.completed"] == [r.kind for r in store.records()]
+        assert ["call.authorized", "call.completed"] == kinds(store)
         assert result.receipt.seq == 2
 
     def test_a_denied_call_never_runs(self, gateway, store):
@@ -225,7 +189,7 @@ class TestHandleAwaiting:
         result = anyio.run(exercise)
 
         assert "schema" == result.kind
-        assert ["call.denied"] == [r.kind for r in store.records()]
+        assert ["call.denied"] == kinds(store)
 
     def test_a_run_that_raises_is_sandbox_unavailable(self, gateway, store):
         """An unexpected failure of the run ends as sandbox_unavailable, audited."""
@@ -238,7 +202,7 @@ class TestHandleAwaiting:
         result = anyio.run(exercise)
 
         assert "sandbox_unavailable" == result.kind
-        assert ["call.authorized", "call.completed"] == [r.kind for r in store.records()]
+        assert ["call.authorized", "call.completed"] == kinds(store)
 
     def test_a_run_cancelled_midway_is_completed_in_the_log(self, gateway, store):
         """Cancelled while it ran: its call.completed is written before cancelling goes on."""
@@ -273,17 +237,13 @@ def test_the_face_builds_no_tracing_span_per_request(gateway):
     assert "OpenTelemetryMiddleware" not in names
 
 
-def test_a_placed_call_runs_as_handle_does(examples, store, tmp_path):
+def test_a_placed_call_runs_as_handle_does(make_gateway, runner, tmp_path):
     """A decision that places the call (session isolation) runs the runner on a thread."""
     (tmp_path / "policy.yaml").write_text(
         "version: 1\ndefault: deny\nprincipals:\n  alice: {roles: [analyst]}\nrules:\n"
         "  - {id: squares, effect: allow, roles: [analyst], tools: [square]}\n"
         "tools:\n  square: {isolation: session}\n")
-    registry = ToolRegistry()
-    registry.load(examples / "tools.py")
-    runner = StubRunner()
-    gateway = Gateway(registry=registry, policy=Policy.from_file(tmp_path / "policy.yaml"),
-                      runner=runner, audit=store)
+    gateway = make_gateway(policy=Policy.from_file(tmp_path / "policy.yaml"))
 
     async def run(spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
         raise AssertionError("a placed call was awaited, not placed")

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from pathlib import Path
 
 import anyio
 import mcp_types as types
 import pytest
 
-from callward.audit import FileSigner, SQLiteAuditStore
 from callward.core import (
     CallContext,
     ConfigurationError,
@@ -32,10 +30,10 @@ from callward.core.mcp._upstream import (
     namespaced,
     parse_mcp_section,
     raw_mcp_section,
-    tool_digest,
+    upstream_tool_digest,
     wait_on_loop,
 )
-from callward.policies import Policy
+from callward.core.testing import StubRunner, kinds
 
 
 def make_tool(description: str = "Greets.", schema: dict | None = None) -> types.Tool:
@@ -47,12 +45,13 @@ def make_tool(description: str = "Greets.", schema: dict | None = None) -> types
 class TestToolDigest:
     def test_any_change_of_definition_changes_the_digest(self):
         """Name, description, schema and server each change the digest."""
-        base = tool_digest("notes", make_tool())
+        base = upstream_tool_digest("notes", make_tool())
 
-        assert base == tool_digest("notes", make_tool())
-        assert base != tool_digest("notes", make_tool(description="Greets. Also reads keys."))
-        assert base != tool_digest("notes", make_tool(schema={"type": "object"}))
-        assert base != tool_digest("other", make_tool())
+        assert base == upstream_tool_digest("notes", make_tool())
+        assert base != upstream_tool_digest("notes",
+                                            make_tool(description="Greets. Also reads keys."))
+        assert base != upstream_tool_digest("notes", make_tool(schema={"type": "object"}))
+        assert base != upstream_tool_digest("other", make_tool())
 
 
 class TestNamespaced:
@@ -117,10 +116,6 @@ class TestParseSection:
 
 
 class TestPinGate:
-    @pytest.fixture(name="policy")
-    def _policy(self, examples: Path) -> Policy:
-        return Policy.from_file(examples / "policy.yaml")
-
     def test_blocked_tools_are_denied_as_approval_required(self, policy):
         """A pending or changed upstream tool is denied before the policy is asked."""
         gate = PinGate(policy, {"notes__greet": RUG_PULL_RULE, "notes__add": UNAPPROVED_RULE})
@@ -228,14 +223,6 @@ class TestExecutionOf:
 
 
 class TestSideDoors:
-    @pytest.fixture(name="store")
-    def _store(self, tmp_path: Path):
-        store = SQLiteAuditStore(tmp_path / "audit.db",
-                                 FileSigner.load_or_create(tmp_path / "keys"))
-        store.open()
-        yield store
-        store.close()
-
     def test_sampling_elicitation_and_roots_are_refused_and_audited(self, store):
         """What an upstream asks of the client is refused, and each request is signed."""
         doors = _SideDoors("notes", store)
@@ -254,31 +241,23 @@ class TestSideDoors:
         answers = anyio.run(ask)
 
         assert [types.INVALID_REQUEST] * 3 == [answer.code for answer in answers]
-        assert ["mcp.sampling_refused", "mcp.elicitation_refused", "mcp.roots_refused"] == [
-            record.kind for record in store.records()]
+        refused = ["mcp.sampling_refused", "mcp.elicitation_refused", "mcp.roots_refused"]
+        assert refused == kinds(store)
         assert {"server": "notes"} == store.last().body
 
 
 class TestUpstreamRunner:
-    def test_a_blocked_upstream_tool_never_reaches_another_runner(self, examples):
+    def test_a_blocked_upstream_tool_never_reaches_another_runner(self, registry):
         """An upstream name without a route is refused, never handed to the sandbox."""
-        registry = ToolRegistry()
-        registry.load(examples / "tools.py")
         spec = registry.require("square")
-        runner = UpstreamRunner(StubRunner(), {}, frozenset({"square"}))
+        sandbox = StubRunner()
+        runner = UpstreamRunner(sandbox, {}, frozenset({"square"}))
         call = ToolCall.create(id="c", name="square", arguments={"x": 2}, dialect="mcp")
 
         with pytest.raises(SandboxUnavailable):
             runner.run(spec, call, ResourceLimits())
 
-
-class StubRunner:
-    """Stands in for the sandbox; a test fails if it is asked to run anything."""
-
-    image_digest = "ab" * 32
-
-    def run(self, spec, call, limits):
-        raise AssertionError("the sandbox must not be asked")
+        assert [] == sandbox.calls
 
 
 class TestConfigFile:

@@ -6,27 +6,21 @@ generation code runs in seconds; a gateway with a real SQLite log and real keys.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from callward.audit import FileSigner, SQLiteAuditStore
 from callward.core import (
     Execution,
     JSONValue,
     ResourceLimits,
     Sha256Hex,
     ToolCall,
-    ToolRegistry,
     ToolSpec,
-    Usage,
-    canonical_bytes,
 )
-from callward.core.gateway import Gateway
 from callward.core.models._chat import ChatMessage, ModelTurn, ToolRole
-from callward.policies import Policy
+from callward.core.testing import StubRunner, ok_execution
 
 TEMPLATE = Path(__file__).resolve().parents[3] / "core" / "examples" / "qwen2-chat-template.jinja"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -79,27 +73,17 @@ def _tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))
 
 
-class StubRunner:
-    """Computes the demo tools' results in-process (a unit test starts no container)."""
-
-    def __init__(self) -> None:
-        self.calls: list[ToolCall] = []
-
-    @property
-    def image_digest(self) -> Sha256Hex:
-        return Sha256Hex("ab" * 32)
-
-    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
-        self.calls.append(call)
-        arguments = call.arguments
-        value: JSONValue
-        if spec.name == "add":
-            value = arguments["a"] + arguments["b"]  # type: ignore[operator]
-        elif spec.name == "square":
-            value = arguments["x"] * arguments["x"]  # type: ignore[operator]
-        else:
-            value = f"ran {spec.name}"
-        return Execution("ok", canonical_bytes(value), "", Usage(1.0, 0, 8))
+def run_demo_tool(spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
+    """The demo tools' results in-process: add and square computed, any other tool named."""
+    arguments = call.arguments
+    value: JSONValue
+    if spec.name == "add":
+        value = arguments["a"] + arguments["b"]  # type: ignore[operator]
+    elif spec.name == "square":
+        value = arguments["x"] * arguments["x"]  # type: ignore[operator]
+    else:
+        value = f"ran {spec.name}"
+    return ok_execution(value)
 
 
 class StubChatModel:
@@ -136,28 +120,7 @@ def _stub_model() -> type[StubChatModel]:
     return StubChatModel
 
 
-@pytest.fixture(name="store")
-def _store(tmp_path: Path) -> Iterator[SQLiteAuditStore]:
-    store = SQLiteAuditStore(tmp_path / "audit.db", FileSigner.load_or_create(tmp_path / "keys"))
-    store.open()
-    yield store
-    store.close()
-
-
 @pytest.fixture(name="runner")
 def _runner() -> StubRunner:
-    return StubRunner()
-
-
-@pytest.fixture(name="gateway")
-def _gateway(examples: Path, store: SQLiteAuditStore, runner: StubRunner) -> Gateway:
-    registry = ToolRegistry()
-    registry.load(str(examples / "tools.py"))
-    counter = itertools.count(1)
-    return Gateway(
-        registry=registry,
-        policy=Policy.from_file(examples / "policy.yaml"),
-        runner=runner,
-        audit=store,
-        new_id=lambda: f"gen_{next(counter)}",
-    )
+    """A StubRunner of the demo tools (a unit test starts no container)."""
+    return StubRunner(run_demo_tool)

@@ -10,12 +10,9 @@ import pytest
 from callward.audit import verify
 from callward.core.agent._loop import Agent, AgentLimits
 from callward.core.models._chat import TransformersChatModel
+from callward.core.testing import kinds
 
 ADD = '{"name": "add", "arguments": {"a": 2, "b": 40}}'
-
-
-def kinds(store) -> list[str]:
-    return [record.kind for record in store.records()]
 
 
 class TestAgentRun:
@@ -31,13 +28,16 @@ class TestAgentRun:
         assert '"result": 42' in model.seen[1][-1].content
 
     def test_tools_are_offered_as_json_schemas(self, stub_model, gateway):
-        """The model sees every registered tool as a function with its JSON Schema."""
+        """
+        The model sees each tool its principal could be allowed as a function with its
+        JSON Schema, and no other: alice is an analyst, drop_table is for DBAs.
+        """
         model = stub_model(["No tool needed."])
 
         Agent(gateway=gateway, model=model, principal="alice").run("Hi")
 
         names = sorted(entry["function"]["name"] for entry in model.tools)
-        assert sorted(spec.name for spec in gateway.registry) == names
+        assert ["add", "capital", "spin", "square"] == names
         add = next(e for e in model.tools if e["function"]["name"] == "add")
         assert ["a", "b"] == add["function"]["parameters"]["required"]
 

@@ -15,18 +15,15 @@ import yaml
 from callward.audit import SQLiteAuditStore
 from callward.core import (
     ConfigurationError,
-    Execution,
     ModelRef,
+    Placement,
     ResourceLimits,
     SandboxUnavailable,
     Sha256Hex,
     ToolCall,
     ToolRegistry,
     ToolSpec,
-    Usage,
-    canonical_bytes,
 )
-from callward.core.gateway import Gateway
 from callward.core.gateway._config import load_config
 from callward.core.models._tools import (
     MINILM_NAME,
@@ -37,6 +34,7 @@ from callward.core.models._tools import (
     require_readable_in_container,
     weights_sha256,
 )
+from callward.core.testing import StubRunner, ok_execution
 from callward.core.types import MIB
 from callward.policies import Policy
 from callward.sandbox import ModelToolRunner, ModelWorkers, WorkerSpec
@@ -52,21 +50,6 @@ rules:
   - {id: readers-use-models, effect: allow, roles: [reader],
      tools: [embed_search, summarize, sentiment]}
 """
-
-
-class StubRunner:
-    """Answers every call with a fixed value and remembers the specs it was given."""
-
-    def __init__(self) -> None:
-        self.specs: list[ToolSpec] = []
-
-    @property
-    def image_digest(self) -> Sha256Hex:
-        return Sha256Hex("ab" * 32)
-
-    def run(self, spec: ToolSpec, call: ToolCall, limits: ResourceLimits) -> Execution:
-        self.specs.append(spec)
-        return Execution("ok", canonical_bytes({"hits": []}), "", Usage(1.0, 0, 10))
 
 
 @pytest.fixture(name="generator_dir")
@@ -222,13 +205,14 @@ class TestSettings:
 
 
 class TestAuditNamesTheModel:
-    def test_call_records_carry_the_model(self, tool_set, store: SQLiteAuditStore):
+    def test_call_records_carry_the_model(self, tool_set, make_gateway,
+                                          store: SQLiteAuditStore):
         """call.authorized's tool object names the model, its version and weights digest."""
         registry = ToolRegistry()
         for spec in tool_set.specs:
             registry.add(spec)
-        gateway = Gateway(registry=registry, policy=Policy.from_text(POLICY),
-                          runner=StubRunner(), audit=store)
+        runner = StubRunner(ok_execution({"hits": []}))
+        gateway = make_gateway(runner, registry=registry, policy=Policy.from_text(POLICY))
         call = ToolCall.create(id="c1", name="embed_search", arguments={"query": "rates"},
                                dialect="api")
 
@@ -236,7 +220,7 @@ class TestAuditNamesTheModel:
 
         authorized = next(r for r in store.records() if r.kind == "call.authorized")
         spec = tool_set.specs[0]
-        assert "ok" == result.kind
+        assert ("ok", [spec]) == (result.kind, runner.specs)
         assert {"ref": spec.ref, "digest": spec.digest,
                 "model": spec.model.to_json()} == authorized.body["tool"]
 
@@ -250,7 +234,7 @@ class TestModelToolRunner:
              for name, r in tool_set.workers.items()},
             memory_budget_bytes=8192 * MIB,
         )
-        return ModelToolRunner(workers, tool_set.routes, StubRunner())
+        return ModelToolRunner(workers, tool_set.routes, StubRunner(ok_execution({"hits": []})))
 
     def test_other_tools_go_to_the_fallback(self, runner):
         """A tool that is not a model tool runs in the usual sandbox."""
@@ -282,8 +266,8 @@ class TestModelToolRunner:
         call = ToolCall.create(id="c", name=spec.name, arguments={"text": "x"}, dialect="api")
 
         with pytest.raises(SandboxUnavailable, match="runsc"):
-            runner.run_placed(spec, call, spec.limits, isolation="call", runtime="runsc",
-                              principal="alice", session_id="")
+            runner.run_placed(spec, call, spec.limits,
+                              Placement(runtime="runsc", principal="alice"))
 
     def test_a_worker_larger_than_the_budget_is_refused(self, tool_set):
         """Configuring a worker whose memory limit exceeds the whole budget is an error."""

@@ -16,7 +16,8 @@ from callward.core.gateway import Gateway
 from callward.core.observe._anomaly import AnomalyDetector, resolve
 from callward.policies import Policy, PolicyState
 from callward.policies._anomaly_state import Anomaly, AnomalyState
-from callward.policies._authoring import replay, run_cases
+from callward.policies._cases import run_cases
+from callward.policies._replay import replay
 
 NOW = 1_800_000_000.0
 ARGS = {"order_id": "A-1", "amount_cents": 4999}

@@ -23,7 +23,9 @@ from callward.core import (
 )
 from callward.core.gateway import Gateway
 from callward.policies import Policy
-from callward.policies._authoring import lint, load_cases, replay, run_cases
+from callward.policies._cases import load_cases, run_cases
+from callward.policies._lint import lint
+from callward.policies._replay import replay
 
 EXAMPLES = Path(__file__).parents[3] / "policies" / "examples"
 TEAMS = ["analyst", "support", "coding"]

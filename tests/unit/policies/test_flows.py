@@ -19,7 +19,7 @@ from callward.core import (
     canonical_bytes,
 )
 from callward.policies import Policy, PolicyState
-from callward.policies._evaluator import pointer_to_json_path
+from callward.policies._flows import pointer_to_json_path
 
 POLICY = """
 version: 1

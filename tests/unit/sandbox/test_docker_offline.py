@@ -1,17 +1,16 @@
-"""DockerSandbox without an engine: construction, and the attach-stream demultiplexer."""
+"""DockerSandbox and its backend without an engine: construction and refusals do no I/O."""
 
 from __future__ import annotations
 
-import struct
-
 import pytest
 
+from callward.core import ResourceLimits, SandboxUnavailable
 from callward.sandbox import DockerSandbox
-from callward.sandbox._docker import _Demultiplexer
+from callward.sandbox._docker import DockerBackend
 
 
-def frame(stream: int, payload: bytes) -> bytes:
-    return struct.pack(">BxxxL", stream, len(payload)) + payload
+def no_engine() -> object:
+    raise AssertionError("the engine was asked")
 
 
 class TestDockerSandboxConstruction:
@@ -28,41 +27,19 @@ class TestDockerSandboxConstruction:
             DockerSandbox(base_url="unix:///x.sock", client_factory=lambda: None)
 
 
-class TestDemultiplexer:
-    def test_stdout_is_kept_and_stderr_only_counted(self) -> None:
-        """stdout payloads are kept; stdout and stderr payloads both count toward output."""
-        demux = _Demultiplexer(cap=100)
+class TestDockerBackendOffline:
+    def test_egress_on_gvisor_is_refused_before_the_engine_is_asked(self) -> None:
+        """gVisor is registered with --network=none: egress there fails closed, nothing starts."""
+        backend = DockerBackend(client_factory=no_engine, runtime="runsc")  # type: ignore[arg-type]
 
-        demux.feed(frame(2, b"log line\n") + frame(1, b'{"ok":true}\n'))
+        with pytest.raises(SandboxUnavailable, match="network=none"):
+            backend.open(ResourceLimits(), egress=("example.org:443",))
 
-        expected = (b'{"ok":true}\n', 21)
-        assert expected == (bytes(demux.stdout), demux.output_bytes)
+    def test_a_backend_for_another_runtime_shares_engine_and_pool(self) -> None:
+        """on_runtime() makes a backend of the other runtime on the same engine, without I/O."""
+        backend = DockerBackend(client_factory=no_engine, runtime="runc")  # type: ignore[arg-type]
 
-    def test_frames_split_anywhere_are_reassembled(self) -> None:
-        """A header or payload split across reads, even byte by byte, gives the same result."""
-        data = frame(1, b"hello ") + frame(2, b"ignored") + frame(1, b"world")
-        demux = _Demultiplexer(cap=100)
+        other = backend.on_runtime("runsc")
 
-        for index in range(len(data)):
-            demux.feed(data[index : index + 1])
-
-        expected = (b"hello world", 18)
-        assert expected == (bytes(demux.stdout), demux.output_bytes)
-
-    def test_stdout_is_cut_at_the_cap_but_counted_past_it(self) -> None:
-        """No more than the cap is held, while the count shows how far past it the tool went."""
-        demux = _Demultiplexer(cap=4)
-
-        demux.feed(frame(1, b"0123456789"))
-
-        expected = (b"0123", 10)
-        assert expected == (bytes(demux.stdout), demux.output_bytes)
-
-    def test_partial_frame_is_counted_as_it_arrives(self) -> None:
-        """A frame announcing 1 MiB is counted byte by byte, not after it is whole."""
-        demux = _Demultiplexer(cap=10)
-
-        demux.feed(struct.pack(">BxxxL", 2, 1 << 20) + b"x" * 50)
-
-        expected = 50
-        assert expected == demux.output_bytes
+        expected = (DockerBackend, backend._client_factory, backend._pool_config)
+        assert expected == (type(other), other._client_factory, other._pool_config)

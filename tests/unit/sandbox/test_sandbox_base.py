@@ -1,254 +1,81 @@
-"""Sandbox: how what a backend observed becomes an Execution, and the limits it re-checks."""
+"""The sandbox contract: what a backend reports, and which classes keep which protocol."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from callward.core import (
-    Execution,
-    ResourceLimits,
-    Sha256Hex,
-    ToolCall,
-    ToolRunner,
-    ToolSpec,
-    canonical_bytes,
-    sha256_hex,
+from callward.core import Placement, ToolRunner
+from callward.core.protocols import PlacingToolRunner
+from callward.sandbox import (
+    DockerSandbox,
+    ModelToolRunner,
+    ModelWorkers,
+    RawExecution,
+    Sandbox,
+    SandboxBackend,
 )
-from callward.sandbox import DockerSandbox, RawExecution, Sandbox, SandboxBackend
-
-LIMITS = ResourceLimits(wall_seconds=2.0, output_bytes=1000)
-
-
-class StubBackend:
-    """Answers every execute() with one canned RawExecution and keeps the requests."""
-
-    def __init__(self, raw: RawExecution) -> None:
-        self.raw = raw
-        self.requests: list[bytes] = []
-
-    @property
-    def image_digest(self) -> Sha256Hex:
-        return sha256_hex(b"stub image")
-
-    def execute(self, request_bytes: bytes, limits: ResourceLimits) -> RawExecution:
-        self.requests.append(request_bytes)
-        return self.raw
-
-
-def make_spec() -> ToolSpec:
-    return ToolSpec(
-        name="square",
-        version="1.0.0",
-        description="",
-        source="def square(x):\n    return x * x\n",
-        entrypoint="square",
-        parameters_json=canonical_bytes({"type": "object"}),
-        digest=sha256_hex(b"square"),
-    )
-
-
-def make_call() -> ToolCall:
-    return ToolCall.create(id="c1", name="square", arguments={"x": 3}, dialect="api")
-
-
-def raw(stdout: bytes = b"", **fields: object) -> RawExecution:
-    values: dict[str, object] = {
-        "stdout": stdout,
-        "output_bytes": len(stdout),
-        "wall_seconds": 0.05,
-        "exit_code": 0,
-        "container_id": "c" * 64,
-    }
-    values.update(fields)
-    return RawExecution(**values)  # type: ignore[arg-type]
-
-
-def run(raw_execution: RawExecution, limits: ResourceLimits = LIMITS) -> Execution:
-    return Sandbox(StubBackend(raw_execution)).run(make_spec(), make_call(), limits)
-
-
-def runner_line(result: dict[str, object]) -> bytes:
-    return json.dumps(result).encode() + b"\n"
-
-
-class TestSandboxRequest:
-    def test_request_is_canonical_json_of_source_entrypoint_and_arguments(self) -> None:
-        """The backend gets RFC 8785 bytes of {source, entrypoint, arguments} on stdin."""
-        backend = StubBackend(raw(runner_line({"ok": True, "value": 9})))
-
-        Sandbox(backend).run(make_spec(), make_call(), LIMITS)
-
-        expected = canonical_bytes(
-            {"source": make_spec().source, "entrypoint": "square", "arguments": {"x": 3}}
-        )
-        assert [expected] == backend.requests
-
-    def test_image_digest_is_the_backends(self) -> None:
-        """The digest a gateway records is the one the backend runs."""
-        assert sha256_hex(b"stub image") == Sandbox(StubBackend(raw())).image_digest
-
-
-class TestSandboxResult:
-    def test_ok_result_gives_the_canonical_value(self) -> None:
-        """A runner ok line becomes an ok Execution with canonical value bytes and usage."""
-        execution = run(raw(runner_line({"ok": True, "value": {"b": 1, "a": [9]}})))
-
-        expected = ("ok", b'{"a":[9],"b":1}', "", 0, 50.0, "c" * 64)
-        assert expected == (
-            execution.kind,
-            execution.value_json,
-            execution.message,
-            execution.usage.exit_code,
-            execution.usage.wall_ms,
-            execution.usage.container_id,
-        )
-
-    def test_last_stdout_line_is_the_result(self) -> None:
-        """Only the last line counts, so anything before it cannot forge a result."""
-        stdout = runner_line({"ok": True, "value": "forged"}) + runner_line(
-            {"ok": True, "value": 1}
-        )
-
-        expected = 1
-        assert expected == run(raw(stdout)).value
-
-    @pytest.mark.parametrize(
-        "stdout",
-        [
-            b"",
-            b"not json\n",
-            b"\xff\xfe\n",
-            b"[1, 2]\n",
-            b'{"ok": "yes"}\n',
-            b'{"ok": true}\n',
-            b'{"ok": true, "value": NaN}\n',
-            b'{"ok": true, "value": 1, "value": 2}\n',
-        ],
-    )
-    def test_missing_or_garbled_result_is_tool_error(self, stdout: bytes) -> None:
-        """No result line, or one that is not the runner's protocol, ends as tool_error."""
-        expected = "tool_error"
-        assert expected == run(raw(stdout)).kind
-
-    def test_value_that_is_not_i_json_is_tool_error(self) -> None:
-        """A value canonical JSON cannot hold (an integer past 2**53) ends as tool_error."""
-        execution = run(raw(runner_line({"ok": True, "value": 2**60})))
-
-        expected = ("tool_error", "the return value is not I-JSON")
-        assert expected == (execution.kind, execution.message)
-
-    @pytest.mark.parametrize("kind", ["tool_error", "memory_limit", "pids_limit", "disk_limit"])
-    def test_runner_failure_kinds_are_kept(self, kind: str) -> None:
-        """The runner's own failure kinds pass through, with type and message."""
-        line = runner_line({"ok": False, "kind": kind, "error_type": "E", "message": "m"})
-
-        execution = run(raw(line))
-
-        expected = (execution.kind, execution.message, execution.value_json)
-        assert expected == (kind, "E: m", None)
-
-    @pytest.mark.parametrize("kind", ["timeout", "output_limit", "ok", "denied", 3, None])
-    def test_runner_cannot_claim_a_host_kind(self, kind: object) -> None:
-        """Only the host observes timeout and output_limit; other kinds are tool_error."""
-        line = runner_line({"ok": False, "kind": kind, "error_type": "E", "message": "m"})
-
-        expected = "tool_error"
-        assert expected == run(raw(line)).kind
-
-    def test_long_runner_message_is_truncated(self) -> None:
-        """Messages from inside the container are cut to 500 characters."""
-        line = runner_line(
-            {"ok": False, "kind": "tool_error", "error_type": "E", "message": "x" * 9000}
-        )
-
-        expected = 500
-        assert expected == len(run(raw(line), ResourceLimits(output_bytes=64 * 1024)).message)
-
-
-class TestSandboxLimits:
-    def test_output_over_the_cap_is_output_limit_even_if_the_backend_missed_it(self) -> None:
-        """Sandbox re-checks the output size, so a backend that forgot the cap still fails."""
-        stdout = runner_line({"ok": True, "value": "x" * 2000})
-
-        execution = run(raw(stdout, output_cap_hit=False))
-
-        expected = ("output_limit", None)
-        assert expected == (execution.kind, execution.value_json)
-
-    def test_stderr_counts_toward_the_output_cap(self) -> None:
-        """Output is stdout and stderr together: a valid result does not excuse a flood."""
-        stdout = runner_line({"ok": True, "value": 1})
-
-        expected = "output_limit"
-        assert expected == run(raw(stdout, output_bytes=5000)).kind
-
-    def test_run_past_the_deadline_is_timeout_even_if_the_backend_missed_it(self) -> None:
-        """Sandbox re-checks the wall time, so a backend that forgot the deadline still fails."""
-        stdout = runner_line({"ok": True, "value": 1})
-
-        expected = "timeout"
-        assert expected == run(raw(stdout, wall_seconds=LIMITS.wall_seconds + 1)).kind
-
-    def test_deadline_hit_is_timeout(self) -> None:
-        """A container killed at the deadline ends as timeout."""
-        expected = "timeout"
-        assert expected == run(raw(deadline_hit=True, exit_code=None)).kind
-
-    def test_deadline_hit_with_pids_limit_evidence_is_pids_limit(self) -> None:
-        """A tool that keeps forking past refusals until the deadline ends as pids_limit."""
-        execution = run(raw(deadline_hit=True, exit_code=None, pids_limit_hit=True))
-
-        expected = "pids_limit"
-        assert expected == execution.kind
-
-    def test_oom_kill_is_memory_limit_even_with_a_result(self) -> None:
-        """The kernel's OOM killer ran in the container: memory_limit wins over a value."""
-        stdout = runner_line({"ok": True, "value": 1})
-
-        expected = "memory_limit"
-        assert expected == run(raw(stdout, oom_killed=True, exit_code=0)).kind
-
-    def test_unexplained_sigkill_without_result_is_memory_limit(self) -> None:
-        """Exit 137 with no result and no host kill: only the kernel kills PID 1 inside."""
-        expected = "memory_limit"
-        assert expected == run(raw(exit_code=137)).kind
-
-    def test_output_limit_wins_over_every_other_failure(self) -> None:
-        """When the cap tripped, the execution ends as output_limit whatever else happened."""
-        execution = run(
-            raw(
-                output_bytes=2000,
-                output_cap_hit=True,
-                deadline_hit=True,
-                oom_killed=True,
-                exit_code=None,
-            )
-        )
-
-        expected = "output_limit"
-        assert expected == execution.kind
-
-    def test_pids_evidence_without_result_is_pids_limit(self) -> None:
-        """A runner that died without a result after forks were refused ends as pids_limit."""
-        expected = "pids_limit"
-        assert expected == run(raw(exit_code=1, pids_limit_hit=True)).kind
+from callward.sandbox._docker import DockerBackend
+from callward.sandbox._engine import client_from_env
+from callward.sandbox.base import Observation, session_container_key
 
 
 class TestRawExecution:
     def test_output_bytes_cannot_be_less_than_stdout(self) -> None:
         """output_bytes counts stdout, so a RawExecution that says less cannot exist."""
         with pytest.raises(ValueError, match="at least len"):
-            raw(b"12345", output_bytes=2)
+            RawExecution(stdout=b"12345", output_bytes=2, wall_seconds=0.1, exit_code=0)
+
+
+class TestObservation:
+    def test_connection_counts_are_not_negative(self) -> None:
+        """An observation cannot claim fewer than no connections."""
+        with pytest.raises(ValueError, match="negative"):
+            Observation("c" * 64, egress_refused=-1)
+
+
+class TestSessionKey:
+    def test_a_session_is_its_principal_and_id_together(self) -> None:
+        """Two principals with one session id, or one principal with two, never share."""
+        keys = {session_container_key("alice", "s1"), session_container_key("bob", "s1"),
+                session_container_key("alice", "s2"),
+                session_container_key("alice", "s1")}
+
+        expected = 3
+        assert expected == len(keys)
+
+
+class TestPlacement:
+    def test_an_invalid_placement_cannot_exist(self) -> None:
+        """Isolation and runtime are closed sets; secrets and egress are checked names."""
+        for fields, problem in (({"isolation": "container"}, "isolation"),
+                                ({"runtime": "kata"}, "runtime"),
+                                ({"secrets": ("lower",)}, "secret names"),
+                                ({"egress": ("no-port",)}, "host:port")):
+            with pytest.raises(ValueError, match=problem):
+                Placement(**fields)  # type: ignore[arg-type]
+
+    def test_only_the_default_placement_runs_anywhere(self) -> None:
+        """Call isolation with no runtime, secret or egress: any runner may take it."""
+        placements = (Placement(principal="alice"), Placement(runtime="runc"),
+                      Placement(isolation="session", principal="alice"),
+                      Placement(secrets=("T",)), Placement(egress=("example.org:443",)))
+
+        expected = [True, False, False, False, False]
+        assert expected == [placement.anywhere for placement in placements]
 
 
 class TestProtocols:
     def test_backends_and_sandboxes_satisfy_their_protocols(self) -> None:
-        """DockerSandbox is a SandboxBackend and a ToolRunner; Sandbox is a ToolRunner."""
-        backend: SandboxBackend = DockerSandbox(base_url="unix:///nonexistent.sock")
-        stub: SandboxBackend = StubBackend(raw())
-        runners: list[ToolRunner] = [DockerSandbox(), Sandbox(stub), Sandbox(backend)]
+        """DockerBackend is a SandboxBackend; DockerSandbox and Sandbox place calls."""
+        backend: SandboxBackend = DockerBackend(client_factory=client_from_env)
+        runners: list[ToolRunner] = [DockerSandbox(), Sandbox(backend)]
 
-        expected = 3
-        assert expected == len(runners)
+        expected = [True, True]
+        assert expected == [isinstance(runner, PlacingToolRunner) for runner in runners]
+
+    def test_every_wrapping_runner_places_calls_one_way(self) -> None:
+        """The model-tool runner places calls through the same run_placed(Placement)."""
+        runner = ModelToolRunner(ModelWorkers({}, memory_budget_bytes=1), {}, DockerSandbox())
+
+        expected = True
+        assert expected == isinstance(runner, PlacingToolRunner)

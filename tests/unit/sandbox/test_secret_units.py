@@ -22,8 +22,9 @@ from callward.sandbox import (
     SecretUnavailable,
     secret_source,
 )
+from callward.sandbox._interpret import redact_secrets
 from callward.sandbox._secrets import SecretRedactor, read_secrets
-from callward.sandbox.base import redact_secrets, request_bytes
+from callward.sandbox.base import request_bytes
 
 TOKEN = "cwsecret-0123456789abcdef"  # noqa: S105 - a test value
 
