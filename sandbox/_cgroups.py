@@ -17,11 +17,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
+#: The parent cgroup of every gVisor container (cgroupfs driver): its pids limit bounds
+#: the host tasks of all of them together (see ``ensure_task_budget``).
+GVISOR_CGROUP_PARENT: Final = "/callward-gvisor"
+_PARENT: Final = GVISOR_CGROUP_PARENT.strip("/")
+
 #: Where the pids controller counts refused forks, for cgroup v1 and v2 (cgroupfs, systemd).
 _PIDS_EVENTS: Final = (
     "/sys/fs/cgroup/pids/docker/{id}/pids.events",
     "/sys/fs/cgroup/docker/{id}/pids.events",
     "/sys/fs/cgroup/system.slice/docker-{id}.scope/pids.events",
+    f"/sys/fs/cgroup/pids/{_PARENT}/{{id}}/pids.events",
+    f"/sys/fs/cgroup/{_PARENT}/{{id}}/pids.events",
 )
 
 #: Where the memory controller counts OOM kills (``oom_kill N``), cgroup v1 and v2.
@@ -29,6 +36,8 @@ _MEMORY_EVENTS: Final = (
     "/sys/fs/cgroup/memory/docker/{id}/memory.oom_control",
     "/sys/fs/cgroup/docker/{id}/memory.events",
     "/sys/fs/cgroup/system.slice/docker-{id}.scope/memory.events",
+    f"/sys/fs/cgroup/memory/{_PARENT}/{{id}}/memory.oom_control",
+    f"/sys/fs/cgroup/{_PARENT}/{{id}}/memory.events",
 )
 
 #: The cgroup v1 and v2 files of a container's memory use and its page-cache share.
@@ -39,7 +48,70 @@ _MEMORY_USAGE: Final = (
      "/sys/fs/cgroup/docker/{id}/memory.stat", "inactive_file"),
     ("/sys/fs/cgroup/system.slice/docker-{id}.scope/memory.current",
      "/sys/fs/cgroup/system.slice/docker-{id}.scope/memory.stat", "inactive_file"),
+    (f"/sys/fs/cgroup/memory/{_PARENT}/{{id}}/memory.usage_in_bytes",
+     f"/sys/fs/cgroup/memory/{_PARENT}/{{id}}/memory.stat", "total_inactive_file"),
+    (f"/sys/fs/cgroup/{_PARENT}/{{id}}/memory.current",
+     f"/sys/fs/cgroup/{_PARENT}/{{id}}/memory.stat", "inactive_file"),
 )
+
+#: The pids limit files of the gVisor parent cgroup: cgroup v1, then v2.
+_BUDGET_DIRS: Final = (f"/sys/fs/cgroup/pids/{_PARENT}", f"/sys/fs/cgroup/{_PARENT}")
+
+
+#: The least budget a gateway may set: one gVisor sandbox at rest holds ~40 host tasks.
+GVISOR_HOST_TASKS_MIN: Final = 256
+_GVISOR_HOST_TASKS_MAX: Final = 16384
+
+
+def default_gvisor_host_tasks(pid_max_path: str = "/proc/sys/kernel/pid_max") -> int:
+    """Half the host's ``pid_max``, at most 16,384: the rest stays for the host itself."""
+    try:
+        pid_max = int(Path(pid_max_path).read_text(encoding="ascii"))
+    except (OSError, ValueError):
+        pid_max = 32768
+    return max(GVISOR_HOST_TASKS_MIN, min(_GVISOR_HOST_TASKS_MAX, pid_max // 2))
+
+
+def ensure_task_budget(max_tasks: int) -> Path:
+    """
+    Create the gVisor parent cgroup if needed and set its pids limit to ``max_tasks``:
+    the host tasks (gVisor's sentry threads and stubs) of all gVisor containers
+    together, across every process that starts them on this host.
+
+    Returns:
+        The ``pids.max`` file written.
+
+    Raises:
+        OSError: Neither cgroup v1's pids controller nor cgroup v2 can be written here
+            (not root, a read-only cgroupfs, a remote engine's host).
+    """
+    failure: OSError | None = None
+    for directory in map(Path, _BUDGET_DIRS):
+        if not directory.parent.is_dir() or (
+                directory.parent == Path("/sys/fs/cgroup")
+                and not (directory.parent / "cgroup.controllers").exists()):
+            continue
+        try:
+            if directory.parent == Path("/sys/fs/cgroup"):  # v2: pids for the children
+                (directory.parent / "cgroup.subtree_control").write_text("+pids")
+            directory.mkdir(exist_ok=True)
+            limit = directory / "pids.max"
+            limit.write_text(str(max_tasks))
+        except OSError as exc:
+            failure = exc
+            continue
+        return limit
+    raise failure or OSError("no pids cgroup controller on this host")
+
+
+def tasks_in_budget() -> int | None:
+    """The host tasks in the gVisor parent cgroup now (None where it cannot be read)."""
+    for directory in map(Path, _BUDGET_DIRS):
+        try:
+            return int((directory / "pids.current").read_text(encoding="ascii"))
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def pids_limit_hit(container_id: str) -> bool:

@@ -38,6 +38,11 @@ import structlog
 
 from callward.core import ResourceLimits, Runtime, SandboxUnavailable, Sha256Hex
 from callward.sandbox._attach import attach
+from callward.sandbox._cgroups import (
+    GVISOR_HOST_TASKS_MIN,
+    default_gvisor_host_tasks,
+    ensure_task_budget,
+)
 from callward.sandbox._channels import CallChannel, Live, Session, SessionChannel
 from callward.sandbox._egress import EgressNetwork
 from callward.sandbox._engine import (
@@ -95,6 +100,7 @@ class DockerSandbox(Sandbox):
         pool: PoolConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
         secrets: SecretSource | None = None,
+        gvisor_host_tasks: int | None = None,
     ) -> None:
         if base_url is not None and client_factory is not None:
             raise ValueError("give base_url or client_factory, not both")
@@ -103,6 +109,7 @@ class DockerSandbox(Sandbox):
                 docker.DockerClient, base_url=base_url or DEFAULT_BASE_URL, version=API_VERSION
             ),
             runtime=runtime, image=image, pool=pool, clock=clock,
+            gvisor_host_tasks=gvisor_host_tasks,
         )
         super().__init__(backend, runtime=runtime, backend_for=backend.on_runtime,
                          secrets=secrets, clock=clock)
@@ -171,8 +178,13 @@ class DockerBackend:
         image: SandboxImage | None = None,
         pool: PoolConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        gvisor_host_tasks: int | None = None,
     ) -> None:
+        if gvisor_host_tasks is not None and gvisor_host_tasks < GVISOR_HOST_TASKS_MIN:
+            raise ValueError(f"gvisor_host_tasks is at least {GVISOR_HOST_TASKS_MIN}")
         self._client_factory = client_factory
+        self._gvisor_host_tasks = gvisor_host_tasks
+        self._task_budget_set = False
         self._runtime: Runtime = runtime
         self._image = image
         self._clock = clock
@@ -186,7 +198,8 @@ class DockerBackend:
     def on_runtime(self, runtime: Runtime) -> DockerBackend:
         """A backend on the same engine, image and pool settings, for ``runtime``."""
         return DockerBackend(client_factory=self._client_factory, runtime=runtime,
-                             image=self._image, pool=self._pool_config, clock=self._clock)
+                             image=self._image, pool=self._pool_config, clock=self._clock,
+                             gvisor_host_tasks=self._gvisor_host_tasks)
 
     @property
     def image_digest(self) -> Sha256Hex:
@@ -315,6 +328,29 @@ class DockerBackend:
                 self._egress = network
             return self._egress
 
+    def _ensure_task_budget(self) -> None:
+        """
+        Bound the host tasks of every gVisor container on this host together, once per
+        backend, before its first gVisor container: gVisor's sentry runs hundreds of host
+        threads under a fork bomb, and nothing else bounds them across containers.
+
+        Raises:
+            SandboxUnavailable: The bound cannot be set here; no gVisor call runs unbounded.
+        """
+        if self._task_budget_set:
+            return
+        budget = self._gvisor_host_tasks or default_gvisor_host_tasks()
+        try:
+            written = ensure_task_budget(budget)
+        except OSError as exc:
+            raise SandboxUnavailable(
+                f"cannot bound the host tasks of gVisor containers ({type(exc).__name__})",
+                remediation="run the gateway as root on a host whose cgroup pids controller "
+                "is writable (cgroupfs driver), or use runtime runc",
+            ) from exc
+        log.info("gvisor_task_budget_set", max_tasks=budget, path=str(written))
+        self._task_budget_set = True
+
     def _start_warm(self, limits: ResourceLimits, egress: tuple[str, ...]) -> Live:
         """One container for the warm pool (call isolation)."""
         return self._start_container(limits, egress=egress)
@@ -329,6 +365,8 @@ class DockerBackend:
         for exactly that allowlist before the caller can send it a request.
         """
         client = self._docker()
+        if self._runtime == "runsc":
+            self._ensure_task_budget()
         network = self._egress_network() if egress else None
         options = container_options(
             limits,

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Final, Literal, TypedDict
 
 from callward.core import ResourceLimits, Runtime
+from callward.sandbox._cgroups import GVISOR_CGROUP_PARENT
 
 NOBODY: Final = "65534:65534"
 #: A session runner's user: root, with only the capabilities it needs to start each
@@ -93,6 +94,7 @@ class ContainerOptions(TypedDict):
     tmpfs: dict[str, str]
     cap_drop: list[str]
     cap_add: list[str]
+    cgroup_parent: str
     security_opt: list[str]
     privileged: Literal[False]
     user: str
@@ -203,6 +205,8 @@ def container_options(
                               f"nr_inodes={tmp_inodes(limits.tmp_bytes)},mode=1777"},
         cap_drop=["ALL"],
         cap_add=list(SESSION_RUNNER_CAPABILITIES) if session else [],
+        # Every gVisor container under one parent whose pids limit bounds them all.
+        cgroup_parent=GVISOR_CGROUP_PARENT if runtime == "runsc" else "",
         security_opt=["no-new-privileges"],
         privileged=False,
         user=SESSION_RUNNER_USER if session else NOBODY,

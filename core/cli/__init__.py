@@ -40,6 +40,7 @@ from callward.core.cli._common import (
     config_path,
     fail,
     print_json,
+    skip_probes,
     subcommand_options,
 )
 from callward.core.errors import CallwardError, ConfigurationError, VerificationFailed
@@ -65,14 +66,15 @@ def _demo(args: argparse.Namespace, home: Home) -> int:
     from callward.core.cli._demo import run_demo  # noqa: PLC0415 - loads docker only when used
 
     return run_demo(home=home, config=Path(args.config) if args.config else None,
-                    model=not args.no_model)
+                    model=not args.no_model, unsafe_skip_probes=skip_probes(args))
 
 
 def _call(args: argparse.Namespace, home: Home) -> int:
     from callward.core.gateway import Gateway  # noqa: PLC0415
 
     text = sys.stdin.read() if args.text == "-" else args.text
-    with Gateway.from_config(config_path(args, home), home=home.root) as gateway:
+    with Gateway.from_config(config_path(args, home), home=home.root,
+                             unsafe_skip_probes=skip_probes(args)) as gateway:
         results = gateway.handle_text(text, principal=args.principal, session_id=args.session)
     print_json([result.to_json() for result in results])
     if any(result.kind == "malformed" for result in results):
@@ -127,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except CallwardError as exc:
         code = fail(exc, EXIT_USAGE if isinstance(exc, ConfigurationError) else
                     EXIT_CHECK_FAILED)
+    except BrokenPipeError:  # the reader went away (| head): nothing left to tell it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_CHECK_FAILED
     except Exception as exc:  # noqa: BLE001 - the command's boundary: one line, never a traceback
         structlog.get_logger().debug("command_failed", exc_info=True)
         print(f"[internal] {type(exc).__name__}: {exc}\n  what to do: this is a bug in "

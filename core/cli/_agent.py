@@ -12,6 +12,7 @@ from callward.core.cli._common import (
     config_options,
     config_path,
     print_json,
+    skip_probes,
     subcommand_options,
 )
 from callward.core.gateway._config import Home, ModelSettings, load_config
@@ -39,7 +40,8 @@ def _agent(args: argparse.Namespace, home: Home) -> int:
         model = load_demo_model(home.root / "models", generation=generation,
                                 tool_role=args.tool_role or settings.tool_role or "user")
     limits = AgentLimits(max_steps=args.max_steps, wall_seconds=args.wall_seconds)
-    with Gateway.from_config(path, home=home.root) as gateway:
+    with Gateway.from_config(path, home=home.root,
+                             unsafe_skip_probes=skip_probes(args)) as gateway:
         run = Agent(gateway=gateway, model=model, principal=args.principal,
                     session_id=args.session, limits=limits).run(args.question)
     print_json({

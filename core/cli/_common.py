@@ -47,7 +47,16 @@ def subcommand_options() -> argparse.ArgumentParser:
 def config_options() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("--config", help="gateway configuration (callward.yaml)")
+    options.add_argument(
+        "--unsafe-skip-probes", action="store_true",
+        help="UNSAFE: serve without first proving the sandbox's protections live "
+        "(the start record says so)")
     return options
+
+
+def skip_probes(args: argparse.Namespace) -> bool:
+    """Whether the operator asked to start without the start probes (recorded)."""
+    return bool(getattr(args, "unsafe_skip_probes", False))
 
 
 def print_json(value: object) -> None:

@@ -12,6 +12,7 @@ from callward.core.cli._common import (
     config_options,
     config_path,
     print_json,
+    skip_probes,
     subcommand_options,
 )
 from callward.core.errors import ConfigurationError
@@ -44,7 +45,8 @@ def _serve(args: argparse.Namespace, home: Home) -> int:
     if args.principal is None and (args.transport == "stdio" or tokens is None):
         raise ConfigurationError("--principal is needed unless HTTP clients are configured "
                                  "with bearer tokens (mcp.clients)")
-    with open_upstreams(path, home=home.root) as (gateway, upstreams), \
+    with open_upstreams(path, home=home.root,
+                        unsafe_skip_probes=skip_probes(args)) as (gateway, upstreams), \
             serving_metrics(gateway, args.metrics_port):
         face = McpFace(gateway, principal=args.principal or "", session_id=args.session,
                        content=UpstreamContent.of(gateway, upstreams.connections))

@@ -22,6 +22,7 @@ from callward.core.cli._common import (
     config_path,
     fail,
     print_json,
+    skip_probes,
     subcommand_options,
 )
 from callward.core.gateway._config import Home, load_config, load_registry
@@ -39,7 +40,8 @@ def _run(args: argparse.Namespace, home: Home) -> int:
     from callward.core.gateway import Gateway  # noqa: PLC0415
     from callward.core.plans._run import run_plan_file  # noqa: PLC0415 - loads the gateway's parts
 
-    with Gateway.from_config(config_path(args, home), home=home.root) as gateway:
+    with Gateway.from_config(config_path(args, home), home=home.root,
+                             unsafe_skip_probes=skip_probes(args)) as gateway:
         try:
             report = run_plan_file(gateway, Path(args.file), principal=args.principal,
                                    session_id=args.session or None,

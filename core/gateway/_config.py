@@ -40,8 +40,10 @@ from referencing import Registry
 
 import callward.audit
 from callward.audit import FileSigner, store_settings
+from callward.core._canonical import sha256_hex
 from callward.core._yaml import strict_yaml_load
 from callward.core.errors import ConfigurationError, SandboxUnavailable
+from callward.core.gateway._start import StartFacts
 from callward.core.models._tools import ModelToolsSettings, model_tools_settings
 from callward.core.observe._anomaly import (
     ANOMALY_SETTING_NAMES,
@@ -54,7 +56,7 @@ from callward.core.protocols import AuditLog, PolicyEngine, ToolRunner
 from callward.core.registry._registry import ToolRegistry
 from callward.core.registry._store import RegistryStore
 from callward.core.types import RUNTIMES, Runtime
-from callward.policies import AnomalyState, Policy, PolicyState
+from callward.policies import AnomalyState, Policy, PolicyDocument, PolicyState
 
 log = structlog.get_logger()
 
@@ -385,6 +387,7 @@ class GatewayParts:
     closers: tuple[Callable[[], None], ...]
     observers: tuple[CallObserver, ...]
     max_argument_bytes: int
+    start: StartFacts
 
 
 def build_parts(path: object, *, home: object = None) -> GatewayParts:
@@ -463,7 +466,18 @@ def build_parts(path: object, *, home: object = None) -> GatewayParts:
         observers=observers,
         max_argument_bytes=int(str((config.audit or {}).get(
             "max_argument_bytes", DEFAULT_MAX_ARGUMENT_BYTES))),
+        start=StartFacts(
+            config_sha256=sha256_hex(config.source.read_bytes()),
+            runtimes=runtimes_in_force(config.runtime, policy.document),
+            default_runtime=config.runtime,
+        ),
     )
+
+
+def runtimes_in_force(default: Runtime, document: PolicyDocument) -> tuple[Runtime, ...]:
+    """The runtimes calls may run on: the configuration's, and any the policy names."""
+    named = {setting.get("runtime") for setting in document.tool_settings.values()}
+    return tuple(r for r in RUNTIMES if r == default or r in named)
 
 
 def _prepare_model_tools(settings: ModelToolsSettings, state: Home) -> ModelToolSet:

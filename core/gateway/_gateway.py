@@ -47,6 +47,13 @@ from callward.core.gateway._config import (
     MIN_MAX_ARGUMENT_BYTES,
     build_parts,
 )
+from callward.core.gateway._start import (
+    StartFacts,
+    prove_start,
+    record_start,
+    refusal,
+    start_body,
+)
 from callward.core.observe._events import CallEvent, CallObserver, RecordObserver
 from callward.core.parse._front import parse_model_output
 from callward.core.protocols import (
@@ -172,7 +179,8 @@ class Gateway:
         self.close()
 
     @classmethod
-    def from_config(cls, path: object, *, home: object = None) -> Gateway:
+    def from_config(cls, path: object, *, home: object = None,
+                    unsafe_skip_probes: bool = False) -> Gateway:
         """
         Build a gateway from a configuration file: the configuration builds the parts
         (``callward.core.gateway._config``), the gateway assembles them.
@@ -181,9 +189,36 @@ class Gateway:
             ConfigurationError: The configuration, a tool file or the policy is invalid.
         """
         parts = build_parts(path, home=home)
-        return cls(registry=parts.registry, policy=parts.policy, runner=parts.runner,
-                   audit=parts.audit, closers=parts.closers, observers=parts.observers,
-                   max_argument_bytes=parts.max_argument_bytes)
+        gateway = cls(registry=parts.registry, policy=parts.policy, runner=parts.runner,
+                      audit=parts.audit, closers=parts.closers, observers=parts.observers,
+                      max_argument_bytes=parts.max_argument_bytes)
+        try:
+            gateway.prove_start(parts.start, unsafe_skip_probes=unsafe_skip_probes)
+        except BaseException:
+            gateway.close()
+            raise
+        return gateway
+
+    def prove_start(self, facts: StartFacts, *, unsafe_skip_probes: bool = False) -> None:
+        """
+        Prove, live, that the sandbox protects calls on every runtime in force, then
+        write the signed ``gateway.started`` record (callward's version, the policy,
+        image and configuration digests, the runtimes, each probe's findings).
+
+        Raises:
+            SandboxUnavailable: A probe failed; ``gateway.start_refused`` says which.
+            AuditUnavailable: The log is not writable.
+        """
+        probes = () if unsafe_skip_probes else prove_start(self.runner, facts)
+        if unsafe_skip_probes:
+            log.warning("unsafe_skip_probes", runtimes=list(facts.runtimes))
+        body = start_body(facts, policy_digest=str(self.policy.digest),
+                          image_digest=self._image_digest(), probes=probes,
+                          unsafe_skip_probes=unsafe_skip_probes)
+        if not all(probe.ok for probe in probes):
+            record_start(self.audit, "gateway.start_refused", body)
+            raise refusal(probes)
+        record_start(self.audit, "gateway.started", body)
 
     @property
     def new_id(self) -> NewId:

@@ -34,14 +34,15 @@ def pin_store(home: Path) -> PinStore:
 
 
 @contextlib.contextmanager
-def open_upstreams(path: Path, *, home: Path, servers: tuple[str, ...] | None = None
-                   ) -> Iterator[tuple[Gateway, Upstreams]]:
+def open_upstreams(path: Path, *, home: Path, servers: tuple[str, ...] | None = None,
+                   unsafe_skip_probes: bool = False) -> Iterator[tuple[Gateway, Upstreams]]:
     """
     The gateway of a configuration with its upstream MCP servers, and the connected
     upstreams (for approval and their resources and prompts), all closed on exit.
 
     Args:
         servers: Connect only these upstreams (all when None).
+        unsafe_skip_probes: Start without proving the sandbox first (recorded).
 
     Raises:
         ConfigurationError: The configuration is invalid or an upstream cannot be reached.
@@ -50,7 +51,8 @@ def open_upstreams(path: Path, *, home: Path, servers: tuple[str, ...] | None = 
     configs = parse_mcp_section(raw_mcp_section(path), base=path.parent)
     if servers is not None:
         configs = tuple(config for config in configs if config.name in servers)
-    with Gateway.from_config(path, home=home) as base, connected_upstreams(
+    with Gateway.from_config(path, home=home,
+                             unsafe_skip_probes=unsafe_skip_probes) as base, connected_upstreams(
             configs, audit=base.audit, pins=pin_store(home)) as upstreams:
         for spec in upstreams.specs:
             base.registry.add(spec)

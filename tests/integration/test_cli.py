@@ -16,11 +16,11 @@ def records(home: Path) -> list[tuple[int, str]]:
 
 @pytest.fixture(name="filled_log")
 def _filled_log(cli, engine, home):
-    """A log of five records written by real calls."""
+    """A log of eight records written by real calls: three starts and five call records."""
     for text in ('call function("square", [3], 9)', 'call function("nope", [])',
                  'call function("add", [1, 2])'):
         cli("call", text, "--principal", "alice")
-    assert 5 == len(records(home))
+    assert 8 == len(records(home))
     return home / "audit.db"
 
 
@@ -46,8 +46,9 @@ class TestCall:
         (result,) = json.loads(done.stdout)
         assert (0, "ok", 144, True) == (done.returncode, result["kind"], result["content"],
                                         result["expected_matched"])
-        assert [(1, "call.authorized"), (2, "call.completed")] == records(home)
-        assert 2 == result["receipt"]["seq"]
+        assert [(1, "gateway.started"), (2, "call.authorized"),
+                (3, "call.completed")] == records(home)
+        assert 3 == result["receipt"]["seq"]
 
     def test_denied_call_exits_1(self, cli, engine):
         """A denied call is a failed check: exit 1, with its kind."""
@@ -60,7 +61,7 @@ class TestCall:
         done = cli("call", 'call function("square", [3]', "--principal", "alice")
 
         assert (2, "malformed") == (done.returncode, json.loads(done.stdout)[0]["kind"])
-        assert [(1, "call.rejected")] == records(home)
+        assert [(1, "gateway.started"), (2, "call.rejected")] == records(home)
 
     def test_text_from_stdin(self, cli, engine):
         """TEXT '-' reads the model output from standard input."""
@@ -70,17 +71,39 @@ class TestCall:
 
         assert "Tokyo" == json.loads(done.stdout)[0]["content"]
 
-    def test_unreachable_engine_is_audited_with_no_result(self, cli, home):
-        """With no engine, the call ends sandbox_unavailable, audited, with no value."""
+    def test_unreachable_engine_refuses_to_start(self, cli, home):
+        """
+        With no engine the gateway cannot prove its sandbox: it refuses to serve, says
+        what failed and what to do, and records gateway.start_refused; nothing ran.
+        """
         done = cli("call", 'call function("square", [3])', "--principal", "alice",
+                   env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+
+        expected = (1, "", True, False, [(1, "gateway.start_refused")])
+        assert expected == (done.returncode, done.stdout,
+                            "\n[sandbox_unavailable] the sandbox does not prove its "
+                            "protections (runc: " in done.stderr,
+                            "Traceback" in done.stderr, records(home))
+
+    def test_unreachable_engine_with_probes_skipped_is_audited_with_no_result(self, cli, home):
+        """
+        Started with --unsafe-skip-probes (recorded), a call without an engine still
+        ends sandbox_unavailable, audited, with no value.
+        """
+        done = cli("call", 'call function("square", [3])', "--principal", "alice",
+                   "--unsafe-skip-probes",
                    env={"DOCKER_HOST": "unix:///nonexistent/docker.sock"})
 
         (result,) = json.loads(done.stdout)
         assert (1, "sandbox_unavailable") == (done.returncode, result["kind"])
         assert "sandbox_unavailable" == result["content"]["error"]
-        assert [(1, "call.authorized"), (2, "call.completed")] == records(home)
+        assert [(1, "gateway.started"), (2, "call.authorized"),
+                (3, "call.completed")] == records(home)
         with sqlite3.connect(home / "audit.db") as db:
-            (body,) = db.execute("SELECT body FROM records WHERE seq = 2").fetchone()
+            (started,) = db.execute("SELECT body FROM records WHERE seq = 1").fetchone()
+            (body,) = db.execute("SELECT body FROM records WHERE seq = 3").fetchone()
+        assert (True, []) == (json.loads(started)["unsafe_skip_probes"],
+                              json.loads(started)["probes"])
         assert "sandbox_unavailable" == json.loads(body)["outcome"]
 
     def test_broken_policy_refuses_to_start(self, cli, tmp_path, examples):
@@ -101,13 +124,13 @@ class TestAuditVerify:
         """An untouched log verifies: exit 0 and the record count."""
         done = cli("audit", "verify")
 
-        assert (0, "OK", 5) == (done.returncode, *map(json.loads(done.stdout).get,
+        assert (0, "OK", 8) == (done.returncode, *map(json.loads(done.stdout).get,
                                                        ("verdict", "records")))
 
     @pytest.mark.parametrize(
         ("tamper", "seq"),
         [
-            ("UPDATE records SET body = replace(body, 'alice', 'admin') WHERE seq = 3", 3),
+            ("UPDATE records SET body = replace(body, 'alice', 'admin') WHERE seq = 2", 2),
             ("DELETE FROM records WHERE seq = 2", 3),
             ("UPDATE records SET seq = -seq WHERE seq IN (2, 4);"
              "UPDATE records SET seq = 4 WHERE seq = -2;"

@@ -49,7 +49,8 @@ class TestPlanRun:
         assert summary.startswith("Utilities added record battery storage to the grid")
         assert "<p>" not in summary
         written = kinds(read_records(home / "audit.db"))
-        assert ["plan.started", "plan.completed"] == [written[0], written[-1]]
+        assert ["gateway.started", "plan.started", "plan.completed"] == [
+            written[0], written[1], written[-1]]
         clean = report["steps"][2]
         completed = body(home, clean["receipt"]["seq"])
         assert [e["source_step"] for e in clean["provenance"]] == [
@@ -76,7 +77,7 @@ class TestPlanRun:
         assert "plan.step_skipped" in kinds(read_records(home / "audit.db"))
 
     def test_a_bad_plan_exits_2_is_audited_and_nothing_runs(self, cli, engine, home):
-        """A plan with an unknown step ref is refused with its location; plan.rejected only."""
+        """A plan with an unknown step ref is refused with its location; nothing runs."""
         path = home / "bad.yaml"
         path.write_text(Path(NEWS).read_text().replace("steps.clean.output", "steps.clen.output"))
 
@@ -87,7 +88,7 @@ class TestPlanRun:
                  "message": "$ref names unknown step 'clen'"}] == json.loads(
             done.stdout)["problems"]
         assert "[plan_invalid]" in done.stderr
-        assert ["plan.rejected"] == kinds(read_records(home / "audit.db"))
+        assert ["gateway.started", "plan.rejected"] == kinds(read_records(home / "audit.db"))
 
 
 class TestPlanValidate:

@@ -163,7 +163,8 @@ class TestLiveChanges:
         tools("unload", "double@2.0.0")
         verified = cli("audit", "verify")
 
-        assert ["tool.loaded", "tool.activated", "tool.loaded", "tool.activated",
+        assert ["gateway.started", "tool.loaded", "tool.activated", "tool.loaded",
+                "tool.activated",
                 "call.authorized", "call.completed", "tool.rolled_back",
                 "tool.unloaded"] == kinds(read_records(home / "audit.db"))
         assert (0, "OK") == (verified.returncode, json.loads(verified.stdout)["verdict"])

@@ -352,7 +352,10 @@ class TestServeWithUpstream:
             serve.stdin.write(json.dumps(hello).encode() + b"\n")
             serve.stdin.flush()
             assert 1 == json.loads(serve.stdout.readline())["id"]  # serving
-            owned = engine.containers.list(filters={"label": f"callward.pid={serve.pid}"})
+            mine = {"label": f"callward.pid={serve.pid}"}
+            # The upstream's service container (beside the warm pool the start probe used).
+            owned = [c for c in engine.containers.list(filters=mine)
+                     if any(tag.startswith("callward/service:") for tag in c.image.tags)]
             assert len(owned) == 1
 
             serve.send_signal(signal.SIGINT)  # stdin stays open
@@ -362,7 +365,7 @@ class TestServeWithUpstream:
             if serve.poll() is None:
                 serve.kill()
                 serve.wait()
-        assert [] == engine.containers.list(all=True, filters={"id": owned[0].id})
+        assert [] == engine.containers.list(all=True, filters=mine)  # the pool's too
         verified = cli("audit", "verify")
         assert 0 == verified.returncode, verified.stdout + verified.stderr
 

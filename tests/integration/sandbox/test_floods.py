@@ -10,7 +10,15 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from callward.core import Execution, Isolation, ResourceLimits, Runtime, ToolCall, ToolSpec
+from callward.core import (
+    CallwardError,
+    Execution,
+    Isolation,
+    ResourceLimits,
+    Runtime,
+    ToolCall,
+    ToolSpec,
+)
 from callward.sandbox import DockerSandbox, SandboxImage
 
 pytestmark = pytest.mark.docker
@@ -84,3 +92,77 @@ class TestInodeFlood:
 
         expected = ("disk_limit", ("ok", 25))
         assert expected == (flooded.kind, (after.kind, after.value))
+
+
+def stubborn_fork_bomb():
+    import contextlib
+    import os
+
+    while True:
+        with contextlib.suppress(OSError):  # keeps forking past every refusal
+            os.fork()
+
+
+class TestGvisorHostTasks:
+    def test_concurrent_bombs_stay_within_the_hosts_budget_and_runc_is_served(
+        self, sandbox_image, make_spec
+    ):
+        """
+        Six gVisor fork bombs at once (six held up to ~1,400 host tasks together here)
+        never hold more than a budget of 600 host tasks together, none ends ok (a bomb
+        past the budget fails as its sentry cannot grow), and a plain runc call started
+        meanwhile is served.
+        """
+        import threading
+        import time
+
+        from callward.sandbox._cgroups import (
+            default_gvisor_host_tasks,
+            ensure_task_budget,
+            tasks_in_budget,
+        )
+
+        budget = 600
+        seen: list[int] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                count = tasks_in_budget()
+                if count is not None:
+                    seen.append(count)
+                time.sleep(0.02)
+
+        limits = LIMITS["runsc"]
+        with DockerSandbox(image=sandbox_image, runtime="runsc",
+                           gvisor_host_tasks=budget) as gvisor, \
+                DockerSandbox(image=sandbox_image, runtime="runc") as runc:
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            bomb = make_spec(stubborn_fork_bomb)
+            kinds: list[str] = []
+
+            def one_bomb(index: int) -> None:
+                call = ToolCall.create(id=f"bomb-{index}", name=bomb.name, arguments={},
+                                       dialect="api")
+                try:
+                    kinds.append(gvisor.run(bomb, call, limits).kind)
+                except CallwardError as exc:  # a sentry that could not start at all
+                    kinds.append(exc.kind)
+
+            bombs = [threading.Thread(target=one_bomb, args=(i,)) for i in range(6)]
+            for thread in bombs:
+                thread.start()
+            time.sleep(1.0)
+            plain = runc.run(make_spec(square),
+                             ToolCall.create(id="plain", name="square", arguments={"x": 6},
+                                             dialect="api"), LIMITS["runc"])
+            for thread in bombs:
+                thread.join()
+            stop.set()
+            watcher.join()
+        ensure_task_budget(default_gvisor_host_tasks())  # the host's own budget again
+
+        expected = (("ok", 36), True, True, 6, [])
+        assert expected == ((plain.kind, plain.value), bool(seen), max(seen) <= budget,
+                            len(kinds), [kind for kind in kinds if kind == "ok"])

@@ -70,7 +70,7 @@ class TestPlacementByPolicy:
             return str(record_of(gateway, result.receipt.seq)["usage"]["container_id"])  # type: ignore[index]
 
         first, second, other = container_of("s1"), container_of("s1"), container_of("s2")
-        authorized = record_of(gateway, 1)
+        authorized = record_of(gateway, 2)  # seq 1 is gateway.started
 
         expected = (True, False, "session")
         assert expected == (first == second, first == other,

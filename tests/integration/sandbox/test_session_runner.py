@@ -237,7 +237,8 @@ class TestSessionRunnerIsUnreachable:
 
         environ: object = "EACCES"
         if runtime == "runsc":
-            environ = ["ok", "CALLWARD_CALL_USER", "CALLWARD_TASK_LIMIT", "HOME", "HOSTNAME",
+            environ = ["ok", "CALLWARD_CALL_USER", "CALLWARD_TASK_LIMIT", "CALLWARD_TMP_INODES",
+                       "HOME", "HOSTNAME",
                        "LANG", "PATH", "PYTHONDONTWRITEBYTECODE"]
         expected = (
             {"mem_write": "EACCES", "mem_read": "EACCES", "environ": environ},

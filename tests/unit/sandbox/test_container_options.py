@@ -85,6 +85,20 @@ class TestContainerOptions:
             options["read_only"],
         )
 
+    def test_gvisor_containers_share_one_bounded_parent_cgroup(self, limits):
+        """Every gVisor container sits under /callward-gvisor; runc ones where docker puts them."""
+        gvisor = container_options(limits, image="sha256:" + "a" * 64, runtime="runsc",
+                                   owner_pid=4242)
+        runc = container_options(limits, image="sha256:" + "a" * 64, runtime="runc",
+                                 owner_pid=4242)
+
+        expected = ("/callward-gvisor", "")
+        assert expected == (gvisor["cgroup_parent"], runc["cgroup_parent"])
+
+    def test_tmp_is_bounded_in_files_too(self, options):
+        """The /tmp tmpfs carries nr_inodes: empty files cannot fill the container's memory."""
+        assert "nr_inodes=" in options["tmpfs"]["/tmp"]  # noqa: S108 - the container's tmpfs
+
     def test_limits_come_from_resource_limits(
         self, limits: ResourceLimits, options: ContainerOptions
     ) -> None:
@@ -109,7 +123,8 @@ class TestContainerOptions:
     def test_tmp_is_the_only_writable_path_and_is_bounded(self, options: ContainerOptions) -> None:
         """Only /tmp is writable: a noexec, nosuid, nodev tmpfs of tmp_bytes, the working dir."""
         expected = (
-            {CONTAINER_TMP: f"rw,nosuid,nodev,noexec,size={2 * MIB},mode=1777"},
+            {CONTAINER_TMP: f"rw,nosuid,nodev,noexec,size={2 * MIB},"
+                            "nr_inodes=512,mode=1777"},
             CONTAINER_TMP,
         )
         assert expected == (options["tmpfs"], options["working_dir"])
@@ -126,6 +141,7 @@ class TestContainerOptions:
             "tmpfs",
             "cap_drop",
             "cap_add",
+            "cgroup_parent",
             "security_opt",
             "privileged",
             "user",
@@ -182,7 +198,7 @@ class TestGvisorTaskLimits:
 
         expected = (
             [{"name": "nofile", "soft": 48, "hard": 48}, {"name": "nproc", "soft": 26, "hard": 26}],
-            {"HOME": CONTAINER_TMP, "CALLWARD_TASK_LIMIT": "24"},
+            {"HOME": CONTAINER_TMP, "CALLWARD_TASK_LIMIT": "24", "CALLWARD_TMP_INODES": "512"},
             gvisor_task_limits(24).host_pids,
         )
         assert expected == (options["ulimits"], options["environment"], options["pids_limit"])
