@@ -28,13 +28,13 @@ def _serve(args: argparse.Namespace, home: Home) -> int:
     from callward.core.mcp._auth import parse_clients  # noqa: PLC0415
     from callward.core.mcp._content import UpstreamContent  # noqa: PLC0415
     from callward.core.mcp._gateway import open_upstreams  # noqa: PLC0415
+    from callward.core.mcp._section import raw_mcp_section  # noqa: PLC0415
     from callward.core.mcp._server import (  # noqa: PLC0415
         McpFace,
         require_loopback,
         run_stdio,
         serve_http,
     )
-    from callward.core.mcp._upstream import raw_mcp_section  # noqa: PLC0415
     from callward.core.observe._metrics import serving_metrics  # noqa: PLC0415
 
     path = config_path(args, home)

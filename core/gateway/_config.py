@@ -121,7 +121,7 @@ CONFIG_SCHEMA: Final = {
                    for name in ANOMALY_SETTING_NAMES},
             },
         },
-        # Upstream MCP servers; callward.core.mcp._upstream validates the section itself.
+        # Upstream MCP servers; callward.core.mcp._section validates the section itself.
         "mcp": {"type": "object"},
         # The model `callward agent` runs: a transformers directory, or the demo model.
         "model": {

@@ -31,12 +31,9 @@ import structlog
 from mcp.shared.exceptions import MCPError
 
 from callward.core._canonical import JSONValue, canonical_bytes, canonical_loads, sha256_hex
-from callward.core.mcp._upstream import (
-    NAMESPACE_SEPARATOR,
-    McpContentPolicy,
-    UpstreamConnection,
-    namespaced,
-)
+from callward.core.mcp._connection import UpstreamConnection
+from callward.core.mcp._pins import McpContentPolicy
+from callward.core.mcp._section import NAMESPACE_SEPARATOR, namespaced
 from callward.core.protocols import AuditLog, PolicyEngine
 from callward.core.types import RuleId
 

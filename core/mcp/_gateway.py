@@ -16,16 +16,10 @@ from pathlib import Path
 
 from callward.core.gateway import Gateway
 from callward.core.gateway._config import Home
-from callward.core.mcp._upstream import (
-    PINS_FILE,
-    PinGate,
-    PinStore,
-    UpstreamRunner,
-    Upstreams,
-    connected_upstreams,
-    parse_mcp_section,
-    raw_mcp_section,
-)
+from callward.core.mcp._pins import PINS_FILE, PinGate, PinStore
+from callward.core.mcp._runner import UpstreamRunner
+from callward.core.mcp._section import parse_mcp_section, raw_mcp_section
+from callward.core.mcp._upstream import Upstreams, connected_upstreams
 
 
 def pin_store(home: Path) -> PinStore:

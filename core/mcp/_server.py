@@ -50,8 +50,9 @@ from callward.core._canonical import JSONValue, canonical_bytes
 from callward.core.errors import AuditUnavailable, ConfigurationError, SandboxUnavailable
 from callward.core.mcp._auth import PRINCIPAL_SCOPE_KEY, BearerPrincipals, ClientTokens
 from callward.core.mcp._content import UpstreamContent
+from callward.core.mcp._pins import PinGate
+from callward.core.mcp._runner import UpstreamRunner
 from callward.core.mcp._stdio import loop_stdio
-from callward.core.mcp._upstream import PinGate, UpstreamRunner
 from callward.core.types import ToolCall, ToolResult, ToolSpec
 
 if TYPE_CHECKING:

@@ -32,7 +32,7 @@ from callward.core import CallContext, ToolRegistry
 from callward.core._yaml import strict_yaml_load
 from callward.core.gateway._config import CONFIG_SCHEMA, load_config
 from callward.core.mcp._auth import parse_clients
-from callward.core.mcp._upstream import parse_mcp_section
+from callward.core.mcp._section import parse_mcp_section
 from callward.core.parse import parse_model_output
 from callward.core.plans import parse_plan
 from callward.policies import Policy

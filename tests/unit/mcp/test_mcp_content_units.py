@@ -6,7 +6,7 @@ import pytest
 
 from callward.core import CallContext, PolicyInvalid, RuleId, ToolCall, ToolRegistry, tool
 from callward.core.mcp._content import resource_uri, split_resource_uri
-from callward.core.mcp._upstream import McpContentPolicy, PinGate
+from callward.core.mcp._pins import McpContentPolicy, PinGate
 from callward.policies import Policy
 
 POLICY = """

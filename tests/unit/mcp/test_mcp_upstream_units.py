@@ -19,19 +19,14 @@ from callward.core import (
     Usage,
 )
 from callward.core.gateway._config import load_config
-from callward.core.mcp._upstream import (
-    RUG_PULL_RULE,
-    UNAPPROVED_RULE,
-    PinGate,
-    PinStore,
-    UpstreamRunner,
-    _execution_of,
-    _SideDoors,
+from callward.core.mcp._connection import _SideDoors, wait_on_loop
+from callward.core.mcp._pins import RUG_PULL_RULE, UNAPPROVED_RULE, PinGate, PinStore
+from callward.core.mcp._runner import UpstreamRunner, _execution_of
+from callward.core.mcp._section import (
     namespaced,
     parse_mcp_section,
     raw_mcp_section,
     upstream_tool_digest,
-    wait_on_loop,
 )
 from callward.core.testing import StubRunner, kinds
 
@@ -308,7 +303,7 @@ class TestWaitOnLoop:
 
     def test_a_loop_that_never_runs_the_request_cannot_hang_the_caller(self, monkeypatch):
         """A stopped loop: the wait ends after the bound and grace, as TimeoutError."""
-        monkeypatch.setattr("callward.core.mcp._upstream._GRACE_SECONDS", 0.05)
+        monkeypatch.setattr("callward.core.mcp._connection._GRACE_SECONDS", 0.05)
         loop = asyncio.new_event_loop()  # never run: nothing it is handed ever happens
         started = asyncio.Event()
 
