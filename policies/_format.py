@@ -72,7 +72,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from callward.policies._anomaly_state import ANOMALY_METRICS
-from callward.policies._argument_constraints import CONSTRAINTS_SCHEMA
+from callward.policies._constraint_section import CONSTRAINTS_SCHEMA
 
 _ID: Final = {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,127}$"}
 _NAME_LIST: Final = {

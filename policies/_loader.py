@@ -29,7 +29,8 @@ from callward.core._canonical import POLICY_DIGEST_DOMAIN, canonical_sha256
 from callward.core._yaml import strict_yaml_load
 from callward.core.types import is_egress_target
 from callward.policies._anomaly_state import ANOMALY_METRICS
-from callward.policies._argument_constraints import ArgumentConstraint, parse_constraints
+from callward.policies._argument_constraints import ArgumentConstraint
+from callward.policies._constraint_section import parse_constraints
 from callward.policies._document import (
     AnomalyGate,
     ApprovalRule,

@@ -31,9 +31,9 @@ from callward.policies._argument_constraints import (
     check_value,
     first_violation,
     normalized_host,
-    parse_constraints,
     values_at,
 )
+from callward.policies._constraint_section import parse_constraints
 
 API = UrlCheck(schemes=("https",), hosts=("api.example.com", "*.example.org"))
 
