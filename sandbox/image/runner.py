@@ -82,7 +82,10 @@ import time
 from _thread import allocate_lock as _allocate_lock
 from _thread import start_new_thread as _start_new_thread
 from types import CodeType
-from typing import Final, NoReturn
+from typing import TYPE_CHECKING, Final, NoReturn
+
+if TYPE_CHECKING:
+    import ctypes
 
 MAX_MESSAGE_CHARS: Final = 500
 #: How many exceptions of a ``__cause__``/``__context__`` chain are examined.
@@ -549,6 +552,10 @@ def become(user: tuple[int, int]) -> None:
         raise OSError(errno.EPERM, "the ids did not change")
 
 
+#: The C library, loaded once by the runner (its forked calls inherit the handle).
+_LIBC: list[ctypes.CDLL] = []
+
+
 def set_dumpable(dumpable: bool) -> None:
     """
     Set this process's dumpable attribute with ``prctl(PR_SET_DUMPABLE)``.
@@ -558,8 +565,9 @@ def set_dumpable(dumpable: bool) -> None:
     """
     import ctypes  # noqa: PLC0415 - only session mode needs it
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_DUMPABLE, int(dumpable), 0, 0, 0) != 0:
+    if not _LIBC:
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    if _LIBC[0].prctl(_PR_SET_DUMPABLE, int(dumpable), 0, 0, 0) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
 
@@ -782,6 +790,9 @@ def wipe_as_call_user(directory: str) -> None:
     if not _CALL_USER:
         wipe(directory)
         return
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        if next(entries, None) is None:
+            return  # nothing left behind: no process to fork (most calls)
     pid = os.fork()
     if pid == 0:
         try:
