@@ -181,10 +181,6 @@ class PinGate:
             raise TypeError("the policy has no result rules for upstream content")
         return self._inner.treat_content(name, content_json)
 
-    def is_blocked(self, name: str) -> bool:
-        """Whether calls to ``name`` are denied until an operator approves it."""
-        return name in self._blocked
-
     def observe_result(self, call: ToolCall, spec: ToolSpec, context: CallContext,
                        content_json: bytes) -> ResultTreatment:
         if self._hooks is None:
