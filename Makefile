@@ -1,17 +1,18 @@
 # The README's two commands: `make demo` and `make test`. Each does all the set-up it
-# needs (virtualenv, pinned dependencies, Docker Engine, gVisor, sandbox image), and is
+# needs (virtualenv, pinned dependencies, Docker Engine, gVisor, sandbox image,
+# PostgreSQL and Chromium for the tests), and is
 # quick the second time.
 
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt requirements-model.txt | sha256sum | cut -c1-16)
 
-.PHONY: demo test setup engine image browser lint unit bench clean-containers
+.PHONY: demo test setup engine image browser postgres lint unit bench clean-containers
 
 demo: image
 	$(VENV)/bin/callward demo
 
-test: image browser lint
+test: image browser postgres lint
 	$(PY) -m pytest
 
 unit: setup browser
@@ -30,6 +31,10 @@ $(STAMP): pyproject.toml constraints.txt requirements-model.txt
 
 engine:
 	scripts/ensure-engine.sh
+
+# callward's own PostgreSQL on 127.0.0.1:54329, for the fleet's tests and demo.
+postgres:
+	scripts/ensure-postgres.sh >/dev/null
 
 # The audit report test renders the report in Debian's headless chromium.
 browser:

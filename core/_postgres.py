@@ -1,0 +1,269 @@
+"""
+PostgreSQL for a fleet: the store's URL, connections, and versioned migrations.
+
+Every part that keeps fleet state in PostgreSQL (the audit log, the policy's state,
+anomalies, the tool registry, MCP pins, the replicas' registry) builds on this one
+module, so that they name the server, sign in, migrate and fail the same way.
+
+Invariants:
+
+- A password never sits in a URL: ``StoreUrl.parse`` refuses one. libpq finds it in
+  ``PGPASSWORD`` or a password file (``PGPASSFILE``, ``~/.pgpass``, or the store's
+  ``password_file``), which libpq itself refuses unless it is 0600. So no URL that
+  callward prints, logs or records can hold a secret.
+- Every connection runs with ``synchronous_commit = on``: a commit returns only once
+  its WAL is flushed on the server, whatever the server's default.
+- ``migrate`` applies a component's schema steps in one transaction under a
+  transaction-scoped advisory lock: two replicas starting at once migrate one after
+  the other, the second finds nothing to do, and a failed step leaves the version
+  where it was.
+- psycopg is imported on first use: the offline verifier and every SQLite-only
+  command never load it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, NoReturn
+
+from callward.core.errors import CallwardError, ConfigurationError
+
+if TYPE_CHECKING:
+    import psycopg
+    import psycopg_pool
+
+#: The URL schemes a store URL may have.
+SCHEMES: Final = ("postgresql://", "postgres://")
+#: The key of the one advisory lock every callward migration takes (``b"cwmigrat"``).
+MIGRATION_LOCK: Final = 0x63776D6967726174
+# Keys libpq reads from a URL that must not carry a secret.
+_SECRET_KEYS: Final = frozenset({"password", "sslpassword"})
+# SQLSTATE classes and codes, for errors a reader can act on.
+_DISK_FULL: Final = "53100"
+_CONNECTION_CLASS: Final = "08"
+_SHUTDOWN_CODES: Final = frozenset({"57P01", "57P02", "57P03"})
+
+_SCHEMA_TABLE: Final = """
+CREATE TABLE IF NOT EXISTS callward_schema (
+    component TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    migrated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+)
+"""
+
+
+def is_store_url(text: object) -> bool:
+    """Whether ``text`` names a PostgreSQL store (``postgresql://...``)."""
+    return isinstance(text, str) and text.startswith(SCHEMES)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreUrl:
+    """
+    Where a fleet's PostgreSQL is, without its password.
+
+    Attributes:
+        url: ``postgresql://user@host:port/database[?params]``; safe to print and log.
+        password_file: A libpq password file (mode 0600) to sign in with, or None to
+            let libpq use ``PGPASSWORD``, ``PGPASSFILE`` or ``~/.pgpass``.
+    """
+
+    url: str
+    password_file: str | None = None
+
+    @classmethod
+    def parse(cls, text: object, *, password_file: object = None) -> StoreUrl:
+        """
+        A store URL from configuration or the command line.
+
+        Raises:
+            ConfigurationError: Not a ``postgresql://`` URL, unparsable, or it holds a
+                password.
+        """
+        if not isinstance(text, str) or not is_store_url(text):
+            raise ConfigurationError(
+                "store.url must be a postgresql:// URL",
+                remediation="write e.g. store: {url: postgresql://callward@db:5432/callward}",
+            )
+        from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415 - on first use
+
+        try:
+            params = conninfo_to_dict(text)
+        except Exception as exc:  # psycopg.ProgrammingError, which names no secret here
+            raise ConfigurationError(
+                "store.url is not a valid PostgreSQL URL",
+                remediation="write postgresql://USER@HOST:PORT/DATABASE",
+            ) from exc
+        if _SECRET_KEYS & {key for key, value in params.items() if value}:
+            raise ConfigurationError(
+                "store.url holds a password; callward never keeps one in a URL or file it "
+                "writes",
+                remediation="remove it from the URL and give it in PGPASSWORD or a 0600 "
+                "password file (PGPASSFILE, ~/.pgpass or store.password_file)",
+            )
+        if password_file is not None and not isinstance(password_file, str):
+            raise ConfigurationError("store.password_file must be a path")
+        return cls(url=text, password_file=password_file)
+
+    def __str__(self) -> str:
+        return self.url
+
+    def conninfo(self, *, application_name: str) -> str:
+        """The libpq connection string: the URL, with the name and the commit setting."""
+        from psycopg.conninfo import make_conninfo  # noqa: PLC0415 - on first use
+
+        extra: dict[str, str] = {
+            "application_name": application_name[:63],
+            "options": "-c synchronous_commit=on",
+        }
+        if self.password_file is not None:
+            extra["passfile"] = self.password_file
+        return make_conninfo(self.url, **extra)
+
+
+def describe(exc: BaseException) -> str:
+    """
+    What went wrong, in words safe to log and record: the error's class and SQLSTATE
+    and a plain reason for the ones an operator acts on; never the server's message,
+    which may quote a value.
+    """
+    sqlstate = getattr(exc, "sqlstate", None)
+    name = type(exc).__name__
+    if sqlstate == _DISK_FULL:
+        return f"the database is out of space ({name}, SQLSTATE {sqlstate})"
+    if sqlstate in _SHUTDOWN_CODES:
+        return f"the database is shutting down or restarting ({name}, SQLSTATE {sqlstate})"
+    if (sqlstate or "").startswith(_CONNECTION_CLASS) or name in {
+        "OperationalError", "PoolTimeout", "TooManyRequests", "PoolClosed",
+    }:
+        return f"the database cannot be reached ({name})"
+    return f"{name}" + (f", SQLSTATE {sqlstate}" if sqlstate else "")
+
+
+def raise_as(
+    error: Callable[..., CallwardError], what: str, exc: BaseException, *, url: StoreUrl | None = None
+) -> NoReturn:
+    """Raise ``error`` for ``exc`` met while doing ``what`` (no secret, no value)."""
+    where = f" at {url.url}" if url is not None else ""
+    raise error(
+        f"{what}{where}: {describe(exc)}",
+        remediation="check that PostgreSQL runs and has space; callward reconnects by itself",
+    ) from exc
+
+
+@contextlib.contextmanager
+def store_errors(
+    error: Callable[..., CallwardError], what: str, *, url: StoreUrl | None = None
+) -> Iterator[None]:
+    """Turn any psycopg or pool failure inside the block into ``error``."""
+    import psycopg  # noqa: PLC0415 - on first use
+    import psycopg_pool  # noqa: PLC0415
+
+    try:
+        yield
+    except (psycopg.Error, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed, OSError) as exc:
+        raise_as(error, what, exc, url=url)
+
+
+def connect(
+    url: StoreUrl, *, application_name: str, connect_timeout: float = 5.0, autocommit: bool = False
+) -> psycopg.Connection[tuple[object, ...]]:
+    """
+    One connection to the store.
+
+    Raises:
+        psycopg.OperationalError: The server cannot be reached or refused the sign-in
+            (callers wrap it with ``store_errors``).
+    """
+    import psycopg  # noqa: PLC0415 - on first use
+
+    return psycopg.connect(
+        url.conninfo(application_name=application_name),
+        connect_timeout=max(1, round(connect_timeout)),
+        autocommit=autocommit,
+    )
+
+
+def pool(
+    url: StoreUrl,
+    *,
+    application_name: str,
+    max_size: int = 8,
+    timeout: float = 5.0,
+) -> psycopg_pool.ConnectionPool[psycopg.Connection[tuple[object, ...]]]:
+    """
+    A pool of connections that heals itself: a connection found broken is dropped and
+    a new one made, so a replica serves again once the server is back, without a
+    restart. Opened at once, waiting for no connection (a server down at start is
+    reported by the first use, not here).
+    """
+    import psycopg_pool  # noqa: PLC0415 - on first use
+
+    created = psycopg_pool.ConnectionPool(
+        url.conninfo(application_name=application_name),
+        min_size=1,
+        max_size=max_size,
+        timeout=timeout,
+        kwargs={"connect_timeout": max(1, round(timeout))},
+        check=psycopg_pool.ConnectionPool.check_connection,
+        reconnect_timeout=0,  # keep trying to reconnect for as long as the server is away
+        open=False,
+        name=application_name[:63],
+    )
+    created.open(wait=False)
+    return created
+
+
+def migrate(conn: psycopg.Connection[tuple[object, ...]], component: str,
+            steps: Sequence[str]) -> int:
+    """
+    Bring ``component``'s tables to ``len(steps)``: apply each step not yet applied, in
+    order, in one transaction, under the migration lock. Never runs a step twice;
+    refuses a database whose version is newer than this code knows.
+
+    Returns:
+        The version the component is at now.
+
+    Raises:
+        ConfigurationError: The database was migrated by a newer callward.
+        psycopg.Error: A step failed (nothing of this call is kept).
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute(_SCHEMA_TABLE)
+        row = conn.execute(
+            "SELECT version FROM callward_schema WHERE component = %s", (component,)
+        ).fetchone()
+        version = 0 if row is None else int(str(row[0]))
+        if version > len(steps):
+            raise ConfigurationError(
+                f"the store's {component} tables are at version {version}; this callward "
+                f"knows {len(steps)}",
+                remediation="upgrade this replica to the callward version the fleet runs",
+            )
+        for step in steps[version:]:
+            conn.execute(step.encode())  # steps are constants of ours, never built from input
+        if version < len(steps):
+            conn.execute(
+                "INSERT INTO callward_schema (component, version) VALUES (%s, %s) "
+                "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version, "
+                "migrated_at = now()",
+                (component, len(steps)),
+            )
+    return len(steps)
+
+
+__all__ = [
+    "MIGRATION_LOCK",
+    "SCHEMES",
+    "StoreUrl",
+    "connect",
+    "describe",
+    "is_store_url",
+    "migrate",
+    "pool",
+    "raise_as",
+    "store_errors",
+]
