@@ -10,7 +10,9 @@ Inside, in the order a call meets them: ``_loader`` reads a document
 running ``_checks``, ``_flows``, ``_effects`` and ``_approvals`` and writing
 each step to a ``_trace``; ``_results`` treats a result; ``_reload`` swaps a
 changed file in. Policy authors use ``_lint`` (with ``_shapes``), ``_cases``
-and ``_replay``.
+and ``_replay``. The policy's state (``_state``, ``_anomaly_state``) is a SQLite
+file per gateway or, for a fleet, PostgreSQL (``_state_postgres``,
+``_anomaly_state_postgres``, which load psycopg only when first used).
 
 Example::
 
@@ -31,14 +33,17 @@ from callward.policies._anomaly_state import (
     Anomaly,
     AnomalyState,
     AnomalyStateUnavailable,
+    AnomalyStore,
     OpenAnomalies,
 )
+from callward.policies._anomaly_state_postgres import PostgresAnomalyState
 from callward.policies._approvals import ApprovalRefused, ApprovalSigner
 from callward.policies._document import PolicyDocument, Rule
 from callward.policies._evaluator import Policy
 from callward.policies._loader import load_policy, parse_policy
 from callward.policies._reload import ReloadResult
-from callward.policies._state import PolicyState, Proposal
+from callward.policies._state import PolicyState, PolicyStateStore, Proposal
+from callward.policies._state_postgres import PostgresPolicyState
 from callward.policies._trace import DEFAULT_DENY_RULE, UNKNOWN_TOOL_RULE, Check, Trace
 
 __all__ = [
@@ -48,6 +53,7 @@ __all__ = [
     "Anomaly",
     "AnomalyState",
     "AnomalyStateUnavailable",
+    "AnomalyStore",
     "ApprovalRefused",
     "ApprovalSigner",
     "Check",
@@ -55,6 +61,9 @@ __all__ = [
     "Policy",
     "PolicyDocument",
     "PolicyState",
+    "PolicyStateStore",
+    "PostgresAnomalyState",
+    "PostgresPolicyState",
     "Proposal",
     "ReloadResult",
     "Rule",

@@ -5,6 +5,9 @@ The file (``CALLWARD_HOME/anomaly-state.db``) is written by the anomaly detector
 and the ``callward anomalies`` commands, and read by the policy when a rule
 depends on open anomalies. Any error reading or writing it is raised as
 ``AnomalyStateUnavailable``; the policy turns that into a denial (fail closed).
+
+``AnomalyStore`` is what the detector and the commands need of it; this file is
+one, ``PostgresAnomalyState`` (a fleet's shared database) the other.
 """
 
 from __future__ import annotations
@@ -86,6 +89,37 @@ class OpenAnomalies(Protocol):
             AnomalyStateUnavailable: The state cannot be read.
         """
         ...
+
+
+
+class AnomalyStore(OpenAnomalies, Protocol):
+    """
+    The whole anomaly state, whichever store keeps it: the SQLite file of one gateway
+    (``AnomalyState``) or a fleet's PostgreSQL (``PostgresAnomalyState``). Every method
+    raises ``AnomalyStateUnavailable`` when the state cannot be read or written.
+    """
+
+    quiet_seconds: float
+
+    def all_open(self) -> tuple[Anomaly, ...]: ...
+
+    def get(self, anomaly_id: str) -> Anomaly | None: ...
+
+    def listing(self, *, status: str | None = None, limit: int = 1000
+                ) -> tuple[Anomaly, ...]: ...
+
+    def add(self, anomaly: Anomaly) -> None: ...
+
+    def seen(self, anomaly_id: str, at: float) -> None: ...
+
+    def resolve(self, anomaly_id: str, *, by: str, at: float) -> Anomaly | None: ...
+
+    def first_uses(self) -> dict[tuple[str, str], int]: ...
+
+    def add_first_use(self, principal: str, tool: str, at: float, calls_before: int
+                      ) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def _float(value: object) -> float:

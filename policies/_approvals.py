@@ -40,7 +40,7 @@ from callward.core.errors import StateUnavailable
 from callward.core.protocols import AuditLog
 from callward.policies._document import PolicyDocument
 from callward.policies._effects import Pending
-from callward.policies._state import PolicyState, Proposal
+from callward.policies._state import PolicyStateStore, Proposal
 from callward.policies._trace import STATE_RULE, Check, CheckRecord
 
 APPROVAL_DOMAIN: Final = b"callward.approval.v1\x00"
@@ -115,7 +115,7 @@ class Approvals:
         new_proposal_id: A fresh proposal id.
     """
 
-    def __init__(self, state: PolicyState, *, document: Callable[[], PolicyDocument],
+    def __init__(self, state: PolicyStateStore, *, document: Callable[[], PolicyDocument],
                  signer: ApprovalSigner | None, clock: Callable[[], float],
                  new_proposal_id: Callable[[], str]) -> None:
         self._state = state

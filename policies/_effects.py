@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from callward.core import CallContext, RuleId, ToolCall, ToolSpec, canonical_bytes
 from callward.core.errors import StateUnavailable
 from callward.policies._document import ApprovalRule, PolicyDocument
-from callward.policies._state import PolicyState, Proposal, RateCharge
+from callward.policies._state import PolicyStateStore, Proposal, RateCharge
 from callward.policies._trace import STATE_RULE, Check, CheckRecord
 
 
@@ -31,8 +31,8 @@ class Pending:
     anomaly_approval: tuple[ApprovalRule, tuple[RuleId, ...]] | None = None
 
 
-def rate_limit_check(state: PolicyState, document: PolicyDocument, spec: ToolSpec, *,
-                     context: CallContext, labels: frozenset[str], pending: Pending,
+def rate_limit_check(state: PolicyStateStore, document: PolicyDocument, spec: ToolSpec,
+                     *, context: CallContext, labels: frozenset[str], pending: Pending,
                      record: CheckRecord, now: float, commit: bool) -> None:
     """Gather the charges of every rate limit that applies; check them unless ``commit`` will."""
     roles = document.roles_of(context.principal)
@@ -65,8 +65,8 @@ def rate_limit_check(state: PolicyState, document: PolicyDocument, spec: ToolSpe
                                        tuple(c.rule for c in pending.charges)))
 
 
-def commit_pending(state: PolicyState, call: ToolCall, pending: Pending, record: CheckRecord,
-           now: float) -> None:
+def commit_pending(state: PolicyStateStore, call: ToolCall, pending: Pending,
+                   record: CheckRecord, now: float) -> None:
     """Use the approval and take the tokens; a failure here still turns the call down."""
     try:
         if pending.approval is not None and not state.use_approval(

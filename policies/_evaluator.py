@@ -69,7 +69,7 @@ from callward.policies._reload import (
 )
 from callward.policies._results import treat
 from callward.policies._schema import SchemaCheck
-from callward.policies._state import PolicyState, Proposal
+from callward.policies._state import PolicyState, PolicyStateStore, Proposal
 from callward.policies._trace import STATE_RULE, UNKNOWN_TOOL_RULE, Check, CheckRecord, Trace
 
 log = structlog.get_logger()
@@ -112,7 +112,7 @@ class Policy:
         self,
         document: PolicyDocument,
         *,
-        state: PolicyState | None = None,
+        state: PolicyStateStore | None = None,
         signer: ApprovalSigner | None = None,
         clock: Clock = time.time,
         new_proposal_id: Callable[[], str] = _proposal_id,
@@ -123,7 +123,7 @@ class Policy:
         self._compiled = compile_policy(document)
         self.anomalies = anomalies
         self._schema = SchemaCheck()
-        self.state = state if state is not None else PolicyState()
+        self.state: PolicyStateStore = state if state is not None else PolicyState()
         self._clock = clock
         self._approvals = Approvals(self.state, document=lambda: self._compiled.document,
                                     signer=signer, clock=clock,

@@ -25,7 +25,7 @@ from typing import Final
 from callward.core import CallContext, canonical_bytes
 from callward.core.types import Provenance
 from callward.policies._document import PolicyDocument
-from callward.policies._state import PolicyState
+from callward.policies._state import PolicyStateStore
 from callward.policies._trace import Check, CheckRecord
 
 _IDENTIFIER: Final = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -59,7 +59,7 @@ class Inflow:
     origin: str
 
 
-def inflows_of(state: PolicyState, context: CallContext, session_labels: frozenset[str]
+def inflows_of(state: PolicyStateStore, context: CallContext, session_labels: frozenset[str]
                ) -> tuple[Inflow, ...] | None:
     """
     Per argument, the labels it brings in; None when the provenance is unknown.
@@ -85,7 +85,7 @@ def inflows_of(state: PolicyState, context: CallContext, session_labels: frozens
     return tuple(found)
 
 
-def inherited(state: PolicyState, context: CallContext, provenance: Provenance
+def inherited(state: PolicyStateStore, context: CallContext, provenance: Provenance
               ) -> frozenset[str]:
     """
     The labels a call's arguments brought in, which its result carries on.

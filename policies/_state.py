@@ -8,6 +8,9 @@ gateways sharing the file cannot both take the last token.
 
 Any error reading or writing the state is raised as ``StateUnavailable``;
 the evaluator turns it into a denial (fail closed).
+
+``PolicyStateStore`` is what the evaluator needs of a state; this SQLite file
+is one, ``PostgresPolicyState`` (a fleet's shared database) the other.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from threading import Lock
-from typing import Final
+from typing import Final, Protocol
 
 from callward.core import RuleId
 from callward.core.errors import StateUnavailable
@@ -91,6 +94,51 @@ _PROPOSAL_COLUMNS: Final = (
     "id, rule_id, call_id, principal, session, tool, tool_digest, arguments_sha256, created, "
     "expires, status, decided_by, approval, signature, key_id, used_call_id"
 )
+
+
+
+class PolicyStateStore(Protocol):
+    """
+    What the policy needs of its state, whichever store keeps it: the SQLite file of
+    one gateway (``PolicyState``) or a fleet's PostgreSQL (``PostgresPolicyState``).
+
+    Every check-and-consume (``charge``, ``decide_proposal``, ``use_approval``) is
+    atomic across every process that shares the store. Every method raises
+    ``StateUnavailable`` when the state cannot be read or written.
+    """
+
+    def charge(self, charges: Sequence[RateCharge], now: float, *, commit: bool = True
+               ) -> RuleId | None: ...
+
+    def session_labels(self, session: str) -> frozenset[str]: ...
+
+    def add_session_labels(self, session: str, labels: frozenset[str], call_id: str,
+                           now: float, *, per_call: bool = False) -> None: ...
+
+    def unattributed_labels(self, session: str) -> frozenset[str]: ...
+
+    def call_labels(self, session: str, call_ids: Sequence[str]
+                    ) -> dict[str, frozenset[str]]: ...
+
+    def propose(self, proposal: Proposal) -> Proposal: ...
+
+    def proposal(self, proposal_id: str) -> Proposal | None: ...
+
+    def proposals(self) -> tuple[Proposal, ...]: ...
+
+    def decide_proposal(self, proposal_id: str, *, status: str, by: str, now: float,
+                        approval: bytes | None, signature: bytes | None,
+                        key_id: str | None) -> bool: ...
+
+    def approved_for(self, principal: str, tool: str, arguments_sha256: str, now: float
+                     ) -> Proposal | None: ...
+
+    def expired_approval(self, principal: str, tool: str, arguments_sha256: str, now: float
+                         ) -> str | None: ...
+
+    def use_approval(self, proposal_id: str, call_id: str, now: float) -> bool: ...
+
+    def close(self) -> None: ...
 
 
 class PolicyState:

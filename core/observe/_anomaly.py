@@ -3,7 +3,7 @@ Anomaly monitoring: per (principal, tool) baselines, and the deviations from the
 
 The detector is a ``CallObserver``: the gateway hands it every finished call
 after the call's record is durable. What it finds is written as a signed
-``anomaly.detected`` record with its evidence, kept open in ``AnomalyState``
+``anomaly.detected`` record with its evidence, kept open in the anomaly state (``AnomalyStore``)
 (where the policy can read it), and closed by ``anomaly.resolved`` after a
 quiet period or by an operator (``callward anomalies resolve``).
 
@@ -59,7 +59,7 @@ import structlog
 from callward.core._canonical import JSONValue
 from callward.core.observe._events import CallEvent
 from callward.core.protocols import AuditLog
-from callward.policies._anomaly_state import Anomaly, AnomalyMetric, AnomalyState
+from callward.policies._anomaly_state import Anomaly, AnomalyMetric, AnomalyStore
 
 if TYPE_CHECKING:
     from callward.core.observe._metrics import Metrics
@@ -268,7 +268,7 @@ class AnomalyDetector:
 
     def __init__(
         self,
-        state: AnomalyState,
+        state: AnomalyStore,
         audit: AuditLog,
         *,
         settings: DetectorSettings | None = None,
@@ -399,7 +399,7 @@ class AnomalyDetector:
                     del self._open[key]
 
 
-def resolve(state: AnomalyState, audit: AuditLog, anomaly_id: str, *, by: str,
+def resolve(state: AnomalyStore, audit: AuditLog, anomaly_id: str, *, by: str,
             now: float) -> Anomaly | None:
     """
     Close an open anomaly and sign ``anomaly.resolved``.
