@@ -13,7 +13,8 @@ Invariants:
   checkpoint's signature, the record's signature, then the record bytes' hashes, then
   the inclusion proof from the leaf to the signed root. The first failure raises
   ``VerificationFailed`` naming the field.
-- Proofs are read from a database opened read-only; making them never writes.
+- Proofs are read from a database opened read-only (an SQLite file, or a fleet's
+  PostgreSQL store in one snapshot); making them never writes.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, cast
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -34,7 +35,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from callward.audit._chain import MAX_RECORD_BYTES
 from callward.audit._checkpoint import Checkpoint, open_checkpoint
 from callward.audit._merkle import leaf_hash, verify_consistency, verify_inclusion
-from callward.audit._sqlite_format import UnreadableDatabase, connect_read_only, row_to_record
+from callward.audit._sqlite_format import (
+    AuditSource,
+    ReadConnection,
+    UnreadableDatabase,
+    connect_read_only,
+    describe_source,
+    row_to_record,
+)
 from callward.audit._tree import MissingNode, consistency_path, inclusion_path, root_at
 from callward.audit.signer import key_id_of
 from callward.core._canonical import STRICT_DECODER, JSONValue
@@ -72,24 +80,32 @@ def _fail(message: str) -> VerificationFailed:
     return VerificationFailed(message, seq=None)
 
 
-def _open(db_path: Path) -> sqlite3.Connection:
+def _open(db_path_or_url: AuditSource) -> ReadConnection:
     try:
-        return connect_read_only(Path(db_path))
+        return connect_read_only(db_path_or_url)
     except UnreadableDatabase as exc:
         raise ConfigurationError(
-            str(exc), remediation="pass the audit.db of a callward home (--home or --db)"
+            str(exc), remediation="pass the audit.db of a callward home (--home or --db), or "
+            "a fleet's store (--store postgresql://...)"
         ) from exc
 
 
-def _stored_checkpoint(conn: sqlite3.Connection, sql: str, param: int) -> tuple[int, str] | None:
+def _tree(conn: ReadConnection) -> sqlite3.Connection:
+    """``conn`` for ``_tree``, which reads through ``execute(...).fetchone()`` only."""
+    return cast("sqlite3.Connection", conn)
+
+
+def _stored_checkpoint(conn: ReadConnection, sql: str, param: int) -> tuple[int, str] | None:
     row = conn.execute(sql, (param,)).fetchone()
     return None if row is None else (int(row[0]), str(row[1]))
 
 
-def prove(db_path: Path, seq: int, *, tree_size: int | None = None) -> dict[str, JSONValue]:
+def prove(
+    db_path_or_url: AuditSource, seq: int, *, tree_size: int | None = None
+) -> dict[str, JSONValue]:
     """
     The receipt of record ``seq`` under the first stored checkpoint that covers it
-    (or the one of exactly ``tree_size``).
+    (or the one of exactly ``tree_size``), from an ``audit.db`` or a fleet's store.
 
     Raises:
         ConfigurationError: The file is not an audit database, there is no record
@@ -97,7 +113,7 @@ def prove(db_path: Path, seq: int, *, tree_size: int | None = None) -> dict[str,
             ``callward audit checkpoint``).
         VerificationFailed: The stored tree does not hold the record.
     """
-    conn = _open(db_path)
+    conn = _open(db_path_or_url)
     try:
         row = conn.execute(_SELECT_RECORD, (seq,)).fetchone()
         if row is None:
@@ -120,11 +136,14 @@ def prove(db_path: Path, seq: int, *, tree_size: int | None = None) -> dict[str,
             )
         size, note = found
         try:
-            path = inclusion_path(conn, seq, size)
+            path = inclusion_path(_tree(conn), seq, size)
         except MissingNode as exc:
             raise VerificationFailed(f"the stored Merkle tree is damaged ({exc})", seq=seq) from exc
     except sqlite3.Error as exc:
-        raise ConfigurationError(f"{db_path} cannot be read as an audit log ({exc})") from exc
+        # A fleet store's error reads as describe() says: no server message, no value.
+        raise ConfigurationError(
+            f"{describe_source(db_path_or_url)} cannot be read as an audit log ({exc})"
+        ) from exc
     finally:
         conn.close()
     return {
@@ -244,7 +263,7 @@ def _check_record(
 
 
 def _checkpoint_of(
-    conn: sqlite3.Connection, which: int | str, keys: list[Ed25519PublicKey]
+    conn: ReadConnection, which: int | str, keys: list[Ed25519PublicKey]
 ) -> Checkpoint:
     """A stored checkpoint by tree size, or a checkpoint file (e.g. a witness's)."""
     if isinstance(which, int):
@@ -262,12 +281,16 @@ def _checkpoint_of(
 
 
 def consistency(
-    db_path: Path, old: int | str, new: int | str, public_keys: Iterable[Ed25519PublicKey]
+    db_path_or_url: AuditSource,
+    old: int | str,
+    new: int | str,
+    public_keys: Iterable[Ed25519PublicKey],
 ) -> dict[str, JSONValue]:
     """
     Prove, and check, that the log at checkpoint ``old`` is a prefix of it at ``new``.
 
     Args:
+        db_path_or_url: An ``audit.db``, or a fleet's store.
         old: A stored checkpoint's tree size, or the path of a checkpoint file.
         new: Likewise.
 
@@ -280,7 +303,7 @@ def consistency(
             fails: the log was rewritten or rolled back between them.
     """
     keys = list(public_keys)
-    conn = _open(db_path)
+    conn = _open(db_path_or_url)
     try:
         first = _checkpoint_of(conn, old, keys)
         second = _checkpoint_of(conn, new, keys)
@@ -298,8 +321,8 @@ def consistency(
                     f"the log holds {count} records, fewer than checkpoint {second.size} "
                     "signed: the log was rolled back or truncated"
                 )
-            proof = consistency_path(conn, first.size, second.size)
-            if root_at(conn, second.size) != second.root:
+            proof = consistency_path(_tree(conn), first.size, second.size)
+            if root_at(_tree(conn), second.size) != second.root:
                 raise _fail(
                     f"the log's tree at size {second.size} is not the one its checkpoint signed"
                 )

@@ -1,5 +1,6 @@
 """
-Read records from an audit database for review (``callward audit show``), read-only.
+Read records from an audit database for review (``callward audit show``), read-only:
+an SQLite file, or a fleet's PostgreSQL store (its records stream from one snapshot).
 
 Reading is not verifying: these records are what the file holds. ``verify`` says
 whether the file can be trusted.
@@ -13,14 +14,17 @@ import sqlite3
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Final, TextIO
 
 from callward.audit._chain import format_ts, is_record_kind, parse_ts
 from callward.audit._sqlite_format import (
+    AuditSource,
+    ReadConnection,
     UnreadableDatabase,
     connect_read_only,
+    describe_source,
     error_name,
+    resolve_source,
     row_to_record,
 )
 from callward.core._canonical import JSONValue
@@ -31,19 +35,26 @@ _COLUMNS = "seq, ts, kind, prev, key_id, body, record, hash, signature"
 
 
 def read_records(
-    db_path: Path, *, start: int = 1, last: int | None = None, kind: str | None = None
+    db_path_or_url: AuditSource,
+    *,
+    start: int = 1,
+    last: int | None = None,
+    kind: str | None = None,
 ) -> Iterator[AuditRecord]:
     """
     The records of an audit database in seq order, streamed, without verifying them.
 
     Args:
+        db_path_or_url: An ``audit.db``, or a fleet's store (``StoreUrl`` or its
+            ``postgresql://`` text).
         start: The first seq to read.
         last: Only the last ``last`` records (of those from ``start`` on, of ``kind``).
         kind: Only records of this kind, e.g. ``call.denied``.
 
     Raises:
         ValueError: ``kind`` is not a record kind, or ``last`` is negative.
-        ConfigurationError: The file is missing or is not a callward audit database.
+        ConfigurationError: The file is missing or is not a callward audit database
+            (or the store cannot be reached or is not a fleet audit store).
         AuditUnavailable: The file failed while it was being read.
     """
     if kind is not None and not is_record_kind(kind):
@@ -59,30 +70,31 @@ def read_records(
     if last is not None:
         sql = (
             f"SELECT {_COLUMNS} FROM (SELECT {_COLUMNS} FROM records WHERE {where}"  # noqa: S608
-            " ORDER BY seq DESC LIMIT ?) ORDER BY seq"
+            " ORDER BY seq DESC LIMIT ?) AS tail ORDER BY seq"  # PostgreSQL 15 names it
         )
         params.append(last)
+    source = resolve_source(db_path_or_url)
     try:
-        conn = connect_read_only(Path(db_path))
+        conn = connect_read_only(source)
     except UnreadableDatabase as exc:
         raise ConfigurationError(
-            str(exc), remediation="pass the audit.db of a callward home (--home or --db)"
+            str(exc), remediation="pass the audit.db of a callward home (--home or --db), or "
+            "a fleet's store (--store postgresql://...)"
         ) from exc
-    return _stream(conn, sql, tuple(params), Path(db_path))
+    return _stream(conn, sql, tuple(params), describe_source(source))
 
 
 def _stream(
-    conn: sqlite3.Connection, sql: str, params: tuple[object, ...], path: Path
+    conn: ReadConnection, sql: str, params: tuple[object, ...], where: str
 ) -> Iterator[AuditRecord]:
     try:
         for row in conn.execute(sql, params):
             yield row_to_record(row)
     except (sqlite3.Error, ValueError) as exc:
         name = error_name(exc) if isinstance(exc, sqlite3.Error) else type(exc).__name__
-        raise AuditUnavailable(f"reading {path} failed ({name})") from exc
+        raise AuditUnavailable(f"reading {where} failed ({name})") from exc
     finally:
         conn.close()
-
 
 
 
@@ -184,7 +196,9 @@ def _matches(view: dict[str, JSONValue], selected: CallFilter) -> bool:
     )
 
 
-def query_calls(db_path: Path, selected: CallFilter) -> Iterator[dict[str, JSONValue]]:
+def query_calls(
+    db_path_or_url: AuditSource, selected: CallFilter
+) -> Iterator[dict[str, JSONValue]]:
     """
     The records matching ``selected``, as call views (``call_view``), streamed in seq
     order, read-only and without verifying (run ``verify`` for that).
@@ -194,7 +208,7 @@ def query_calls(db_path: Path, selected: CallFilter) -> Iterator[dict[str, JSONV
         AuditUnavailable: The file failed while it was being read.
     """
     opened: dict[int, dict[str, JSONValue]] = {}
-    for record in read_records(db_path):
+    for record in read_records(db_path_or_url):
         view = call_view(record, opened)
         if _matches(view, selected):
             yield view
@@ -260,7 +274,7 @@ def ocsf_event(record: AuditRecord, view: Mapping[str, JSONValue]) -> dict[str, 
     }
 
 
-def export_records(db_path: Path, out: TextIO, *, format: str = "jsonl") -> int:
+def export_records(db_path_or_url: AuditSource, out: TextIO, *, format: str = "jsonl") -> int:
     """
     Write every record to ``out``, one JSON object per line, and return how many.
 
@@ -276,7 +290,7 @@ def export_records(db_path: Path, out: TextIO, *, format: str = "jsonl") -> int:
         raise ValueError("the export format is jsonl or ocsf")
     opened: dict[int, dict[str, JSONValue]] = {}
     count = 0
-    for record in read_records(db_path):
+    for record in read_records(db_path_or_url):
         view = call_view(record, opened)
         if format == "ocsf":
             line: dict[str, JSONValue] = ocsf_event(record, view)

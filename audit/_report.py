@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from callward.audit._chain import parse_ts
 from callward.audit._query import call_view, read_records
+from callward.audit._sqlite_format import AuditSource, describe_source, resolve_source
 from callward.audit.verify import verify
 from callward.core._canonical import JSONValue
 from callward.core.errors import VerificationFailed
@@ -164,17 +165,24 @@ def _reasons(value: JSONValue) -> str:
 
 
 def render_report(
-    db_path: Path, public_keys: Iterable[Ed25519PublicKey], *, witnesses: Sequence[Path] = ()
+    db_path_or_url: AuditSource,
+    public_keys: Iterable[Ed25519PublicKey],
+    *,
+    witnesses: Sequence[Path] = (),
 ) -> str:
     """
-    The review page for the log at ``db_path``, verified with ``public_keys``.
+    The review page for the log at ``db_path_or_url`` (an ``audit.db`` or a fleet's
+    store), verified with ``public_keys``.
 
     Raises:
         ConfigurationError: The file is not an audit database.
     """
     keys = list(public_keys)
+    source = resolve_source(db_path_or_url)
+    where = describe_source(source)
+    title = source.name if isinstance(source, Path) else where
     try:
-        verified = verify(db_path, keys, witnesses=witnesses)
+        verified = verify(source, keys, witnesses=witnesses)
     except VerificationFailed as exc:
         verdict = (
             '<div class="verdict failed" id="verdict">Verification FAILED'
@@ -194,17 +202,17 @@ def render_report(
     tally = _Tally()
     opened: dict[int, dict[str, JSONValue]] = {}
     total = 0
-    for record in read_records(db_path):
+    for record in read_records(source):
         tally.add(call_view(record, opened))
         total += 1
     call_header = ["seq", "ts", "principal", "tool", "call id"]
     return "".join([
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
-        f"<title>callward audit report: {_e(Path(db_path).name)}</title>",
+        f"<title>callward audit report: {_e(title)}</title>",
         f"<style>{_STYLE}</style></head><body>",
         f"<h1>callward audit report</h1>{verdict}",
-        f"<p>Log <code>{_e(db_path)}</code>: {total} records.</p>",
+        f"<p>Log <code>{_e(where)}</code>: {total} records.</p>",
         '<div class="charts">',
         _bar_chart("Calls per principal", tally.principals, "by-principal"),
         _bar_chart("Calls per tool", tally.tools, "by-tool"),

@@ -10,7 +10,9 @@ builds on it, so reading a log never loads the code that writes one.
 Invariants:
 
 - ``connect_read_only`` opens with ``mode=ro`` (or ``immutable=1`` for a reviewer's
-  read-only copy with no ``-wal`` beside it): a reader never changes the file.
+  read-only copy with no ``-wal`` beside it): a reader never changes the file. Given
+  a fleet's ``postgresql://`` URL instead, it opens the fleet's store in one read-only
+  snapshot (``_postgres_read``), behind the same ``ReadConnection`` surface.
 - A file that is not one of ours (wrong application id, version or columns) is
   refused as ``UnreadableDatabase`` before any record is read.
 - ``row_to_record`` turns a row into an ``AuditRecord`` or raises ``ValueError``; it
@@ -20,12 +22,17 @@ Invariants:
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, Protocol, TypeAlias, overload
 
 from callward.core._canonical import Sha256Hex
+from callward.core._postgres import StoreUrl, is_store_url
 from callward.core.types import AuditRecord, KeyId
+
+#: Where a reader finds a log: an SQLite file, or a fleet's PostgreSQL store (a
+#: ``StoreUrl``, or its ``postgresql://`` text).
+AuditSource: TypeAlias = Path | str | StoreUrl
 
 #: ``PRAGMA application_id`` of a callward audit database ("cwal").
 APPLICATION_ID: Final = 0x6377616C
@@ -66,14 +73,79 @@ class UnreadableDatabase(Exception):
     """A file that cannot be read as a callward audit database (missing, not SQLite, other)."""
 
 
-def connect_read_only(path: Path) -> sqlite3.Connection:
+class Rows(Protocol):
+    """What a reader's query returns: ``sqlite3.Cursor``'s reading surface."""
+
+    def fetchone(self) -> Any:
+        ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class ReadConnection(Protocol):
     """
-    Open an audit database read-only (``mode=ro``), for verifying and reading.
+    The part of ``sqlite3.Connection`` the readers use, which an SQLite file and a
+    fleet's PostgreSQL store (``_postgres_read``) both offer: ``?`` placeholders, and
+    failures raised as ``sqlite3.Error``.
+    """
+
+    def execute(self, sql: str, parameters: Sequence[object] = ..., /) -> Rows: ...
+
+    def close(self) -> None: ...
+
+
+def resolve_source(source: AuditSource) -> Path | StoreUrl:
+    """
+    The SQLite file or the fleet store ``source`` names.
+
+    Raises:
+        ConfigurationError: ``source`` is ``postgresql://`` text that is not a valid
+            store URL, or it holds a password.
+    """
+    if isinstance(source, StoreUrl):
+        return source
+    if is_store_url(source):
+        return StoreUrl.parse(source)
+    return Path(source)
+
+
+def describe_source(source: AuditSource) -> str:
+    """``source`` as messages and logs name it: a path, or a URL (never with a password)."""
+    return source.url if isinstance(source, StoreUrl) else str(source)
+
+
+@overload
+def connect_read_only(path: Path) -> sqlite3.Connection: ...
+
+
+@overload
+def connect_read_only(path: AuditSource) -> ReadConnection: ...
+
+
+def connect_read_only(path: AuditSource) -> ReadConnection:
+    """
+    Open an audit database read-only (``mode=ro``), for verifying and reading; a
+    fleet's store URL opens the fleet's PostgreSQL in one read-only snapshot.
 
     Raises:
         UnreadableDatabase: The file is missing, is not SQLite, or is not a callward
-            audit database of this version.
+            audit database of this version (or the store cannot be reached, or is not
+            a callward fleet audit store).
+        ConfigurationError: A ``postgresql://`` text that is not a valid store URL.
     """
+    source = resolve_source(path)
+    if isinstance(source, StoreUrl):
+        from callward.audit._postgres_read import (  # noqa: PLC0415 - fleet readers only
+            connect_store_read_only,
+        )
+
+        return connect_store_read_only(source)
+    return _connect_sqlite_read_only(source)
+
+
+def _connect_sqlite_read_only(path: Path) -> sqlite3.Connection:
     if not path.is_file():
         raise UnreadableDatabase(f"{path} does not exist or is not a file")
     uri = path.resolve().as_uri() + "?mode=ro"
@@ -113,8 +185,28 @@ def _connect_and_check(uri: str, path: Path) -> sqlite3.Connection:
     return conn
 
 
+def has_table(conn: ReadConnection, name: str) -> bool:
+    """Whether the database holds the table ``name`` (a version 1 file has no tree)."""
+    if isinstance(conn, sqlite3.Connection):
+        (count,) = conn.execute(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+        ).fetchone()
+        return bool(count)
+    from callward.audit._postgres_read import PostgresReadConnection  # noqa: PLC0415
+
+    if isinstance(conn, PostgresReadConnection):
+        return conn.has_table(name)
+    raise TypeError("has_table reads an SQLite or PostgreSQL reader's connection")
+
+
 def error_name(exc: sqlite3.Error) -> str:
-    """SQLite's own name for an error (``SQLITE_BUSY``), or its Python type."""
+    """
+    SQLite's own name for an error (``SQLITE_BUSY``); for a fleet store's, what
+    ``callward.core._postgres.describe`` says; else its Python type.
+    """
+    reason = getattr(exc, "postgres_reason", None)
+    if isinstance(reason, str):
+        return reason
     return getattr(exc, "sqlite_errorname", None) or type(exc).__name__
 
 
@@ -163,8 +255,14 @@ __all__ = [
     "KEY_ROTATED",
     "SCHEMA_VERSION",
     "SELECT_RECORDS",
+    "AuditSource",
+    "ReadConnection",
+    "Rows",
     "UnreadableDatabase",
     "connect_read_only",
+    "describe_source",
     "error_name",
+    "has_table",
+    "resolve_source",
     "row_to_record",
 ]

@@ -14,6 +14,8 @@ Invariants:
   than the log, or newer than the log's latest, means it was rolled back; one whose
   root differs from the log's at that size means it was rewritten. A witness's
   checkpoint of another log (another origin) is not this log's and is skipped.
+- When the log names its origin (a fleet store's ``meta``), every stored checkpoint
+  must carry that origin.
 - Checkpoints stream from their own cursor: memory does not grow with the log, only
   with the number of witness checkpoints.
 """
@@ -22,26 +24,21 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator, Mapping
+from typing import cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from callward.audit._checkpoint import Checkpoint, open_checkpoint
 from callward.audit._merkle import Frontier
+from callward.audit._sqlite_format import ReadConnection, has_table
 from callward.audit._tree import MissingNode, root_at
 from callward.core.errors import VerificationFailed
 from callward.core.types import KeyId
 
 
-def _has_table(conn: sqlite3.Connection, name: str) -> bool:
-    (count,) = conn.execute(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
-    ).fetchone()
-    return bool(count)
-
-
-def _stored_checkpoints(conn: sqlite3.Connection) -> Iterator[tuple[int, str]]:
+def _stored_checkpoints(conn: ReadConnection) -> Iterator[tuple[int, str]]:
     """The stored checkpoints by size; none in a version 1 file."""
-    if not _has_table(conn, "checkpoints"):
+    if not has_table(conn, "checkpoints"):
         return iter(())
     # A second cursor beside the records': checkpoints stream too, in constant memory.
     return ((int(size), str(note)) for size, note in
@@ -52,18 +49,28 @@ class CheckpointChecks:
     """Checks stored and witness checkpoints as the stream of records passes their size."""
 
     def __init__(
-        self, conn: sqlite3.Connection, witnessed: list[tuple[str, Checkpoint]]
+        self,
+        conn: ReadConnection,
+        witnessed: list[tuple[str, Checkpoint]],
+        *,
+        origin: str | None = None,
     ) -> None:
+        """
+        Args:
+            origin: The log's own name, if it keeps one (a fleet store's ``meta``):
+                every stored checkpoint must carry it. Else the first verified
+                checkpoint's origin is the one the others must carry.
+        """
         self._conn = conn
         self._stored = _stored_checkpoints(conn)
-        self._has_tree = _has_table(conn, "merkle_nodes")
+        self._has_tree = has_table(conn, "merkle_nodes")
         self._next = next(self._stored, None)
         self._witnessed = witnessed
         self._witness_sizes = {checkpoint.size for _, checkpoint in witnessed}
         self.roots: dict[int, bytes] = {}
         self.verified = 0
         self.latest = 0
-        self.origin: str | None = None
+        self.origin = origin
 
     def passed(
         self, size: int, frontier: Frontier, keys: Mapping[KeyId, Ed25519PublicKey]
@@ -109,7 +116,8 @@ class CheckpointChecks:
     def _check_stored_tree(self, size: int, root: bytes) -> None:
         """The tree the file serves proofs from must give the root the records give."""
         try:
-            stored = root_at(self._conn, size)
+            # _tree reads through execute(...).fetchone() only, which both stores offer.
+            stored = root_at(cast("sqlite3.Connection", self._conn), size)
         except MissingNode:
             stored = b""
         if stored != root:

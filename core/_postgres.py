@@ -143,7 +143,11 @@ def describe(exc: BaseException) -> str:
 
 
 def raise_as(
-    error: Callable[..., CallwardError], what: str, exc: BaseException, *, url: StoreUrl | None = None
+    error: Callable[..., CallwardError],
+    what: str,
+    exc: BaseException,
+    *,
+    url: StoreUrl | None = None,
 ) -> NoReturn:
     """Raise ``error`` for ``exc`` met while doing ``what`` (no secret, no value)."""
     where = f" at {url.url}" if url is not None else ""

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from callward.core._canonical import JSONValue
+from callward.core.cli._audit import add_store_options, audit_source, source_name
 from callward.core.cli._common import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
@@ -251,12 +252,13 @@ def _stats(args: argparse.Namespace, home: Home) -> int:
     else:
         from callward.audit import read_records  # noqa: PLC0415 - the CLI edge loads the stage
 
-        db = Path(args.log) if args.log else home.audit_db
-        if not db.is_file():
-            raise ConfigurationError(f"no audit log at {db}", remediation="pass --log PATH")
+        db = audit_source(args, home, option="log")
+        if isinstance(db, Path) and not db.is_file():
+            raise ConfigurationError(f"no audit log at {db}",
+                                     remediation="pass --log PATH or --store URL")
         since = since_moment(args.since) if args.since else None
         records = ((r.ts, r.kind, r.body) for r in read_records(db))
-        summary = {"source": str(db), **stats_from_records(records, since)}
+        summary = {"source": source_name(db), **stats_from_records(records, since)}
     if args.json:
         print_json(summary)
     else:
@@ -306,7 +308,9 @@ def add_commands(commands: Subcommands) -> None:
     """Add ``stats`` and ``anomalies list|resolve``."""
     stats = commands.add_parser("stats", parents=[subcommand_options()],
                                 help="p50/p99 per stage and per tool, from the log or --url")
-    stats.add_argument("--log", help="audit database (default HOME/audit.db)")
+    stats.add_argument("--log", help="audit database, or a fleet's postgresql:// store URL "
+                                     "(default: the configuration's store, else HOME/audit.db)")
+    add_store_options(stats)
     stats.add_argument("--url", help="a live process's metrics endpoint, e.g. "
                                      "http://127.0.0.1:9464/metrics")
     stats.add_argument("--since", help="only records since an RFC 3339 time or an age (15m)")
