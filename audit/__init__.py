@@ -17,8 +17,9 @@ Example::
     >>> (record.seq, verified.records)
     (1, 1)
 
-Reading and verifying a log never loads the writer: ``SQLiteAuditStore`` and
-``rotate_file_key`` are imported on first use.
+Reading and verifying a log never loads a writer: ``SQLiteAuditStore``,
+``PostgresAuditStore`` (and with it psycopg) and ``rotate_file_key`` are imported
+on first use.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from callward.audit.signer import FileSigner, Signer, key_id_of, load_public_key
 from callward.audit.verify import VerifiedLog, verify
 
 if typing.TYPE_CHECKING:  # the real types for mypy; at run time ``__getattr__`` loads them
+    from callward.audit._postgres import PostgresAuditStore
     from callward.audit._rotation import rotate_file_key
     from callward.audit._sqlite import SQLiteAuditStore
 
@@ -49,6 +51,7 @@ __all__ = [
     "CommandWitness",
     "DirectoryWitness",
     "FileSigner",
+    "PostgresAuditStore",
     "SQLiteAuditStore",
     "Signer",
     "StoreSettings",
@@ -72,6 +75,7 @@ __all__ = [
 
 # The writer's names, loaded on first use: the offline verifier never needs them.
 _WRITER: dict[str, str] = {
+    "PostgresAuditStore": "callward.audit._postgres",
     "SQLiteAuditStore": "callward.audit._sqlite",
     "rotate_file_key": "callward.audit._rotation",
 }

@@ -6,11 +6,12 @@ The tables and columns have the names and meanings of the SQLite file's
 ``meta`` and ``pending_calls``, so one set of readers (verify, prove, query, show,
 export, report) reads either store. Beside them:
 
-- ``log_head``: one row, the head of the log (seq, hash, ts) and the Merkle tree's
-  frontier after it. Every append transaction locks it (``SELECT ... FOR UPDATE``)
-  first, so appends from every replica are serialized by the database: seqs 1..N,
-  each exactly once, each ``prev`` the record before. The frontier lets any replica
-  extend the tree without reading tree rows.
+- ``log_head``: one row, the head of the log (seq, hash, ts), the Merkle tree's
+  frontier after it (the roots of its perfect subtrees, largest first), and the
+  size of the newest checkpoint (``checkpointed``). Every append transaction locks
+  it (``SELECT ... FOR UPDATE``) first, so appends from every replica are serialized
+  by the database: seqs 1..N, each exactly once, each ``prev`` the record before.
+  The frontier lets any replica extend the tree without reading tree rows.
 - ``writers``: one row per open store (a replica's gateway), with a heartbeat the
   store renews; a writer whose heartbeat is older than its lease is gone, and any
   replica closes its pending calls with ``call.interrupted``.
@@ -68,7 +69,8 @@ MIGRATIONS: Final[tuple[str, ...]] = (
         seq BIGINT NOT NULL,
         hash TEXT NOT NULL,
         ts TEXT,
-        frontier BYTEA[] NOT NULL
+        frontier BYTEA[] NOT NULL,
+        checkpointed BIGINT NOT NULL DEFAULT 0
     );
     INSERT INTO log_head (seq, hash, ts, frontier)
         VALUES (0, repeat('0', 64), NULL, ARRAY[]::BYTEA[]);

@@ -44,6 +44,7 @@ _SECRET_KEYS: Final = frozenset({"password", "sslpassword"})
 _DISK_FULL: Final = "53100"
 _CONNECTION_CLASS: Final = "08"
 _SHUTDOWN_CODES: Final = frozenset({"57P01", "57P02", "57P03"})
+_RECONNECT_SECONDS: Final = 30.0
 
 _SCHEMA_TABLE: Final = """
 CREATE TABLE IF NOT EXISTS callward_schema (
@@ -212,7 +213,10 @@ def pool(
         timeout=timeout,
         kwargs={"connect_timeout": max(1, round(timeout))},
         check=psycopg_pool.ConnectionPool.check_connection,
-        reconnect_timeout=0,  # keep trying to reconnect for as long as the server is away
+        # A background attempt to refill the pool backs off and gives up after this
+        # long; a later request that finds the pool empty starts a new one, so a replica
+        # heals however long the server was away.
+        reconnect_timeout=_RECONNECT_SECONDS,
         open=False,
         name=application_name[:63],
     )
