@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from callward.core.cli._audit import add_store_options, audit_source, source_name
 from callward.core.cli._common import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
@@ -32,6 +33,7 @@ from callward.core.types import CallContext
 
 if TYPE_CHECKING:
     from callward.audit import FileSigner
+    from callward.core._postgres import StoreUrl
     from callward.policies import Policy
 
 
@@ -137,14 +139,15 @@ def _replay(args: argparse.Namespace, home: Home) -> int:
     from callward.audit import read_records  # noqa: PLC0415
     from callward.policies._replay import replay  # noqa: PLC0415
 
-    log_path = Path(args.log) if args.log else home.audit_db
-    if not log_path.is_file():
+    log_path = audit_source(args, home, option="log")
+    if isinstance(log_path, Path) and not log_path.is_file():
         print(f"no audit log at {log_path}", file=sys.stderr)
         return EXIT_USAGE
     registry = load_registry(load_config(config_path(args, home)))
     records = ((r.kind, r.ts, r.body) for r in read_records(log_path))
     report = replay(records, Path(args.policy), registry)
-    print_json({"log": str(log_path), "candidate": str(args.policy), **report.to_json()})
+    print_json({"log": source_name(log_path), "candidate": str(args.policy),
+                **report.to_json()})
     changed = sum(report.changes.values())
     return EXIT_CHECK_FAILED if changed and args.fail_on_change else EXIT_OK
 
@@ -234,8 +237,59 @@ def _status(args: argparse.Namespace, home: Home) -> int:
     status["in_force_digest"] = (decision.get("policy_digest")
                                  if isinstance(decision, dict) else None)
     status["shadow_differences"] = _shadow_differences(home)
+    store = _status_store(args, home)
+    if store is not None:  # a fleet: which replicas enforce which policy
+        status["replicas"] = _replicas_status(store)
     print_json(status)
-    return EXIT_CHECK_FAILED if not status["loads"] else EXIT_OK
+    if store is not None:
+        print(status["replicas"]["summary"], file=sys.stderr)
+    replicas_failed = store is not None and "error" in status["replicas"]
+    return EXIT_CHECK_FAILED if not status["loads"] or replicas_failed else EXIT_OK
+
+
+def _status_store(args: argparse.Namespace, home: Home) -> StoreUrl | None:
+    """``--store``, else the configuration's ``store.url``, else None (no fleet)."""
+    from callward.core._postgres import StoreUrl  # noqa: PLC0415
+
+    if getattr(args, "store", None):
+        return StoreUrl.parse(args.store)
+    try:
+        fleet = load_config(config_path(args, home)).store
+    except CallwardError:  # a --policy given and no readable configuration: no fleet
+        return None
+    return None if fleet is None else fleet.url
+
+
+def _replicas_status(store: StoreUrl) -> dict[str, Any]:
+    """The fleet's replicas, and whether the live ones enforce one policy."""
+    from callward.core.gateway._replicas import policy_digests, replicas  # noqa: PLC0415
+
+    try:
+        members = replicas(store)
+    except CallwardError as exc:
+        return {"store": str(store), "error": exc.message,
+                "summary": f"replicas: cannot be read ({exc.message})"}
+    digests = policy_digests(members)
+    live = sum(member.alive for member in members)
+    if len(digests) > 1:
+        summary = (f"WARNING: the {live} live replicas enforce {len(digests)} policies: "
+                   + ", ".join(digest[:12] for digest in digests))
+    elif digests:
+        summary = f"replicas: all {live} live replicas enforce policy {digests[0][:12]}"
+    else:
+        summary = "replicas: none alive"
+    return {
+        "store": str(store),
+        "members": [{"id": m.replica_id, "host": m.host, "pid": m.pid, "version": m.version,
+                     "policy_digest": m.policy_digest[:12],
+                     "image_digest": m.image_digest[:12],
+                     "heartbeat_age_seconds": round(m.age_seconds, 1), "alive": m.alive,
+                     "stopped": m.stopped is not None} for m in members],
+        "live": live,
+        "policy_digests": list(digests),
+        "same_policy": len(digests) <= 1,
+        "summary": summary,
+    }
 
 
 def _shadow_differences(home: Home) -> dict[str, Any]:
@@ -275,12 +329,17 @@ def add_commands(commands: Subcommands) -> None:
     explain.add_argument("--session", default="")
     explain.add_argument("--policy", help="policy file (default: the configuration's)")
     replay = add("replay", _replay, "re-decide an audit log under a candidate policy")
-    replay.add_argument("--log", help="audit database (default HOME/audit.db)")
+    replay.add_argument("--log", help="audit database, or a fleet's postgresql:// store URL "
+                                      "(default: the configuration's store, else "
+                                      "HOME/audit.db)")
+    add_store_options(replay, config=False)  # --config is every policy command's already
     replay.add_argument("--policy", required=True, help="the candidate policy")
     replay.add_argument("--fail-on-change", action="store_true",
                         help="exit 1 when any decision would change")
     status = add("status", _status, "the policy in force, and its recent reloads")
     status.add_argument("--policy", help="policy file (default: the configuration's)")
+    status.add_argument("--store", help="the fleet's postgresql:// URL, to list its replicas "
+                        "(default: the configuration's store.url, if any)")
     for name, handler, text in (("approve", _approve, "record a signed, single-use approval"),
                                 ("reject", _reject, "deny a proposed call")):
         parser = add(name, handler, text)

@@ -1,8 +1,9 @@
 """
 The operator's approvals of upstream tools, and the policy gate that enforces them.
 
-``PinStore`` holds the pinned digests; ``PinGate`` denies calls to unapproved or
-changed upstream tools as ``approval_required`` and asks the policy about the rest.
+``PinStore`` holds the pinned digests (a fleet's ``PostgresPinStore`` in its database;
+both are ``Pins``); ``PinGate`` denies calls to unapproved or changed upstream tools as
+``approval_required`` and asks the policy about the rest.
 """
 
 from __future__ import annotations
@@ -46,6 +47,25 @@ class McpContentPolicy(Protocol):
                          principal: str) -> RuleId | None: ...
 
     def treat_content(self, name: str, content_json: bytes) -> ResultTreatment: ...
+
+
+class Pins(Protocol):
+    """The operator's approvals, by server and tool: ``PinStore`` or ``PostgresPinStore``."""
+
+    def load(self) -> dict[str, dict[str, str]]:
+        """
+        Every pin: ``{server: {tool: digest}}``.
+
+        Raises:
+            ConfigurationError: The pins cannot be read.
+        """
+        ...
+
+    def get(self, server: str, tool: str) -> str | None: ...
+
+    def pin(self, server: str, tool: str, digest: str) -> None:
+        """Approve ``digest`` for ``server``'s ``tool``, replacing an earlier approval."""
+        ...
 
 
 class PinStore:

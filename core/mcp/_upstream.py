@@ -39,7 +39,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from callward.core._canonical import JSONValue, Sha256Hex, canonical_bytes
 from callward.core.errors import ConfigurationError, SandboxUnavailable
 from callward.core.mcp._connection import UpstreamConnection
-from callward.core.mcp._pins import RUG_PULL_RULE, UNAPPROVED_RULE, PinStore
+from callward.core.mcp._pins import RUG_PULL_RULE, UNAPPROVED_RULE, Pins
 from callward.core.mcp._runner import _Route
 from callward.core.mcp._section import UpstreamConfig, namespaced, upstream_tool_digest
 from callward.core.protocols import AuditLog
@@ -85,7 +85,7 @@ class Upstreams:
     ``connect`` does the I/O; ``close`` ends every client and removes every container.
     """
 
-    def __init__(self, audit: AuditLog, pins: PinStore) -> None:
+    def __init__(self, audit: AuditLog, pins: Pins) -> None:
         self._audit = audit
         self._pins = pins
         self._stack = contextlib.ExitStack()
@@ -248,7 +248,7 @@ class Upstreams:
 
 @contextlib.contextmanager
 def connected_upstreams(configs: tuple[UpstreamConfig, ...], *, audit: AuditLog,
-                        pins: PinStore) -> Iterator[Upstreams]:
+                        pins: Pins) -> Iterator[Upstreams]:
     """Connect each upstream in turn; every one is closed on exit, also after a failure."""
     upstreams = Upstreams(audit, pins)
     try:

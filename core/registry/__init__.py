@@ -2,8 +2,9 @@
 The tool registry: tools by name and version, each pinned by the digest of its source.
 
 Part of the kernel: it imports nothing but the kernel's own modules. ``LiveRegistry``
-loads and unloads versions at run time through a registry database
-(``RegistryStore``), recording each change in the audit log it is handed.
+loads and unloads versions at run time through a registry database (a ``LiveStore``:
+the home's ``RegistryStore``, or a fleet's ``PostgresRegistryStore``), recording each
+change in the audit log it is handed.
 
 Example::
 
@@ -13,9 +14,18 @@ Example::
     True
 """
 
-from callward.core.registry._live import LiveRegistry
+from callward.core.registry._live import LiveRegistry, LiveStore
 from callward.core.registry._registry import ToolRegistry
 from callward.core.registry._spec import tool
 from callward.core.registry._store import RegistryChange, RegistryStore
+from callward.core.registry._store_postgres import PostgresRegistryStore
 
-__all__ = ["LiveRegistry", "RegistryChange", "RegistryStore", "ToolRegistry", "tool"]
+__all__ = [
+    "LiveRegistry",
+    "LiveStore",
+    "PostgresRegistryStore",
+    "RegistryChange",
+    "RegistryStore",
+    "ToolRegistry",
+    "tool",
+]

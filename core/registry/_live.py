@@ -35,9 +35,10 @@ Example::
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import structlog
 
@@ -45,9 +46,40 @@ from callward.core._canonical import JSONValue
 from callward.core.errors import ConfigurationError
 from callward.core.protocols import AuditLog
 from callward.core.registry._files import read_tool_file
-from callward.core.registry._registry import ToolRegistry, split_ref
-from callward.core.registry._store import RegistryChange, RegistryStore
+from callward.core.registry._registry import LiveSource, ToolRegistry, split_ref
+from callward.core.registry._store import Action, HistoryEntry
 from callward.core.types import ToolSpec
+
+
+class LiveStoreChange(Protocol):
+    """The writes of one change (``RegistryChange``, ``PostgresRegistryChange``)."""
+
+    def stored_digest(self, name: str, version: str) -> str | None: ...
+
+    def put_version(self, spec: ToolSpec, *, source_path: str, file_text: str,
+                    file_sha256: str) -> None: ...
+
+    def delete_version(self, name: str, version: str) -> None: ...
+
+    def withdraw(self, spec: ToolSpec) -> None: ...
+
+    def reinstate(self, spec: ToolSpec) -> None: ...
+
+    def set_active(self, name: str, version: str | None, *, previous: str | None,
+                   action: Action) -> None: ...
+
+
+@runtime_checkable
+class LiveStore(LiveSource, Protocol):
+    """
+    A live source ``LiveRegistry`` can change: a home's ``RegistryStore`` (SQLite) or a
+    fleet's ``PostgresRegistryStore``. ``change()`` is one transaction that bumps the
+    generation, changers waiting for each other.
+    """
+
+    def history(self, name: str) -> tuple[HistoryEntry, ...]: ...
+
+    def change(self) -> AbstractContextManager[LiveStoreChange]: ...
 
 
 class Assembled(Protocol):
@@ -93,15 +125,15 @@ def _ref(name: str, version: str | None) -> str | None:
 
 class LiveRegistry:
     """
-    The audited operations on a registry whose live source is a ``RegistryStore``.
+    The audited operations on a registry whose live source is a ``LiveStore``.
 
     Args:
         registry: The registry (base set from the configuration), attached to ``store``.
-        store: The open registry database.
+        store: The open registry database (``RegistryStore`` or ``PostgresRegistryStore``).
         audit: The audit log every change is written to.
     """
 
-    def __init__(self, registry: ToolRegistry, store: RegistryStore, audit: AuditLog) -> None:
+    def __init__(self, registry: ToolRegistry, store: LiveStore, audit: AuditLog) -> None:
         if registry.live is not store:
             raise ValueError("the registry must be attached to the store it changes")
         self._registry = registry
@@ -117,7 +149,7 @@ class LiveRegistry:
             TypeError: The gateway's registry has no registry database attached.
         """
         store = gateway.registry.live
-        if not isinstance(store, RegistryStore):
+        if not isinstance(store, LiveStore):
             raise TypeError("this gateway's registry has no registry database")
         return cls(gateway.registry, store, gateway.audit)
 
@@ -177,7 +209,7 @@ class LiveRegistry:
         self._registry.refresh()
         return tuple(changes)
 
-    def _activate(self, tx: RegistryChange, spec: ToolSpec, kind: ChangeKind) -> Change | None:
+    def _activate(self, tx: LiveStoreChange, spec: ToolSpec, kind: ChangeKind) -> Change | None:
         previous = self._registry.active_version(spec.name)
         if previous == spec.version:
             return None
@@ -272,7 +304,7 @@ class LiveRegistry:
         self._registry.refresh()
         return tuple(changes)
 
-    def _unload_stored(self, tx: RegistryChange, spec: ToolSpec, *, force: bool,
+    def _unload_stored(self, tx: LiveStoreChange, spec: ToolSpec, *, force: bool,
                        changes: list[Change]) -> None:
         """Remove a version loaded at run time (see ``unload``)."""
         if tx.stored_digest(spec.name, spec.version) != spec.digest:
