@@ -28,6 +28,7 @@ from callward.core.cli._common import (
 from callward.core.errors import CallwardError, MalformedCall
 from callward.core.gateway import new_call_id
 from callward.core.gateway._config import Home, load_config, load_registry
+from callward.core.gateway._stores import anomaly_state_for, audit_store_for, policy_state_for
 from callward.core.parse._front import parse_model_output
 from callward.core.types import CallContext
 
@@ -105,15 +106,14 @@ class _EphemeralSigner:
 
 
 def _explain(args: argparse.Namespace, home: Home) -> int:
-    from callward.policies import Policy, PolicyState  # noqa: PLC0415
-    from callward.policies._anomaly_state import AnomalyState  # noqa: PLC0415
+    from callward.policies import Policy  # noqa: PLC0415
 
     config = load_config(config_path(args, home))
     registry = load_registry(config)
-    state_path = home.policy_state_db
-    # Read the live state (labels, approvals, counters) without changing it.
-    state = PolicyState(state_path if state_path.is_file() else None)
-    anomalies = AnomalyState(home.anomaly_state_db if home.anomaly_state_db.is_file() else None)
+    # Read the live state (labels, approvals, counters) without changing it: the
+    # home's files, or the fleet's store.
+    state = policy_state_for(config, home, existing_only=True)
+    anomalies = anomaly_state_for(config, home, existing_only=True)
     policy = Policy.from_file(Path(args.policy) if args.policy else config.policy_path,
                               state=state, anomalies=anomalies)
     text = sys.stdin.read() if args.text == "-" else args.text
@@ -154,21 +154,21 @@ def _replay(args: argparse.Namespace, home: Home) -> int:
 
 def _live(args: argparse.Namespace, home: Home) -> tuple[Policy, FileSigner]:
     from callward.audit import FileSigner  # noqa: PLC0415
-    from callward.policies import Policy, PolicyState  # noqa: PLC0415
+    from callward.policies import Policy  # noqa: PLC0415
 
     signer = FileSigner.load_or_create(home.keys_dir)
-    policy = Policy.from_file(_policy_path(args, home), state=PolicyState(home.policy_state_db),
-                              signer=signer)
+    state = policy_state_for(load_config(config_path(args, home)), home)
+    policy = Policy.from_file(_policy_path(args, home), state=state, signer=signer)
     return policy, signer
 
 
 def _decide_proposal(args: argparse.Namespace, home: Home, *, approve: bool) -> int:
-    from callward.audit import SQLiteAuditStore  # noqa: PLC0415
     from callward.policies import ApprovalRefused  # noqa: PLC0415
     from callward.policies._approvals import approval_record  # noqa: PLC0415
 
     policy, signer = _live(args, home)
-    store = SQLiteAuditStore(home.audit_db, signer)
+    # The decision is signed into the log the gateways write: the fleet's, with a store.
+    store = audit_store_for(load_config(config_path(args, home)), home, signer)
     store.open()
     try:
         settle = policy.approve if approve else policy.reject
@@ -194,9 +194,7 @@ def _reject(args: argparse.Namespace, home: Home) -> int:
 def _approvals(args: argparse.Namespace, home: Home) -> int:
     import time  # noqa: PLC0415
 
-    from callward.policies import PolicyState  # noqa: PLC0415
-
-    state = PolicyState(home.policy_state_db if home.policy_state_db.is_file() else None)
+    state = policy_state_for(load_config(config_path(args, home)), home, existing_only=True)
     now = time.time()
     print_json([{"id": p.id, "status": p.status_at(now), "rule": p.rule_id,
                  "principal": p.principal, "tool": p.tool, "call_id": p.call_id,
@@ -217,11 +215,15 @@ def _status(args: argparse.Namespace, home: Home) -> int:
         status.update(loads=True, digest=Policy.from_file(path).digest)
     except CallwardError as exc:
         status.update(loads=False, error=exc.message)
+    store = _status_store(args, home)
+    # The log the gateways write: the fleet's one log, or the home's file if there is one.
+    log: Path | StoreUrl | None = (
+        store if store is not None else home.audit_db if home.audit_db.is_file() else None)
     events: list[dict[str, Any]] = []
-    if home.audit_db.is_file():
+    if log is not None:
         for kind in ("policy.reloaded", "policy.reload_failed"):
             events += [{"seq": r.seq, "ts": r.ts, "kind": r.kind, **r.body}
-                       for r in read_records(home.audit_db, kind=kind, last=5)]
+                       for r in read_records(log, kind=kind, last=5)]
     events.sort(key=lambda e: e["seq"])
     status["recent_reloads"] = events[-5:]
     good = [e for e in events if e["kind"] == "policy.reloaded"]
@@ -229,15 +231,14 @@ def _status(args: argparse.Namespace, home: Home) -> int:
     status["last_reload_failed"] = bool(events) and events[-1]["kind"] == "policy.reload_failed"
     # The digest the gateway last decided a call with: the policy in force.
     last_calls = []
-    if home.audit_db.is_file():
+    if log is not None:
         for kind in ("call.authorized", "call.denied"):
-            last_calls += list(read_records(home.audit_db, kind=kind, last=1))
+            last_calls += list(read_records(log, kind=kind, last=1))
     last_call = max(last_calls, key=lambda r: r.seq, default=None)
     decision = None if last_call is None else last_call.body.get("decision")
     status["in_force_digest"] = (decision.get("policy_digest")
                                  if isinstance(decision, dict) else None)
-    status["shadow_differences"] = _shadow_differences(home)
-    store = _status_store(args, home)
+    status["shadow_differences"] = _shadow_differences(log)
     if store is not None:  # a fleet: which replicas enforce which policy
         status["replicas"] = _replicas_status(store)
     print_json(status)
@@ -292,15 +293,15 @@ def _replicas_status(store: StoreUrl) -> dict[str, Any]:
     }
 
 
-def _shadow_differences(home: Home) -> dict[str, Any]:
+def _shadow_differences(log: Path | StoreUrl | None) -> dict[str, Any]:
     """The shadow policy's divergences, as the gateway signed them into the audit log."""
     from callward.audit import read_records  # noqa: PLC0415
 
-    if not home.audit_db.is_file():
+    if log is None:
         return {"count": 0, "recent": []}
     count = 0
     recent: list[dict[str, Any]] = []
-    for record in read_records(home.audit_db, kind="policy.shadow_diverged"):
+    for record in read_records(log, kind="policy.shadow_diverged"):
         count += 1
         recent = [*recent[-4:], {"seq": record.seq, "ts": record.ts, **record.body}]
     return {"count": count, "recent": recent[::-1]}

@@ -28,15 +28,17 @@ from callward.core.cli._common import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
     Subcommands,
+    config_options,
+    config_path,
     print_json,
     subcommand_options,
 )
 from callward.core.errors import ConfigurationError
-from callward.core.gateway._config import Home
+from callward.core.gateway._config import Home, load_config
 from callward.core.observe._metrics import STAGES, UNKNOWN_TOOL_LABEL
 
 if TYPE_CHECKING:
-    from callward.policies._anomaly_state import AnomalyState
+    from callward.policies._anomaly_state import AnomalyStore
 
 QUANTILES: Final = (0.5, 0.99)
 _RELATIVE: Final = re.compile(r"\A(\d+(?:\.\d+)?)([smhd])\Z")
@@ -269,14 +271,15 @@ def _stats(args: argparse.Namespace, home: Home) -> int:
 # -- anomalies ------------------------------------------------------------------
 
 
-def _anomaly_state(home: Home) -> AnomalyState:
-    from callward.policies._anomaly_state import AnomalyState  # noqa: PLC0415
+def _anomaly_state(args: argparse.Namespace, home: Home) -> AnomalyStore:
+    """The open anomalies: the home's file, or the fleet's store."""
+    from callward.core.gateway._stores import anomaly_state_for  # noqa: PLC0415
 
-    return AnomalyState(home.anomaly_state_db)
+    return anomaly_state_for(load_config(config_path(args, home)), home)
 
 
 def _anomalies_list(args: argparse.Namespace, home: Home) -> int:
-    state = _anomaly_state(home)
+    state = _anomaly_state(args, home)
     try:
         listed = state.listing(status=None if args.all else "open")
     finally:
@@ -286,11 +289,12 @@ def _anomalies_list(args: argparse.Namespace, home: Home) -> int:
 
 
 def _anomalies_resolve(args: argparse.Namespace, home: Home) -> int:
-    from callward.audit import FileSigner, SQLiteAuditStore  # noqa: PLC0415
+    from callward.core.gateway._stores import audit_store_for  # noqa: PLC0415
     from callward.core.observe._anomaly import resolve  # noqa: PLC0415
 
-    state = _anomaly_state(home)
-    store = SQLiteAuditStore(home.audit_db, FileSigner.load_or_create(home.keys_dir))
+    state = _anomaly_state(args, home)
+    # The resolution is signed into the log the gateways write (the fleet's, with a store).
+    store = audit_store_for(load_config(config_path(args, home)), home)
     store.open()
     try:
         resolved = resolve(state, store, args.id, by=args.by, now=time.time())
@@ -319,11 +323,11 @@ def add_commands(commands: Subcommands) -> None:
 
     anomalies = commands.add_parser("anomalies", help="detected anomalies")
     sub = anomalies.add_subparsers(dest="anomalies_command", required=True, metavar="COMMAND")
-    listing = sub.add_parser("list", parents=[subcommand_options()],
+    listing = sub.add_parser("list", parents=[subcommand_options(), config_options()],
                              help="open anomalies (--all: resolved ones too)")
     listing.add_argument("--all", action="store_true")
     listing.set_defaults(handler=_anomalies_list)
-    resolve = sub.add_parser("resolve", parents=[subcommand_options()],
+    resolve = sub.add_parser("resolve", parents=[subcommand_options(), config_options()],
                              help="close an open anomaly (audited as anomaly.resolved)")
     resolve.add_argument("id")
     resolve.add_argument("--by", required=True, help="who resolves it")

@@ -3,7 +3,9 @@
 
 The commands change ``HOME/registry.db`` and write each change, with the tool's
 digest, to ``HOME/audit.db``; a gateway running on the same home picks the
-change up before its next call. The base set is the configuration's ``tools:``
+change up before its next call. With a ``store`` in the configuration they change
+the fleet's registry and write to its one log: every replica picks the change up
+before its next call. The base set is the configuration's ``tools:``
 and its ``models_as_tools`` (listed by digest without loading a model; ``unload``
 withdraws a model tool and a running gateway stops its worker, ``activate``
 reinstates it).
@@ -15,6 +17,7 @@ import argparse
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from callward.core.cli._common import (
     EXIT_OK,
@@ -30,10 +33,13 @@ from callward.core.registry._registry import ToolRegistry
 from callward.core.registry._store import RegistryStore
 from callward.core.types import ToolSpec
 
+if TYPE_CHECKING:
+    from callward.core.registry._store_postgres import PostgresRegistryStore
+
 
 @contextlib.contextmanager
 def _registry(config: GatewayConfig, home: Home
-              ) -> Iterator[tuple[ToolRegistry, RegistryStore]]:
+              ) -> Iterator[tuple[ToolRegistry, RegistryStore | PostgresRegistryStore]]:
     home.create()
     registry, store = open_live_registry(config, home)
     try:
@@ -44,17 +50,16 @@ def _registry(config: GatewayConfig, home: Home
 
 @contextlib.contextmanager
 def _live(args: argparse.Namespace, home: Home) -> Iterator[LiveRegistry]:
-    """The live registry, writing to the audit log as the configured gateway does."""
-    from callward.audit import FileSigner, SQLiteAuditStore, store_settings  # noqa: PLC0415
+    """
+    The live registry, writing to the audit log as the configured gateway does (the
+    fleet's store and log when the configuration has a ``store``).
+    """
+    from callward.core.gateway._stores import audit_store_for  # noqa: PLC0415
 
     config = load_config(config_path(args, home))
-    settings = store_settings(config.audit or {}, base=config.source.parent)
-    with _registry(config, home) as (registry, store):
-        signer = FileSigner.load_or_create(home.keys_dir)
-        with SQLiteAuditStore(home.audit_db, signer, checkpoint_every=settings.checkpoint_every,
-                              checkpoint_seconds=settings.checkpoint_seconds,
-                              witnesses=settings.witnesses) as audit:
-            yield LiveRegistry(registry, store, audit)
+    with _registry(config, home) as (registry, store), \
+            audit_store_for(config, home) as audit:
+        yield LiveRegistry(registry, store, audit)
 
 
 def _list(args: argparse.Namespace, home: Home) -> int:

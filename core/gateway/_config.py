@@ -38,12 +38,23 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 from referencing import Registry
 
-import callward.audit
-from callward.audit import FileSigner, store_settings
+from callward.audit import FileSigner
 from callward.core._canonical import sha256_hex
 from callward.core._yaml import strict_yaml_load
 from callward.core.errors import ConfigurationError, SandboxUnavailable
+from callward.core.gateway._fleet import (
+    STORE_SCHEMA,
+    FleetSettings,
+    fleet_settings,
+    new_replica_id,
+)
 from callward.core.gateway._start import StartFacts
+from callward.core.gateway._stores import (
+    anomaly_state_for,
+    audit_store_for,
+    policy_state_for,
+    registry_store_for,
+)
 from callward.core.models._tools import ModelToolsSettings, model_tools_settings
 from callward.core.observe._anomaly import (
     ANOMALY_SETTING_NAMES,
@@ -56,12 +67,13 @@ from callward.core.protocols import AuditLog, PolicyEngine, ToolRunner
 from callward.core.registry._registry import ToolRegistry
 from callward.core.registry._store import RegistryStore
 from callward.core.types import RUNTIMES, Runtime
-from callward.policies import AnomalyState, Policy, PolicyDocument, PolicyState
+from callward.policies import Policy, PolicyDocument
 
 log = structlog.get_logger()
 
 if TYPE_CHECKING:
     from callward.core.models._tools import ModelToolSet
+    from callward.core.registry._store_postgres import PostgresRegistryStore
     from callward.core.types import ToolSpec
     from callward.sandbox import DockerSandbox, ModelToolRunner
 
@@ -133,6 +145,8 @@ CONFIG_SCHEMA: Final = {
                 "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": 8192},
             },
         },
+        # A fleet: every replica's durable state in one PostgreSQL (core.gateway._fleet).
+        "store": STORE_SCHEMA,
         "audit": {
             "type": "object",
             "additionalProperties": False,
@@ -239,6 +253,8 @@ class GatewayConfig:
     anomalies: DetectorSettings | None = field(default_factory=DetectorSettings)
     #: ``sandbox.secrets``: the secret source (directory resolved against the file).
     secrets: Mapping[str, Any] | None = None
+    #: ``store``: the fleet's PostgreSQL; None keeps the state in SQLite files at home.
+    store: FleetSettings | None = None
 
 
 def example_config_path() -> Path:
@@ -287,6 +303,7 @@ def load_config(path: Path) -> GatewayConfig:
                      if "models_as_tools" in raw else None),
         anomalies=_detector_settings(raw.get("anomalies") or {}, path),
         secrets=_secret_settings((raw.get("sandbox") or {}).get("secrets"), resolve),
+        store=fleet_settings(raw.get("store"), resolve),
     )
 
 
@@ -336,9 +353,10 @@ def load_registry(config: GatewayConfig) -> ToolRegistry:
 
 def open_live_registry(
     config: GatewayConfig, home: Home, *, model_specs: tuple[ToolSpec, ...] | None = None
-) -> tuple[ToolRegistry, RegistryStore]:
+) -> tuple[ToolRegistry, RegistryStore | PostgresRegistryStore]:
     """
-    The base set with the home's live registry attached (``registry.db``, created if absent).
+    The base set with the live registry attached: the home's ``registry.db`` (created
+    if absent), or the fleet's when the configuration has a ``store``.
 
     The base set holds the model tools too (``models_as_tools``), by digest, so
     ``callward tools`` can list, withdraw and reinstate them.
@@ -363,7 +381,7 @@ def open_live_registry(
             model_specs = model_tool_specs(config.model_tools, server_sha256=server_sha256())
         for spec in model_specs:
             registry.add(spec, source_path=MODEL_TOOLS_SOURCE)
-    store = RegistryStore(home.registry_db)
+    store = registry_store_for(config, home)
     store.open()
     try:
         registry.attach(store)
@@ -388,6 +406,8 @@ class GatewayParts:
     observers: tuple[CallObserver, ...]
     max_argument_bytes: int
     start: StartFacts
+    #: The ``store`` section when this gateway is a replica of a fleet.
+    fleet: FleetSettings | None = None
 
 
 def build_parts(path: object, *, home: object = None) -> GatewayParts:
@@ -410,29 +430,24 @@ def build_parts(path: object, *, home: object = None) -> GatewayParts:
     # The model tools' weights are found, hashed (and the demo model converted) once.
     model_tools = (None if config.model_tools is None
                    else _prepare_model_tools(config.model_tools, state))
-    # Versions loaded at run time are read from registry.db before each call.
+    # Versions loaded at run time are read from the registry's store before each call.
     registry, registry_store = open_live_registry(
         config, state, model_specs=None if model_tools is None else model_tools.specs)
     signer = FileSigner.load_or_create(state.keys_dir)
-    # Rate limits, session labels and approvals survive restarts in their own file;
-    # approvals are signed with the audit key.
+    # Rate limits, session labels and approvals survive restarts in their own file (or
+    # the fleet's tables); approvals are signed with the audit key.
     # A shadow (candidate) policy decides beside it, read-only; differences are recorded.
-    policy_state = PolicyState(state.policy_state_db)
-    # Open anomalies survive restarts in their own file; a policy gate reads them.
+    # Open anomalies survive restarts likewise; a policy gate reads them.
     detector_settings = config.anomalies or DetectorSettings()
-    anomalies = AnomalyState(state.anomaly_state_db,
-                             quiet_seconds=detector_settings.quiet_seconds)
+    policy_state = policy_state_for(config, state)
+    anomalies = anomaly_state_for(config, state, quiet_seconds=detector_settings.quiet_seconds)
     shadow = (Policy.from_file(config.policy_shadow_path, state=policy_state,
                                anomalies=anomalies)
               if config.policy_shadow_path is not None else None)
     policy = Policy.from_file(config.policy_path, state=policy_state, signer=signer,
                               shadow=shadow, anomalies=anomalies)
-    settings = store_settings(config.audit or {}, base=config.source.parent)
-    # The writer is loaded on first use, so commands that only read the log never load it.
-    audit = callward.audit.SQLiteAuditStore(
-        state.audit_db, signer, checkpoint_every=settings.checkpoint_every,
-        checkpoint_seconds=settings.checkpoint_seconds, witnesses=settings.witnesses,
-        sync=settings.sync)
+    # The home's audit.db, or the fleet's one log; signed by this machine's key either way.
+    audit = audit_store_for(config, state, signer)
     audit.open()
     # Calls a crashed gateway authorized but never completed are closed out now.
     audit.recover_interrupted()
@@ -470,7 +485,9 @@ def build_parts(path: object, *, home: object = None) -> GatewayParts:
             config_sha256=sha256_hex(config.source.read_bytes()),
             runtimes=runtimes_in_force(config.runtime, policy.document),
             default_runtime=config.runtime,
+            replica=None if config.store is None else new_replica_id(),
         ),
+        fleet=config.store,
     )
 
 

@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio.to_thread
 import structlog
@@ -47,8 +48,10 @@ from callward.core.gateway._config import (
     MIN_MAX_ARGUMENT_BYTES,
     build_parts,
 )
+from callward.core.gateway._fleet import FleetSettings
 from callward.core.gateway._start import (
     StartFacts,
+    callward_version,
     prove_start,
     record_start,
     refusal,
@@ -82,6 +85,9 @@ from callward.core.types import (
     ToolResult,
     ToolSpec,
 )
+
+if TYPE_CHECKING:
+    from callward.core.gateway._replicas import ReplicaRegistry
 
 log = structlog.get_logger()
 
@@ -166,6 +172,9 @@ class Gateway:
         self._new_id = new_id
         self._closers = closers
         self.observers = observers
+        # Set by join_fleet when this gateway is a replica of a fleet.
+        self._replica: ReplicaRegistry | None = None
+        self._replica_id: str | None = None
 
     def close(self) -> None:
         """Release what the gateway was handed to own (the audit store, the engine client)."""
@@ -194,10 +203,39 @@ class Gateway:
                       max_argument_bytes=parts.max_argument_bytes)
         try:
             gateway.prove_start(parts.start, unsafe_skip_probes=unsafe_skip_probes)
+            if parts.fleet is not None and parts.start.replica is not None:
+                gateway.join_fleet(parts.fleet, parts.start.replica)
         except BaseException:
             gateway.close()
             raise
         return gateway
+
+    def join_fleet(self, fleet: FleetSettings, replica_id: str) -> None:
+        """
+        Register this gateway in its fleet's replica table (id, host, version, policy
+        and image digests) and keep its heartbeat; ``policy.reloaded`` names it from
+        now on, and each reload updates the policy digest the fleet sees.
+
+        Raises:
+            StateUnavailable: The fleet's database cannot be reached.
+        """
+        from callward.core.gateway._replicas import ReplicaRegistry  # noqa: PLC0415
+
+        replica = ReplicaRegistry(
+            fleet.url, replica_id=replica_id, version=callward_version(),
+            policy_digest=str(self.policy.digest), image_digest=self._image_digest() or "",
+            heartbeat_seconds=fleet.heartbeat_seconds, lease_seconds=fleet.lease_seconds)
+        replica.start()
+        self._replica, self._replica_id = replica, replica_id
+        self._closers = (replica.stop, *self._closers)
+
+    def share_fleet_membership(self, other: Gateway) -> None:
+        """
+        Act as the same replica as ``other`` (a gateway this one wraps, e.g. with MCP
+        upstreams): its policy reloads name that replica and update its registration.
+        ``other`` keeps owning the registration (and stops it on close).
+        """
+        self._replica, self._replica_id = other._replica, other._replica_id
 
     def prove_start(self, facts: StartFacts, *, unsafe_skip_probes: bool = False) -> None:
         """
@@ -506,8 +544,13 @@ class Gateway:
         report = self._policy_hooks.poll_reload()
         if report is not None:
             kind = "policy.reloaded" if report.ok else "policy.reload_failed"
-            record = self.audit.append(kind, report.to_json())
+            body = report.to_json()
+            if self._replica_id is not None:
+                body["replica"] = self._replica_id
+            record = self.audit.append(kind, body)
             log.info("policy_reload_audited", kind=kind, seq=record.seq)
+            if report.ok and self._replica is not None:
+                self._replica.update(policy_digest=str(self.policy.digest))
 
     def _treat_result(
         self, call: ToolCall, spec: ToolSpec, context: CallContext, outcome: _Outcome

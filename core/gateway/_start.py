@@ -114,6 +114,8 @@ class StartFacts:
     config_sha256: str
     runtimes: tuple[Runtime, ...]
     default_runtime: Runtime = "runc"
+    #: This gateway's id in its fleet (``store`` configured), else None.
+    replica: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +205,7 @@ def start_body(facts: StartFacts, *, policy_digest: str, image_digest: str | Non
         "unsafe_skip_probes": unsafe_skip_probes,
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        **({} if facts.replica is None else {"replica": facts.replica}),
     }
 
 

@@ -13,17 +13,29 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from callward.core.gateway import Gateway
-from callward.core.gateway._config import Home
+from callward.core.gateway._config import Home, load_config
 from callward.core.mcp._pins import PINS_FILE, PinGate, PinStore
 from callward.core.mcp._runner import UpstreamRunner
 from callward.core.mcp._section import parse_mcp_section, raw_mcp_section
 from callward.core.mcp._upstream import Upstreams, connected_upstreams
 
+if TYPE_CHECKING:
+    from callward.core.mcp._pins_postgres import PostgresPinStore
 
-def pin_store(home: Path) -> PinStore:
-    """The operator's approvals of upstream tools, under the state directory."""
+
+def pin_store(home: Path, *, config: Path | None = None) -> PinStore | PostgresPinStore:
+    """
+    The operator's approvals of upstream tools: the fleet's table when the configuration
+    has a ``store`` (a pin made on one replica holds on all), else a file at home.
+    """
+    fleet = None if config is None else load_config(config).store
+    if fleet is not None:
+        from callward.core.mcp._pins_postgres import PostgresPinStore  # noqa: PLC0415
+
+        return PostgresPinStore(fleet.url)
     return PinStore(Home.resolve(home).root / PINS_FILE)
 
 
@@ -47,7 +59,7 @@ def open_upstreams(path: Path, *, home: Path, servers: tuple[str, ...] | None = 
         configs = tuple(config for config in configs if config.name in servers)
     with Gateway.from_config(path, home=home,
                              unsafe_skip_probes=unsafe_skip_probes) as base, connected_upstreams(
-            configs, audit=base.audit, pins=pin_store(home)) as upstreams:
+            configs, audit=base.audit, pins=pin_store(home, config=path)) as upstreams:
         for spec in upstreams.specs:
             base.registry.add(spec)
         gateway = Gateway(registry=base.registry,
@@ -57,4 +69,5 @@ def open_upstreams(path: Path, *, home: Path, servers: tuple[str, ...] | None = 
                                                 frozenset(upstreams.routes)
                                                 | frozenset(upstreams.blocked)),
                           audit=base.audit, new_id=base.new_id, observers=base.observers)
+        gateway.share_fleet_membership(base)
         yield gateway, upstreams
