@@ -7,10 +7,15 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt requirements-model.txt | sha256sum | cut -c1-16)
 
-.PHONY: demo test setup engine image browser postgres lint unit bench clean-containers
+.PHONY: demo fleet-demo test setup engine image browser postgres lint unit bench clean-containers
 
 demo: image
 	$(VENV)/bin/callward demo
+
+# Three gateway replicas on one PostgreSQL: one verified log, a shared rate limit, a raced
+# approval, a replica killed with SIGKILL mid-call (issue #16).
+fleet-demo: image postgres
+	$(VENV)/bin/callward demo --fleet
 
 test: image browser postgres lint
 	$(PY) -m pytest

@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import NoReturn
 
 import structlog
@@ -43,6 +42,7 @@ from callward.core.cli._common import (
     skip_probes,
     subcommand_options,
 )
+from callward.core.cli._demo import add_fleet_options
 from callward.core.errors import CallwardError, ConfigurationError, VerificationFailed
 from callward.core.gateway._config import Home
 
@@ -63,10 +63,9 @@ def _configure_logging(level_name: str) -> None:
 
 
 def _demo(args: argparse.Namespace, home: Home) -> int:
-    from callward.core.cli._demo import run_demo  # noqa: PLC0415 - loads docker only when used
+    from callward.core.cli._demo import run_demo_command  # noqa: PLC0415 - docker only when used
 
-    return run_demo(home=home, config=Path(args.config) if args.config else None,
-                    model=not args.no_model, unsafe_skip_probes=skip_probes(args))
+    return run_demo_command(args, home, unsafe_skip_probes=skip_probes(args))
 
 
 def _call(args: argparse.Namespace, home: Home) -> int:
@@ -87,6 +86,7 @@ def _add_core_commands(commands: Subcommands) -> None:
                                help="the main job: model output through the full path, verified")
     demo.add_argument("--no-model", action="store_true",
                       help="feed model output in several dialects instead of running the model")
+    add_fleet_options(demo)
     demo.set_defaults(handler=_demo)
 
     call = commands.add_parser("call", parents=[subcommand_options(), config_options()],

@@ -5,10 +5,14 @@ with only the public key.
 
 ``callward demo --no-model`` feeds the gateway the text models emit in several
 dialects instead, without loading a model.
+
+``callward demo --fleet`` runs three replicas on one PostgreSQL instead
+(``callward.core.cli._fleet_demo``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import textwrap
@@ -290,3 +294,26 @@ def run_demo(*, home: Home, config: Path | None = None, model: bool = True,
     print(f"  verdict: OK  {verified.records} records, head {verified.head_hash[:16]}…")
     print(f"  (callward audit verify --home {home.root})")
     return 0 if plan_ok else 1
+
+
+def add_fleet_options(demo: argparse.ArgumentParser) -> None:
+    """``--fleet`` and its options (``callward.core.cli._fleet_demo``)."""
+    demo.add_argument("--fleet", action="store_true",
+                      help="three gateway replicas sharing one PostgreSQL: one log, a shared "
+                      "rate limit, a raced approval, a replica killed mid-call")
+    demo.add_argument("--store", metavar="URL",
+                      help="with --fleet: the PostgreSQL server to create the run's database "
+                      "on (default $CALLWARD_STORE_URL, else callward's own on :54329)")
+    demo.add_argument("--keep", action="store_true",
+                      help="with --fleet: keep the run's database and the replicas' homes")
+
+
+def run_demo_command(args: argparse.Namespace, home: Home, *, unsafe_skip_probes: bool) -> int:
+    """``callward demo``: the fleet demo with ``--fleet``, else the one-gateway demo."""
+    if args.fleet:
+        from callward.core.cli._fleet_demo import run_fleet_demo  # noqa: PLC0415
+
+        return run_fleet_demo(store=args.store, keep=args.keep,
+                              unsafe_skip_probes=unsafe_skip_probes)
+    return run_demo(home=home, config=Path(args.config) if args.config else None,
+                    model=not args.no_model, unsafe_skip_probes=unsafe_skip_probes)
