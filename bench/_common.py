@@ -8,6 +8,7 @@ compare. Each benchmark runs as a module from the repository root:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -63,6 +64,36 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 def summarize(values_ms: Sequence[float]) -> tuple[float, float, float]:
     """p50, p99 and mean, in milliseconds."""
     return percentile(values_ms, 0.50), percentile(values_ms, 0.99), statistics.fmean(values_ms)
+
+
+def cpu_summary() -> str:
+    """
+    The CPU the figures were taken on, as ``lscpu`` names it, with its count and the
+    vector and matrix extensions it has (avx2, avx512f, amx): figures from another
+    CPU are not comparable.
+    """
+    fields: dict[str, str] = {}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        listing = subprocess.run(["lscpu"], capture_output=True, text=True, check=True,
+                                 env={**os.environ, "LC_ALL": "C"}).stdout
+        for line in listing.splitlines():
+            name, _, value = line.partition(":")
+            fields.setdefault(name.strip(), value.strip())
+    flags = set(fields.get("Flags", "").split())
+    if not flags:
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text(encoding="ascii").splitlines():
+                if line.startswith("flags"):
+                    flags = set(line.partition(":")[2].split())
+                    break
+    model = fields.get("Model name", "unknown CPU")
+    if "CPU family" in fields and "Model" in fields:
+        model += f" (family {fields['CPU family']}, model {fields['Model']})"
+    has = ", ".join(
+        f"{name}: {'yes' if any(f.startswith(name) for f in flags) else 'no'}"
+        for name in ("avx2", "avx512f", "amx")
+    )
+    return f"{model}, {os.cpu_count()} CPUs; {has}"
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

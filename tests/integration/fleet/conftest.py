@@ -42,7 +42,15 @@ def _postgres_url(postgres_server: str) -> Iterator[str]:
         admin.execute(f"CREATE DATABASE {name}")
     yield postgres_server.rsplit("/", 1)[0] + "/" + name
     with psycopg.connect(postgres_server, autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        for attempt in range(20):
+            try:
+                admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+                break
+            except psycopg.errors.InsufficientPrivilege:
+                # An autovacuum worker (the server's own, not ours to end) is in it.
+                if attempt == 19:
+                    raise
+                time.sleep(0.5)
 
 
 def _free_port() -> int:
