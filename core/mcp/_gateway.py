@@ -57,9 +57,14 @@ def open_upstreams(path: Path, *, home: Path, servers: tuple[str, ...] | None = 
     configs = parse_mcp_section(raw_mcp_section(path), base=path.parent)
     if servers is not None:
         configs = tuple(config for config in configs if config.name in servers)
-    with Gateway.from_config(path, home=home,
-                             unsafe_skip_probes=unsafe_skip_probes) as base, connected_upstreams(
-            configs, audit=base.audit, pins=pin_store(home, config=path)) as upstreams:
+    pins = pin_store(home, config=path)
+    with contextlib.ExitStack() as stack:
+        if hasattr(pins, "close"):  # the fleet's pin table holds a connection pool
+            stack.callback(pins.close)
+        base = stack.enter_context(Gateway.from_config(
+            path, home=home, unsafe_skip_probes=unsafe_skip_probes))
+        upstreams = stack.enter_context(connected_upstreams(configs, audit=base.audit,
+                                                            pins=pins))
         for spec in upstreams.specs:
             base.registry.add(spec)
         gateway = Gateway(registry=base.registry,
