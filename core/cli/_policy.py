@@ -216,9 +216,11 @@ def _status(args: argparse.Namespace, home: Home) -> int:
     except CallwardError as exc:
         status.update(loads=False, error=exc.message)
     store = _status_store(args, home)
-    # The log the gateways write: the fleet's one log, or the home's file if there is one.
+    # The log the gateways write: the fleet's one log (once a replica made it), or the
+    # home's file if there is one.
     log: Path | StoreUrl | None = (
-        store if store is not None else home.audit_db if home.audit_db.is_file() else None)
+        (store if _has_audit_log(store) else None) if store is not None
+        else home.audit_db if home.audit_db.is_file() else None)
     events: list[dict[str, Any]] = []
     if log is not None:
         for kind in ("policy.reloaded", "policy.reload_failed"):
@@ -246,6 +248,27 @@ def _status(args: argparse.Namespace, home: Home) -> int:
         print(status["replicas"]["summary"], file=sys.stderr)
     replicas_failed = store is not None and "error" in status["replicas"]
     return EXIT_CHECK_FAILED if not status["loads"] or replicas_failed else EXIT_OK
+
+
+def _has_audit_log(store: StoreUrl) -> bool:
+    """
+    Whether a replica has made the fleet's audit tables yet (a fleet whose replicas never
+    appended has none). A store that cannot be read says so later, where it is read.
+    """
+    from psycopg import Error  # noqa: PLC0415 - only for a fleet
+
+    from callward.core._postgres import connect  # noqa: PLC0415
+
+    try:
+        with connect(store, application_name="callward-policy-status") as conn:
+            (table,) = conn.execute("SELECT to_regclass('callward_schema')").fetchone() or (None,)
+            if table is None:
+                return False
+            row = conn.execute("SELECT 1 FROM callward_schema WHERE component = 'audit'"
+                               ).fetchone()
+    except Error:
+        return True  # let the reader report what is wrong with it
+    return row is not None
 
 
 def _status_store(args: argparse.Namespace, home: Home) -> StoreUrl | None:
