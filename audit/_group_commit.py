@@ -5,10 +5,19 @@ Invariants:
 
 - One thread at a time leads: it takes every request queued so far and writes them
   as one batch; requests that arrive meanwhile queue up for the next leader.
+- A batch takes everyone who was waiting: after a batch is written, the next leader
+  starts only once every other thread of that batch has woken up and left
+  ``submit`` (and so had its chance to queue its next append). Without that, the
+  threads just released would always miss the batch that starts at once, and
+  batches would alternate between two halves of the threads. A lone appender never
+  waits: it has nobody to wait for.
 - No request returns before the batch holding it was written (or failed): its
   outcome is set by the write, and it is marked done only after the write returns.
 - The write sets each request's outcome; if the write itself raises, the leader
   raises it and the other requests of its batch are still released.
+- A thread that leaves ``submit`` by an exception while it waits (an interrupt)
+  takes its request out of the queue if it was not taken yet, and is never waited
+  for.
 """
 
 from __future__ import annotations
@@ -36,6 +45,9 @@ class AppendRequest:
     record: AuditRecord | None = None
     error: BaseException | None = None
     done: bool = False
+    # Its thread is in ``submit``; and the next leader waits for it to leave.
+    waiting: bool = False
+    awaited: bool = False
 
     def result(self) -> AuditRecord | None:
         """
@@ -63,6 +75,8 @@ class GroupCommit:
         self._cond = threading.Condition()
         self._queue: list[AppendRequest] = []
         self._leading = False
+        # Threads of the last batch written that have not left ``submit`` yet.
+        self._returning = 0
 
     def submit(self, request: AppendRequest) -> Checkpoint | None:
         """
@@ -73,14 +87,22 @@ class GroupCommit:
         """
         with self._cond:
             self._queue.append(request)
-            while not request.done:
-                if not self._leading:
-                    self._leading = True
-                    batch, self._queue = self._queue, []
-                    break
-                self._cond.wait()
-            else:
-                return None
+            request.waiting = True
+            try:
+                while not request.done:
+                    if not self._leading and not self._returning:
+                        self._leading = True
+                        batch, self._queue = self._queue, []
+                        break
+                    self._cond.wait()
+                else:
+                    return None
+            except BaseException:
+                if not request.done and request in self._queue:
+                    self._queue.remove(request)
+                raise
+            finally:
+                self._leave(request)
         checkpoint = None
         try:
             checkpoint = self._write(batch)
@@ -88,9 +110,21 @@ class GroupCommit:
             with self._cond:
                 for item in batch:
                     item.done = True
+                    if item.waiting:
+                        item.awaited = True
+                        self._returning += 1
                 self._leading = False
                 self._cond.notify_all()
         return checkpoint
+
+    def _leave(self, request: AppendRequest) -> None:
+        """``request``'s thread leaves ``submit`` (holding ``_cond``)."""
+        request.waiting = False
+        if request.awaited:
+            request.awaited = False
+            self._returning -= 1
+            if not self._returning:
+                self._cond.notify_all()
 
 
 __all__ = ["AppendRequest", "GroupCommit"]

@@ -9,14 +9,17 @@ format, the tree's math and the checkpoints are ``_chain``, ``_tree``/``_merkle`
 
 Invariants:
 
-- One order across every replica: each append transaction first locks the one
-  ``log_head`` row (``SELECT ... FOR UPDATE``), then writes its records, their
-  ``merkle_nodes`` rows, their ``pending_calls`` changes, the new head (seq, hash,
-  ts, frontier) and maybe a checkpoint, and commits. So seqs are 1..N, each exactly
-  once, and each ``prev`` is the hash of the record before, whichever replica wrote it.
-  The tree's frontier comes from the locked row in every transaction: no replica
-  trusts a copy of the head it kept, so nothing goes stale after a failure or after
-  another replica's append.
+- One order across every replica: each append transaction locks the one
+  ``log_head`` row and writes its records, their ``merkle_nodes`` rows, their
+  ``pending_calls`` changes, the new head (seq, hash, ts, frontier) and maybe a
+  checkpoint only if that row is exactly the head its records were sealed after;
+  then it commits. So seqs are 1..N, each exactly once, and each ``prev`` is the
+  hash of the record before, whichever replica wrote it. The head a batch is sealed
+  after is either read under the lock (``SELECT ... FOR UPDATE``) or the one this
+  store's own last transaction left, when that one found no other replica's append
+  before it; a kept head is only ever an expectation the database checks under the
+  lock, so a stale one writes nothing and the batch is sealed again after the head
+  read under the lock.
 - ``append`` returns only after its transaction committed, and every connection runs
   with ``synchronous_commit = on``: a committed record is on the server's disk. If
   ``append`` raises, the caller must assume nothing was written (a commit whose
@@ -24,8 +27,13 @@ Invariants:
   database really holds).
 - Every failure of the server, the connection, the pool, the signer or
   canonicalization leaves as ``AuditUnavailable``; no psycopg type escapes the store.
-  A broken connection is dropped by the pool, which makes new ones once the server
-  answers again, so appends succeed again without reopening the store.
+  Appends run on one connection of their own (only the group commit's leader uses
+  it); reads, heartbeats and checkpoints on the pool. A broken connection is dropped
+  (the pool's by the pool) and a new one made once the server answers again, so
+  appends succeed again without reopening the store. The append connection is
+  replaced before use when the server has ended it, and a transaction that fails
+  at BEGIN on a kept connection found broken is begun once more on a new one; one
+  that fails later is never retried (its commit may have landed).
 - Timestamps never go backwards along the chain: a record stamped before the head
   (another replica's clock, or this one stepping back) is held at the head's ts.
 - Each replica signs its records and checkpoints with its own Ed25519 key: a
@@ -45,15 +53,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
+import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Self
+from typing import TYPE_CHECKING, ClassVar, Final, Self
 
 import structlog
 from cryptography.hazmat.primitives import serialization
@@ -89,7 +99,7 @@ from callward.audit._witness import (
 )
 from callward.audit.signer import Signer
 from callward.core._canonical import JSONValue, Sha256Hex
-from callward.core._postgres import StoreUrl, describe, migrate, pool, store_errors
+from callward.core._postgres import StoreUrl, connect, describe, migrate, pool, store_errors
 from callward.core.errors import AuditUnavailable, ConfigurationError, VerificationFailed
 from callward.core.types import AuditRecord, KeyId, Receipt, ReceiptProof
 
@@ -98,6 +108,7 @@ if TYPE_CHECKING:
     import psycopg_pool
 
     Connection = psycopg.Connection[tuple[object, ...]]
+    Cursor = psycopg.Cursor[tuple[object, ...]]
     Pool = psycopg_pool.ConnectionPool[Connection]
 
 log = structlog.get_logger()
@@ -108,6 +119,8 @@ _APPLICATION_NAME: Final = "callward-audit"
 # must not hold the whole fleet's log): both fail closed, as AuditUnavailable.
 _LOCK_WAIT_SECONDS: Final = 10
 _IDLE_IN_TRANSACTION_SECONDS: Final = 15
+# How long making the writer connection may take (the pool's connections wait as long).
+_CONNECT_SECONDS: Final = 5.0
 # The heartbeat thread closes out gone writers' calls every this many heartbeats.
 _RECOVER_EVERY_HEARTBEATS: Final = 5
 # How many of this store's newest records keep their inclusion proof in memory.
@@ -135,25 +148,57 @@ _PENDING_OF_GONE: Final = (
     " OR w.closed OR w.heartbeat + w.lease_seconds * interval '1 second' < clock_timestamp())"
     " ORDER BY p.authorized_seq"
 )
-_INSERT_RECORD: Final = (
-    "INSERT INTO records (seq, ts, kind, prev, key_id, body, record, hash, signature)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-)
-_PUT_NODE: Final = (
-    "INSERT INTO merkle_nodes (level, idx, hash) VALUES (%s, %s, %s)"
-    " ON CONFLICT (level, idx) DO UPDATE SET hash = EXCLUDED.hash"
+# The writer connection's limits, set once when it is made (session-wide: that
+# connection runs nothing but append transactions); and the one plan of its
+# statements kept once they are prepared (planning ``_WRITE_BATCH`` again on every
+# append would cost more than running it).
+_SESSION_LIMITS: Final = (
+    "SELECT set_config('lock_timeout', %s, false),"
+    " set_config('idle_in_transaction_session_timeout', %s, false),"
+    " set_config('plan_cache_mode', 'force_generic_plan', false)"
 )
 _GET_NODES: Final = (
     "SELECT n.level, n.idx, n.hash FROM merkle_nodes n"
     " JOIN unnest(%s::integer[], %s::bigint[]) AS w(level, idx)"
     " ON n.level = w.level AND n.idx = w.idx"
 )
-_ADD_PENDING: Final = (
-    "INSERT INTO pending_calls (authorized_seq, call_id, writer) VALUES (%s, %s, %s)"
-)
-_REMOVE_PENDING: Final = "DELETE FROM pending_calls WHERE authorized_seq = %s"
-_SET_HEAD: Final = (
-    "UPDATE log_head SET seq = %s, hash = %s, ts = %s, frontier = %s, checkpointed = %s"
+# BEGIN and the head's lock in one round trip (the simple protocol: no parameters).
+_BEGIN_AND_LOCK_HEAD: Final = f"BEGIN; {_LOCK_HEAD}"
+# Everything an append transaction writes, as one statement the connection prepares
+# once, its values sent in binary: the new head, set only where the head is exactly
+# the one the batch was sealed after (this takes the head's lock, waiting for any
+# other replica's append, and then checks the row as that append left it), and each
+# table's rows as arrays (a row per position), written only if the head was. It
+# returns how many heads it set: 1, or 0 when the head was another and it wrote
+# nothing. Each part writes its own table; a call authorized and completed in one
+# batch is in neither pending part (``_plan`` drops it from both).
+_WRITE_BATCH: Final = (
+    "WITH head AS ("
+    " UPDATE log_head SET seq = %b::bigint, hash = %b::text, ts = %b::text,"
+    " frontier = %b::bytea[], checkpointed = %b::bigint"
+    " WHERE seq = %b::bigint AND hash = %b::text AND ts IS NOT DISTINCT FROM %b::text"
+    " AND frontier = %b::bytea[] AND checkpointed = %b::bigint RETURNING 1),"
+    " records_added AS ("
+    " INSERT INTO records (seq, ts, kind, prev, key_id, body, record, hash, signature)"
+    " SELECT * FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::text[], %b::text[],"
+    " %b::text[], %b::bytea[], %b::text[], %b::bytea[]) WHERE EXISTS (SELECT FROM head)),"
+    " nodes_put AS ("
+    " INSERT INTO merkle_nodes (level, idx, hash)"
+    " SELECT * FROM unnest(%b::integer[], %b::bigint[], %b::bytea[])"
+    " WHERE EXISTS (SELECT FROM head)"
+    " ON CONFLICT (level, idx) DO UPDATE SET hash = EXCLUDED.hash),"
+    " pending_added AS ("
+    " INSERT INTO pending_calls (authorized_seq, call_id, writer)"
+    " SELECT seq, call_id, %b::text FROM unnest(%b::bigint[], %b::text[]) AS a(seq, call_id)"
+    " WHERE EXISTS (SELECT FROM head)),"
+    " pending_removed AS ("
+    " DELETE FROM pending_calls WHERE authorized_seq = ANY(%b::bigint[])"
+    " AND EXISTS (SELECT FROM head)),"
+    " checkpoint_added AS ("
+    " INSERT INTO checkpoints (size, ts, note)"
+    " SELECT * FROM unnest(%b::bigint[], %b::text[], %b::text[])"
+    " WHERE EXISTS (SELECT FROM head))"
+    " SELECT count(*) FROM head"
 )
 _INSERT_CHECKPOINT: Final = "INSERT INTO checkpoints (size, ts, note) VALUES (%s, %s, %s)"
 _REGISTER: Final = (
@@ -194,6 +239,10 @@ class _Head:
         self.frontier = hashes
         self.checkpointed = checkpointed
 
+    def row(self) -> tuple[object, ...]:
+        """The ``log_head`` values this head stands for: seq, hash, ts, frontier, checkpointed."""
+        return (self.seq, self.prev, self.ts, list(self.frontier), self.checkpointed)
+
 
 @dataclass(slots=True)
 class _Plan:
@@ -209,17 +258,151 @@ class _Plan:
     proofs: list[tuple[int, str, bytes, tuple[bytes, ...]]] = field(default_factory=list)
     records: list[tuple[object, ...]] = field(default_factory=list)
     nodes: list[tuple[int, int, bytes]] = field(default_factory=list)
-    added: list[tuple[int, str, str]] = field(default_factory=list)
-    removed: list[tuple[int]] = field(default_factory=list)
+    added: dict[int, str] = field(default_factory=dict)
+    removed: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.seq, self.prev = self.head.seq, self.head.prev
         self.ts, self.frontier = self.head.ts, self.head.frontier
 
     def head_row(self) -> tuple[object, ...]:
-        """The new ``log_head`` values (``_SET_HEAD``'s parameters)."""
+        """The new ``log_head`` values: seq, hash, ts, frontier, checkpointed."""
         checkpointed = self.head.checkpointed if self.checkpoint is None else self.checkpoint.size
         return (self.seq, self.prev, self.ts, list(self.frontier), checkpointed)
+
+    def new_head(self) -> _Head:
+        """The head once this plan committed."""
+        return _Head(self.head_row())
+
+    def write_params(self, writer: str, checkpoint_ts: str) -> tuple[object, ...]:
+        """``_WRITE_BATCH``'s parameters: every row, the new head and the checkpoint."""
+        checkpoints: list[tuple[object, ...]] = []
+        if self.checkpoint is not None:
+            checkpoints.append((self.checkpoint.size, checkpoint_ts, self.checkpoint.note))
+        seqs, tss, kinds, prevs, key_ids, bodies, records, hashes, signatures = _columns(
+            self.records, 9
+        )
+        levels, indexes, node_hashes = _columns(self.nodes, 3)
+        sizes, checkpoint_tss, notes = _columns(checkpoints, 3)
+        return (
+            *_head_params(self.head_row()), *_head_params(self.head.row()),
+            _Int8Array.of(seqs), _TextArray.of(tss), _TextArray.of(kinds),
+            _TextArray.of(prevs), _TextArray.of(key_ids), _TextArray.of(bodies),
+            _ByteaArray.of(records), _TextArray.of(hashes), _ByteaArray.of(signatures),
+            _Int4Array.of(levels), _Int8Array.of(indexes), _ByteaArray.of(node_hashes),
+            writer, _Int8Array.of(list(self.added)), _TextArray.of(list(self.added.values())),
+            _Int8Array.of(self.removed),
+            _Int8Array.of(sizes), _TextArray.of(checkpoint_tss), _TextArray.of(notes),
+        )
+
+
+class _Array(bytes):
+    """
+    A one-dimensional array of ``OID``'s elements, already in PostgreSQL's binary
+    array format: psycopg sends it as it is (its generic list dumper costs more than
+    the rest of an append on the client).
+    """
+
+    __slots__ = ()
+    OID: ClassVar[int]
+    ELEMENT_OID: ClassVar[int]
+
+    @staticmethod
+    def elements(values: Sequence[object]) -> Iterator[bytes]:
+        """Each element's binary value, after its length."""
+        raise NotImplementedError
+
+    @classmethod
+    def of(cls, values: Sequence[object]) -> Self:
+        """The array of ``values`` (none of them None)."""
+        if not values:
+            return cls(_EMPTY_ARRAY.pack(0, 0, cls.ELEMENT_OID))
+        header = _ARRAY_HEADER.pack(1, 0, cls.ELEMENT_OID, len(values), 1)
+        return cls(header + b"".join(cls.elements(values)))
+
+
+class _Int8Array(_Array):
+    __slots__ = ()
+    OID, ELEMENT_OID = 1016, 20
+
+    @staticmethod
+    def elements(values: Sequence[object]) -> Iterator[bytes]:
+        for value in values:
+            if not isinstance(value, int):
+                raise TypeError("an integer array holds integers")
+            yield _INT8.pack(8, value)
+
+
+class _Int4Array(_Array):
+    __slots__ = ()
+    OID, ELEMENT_OID = 1007, 23
+
+    @staticmethod
+    def elements(values: Sequence[object]) -> Iterator[bytes]:
+        for value in values:
+            if not isinstance(value, int):
+                raise TypeError("an integer array holds integers")
+            yield _INT4.pack(4, value)
+
+
+class _TextArray(_Array):
+    __slots__ = ()
+    OID, ELEMENT_OID = 1009, 25
+
+    @staticmethod
+    def elements(values: Sequence[object]) -> Iterator[bytes]:
+        for value in values:
+            data = value if isinstance(value, bytes) else str(value).encode("utf-8")
+            yield _LENGTH.pack(len(data))
+            yield data
+
+
+class _ByteaArray(_Array):
+    __slots__ = ()
+    OID, ELEMENT_OID = 1001, 17
+
+    @staticmethod
+    def elements(values: Sequence[object]) -> Iterator[bytes]:
+        for value in values:
+            if not isinstance(value, bytes):
+                raise TypeError("a bytea array holds bytes")
+            yield _LENGTH.pack(len(value))
+            yield value
+
+
+_ARRAYS: Final = (_Int8Array, _Int4Array, _TextArray, _ByteaArray)
+_ARRAY_HEADER: Final = struct.Struct("!iiIii")
+_EMPTY_ARRAY: Final = struct.Struct("!iiI")
+_LENGTH: Final = struct.Struct("!i")
+_INT8: Final = struct.Struct("!iq")  # the length (8), then the value
+_INT4: Final = struct.Struct("!ii")
+
+
+def _head_params(row: tuple[object, ...]) -> tuple[object, ...]:
+    """A ``log_head`` row as ``_WRITE_BATCH`` takes it: its frontier a binary array."""
+    seq, prev, ts, frontier, checkpointed = row
+    if not isinstance(frontier, list):
+        raise TypeError("a head's frontier is a list")
+    return (seq, prev, ts, _ByteaArray.of(frontier), checkpointed)
+
+
+def _register_arrays(conn: Connection) -> None:
+    """Let ``conn`` send each ``_Array`` as it is, as its binary parameter."""
+    from psycopg.adapt import Buffer, Dumper  # noqa: PLC0415 - psycopg is loaded by now
+    from psycopg.pq import Format  # noqa: PLC0415
+
+    for kind in _ARRAYS:
+
+        class _Dumper(Dumper):
+            format = Format.BINARY
+            oid = kind.OID
+
+            def dump(self, obj: object) -> Buffer:
+                if not isinstance(obj, bytes):
+                    raise TypeError("an array parameter is its binary value")
+                return obj
+
+        conn.adapters.register_dumper(kind, _Dumper)
 
 
 class PostgresAuditStore:
@@ -243,7 +426,8 @@ class PostgresAuditStore:
         lease_seconds: How long after its last heartbeat this store counts as gone
             and its pending calls may be closed out by another replica.
         heartbeat_seconds: How often the heartbeat is renewed; less than the lease.
-        pool_size: At most this many connections to the server.
+        pool_size: At most this many connections to the server for reads,
+            heartbeats and checkpoints; appends use one more of their own.
 
     Example::
 
@@ -286,6 +470,14 @@ class PostgresAuditStore:
         self._pool_size = pool_size
         self._lock = threading.Lock()
         self._group = GroupCommit(self._write)
+        # The connection append transactions run on (outside the pool), and the lock
+        # its one user at a time holds: the group commit's leader, or ``close``.
+        self._writer: Connection | None = None
+        self._writer_lock = threading.Lock()
+        # The head as this store's last transaction left it, and whether the next
+        # batch may be sealed after it (the last one found the head where it was).
+        self._known: _Head | None = None
+        self._speculate = False
         self._pool: Pool | None = None
         self._origin = ""
         self._key_hash = b""
@@ -367,6 +559,7 @@ class PostgresAuditStore:
             self._key_hash = note_key_hash(origin, key_hash_of)
             self._writer_id = writer_id
             self._proofs = {}
+            self._known, self._speculate = None, False
             self._last_checkpoint_at = time.monotonic()
             self._pool = connections
             self._stop.clear()
@@ -399,8 +592,9 @@ class PostgresAuditStore:
                 conn.execute(_CLOSE_WRITER, (self._writer_id,))
         except AuditUnavailable:
             log.warning("audit_writer_close_failed", url=self._url.url, writer=self._writer_id)
-        with self._lock:
+        with self._writer_lock, self._lock:
             connections, self._pool = self._pool, None
+            self._drop_writer()
         if connections is not None:
             connections.close()
         log.info("audit_store_closed", url=self._url.url, writer=self._writer_id)
@@ -490,27 +684,8 @@ class PostgresAuditStore:
         """Write ``batch`` in one transaction; set each request's outcome."""
         try:
             closing = [r.completes for r in batch if r.only_if_pending and r.completes is not None]
-            with (
-                self._errors("append", kind=batch[0].kind),
-                self._connection() as conn,
-                conn.transaction(),
-            ):
-                head, closable = self._lock_head(conn, closing)
-                plan = self._plan(batch, head, closable)
-                with conn.pipeline():
-                    cursor = conn.cursor()
-                    for sql, rows in (
-                        (_INSERT_RECORD, plan.records), (_PUT_NODE, plan.nodes),
-                        (_ADD_PENDING, plan.added), (_REMOVE_PENDING, plan.removed),
-                    ):
-                        if rows:
-                            cursor.executemany(sql, rows)
-                    cursor.execute(_SET_HEAD, plan.head_row())
-                    if plan.checkpoint is not None:
-                        cursor.execute(
-                            _INSERT_CHECKPOINT,
-                            (plan.checkpoint.size, format_ts(self._clock()), plan.checkpoint.note),
-                        )
+            with self._errors("append", kind=batch[0].kind), self._writer_lock:
+                plan = self._transact(batch, closing)
         except BaseException as exc:  # noqa: BLE001 - each request of the batch re-raises it
             for request in batch:
                 if request.error is None:
@@ -528,6 +703,143 @@ class PostgresAuditStore:
             self._last_checkpoint_at = time.monotonic()
             log.info("audit_checkpoint_written", size=plan.checkpoint.size)
         return plan.checkpoint
+
+    def _transact(self, batch: list[AppendRequest], closing: list[int]) -> _Plan:
+        """
+        The append transaction, on the writer connection. Holds ``_writer_lock``.
+
+        When this store's last transaction found the head where it had left it (no
+        other replica appended in between), the batch is sealed after that head and
+        sent as one statement that commits on its own (one round trip): it writes
+        only if the head is still exactly that one, under the head's lock. Otherwise,
+        or when it wrote nothing, the batch goes the locked way, in two round trips:
+        BEGIN with the head's lock (and which of ``closing`` may be closed), sealing
+        after the head read, then every row, the new head and COMMIT.
+
+        A connection kept from an earlier batch that turns out broken at BEGIN (the
+        server restarted since) is replaced and the transaction begun once more:
+        nothing of it had been sent for commit. A failure from the statement that
+        commits on is never retried: its commit may have landed.
+        """
+        conn, fresh = self._writer_connection()
+        known, self._known = self._known, None
+        if known is not None and self._speculate and not closing:
+            plan = self._plan(batch, known, set())
+            try:
+                written = _wrote(self._send_batch(conn, plan))
+            except BaseException:
+                self._drop_writer()
+                raise
+            if written:
+                self._known = plan.new_head()
+                return plan
+        try:
+            head, closable = self._begin(conn, closing)
+        except Exception as exc:
+            broken = conn.broken or conn.closed
+            self._drop_writer()
+            if fresh or not broken:
+                raise
+            log.info("audit_writer_reconnecting", url=self._url.url, error=describe(exc))
+            conn, _ = self._writer_connection()
+            try:
+                head, closable = self._begin(conn, closing)
+            except BaseException:
+                self._drop_writer()
+                raise
+        except BaseException:
+            self._drop_writer()
+            raise
+        self._speculate = known is not None and head.row() == known.row()
+        try:
+            plan = self._plan(batch, head, closable)
+            self._commit_locked(conn, plan)
+        except BaseException:
+            # The server rolls back whatever the dropped connection left open.
+            self._drop_writer()
+            raise
+        self._known = plan.new_head()
+        return plan
+
+    def _commit_locked(self, conn: Connection, plan: _Plan) -> None:
+        """
+        In the transaction holding the head's lock: send ``plan`` and COMMIT at once
+        (one round trip); return once the server answered that it committed.
+
+        Raises:
+            AuditUnavailable: The server did not commit it.
+        """
+        with conn.pipeline():
+            sent = self._send_batch(conn, plan)
+            committed = conn.execute("COMMIT", prepare=False)
+        # A COMMIT of a transaction that failed answers ROLLBACK, not an error.
+        if not _wrote(sent) or committed.statusmessage != "COMMIT":
+            raise AuditUnavailable(
+                f"audit append at {self._url.url} was not committed "
+                f"({committed.statusmessage or 'no answer'})"
+            )
+
+    def _begin(self, conn: Connection, closing: list[int]) -> tuple[_Head, set[int]]:
+        """
+        BEGIN, lock ``log_head`` and read it (one round trip); with it, which of the
+        calls ``closing`` are still pending with their writer gone (one more, only
+        when closing out calls).
+        """
+        cursor = conn.execute(_BEGIN_AND_LOCK_HEAD, prepare=False)
+        cursor.nextset()
+        head = _Head(cursor.fetchone())
+        closable = set()
+        if closing:
+            rows = conn.execute(_CLOSABLE, (closing, self._writer_id)).fetchall()
+            closable = {int(str(row[0])) for row in rows}
+        return head, closable
+
+    def _send_batch(self, conn: Connection, plan: _Plan) -> Cursor:
+        """
+        Send ``_WRITE_BATCH`` for ``plan``; ``_wrote`` reads its answer. On its own
+        (not in a pipeline) the statement is its own transaction, committed once its
+        answer is read.
+        """
+        checkpoint_ts = "" if plan.checkpoint is None else format_ts(self._clock())
+        return conn.execute(_WRITE_BATCH, plan.write_params(self._writer_id, checkpoint_ts))
+
+    def _writer_connection(self) -> tuple[Connection, bool]:
+        """
+        The connection append transactions run on, and whether it is new: only the
+        group commit's leader uses it, one batch at a time (under ``_writer_lock``).
+        Made on first use and after a failure, with this session's limits set once.
+        """
+        self._require_open()
+        conn = self._writer
+        if conn is not None and not conn.closed and not _has_input(conn):
+            return conn, False
+        self._drop_writer()
+        conn = connect(
+            self._url, application_name=_APPLICATION_NAME, autocommit=True,
+            connect_timeout=_CONNECT_SECONDS,
+        )
+        # Every integer goes out as a bigint, so the prepared statement's types hold.
+        from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper  # noqa: PLC0415
+
+        conn.adapters.register_dumper(int, Int8BinaryDumper)
+        conn.adapters.register_dumper(int, Int8Dumper)
+        _register_arrays(conn)
+        try:
+            conn.execute(
+                _SESSION_LIMITS, (f"{_LOCK_WAIT_SECONDS}s", f"{_IDLE_IN_TRANSACTION_SECONDS}s")
+            )
+        except BaseException:
+            conn.close()
+            raise
+        self._writer = conn
+        return conn, True
+
+    def _drop_writer(self) -> None:
+        """Close the writer connection (the server rolls back its open transaction)."""
+        conn, self._writer = self._writer, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def _plan(self, batch: list[AppendRequest], head: _Head, closable: set[int]) -> _Plan:
         """
@@ -548,9 +860,10 @@ class PostgresAuditStore:
             plan.records.append(_record_row(record))
             plan.nodes.extend(rows)
             if request.authorizes is not None:
-                plan.added.append((record.seq, request.authorizes, self._writer_id))
+                plan.added[record.seq] = request.authorizes
             elif request.completes is not None:
-                plan.removed.append((request.completes,))
+                if plan.added.pop(request.completes, None) is None:
+                    plan.removed.append(request.completes)
                 closable.discard(request.completes)
             plan.seq, plan.prev, plan.ts, plan.frontier = (
                 record.seq, record.record_hash, record.ts, frontier
@@ -558,24 +871,16 @@ class PostgresAuditStore:
         plan.checkpoint = self._checkpoint_if_due(plan.seq, head.checkpointed, plan.frontier)
         return plan
 
-    def _lock_head(self, conn: Connection, closing: Iterable[int] = ()) -> tuple[_Head, set[int]]:
+    def _lock_head(self, conn: Connection) -> _Head:
         """
-        Lock ``log_head`` (waiting for any other replica's append) and read it; with
-        it, which of the calls ``closing`` are still pending with their writer gone.
-        One round trip.
+        In a transaction on a pooled connection: lock ``log_head`` (waiting for any
+        other replica's append) and read it, with this transaction's limits. One round
+        trip.
         """
-        closing = list(closing)
         with conn.pipeline():
             conn.execute(_LIMITS, (f"{_LOCK_WAIT_SECONDS}s", f"{_IDLE_IN_TRANSACTION_SECONDS}s"))
             head_rows = conn.execute(_LOCK_HEAD)
-            pending_rows = (
-                conn.execute(_CLOSABLE, (closing, self._writer_id)) if closing else None
-            )
-        head = _Head(head_rows.fetchone())
-        closable = set()
-        if pending_rows is not None:
-            closable = {int(str(row[0])) for row in pending_rows.fetchall()}
-        return head, closable
+        return _Head(head_rows.fetchone())
 
     def _seal(
         self, request: AppendRequest, seq: int, prev: Sha256Hex, head_ts: str | None
@@ -628,7 +933,7 @@ class PostgresAuditStore:
             AuditUnavailable: The checkpoint could not be written.
         """
         with self._errors("checkpoint"), self._connection() as conn, conn.transaction():
-            head, _ = self._lock_head(conn)
+            head = self._lock_head(conn)
             if head.seq == 0 or head.checkpointed > head.seq:
                 return None
             root = _frontier_root(head.frontier)
@@ -848,10 +1153,10 @@ class PostgresAuditStore:
 
 
 def _record_row(record: AuditRecord) -> tuple[object, ...]:
+    """The ``records`` row of ``record`` (its body as the UTF-8 text it is)."""
     return (
-        record.seq, record.ts, record.kind, record.prev, record.key_id,
-        record.body_json.decode("utf-8"), record.record_bytes, record.record_hash,
-        record.signature,
+        record.seq, record.ts, record.kind, record.prev, record.key_id, record.body_json,
+        record.record_bytes, record.record_hash, record.signature,
     )
 
 
@@ -892,6 +1197,31 @@ def _read_proof(conn: Connection, size: int) -> tuple[tuple[bytes, ...], bytes]:
         return found
 
     return compute(lookup)
+
+
+def _has_input(conn: Connection) -> bool:
+    """
+    Whether an idle connection has something to read: never, unless the server
+    ended it (it said why, or closed the socket), so it is dropped before use.
+    """
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+def _wrote(cursor: Cursor) -> bool:
+    """Whether ``_WRITE_BATCH`` wrote: it set the head, which was the one expected."""
+    row = cursor.fetchone()
+    return row is not None and row[0] == 1
+
+
+def _columns(rows: Sequence[tuple[object, ...]], width: int) -> tuple[list[object], ...]:
+    """``rows`` as ``width`` lists, one per column: the arrays an ``unnest`` takes."""
+    if not rows:
+        return tuple([] for _ in range(width))
+    return tuple(list(column) for column in zip(*rows, strict=True))
 
 
 def _frontier_root(frontier: tuple[bytes, ...]) -> bytes:

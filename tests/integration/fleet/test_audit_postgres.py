@@ -221,6 +221,76 @@ class TestPostgresAuditStore:
         assert 0 == done.returncode, done.stderr.decode()
 
 
+class TestAppendTransactions:
+    def test_appenders_waiting_together_share_a_commit(self, url, store, keys):
+        """Sixteen threads appending at once share commits, and the chain holds."""
+        commits_before = store.commits
+
+        def work(thread: int) -> None:
+            for i in range(10):
+                store.append("call.completed", {"t": thread, "i": i})
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        records = list(store.records())
+
+        assert 160 == len(records)
+        assert store.commits - commits_before <= 40  # at least four records a commit
+        _check_chain(records, {store.key_id: keys[0].public_key()})
+
+    def test_replicas_taking_turns_write_one_chain_and_one_tree(self, url, store, keys):
+        """
+        A replica that appends after another one did (its kept head is stale) writes
+        nothing on the stale head and appends after the real one: one gapless chain,
+        one tree, calls opened on one replica and closed on another leave none pending.
+        """
+        written: list[AuditRecord] = []
+        with PostgresAuditStore(url, FileSigner(keys[1]), checkpoint_every=7) as other:
+            for turn in range(6):
+                for replica in (store, other, store) if turn % 2 else (other, store):
+                    for i in range(3):
+                        authorized = replica.append("call.authorized", {"call": {"id": f"c{i}"}})
+                        written.append(authorized)
+                        closer = other if replica is store else store
+                        written.append(closer.append(
+                            "call.completed", {"call_id": f"c{i}", "authorized_seq": authorized.seq}
+                        ))
+                if turn == 3:
+                    other.checkpoint()
+            written.append(store.append("call.completed", {"last": True}))
+            final = other.checkpoint()
+        records = list(store.records())
+
+        assert list(range(1, len(written) + 1)) == [r.seq for r in records]
+        assert written == sorted(written, key=lambda r: r.seq) == records
+        _check_chain(records, {store.key_id: keys[0].public_key(),
+                               other.key_id: keys[1].public_key()})
+        opened = open_checkpoint(final.note, [keys[1].public_key()], origin=store.origin)
+        assert root_from_leaf_hashes([leaf_hash(r.record_bytes) for r in records]) == opened.root
+        assert [] == _rows(url.url, "SELECT authorized_seq FROM pending_calls")
+        for record in records[-5:]:
+            verify_receipt(store.receipt_for(record).to_json(),
+                           [keys[0].public_key(), keys[1].public_key()])
+
+    def test_an_append_connection_the_server_ended_is_replaced_before_use(self, url, store):
+        """Appends go on after the server ended the store's connections (as a restart does)."""
+        first = store.append("call.completed", {"i": 1})
+        ended = _rows(url.url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                      " WHERE application_name = 'callward-audit' AND pid <> pg_backend_pid()")
+        deadline = time.monotonic() + 10
+        while _rows(url.url, "SELECT 1 FROM pg_stat_activity WHERE application_name ="
+                    " 'callward-audit'") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = store.append("call.completed", {"i": 2})
+
+        assert ended
+        assert (2, first.record_hash) == (second.seq, second.prev)
+        assert [first, second] == list(store.records())
+
+
 class TestFleet:
     def test_four_processes_write_one_verifiable_log(self, postgres_url, keys):
         """
