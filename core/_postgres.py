@@ -17,6 +17,12 @@ Invariants:
   transaction-scoped advisory lock: two replicas starting at once migrate one after
   the other, the second finds nothing to do, and a failed step leaves the version
   where it was.
+- A pooled connection is checked without a round trip when it is handed out: only
+  one whose socket has something to say while idle (the server's goodbye, an EOF) is
+  tested with a query, and dropped when broken. A connection that breaks while in use
+  is dropped when it returns (psycopg_pool discards one in a BAD state), and
+  ``retry_once_on_broken_connection`` runs a read, or the part of a write before its
+  COMMIT, once more on another connection; never a COMMIT, whose outcome is unknown.
 - psycopg is imported on first use: the offline verifier and every SQLite-only
   command never load it.
 """
@@ -24,15 +30,21 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import select
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, NoReturn
+from typing import TYPE_CHECKING, Final, NoReturn, TypeVar
 
 from callward.core.errors import CallwardError, ConfigurationError
 
 if TYPE_CHECKING:
     import psycopg
     import psycopg_pool
+
+    Connection = psycopg.Connection[tuple[object, ...]]
+    Pool = psycopg_pool.ConnectionPool[Connection]
+
+T = TypeVar("T")
 
 #: The URL schemes a store URL may have.
 SCHEMES: Final = ("postgresql://", "postgres://")
@@ -191,28 +203,77 @@ def connect(
     )
 
 
+def check_idle(conn: Connection) -> None:
+    """
+    The pool's check of a connection it is about to hand out, without a round trip in
+    the common case: an idle connection's socket has nothing to read, unless the
+    server said goodbye (a restart's FATAL message) or the connection was cut (EOF,
+    a reset). Only then is it tested with an empty query, which raises when it is
+    broken, so the pool drops it and hands out another.
+
+    Raises:
+        psycopg.OperationalError: The connection is closed or broken.
+    """
+    import psycopg  # noqa: PLC0415 - on first use
+    import psycopg_pool  # noqa: PLC0415
+
+    if conn.closed:
+        raise psycopg.OperationalError("the connection is closed")
+    if _readable(conn.fileno()):
+        psycopg_pool.ConnectionPool.check_connection(conn)
+
+
+def _readable(fd: int) -> bool:
+    """Whether the socket ``fd`` has something to read (or hung up), without waiting."""
+    poll = getattr(select, "poll", None)
+    if poll is None:  # pragma: no cover - no poll() on this platform
+        return bool(select.select([fd], [], [fd], 0)[0])
+    poller = poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
+
+
 def pool(
     url: StoreUrl,
     *,
     application_name: str,
     max_size: int = 8,
     timeout: float = 5.0,
-) -> psycopg_pool.ConnectionPool[psycopg.Connection[tuple[object, ...]]]:
+    autocommit: bool = False,
+    configure: Callable[[Connection], None] | None = None,
+) -> Pool:
     """
-    A pool of connections that heals itself: a connection found broken is dropped and
-    a new one made, so a replica serves again once the server is back, without a
-    restart. Opened at once, waiting for no connection (a server down at start is
-    reported by the first use, not here).
+    A pool of connections that heals itself: a connection found broken, when it is
+    handed out (``check_idle``) or when it comes back, is dropped and a new one made,
+    so a replica serves again once the server is back, without a restart. Opened at
+    once, waiting for no connection (a server down at start is reported by the first
+    use, not here).
+
+    Args:
+        autocommit: Connections in autocommit mode: a single statement is one round
+            trip (no BEGIN, no COMMIT); ``conn.transaction()`` still makes a
+            transaction of several.
+        configure: Called once on each new connection, for session settings
+            (``SET lock_timeout ...``); a transaction it leaves open is committed.
+            ``synchronous_commit = on`` comes from the connection string, whatever
+            ``configure`` does.
     """
     import psycopg_pool  # noqa: PLC0415 - on first use
 
-    created = psycopg_pool.ConnectionPool(
+    def configured(conn: Connection) -> None:
+        if configure is not None:
+            configure(conn)
+        if not conn.autocommit:
+            conn.commit()
+
+    created: Pool = psycopg_pool.ConnectionPool(
         url.conninfo(application_name=application_name),
         min_size=1,
         max_size=max_size,
         timeout=timeout,
-        kwargs={"connect_timeout": max(1, round(timeout))},
-        check=psycopg_pool.ConnectionPool.check_connection,
+        kwargs={"connect_timeout": max(1, round(timeout)), "autocommit": autocommit},
+        configure=configured,
+        check=check_idle,
         # A background attempt to refill the pool backs off and gives up after this
         # long; a later request that finds the pool empty starts a new one, so a replica
         # heals however long the server was away.
@@ -222,6 +283,31 @@ def pool(
     )
     created.open(wait=False)
     return created
+
+
+def retry_once_on_broken_connection(connections: Pool, work: Callable[[Connection], T]) -> T:
+    """
+    ``work(conn)`` on a pooled connection; when it fails because that connection broke
+    (``psycopg.OperationalError`` with the connection now closed, e.g. the server
+    restarted), once more on another connection (the pool drops the broken one).
+
+    Only for work that may run twice: a read, or a write that does not commit inside
+    ``work`` (on a connection that is not in autocommit mode; the pool's ``connection()``
+    commits it after ``work`` returns). A failure during that COMMIT, whose outcome is
+    unknown, is never retried; nor is any other failure, nor a second one: they
+    propagate (callers turn them into their error with ``store_errors``).
+    """
+    import psycopg  # noqa: PLC0415 - on first use
+
+    retries = 1
+    while True:
+        with connections.connection() as conn:
+            try:
+                return work(conn)
+            except psycopg.OperationalError:
+                if retries == 0 or not conn.closed:
+                    raise
+                retries -= 1
 
 
 def migrate(conn: psycopg.Connection[tuple[object, ...]], component: str,
@@ -267,11 +353,13 @@ __all__ = [
     "MIGRATION_LOCK",
     "SCHEMES",
     "StoreUrl",
+    "check_idle",
     "connect",
     "describe",
     "is_store_url",
     "migrate",
     "pool",
     "raise_as",
+    "retry_once_on_broken_connection",
     "store_errors",
 ]

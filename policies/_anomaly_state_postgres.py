@@ -9,6 +9,9 @@ Invariants:
   pool heals itself, so the same object serves again once the database is back.
 - ``resolve`` is one conditional ``UPDATE``: of two replicas resolving one anomaly,
   exactly one gets it back; ``seen`` never moves ``last_seen`` backwards.
+- Every read and write is one statement on an autocommit connection: one round
+  trip, its own transaction. A read whose connection turned out broken runs once more
+  on another; a write never runs twice.
 - Times are the callers' (the replicas' clocks are assumed synchronised, e.g. NTP).
 - psycopg is loaded on first use, never by importing ``callward.policies``.
 """
@@ -18,10 +21,16 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Final, TypeAlias
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Final, TypeAlias, TypeVar
 
-from callward.core._postgres import StoreUrl, migrate, pool, store_errors
+from callward.core._postgres import (
+    StoreUrl,
+    migrate,
+    pool,
+    retry_once_on_broken_connection,
+    store_errors,
+)
 from callward.core.errors import ConfigurationError
 from callward.policies._anomaly_state import Anomaly, AnomalyStateUnavailable, _row
 
@@ -50,6 +59,7 @@ _STEPS: Final = (
 _COLUMNS: Final = ("id, principal, tool, metric, evidence, detected_at, last_seen, status, "
                    "resolved_at, resolved_by")
 _WHAT: Final = "anomaly state"
+T = TypeVar("T")
 
 
 class PostgresAnomalyState:
@@ -92,31 +102,42 @@ class PostgresAnomalyState:
                 self._pool.close()
                 self._pool = None
 
+    def _connections(self) -> psycopg_pool.ConnectionPool[_Connection]:
+        """The pool, made and the tables migrated on first use (inside ``store_errors``)."""
+        with self._lock:
+            if self._closed:
+                raise AnomalyStateUnavailable(f"{_WHAT} at {self.url.url} is closed")
+            if self._pool is None:
+                self._pool = pool(self.url, application_name="callward anomaly state",
+                                  max_size=self._pool_size, timeout=self._timeout,
+                                  autocommit=True)
+            connections = self._pool
+        if not self._migrated:
+            with connections.connection() as conn:
+                try:
+                    migrate(conn, COMPONENT, _STEPS)
+                except ConfigurationError as exc:  # a newer callward's tables: deny
+                    raise AnomalyStateUnavailable(exc.message, exc.remediation) from exc
+            self._migrated = True
+        return connections
+
     @contextlib.contextmanager
     def _use(self) -> Iterator[_Connection]:
-        """One transaction on a pooled connection; any failure is AnomalyStateUnavailable."""
+        """A pooled autocommit connection (one statement, one transaction); any failure is
+        AnomalyStateUnavailable."""
+        with store_errors(AnomalyStateUnavailable, _WHAT, url=self.url), \
+                self._connections().connection() as conn:
+            yield conn
+
+    def _read(self, work: Callable[[_Connection], T]) -> T:
+        """A read, retried once on another connection if its own broke."""
         with store_errors(AnomalyStateUnavailable, _WHAT, url=self.url):
-            with self._lock:
-                if self._closed:
-                    raise AnomalyStateUnavailable(f"{_WHAT} at {self.url.url} is closed")
-                if self._pool is None:
-                    self._pool = pool(self.url, application_name="callward anomaly state",
-                                      max_size=self._pool_size, timeout=self._timeout)
-                connections = self._pool
-            with connections.connection() as conn:
-                if not self._migrated:
-                    try:
-                        migrate(conn, COMPONENT, _STEPS)
-                    except ConfigurationError as exc:  # a newer callward's tables: deny
-                        raise AnomalyStateUnavailable(exc.message, exc.remediation) from exc
-                    self._migrated = True
-                with conn.transaction():
-                    yield conn
+            return retry_once_on_broken_connection(self._connections(), work)
 
     def _select(self, where: str, params: tuple[object, ...]) -> tuple[Anomaly, ...]:
-        with self._use() as conn:
-            rows = conn.execute(f"SELECT {_COLUMNS} FROM anomalies {where}",  # noqa: S608 - constant columns and clauses
-                                params).fetchall()
+        rows = self._read(lambda conn: conn.execute(
+            f"SELECT {_COLUMNS} FROM anomalies {where}",  # noqa: S608 - constant columns and clauses
+            params).fetchall())
         try:
             return tuple(_row(row) for row in rows)
         except ValueError as exc:  # evidence that is not JSON
@@ -174,9 +195,8 @@ class PostgresAnomalyState:
 
     def first_uses(self) -> dict[tuple[str, str], int]:
         """Every (principal, tool) seen, with the principal's call count when it was first seen."""
-        with self._use() as conn:
-            rows = conn.execute(
-                "SELECT principal, tool, calls_before FROM anomaly_first_uses").fetchall()
+        rows = self._read(lambda conn: conn.execute(
+            "SELECT principal, tool, calls_before FROM anomaly_first_uses").fetchall())
         return {(str(p), str(t)): int(str(n)) for p, t, n in rows}
 
     def add_first_use(self, principal: str, tool: str, at: float, calls_before: int) -> None:

@@ -35,8 +35,9 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
+import cedarpy
 import structlog
 
 from callward.core import (
@@ -63,6 +64,7 @@ from callward.policies._flows import Inflow, flow_check, inflows_of, inherited, 
 from callward.policies._loader import load_policy, parse_policy
 from callward.policies._reload import (
     RELOAD_INTERVAL_SECONDS,
+    Compiled,
     PolicyFile,
     ReloadResult,
     compile_policy,
@@ -75,6 +77,8 @@ from callward.policies._trace import STATE_RULE, UNKNOWN_TOOL_RULE, Check, Check
 log = structlog.get_logger()
 
 Clock = Callable[[], float]
+#: The Cedar context attribute that carries the session's labels (``_cedar``).
+_SESSION_LABELS: Final = "session_labels"
 
 
 def _proposal_id() -> str:
@@ -133,6 +137,8 @@ class Policy:
         self._reload_lock = threading.Lock()
         self.last_reload: ReloadResult | None = None
         self.shadow = shadow
+        # Whether the compiled policy it names can use the session's labels.
+        self._labels_used: tuple[Compiled, bool] | None = None
 
     @classmethod
     def from_file(cls, path: Path, **options: object) -> Policy:
@@ -217,7 +223,7 @@ class Policy:
 
     def explain(self, call: ToolCall, spec: ToolSpec | None, context: CallContext) -> Trace:
         """The full decision trace of a call, without recording or consuming anything."""
-        return self._evaluate(call, spec, context, commit=False)
+        return self._evaluate(call, spec, context, commit=False, full_trace=True)
 
     def enforce(self, call: ToolCall, spec: ToolSpec | None, context: CallContext) -> Decision:
         """
@@ -233,8 +239,16 @@ class Policy:
                                json_path=decision.json_path)
         return decision
 
+    def _uses_session_labels(self, compiled: Compiled) -> bool:
+        """``_uses_session_labels`` of ``compiled``, worked out once per compiled policy."""
+        known = self._labels_used
+        if known is None or known[0] is not compiled:
+            known = (compiled, _uses_session_labels(compiled))
+            self._labels_used = known
+        return known[1]
+
     def _evaluate(self, call: ToolCall, spec: ToolSpec | None, context: CallContext, *,
-                  commit: bool) -> Trace:
+                  commit: bool, full_trace: bool = False) -> Trace:
         compiled = self._compiled
         document = compiled.document
         # A call names a tool, or one version of it (name@version).
@@ -249,13 +263,20 @@ class Policy:
         now = self._clock()
         labels = document.labels_of(spec.name, spec.labels)
         inflows: tuple[Inflow, ...] | None = None
-        try:
-            session_labels = self.state.session_labels(labels_session_key(context))
-            if document.flows:
-                inflows = inflows_of(self.state, context, session_labels)
-        except StateUnavailable:
-            session_labels = frozenset()
-            record.add("flow", Check("state", False, (STATE_RULE,), "policy state unreadable"))
+        session_labels: frozenset[str] = frozenset()
+        # The session's labels are read when a flow rule or a Cedar policy can use them;
+        # otherwise no answer depends on them (explain still reads them for its trace).
+        needed = self._uses_session_labels(compiled)
+        if needed or full_trace:
+            try:
+                session_labels = self.state.session_labels(labels_session_key(context))
+                if document.flows:
+                    inflows = inflows_of(self.state, context, session_labels)
+            except StateUnavailable:
+                session_labels = frozenset()
+                if needed:
+                    record.add("flow", Check("state", False, (STATE_RULE,),
+                                             "policy state unreadable"))
         permits: tuple[RuleId, ...] = ()
         diagnostics: tuple[str, ...] = ()
         if in_bounds:
@@ -393,6 +414,27 @@ class Policy:
                 self._compiled = compiled
         self.last_reload = result
         return result
+
+
+def _uses_session_labels(compiled: Compiled) -> bool:
+    """
+    Whether a decision under ``compiled`` can depend on the session's labels: it has a
+    flow rule, or its Cedar text names the context attribute that carries them, in
+    the text itself or in Cedar's own parse of it (which resolves escapes such as
+    ``context["session\\u{5f}labels"]``). When in doubt (the parse fails): yes.
+    """
+    if compiled.document.flows:
+        return True
+    text = compiled.cedar.text
+    if _SESSION_LABELS in text:
+        return True
+    if not text.strip():
+        return False
+    try:
+        parsed = cedarpy.policies_to_json_str(text)
+    except Exception:  # noqa: BLE001 - unsure: the labels are read
+        return True
+    return _SESSION_LABELS in parsed
 
 
 def _summary(decision: Decision) -> dict[str, JSONValue]:

@@ -8,6 +8,8 @@ An upstream tool pinned or re-approved on one replica is pinned on every replica
 Invariants:
 
 - A pin is one upsert in one transaction: a reader sees the old digest or the new one.
+- A read is one statement on an autocommit connection (one round trip), run once more
+  on another connection when its own turned out broken; a pin never runs twice.
 - The database unreachable is a ``ConfigurationError``, as an unreadable pin file is;
   the upstream then stays blocked (fail closed) until the server is back, and the
   pool's fresh connections serve again without a restart.
@@ -18,7 +20,13 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Final
 
-from callward.core._postgres import StoreUrl, migrate, pool, store_errors
+from callward.core._postgres import (
+    StoreUrl,
+    migrate,
+    pool,
+    retry_once_on_broken_connection,
+    store_errors,
+)
 from callward.core.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -86,7 +94,8 @@ class PostgresPinStore:
         with self._open_lock:
             if self._pool is not None:
                 return self._pool
-            opened = pool(self.url, application_name=_APPLICATION, timeout=self._timeout)
+            opened = pool(self.url, application_name=_APPLICATION, timeout=self._timeout,
+                          autocommit=True)
             try:
                 with store_errors(ConfigurationError, "the pin table cannot be opened",
                                   url=self.url), opened.connection() as conn:
@@ -103,10 +112,9 @@ class PostgresPinStore:
             ConfigurationError: The pins cannot be read.
         """
         connections = self._connections()
-        with store_errors(ConfigurationError, "the pin table cannot be read", url=self.url), \
-                connections.connection() as conn:
-            rows = conn.execute("SELECT server, tool, digest FROM mcp_pins "
-                                "ORDER BY server, tool").fetchall()
+        with store_errors(ConfigurationError, "the pin table cannot be read", url=self.url):
+            rows = retry_once_on_broken_connection(connections, lambda conn: conn.execute(
+                "SELECT server, tool, digest FROM mcp_pins ORDER BY server, tool").fetchall())
         pins: dict[str, dict[str, str]] = {}
         for server, tool, digest in rows:
             pins.setdefault(str(server), {})[str(tool)] = str(digest)
@@ -118,10 +126,10 @@ class PostgresPinStore:
             ConfigurationError: The pins cannot be read.
         """
         connections = self._connections()
-        with store_errors(ConfigurationError, "the pin table cannot be read", url=self.url), \
-                connections.connection() as conn:
-            row = conn.execute("SELECT digest FROM mcp_pins WHERE server = %s AND tool = %s",
-                               (server, tool)).fetchone()
+        with store_errors(ConfigurationError, "the pin table cannot be read", url=self.url):
+            row = retry_once_on_broken_connection(connections, lambda conn: conn.execute(
+                "SELECT digest FROM mcp_pins WHERE server = %s AND tool = %s", (server, tool)
+            ).fetchone())
         return None if row is None else str(row[0])
 
     def pin(self, server: str, tool: str, digest: str) -> None:

@@ -17,6 +17,9 @@ Invariants (those of ``RegistryStore``, across processes and hosts):
 - Inside ``change()``, reads on the same thread go through the change's own
   transaction (as the SQLite store's one connection does), so the caller sees what
   it wrote and what others committed before it took the lock.
+- Reads outside a change run on autocommit connections (``generation`` is one
+  statement, one round trip), once more on another connection when theirs turned out
+  broken; a change is never run twice.
 - The database unreachable is a ``ConfigurationError``, as an unreadable
   ``registry.db`` is: the registry then resolves every name to nothing (fail
   closed), and the pool's fresh connections serve again once the server is back.
@@ -26,12 +29,18 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from callward.core._canonical import canonical_bytes
-from callward.core._postgres import StoreUrl, migrate, pool, store_errors
+from callward.core._postgres import (
+    StoreUrl,
+    migrate,
+    pool,
+    retry_once_on_broken_connection,
+    store_errors,
+)
 from callward.core.errors import ConfigurationError
 from callward.core.registry._registry import LiveState, LiveVersion
 from callward.core.registry._spec import spec_from_preimage, spec_preimage
@@ -43,6 +52,8 @@ if TYPE_CHECKING:
     import psycopg_pool
 
     Connection = psycopg.Connection[tuple[object, ...]]
+
+T = TypeVar("T")
 
 COMPONENT: Final = "registry"
 _APPLICATION: Final = "callward-registry"
@@ -144,7 +155,8 @@ class PostgresRegistryStore:
         with self._open_lock:
             if self._pool is not None:
                 return
-            opened = pool(self._url, application_name=_APPLICATION, timeout=self._timeout)
+            opened = pool(self._url, application_name=_APPLICATION, timeout=self._timeout,
+                          autocommit=True)
             try:
                 with store_errors(ConfigurationError, "the registry database cannot be opened",
                                   url=self._url), opened.connection() as conn:
@@ -173,17 +185,17 @@ class PostgresRegistryStore:
                                      remediation="open the store before use")
         return self._pool
 
-    @contextlib.contextmanager
-    def _reading(self) -> Iterator[Connection]:
-        """This thread's change's connection, else one from the pool; errors mapped."""
+    def _read(self, work: Callable[[Connection], T]) -> T:
+        """
+        ``work`` on this thread's change's connection, else on one from the pool (run once
+        more on another if that one turned out broken); errors mapped.
+        """
         held: Connection | None = getattr(self._held, "conn", None)
         if held is not None:
-            yield held
-            return
+            return work(held)
         connections = self._require()
-        with store_errors(ConfigurationError, _READ, url=self._url), \
-                connections.connection() as conn:
-            yield conn
+        with store_errors(ConfigurationError, _READ, url=self._url):
+            return retry_once_on_broken_connection(connections, work)
 
     # -- reading (LiveSource) -------------------------------------------------
 
@@ -195,8 +207,8 @@ class PostgresRegistryStore:
         Raises:
             ConfigurationError: The database cannot be read.
         """
-        with self._reading() as conn:
-            row = conn.execute("SELECT value FROM registry_generation WHERE id = 1").fetchone()
+        row = self._read(lambda conn: conn.execute(
+            "SELECT value FROM registry_generation WHERE id = 1").fetchone())
         if row is None:
             raise ConfigurationError("the registry's generation row is missing",
                                      remediation="the registry tables were changed outside "
@@ -210,24 +222,29 @@ class PostgresRegistryStore:
         Raises:
             ConfigurationError: The database cannot be read or a snapshot fails its digest.
         """
-        with self._reading() as conn, contextlib.ExitStack() as snapshot:
-            if getattr(self._held, "conn", None) is None:  # else the change's transaction
-                snapshot.enter_context(conn.transaction())
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            rows = conn.execute(
-                "SELECT name, version, digest, source_path, loaded_at FROM registry_versions "
-                "ORDER BY name, version").fetchall()
-            versions = tuple(
-                LiveVersion(self._spec(conn, str(name), str(version), str(digest)),
-                            str(path), _text(at))
-                for name, version, digest, path, at in rows)
-            active = {str(name): str(version) for name, version in conn.execute(
-                "SELECT name, version FROM registry_active").fetchall()}
-            withdrawn = frozenset(
-                (str(name), str(version), str(digest)) for name, version, digest in
-                conn.execute("SELECT name, version, digest FROM registry_withdrawn"
-                             ).fetchall())
-        return LiveState(versions, active, withdrawn)
+        in_change = getattr(self._held, "conn", None) is not None
+
+        def read(conn: Connection) -> LiveState:
+            with contextlib.ExitStack() as snapshot:
+                if not in_change:  # else the change's transaction
+                    snapshot.enter_context(conn.transaction())
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                rows = conn.execute(
+                    "SELECT name, version, digest, source_path, loaded_at "
+                    "FROM registry_versions ORDER BY name, version").fetchall()
+                versions = tuple(
+                    LiveVersion(self._spec(conn, str(name), str(version), str(digest)),
+                                str(path), _text(at))
+                    for name, version, digest, path, at in rows)
+                active = {str(name): str(version) for name, version in conn.execute(
+                    "SELECT name, version FROM registry_active").fetchall()}
+                withdrawn = frozenset(
+                    (str(name), str(version), str(digest)) for name, version, digest in
+                    conn.execute("SELECT name, version, digest FROM registry_withdrawn"
+                                 ).fetchall())
+            return LiveState(versions, active, withdrawn)
+
+        return self._read(read)
 
     def _spec(self, conn: Connection, name: str, version: str, digest: str) -> ToolSpec:
         key = (name, version, digest)
@@ -253,18 +270,16 @@ class PostgresRegistryStore:
 
     def file_text(self, ref_name: str, version: str) -> str | None:
         """The text of the file a stored version was loaded from, as it was read."""
-        with self._reading() as conn:
-            row = conn.execute(
-                "SELECT file_text FROM registry_versions WHERE name = %s AND version = %s",
-                (ref_name, version)).fetchone()
+        row = self._read(lambda conn: conn.execute(
+            "SELECT file_text FROM registry_versions WHERE name = %s AND version = %s",
+            (ref_name, version)).fetchone())
         return None if row is None else str(row[0])
 
     def history(self, name: str) -> tuple[HistoryEntry, ...]:
         """The changes of a name's active version, oldest first."""
-        with self._reading() as conn:
-            rows = conn.execute(
-                "SELECT seq, name, version, previous, action, at FROM registry_history "
-                "WHERE name = %s ORDER BY seq", (name,)).fetchall()
+        rows = self._read(lambda conn: conn.execute(
+            "SELECT seq, name, version, previous, action, at FROM registry_history "
+            "WHERE name = %s ORDER BY seq", (name,)).fetchall())
         entries: list[HistoryEntry] = []
         for seq, entry_name, version, previous, action, at in rows:
             known = _ACTIONS.get(str(action))

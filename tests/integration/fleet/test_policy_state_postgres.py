@@ -8,6 +8,7 @@ comes back without a restart.
 from __future__ import annotations
 
 import multiprocessing
+import random
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from callward.core import CallContext, ToolCall, ToolRegistry, tool
@@ -27,6 +29,7 @@ from callward.policies import (
     AnomalyStateUnavailable,
     AnomalyStore,
     Policy,
+    PolicyState,
     PolicyStateStore,
     PostgresAnomalyState,
     PostgresPolicyState,
@@ -159,6 +162,74 @@ class TestSharedLimit:
         assert second.charge([charge], NOW) is None
         assert "one" == first.charge([charge], NOW, commit=False)
         assert first.charge([charge], NOW + 61) is None  # the window moved on
+
+
+class TestChargeMatchesTheFile:
+    @pytest.mark.parametrize("algorithm", ["sliding_window", "token_bucket"])
+    def test_the_same_charges_get_the_same_answers_as_the_sqlite_state(self, states,
+                                                                         algorithm):
+        """
+        One round trip per charge in PostgreSQL, the arithmetic of the SQLite state:
+        a few hundred charges at uneven times, one and two limits at once, answer alike.
+        """
+        first, _ = states
+        local = PolicyState()
+        rng = random.Random(16)  # noqa: S311 - a fixed sequence of times, not a secret
+        small = RateCharge(rule="small", key=f"small-{algorithm}", algorithm=algorithm,  # type: ignore[arg-type]
+                           limit=3, window_seconds=7.5)
+        large = RateCharge(rule="large", key=f"large-{algorithm}", algorithm=algorithm,  # type: ignore[arg-type]
+                           limit=5, window_seconds=20.0)
+        now = NOW
+        answers: list[tuple[object, object]] = []
+        for _ in range(300):
+            now += rng.choice((0.0, 0.1, 0.7, 1.3, 2.5, 6.0))
+            charges = rng.choice(([small], [large], [small, large], [large, small]))
+            commit = rng.random() > 0.2
+            answers.append((first.charge(charges, now, commit=commit),
+                            local.charge(charges, now, commit=commit)))
+
+        assert [b for _, b in answers] == [a for a, _ in answers]
+        assert {"small", "large", None} == {a for a, _ in answers}
+
+    def test_two_limits_are_all_or_nothing(self, states):
+        """The second limit exhausted: the first is not charged either."""
+        first, second = states
+        roomy = RateCharge(rule="roomy", key="roomy", algorithm="token_bucket",  # type: ignore[arg-type]
+                           limit=2, window_seconds=600.0)
+        tight = RateCharge(rule="tight", key="tight", algorithm="sliding_window",  # type: ignore[arg-type]
+                           limit=1, window_seconds=600.0)
+        assert second.charge([tight], NOW) is None
+
+        assert "tight" == first.charge([roomy, tight], NOW)
+        assert first.charge([roomy], NOW) is None
+        assert first.charge([roomy], NOW) is None  # both of its two tokens were still there
+        assert "roomy" == first.charge([roomy], NOW)
+
+
+class TestBrokenConnections:
+    def test_connections_the_server_ended_are_replaced_without_a_failure(self, postgres_url,
+                                                                          states):
+        """
+        The server ends every idle connection (as a restart does): the next read and the
+        next charge run on fresh connections, with no failure and nothing lost.
+        """
+        first, _ = states
+        one = RateCharge(rule="one-only", key="k", algorithm="sliding_window",  # type: ignore[arg-type]
+                         limit=1, window_seconds=600.0)
+        first.add_session_labels("s1", frozenset({"secret"}), "c1", NOW)
+        assert first.charge([one], NOW) is None
+
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            ended = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND application_name = 'callward policy state'").fetchone()
+        assert ended is not None
+        assert int(str(ended[0])) >= 1
+        time.sleep(0.2)
+
+        assert frozenset({"secret"}) == first.session_labels("s1")
+        assert "one-only" == first.charge([one], NOW + 1)
 
 
 class TestApprovals:

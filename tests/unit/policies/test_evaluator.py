@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from callward.core import CallContext, PolicyDenied, ToolCall, ToolRegistry, tool
-from callward.policies import Policy
+from callward.core.errors import StateUnavailable
+from callward.policies import Policy, PolicyState
+from callward.policies._flows import labels_session_key
 
 POLICY = """
 version: 1
@@ -139,3 +141,105 @@ class TestDecide:
 
         assert ("schema", "schema.square", "$.x") == (
             caught.value.kind, caught.value.rule, caught.value.json_path)
+
+
+class CountingState(PolicyState):
+    """The in-memory state, counting the reads of a session's labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.label_reads = 0
+
+    def session_labels(self, session: str) -> frozenset[str]:
+        self.label_reads += 1
+        return super().session_labels(session)
+
+
+class UnreadableLabels(PolicyState):
+    """A state whose session labels cannot be read (a database that went away)."""
+
+    def session_labels(self, session: str) -> frozenset[str]:
+        raise StateUnavailable("policy state: unreachable")
+
+
+SESSION_KEY = labels_session_key(CallContext("alice", "s1"))
+LABELS_IN_CEDAR = """
+version: 1
+default: deny
+principals:
+  alice: {roles: [analyst]}
+cedar_inline: |
+  @id("clean-sessions-square")
+  permit (principal in Role::"analyst", action, resource == Tool::"square")
+    when { CONDITION };
+"""
+
+
+class TestSessionLabelsRead:
+    """The session's labels are read only where a rule can use them."""
+
+    def _square(self, registry, policy, session="s1"):
+        call = ToolCall.create(id="c1", name="square", arguments={"x": 3}, dialect="api")
+        return policy.decide(call, registry.get("square"), CallContext("alice", session))
+
+    def test_a_policy_without_flows_or_labels_in_cedar_reads_none(self, registry):
+        state = CountingState()
+        policy = Policy.from_text(POLICY, state=state)
+
+        assert "allow" == self._square(registry, policy).effect
+        assert 0 == state.label_reads
+
+    def test_explain_still_shows_the_session_labels(self, registry):
+        state = CountingState()
+        state.add_session_labels(SESSION_KEY, frozenset({"secret"}), "c0", 1.0)
+        policy = Policy.from_text(POLICY, state=state)
+        call = ToolCall.create(id="c1", name="square", arguments={"x": 3}, dialect="api")
+
+        trace = policy.explain(call, registry.get("square"), CallContext("alice", "s1"))
+
+        assert ("secret",) == trace.session_labels
+        assert 1 == state.label_reads
+
+    @pytest.mark.parametrize("condition", [
+        'context.session_labels.isEmpty()',
+        'context has session_labels && !context.session_labels.contains("secret")',
+        # An escape Cedar resolves: the attribute is found in Cedar's own parse.
+        '!context["session\\u{5f}labels"].contains("secret")',
+    ])
+    def test_cedar_that_names_the_labels_sees_them(self, registry, condition):
+        """A Cedar policy reading context.session_labels, however spelled, gets them."""
+        state = CountingState()
+        policy = Policy.from_text(LABELS_IN_CEDAR.replace("CONDITION", condition),
+                                  state=state)
+
+        assert "allow" == self._square(registry, policy).effect
+        state.add_session_labels(SESSION_KEY, frozenset({"secret"}), "c0", 1.0)
+        denied = self._square(registry, policy)
+
+        assert ("deny", "permission") == (denied.effect, denied.kind)
+        assert 2 == state.label_reads
+
+    def test_unreadable_labels_still_deny_where_cedar_reads_them(self, registry):
+        policy = Policy.from_text(
+            LABELS_IN_CEDAR.replace("CONDITION", "context.session_labels.isEmpty()"),
+            state=UnreadableLabels())
+
+        decision = self._square(registry, policy)
+
+        assert ("deny", "flow") == (decision.effect, decision.kind)
+
+    def test_unreadable_labels_decide_nothing_where_no_rule_reads_them(self, registry):
+        """No flow rule and no Cedar policy can use them: the answer does not depend on them."""
+        policy = Policy.from_text(POLICY, state=UnreadableLabels())
+
+        assert "allow" == self._square(registry, policy).effect
+
+    def test_explain_decides_as_decide_does_when_the_labels_are_unreadable(self, registry):
+        """explain reads the labels for its trace; where no rule uses them, failing to
+        read them changes no answer, as in decide."""
+        policy = Policy.from_text(POLICY, state=UnreadableLabels())
+        call = ToolCall.create(id="c1", name="square", arguments={"x": 3}, dialect="api")
+
+        trace = policy.explain(call, registry.get("square"), CallContext("alice", "s1"))
+
+        assert ("allow", ()) == (trace.decision.effect, trace.session_labels)
