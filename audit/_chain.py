@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Final, NoReturn
 
+import structlog
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -38,6 +39,12 @@ from callward.core._canonical import (
 )
 from callward.core.errors import VerificationFailed
 from callward.core.types import AuditRecord, KeyId
+
+log = structlog.get_logger()
+
+#: A ts this much before the head's is the clock going backwards, not a writer that
+#: waited for the lock (``held_at_head``).
+CLOCK_STEP_BACK_SECONDS: Final = 1.0
 
 GENESIS_PREV: Final = Sha256Hex("0" * 64)
 MAX_RECORD_BYTES: Final = 4 << 20
@@ -93,6 +100,27 @@ def format_ts(now: datetime) -> str:
     if utc.year >= 1000:  # isoformat's text, cheaper than strftime (which pads no year)
         return utc.isoformat(timespec="microseconds")[:-6] + "Z"
     return utc.strftime(_TS_FORMAT)
+
+
+def held_at_head(ts: str, head_ts: str | None) -> str:
+    """
+    The ts a record after the head gets: ``ts``, or the head's when ``ts`` is earlier, so
+    timestamps never go backwards along the chain. A writer that waited for the lock
+    stamps a time just before the head's, which is expected (logged at debug); a step
+    back larger than ``CLOCK_STEP_BACK_SECONDS`` is the clock itself going backwards
+    (a warning).
+    """
+    if head_ts is None or ts >= head_ts:
+        return ts
+    try:
+        behind = parse_ts(head_ts) - parse_ts(ts)
+    except ValueError:
+        behind = timedelta.max
+    if behind.total_seconds() > CLOCK_STEP_BACK_SECONDS:
+        log.warning("audit_clock_went_backwards", clock_ts=ts, head_ts=head_ts)
+    else:
+        log.debug("audit_ts_held_at_head", clock_ts=ts, head_ts=head_ts)
+    return head_ts
 
 
 def canonical_body(body: Mapping[str, JSONValue]) -> bytes:

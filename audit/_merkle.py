@@ -261,6 +261,19 @@ def _trivially_consistent(
     return False
 
 
+def frontier_root(frontier: Sequence[bytes]) -> bytes:
+    """
+    The root of the tree whose frontier is given: the roots of its perfect subtrees,
+    largest first (``EMPTY_ROOT`` for none).
+    """
+    if not frontier:
+        return EMPTY_ROOT
+    root = frontier[-1]
+    for h in reversed(frontier[:-1]):
+        root = node_hash(h, root)
+    return root
+
+
 class Frontier:
     """
     The roots of the perfect subtrees that make up a growing tree (a compact range):
@@ -290,12 +303,7 @@ class Frontier:
 
     def root(self) -> bytes:
         """The tree head over every leaf appended so far."""
-        if not self._hashes:
-            return EMPTY_ROOT
-        r = self._hashes[-1]
-        for h in reversed(self._hashes[:-1]):
-            r = node_hash(h, r)
-        return r
+        return frontier_root(self._hashes)
 
 
 __all__ = [

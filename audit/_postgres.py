@@ -61,29 +61,27 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, ClassVar, Final, Self
 
 import structlog
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from callward.audit._chain import (
     GENESIS_PREV,
     canonical_body,
     format_ts,
+    held_at_head,
     is_record_kind,
-    parse_ts,
     seal,
 )
 from callward.audit._checkpoint import Checkpoint, note_key_hash, sign_checkpoint
 from callward.audit._group_commit import AppendRequest, GroupCommit
 from callward.audit._merkle import (
     HASH_BYTES,
+    frontier_root,
     inclusion_proof,
     leaf_hash,
-    node_hash,
     root_from_inclusion_proof,
     subtree_from_perfect,
 )
@@ -97,7 +95,7 @@ from callward.audit._witness import (
     Witness,
     publish_to_all,
 )
-from callward.audit.signer import Signer
+from callward.audit.signer import Signer, public_key_of
 from callward.core._canonical import JSONValue, Sha256Hex
 from callward.core._postgres import StoreUrl, connect, describe, migrate, pool, store_errors
 from callward.core.errors import AuditUnavailable, ConfigurationError, VerificationFailed
@@ -126,9 +124,6 @@ _RECOVER_EVERY_HEARTBEATS: Final = 5
 # How many of this store's newest records keep their inclusion proof in memory.
 _PROOF_CACHE: Final = 1024
 _PAGE_ROWS: Final = 512
-# A record stamped up to this much before the head is expected (another replica's
-# clock, a wait for the lock); more is logged as the clock going backwards.
-_CLOCK_STEP_BACK_SECONDS: Final = 1.0
 
 _LIMITS: Final = (
     "SELECT set_config('lock_timeout', %s, true),"
@@ -528,7 +523,7 @@ class PostgresAuditStore:
         with self._lock:
             if self._pool is not None:
                 return
-            key_hash_of = _public_key_of(self._signer)
+            key_hash_of = public_key_of(self._signer)
             writer_id = uuid.uuid4().hex
             connections = pool(
                 self._url, application_name=_APPLICATION_NAME, max_size=self._pool_size
@@ -886,10 +881,7 @@ class PostgresAuditStore:
         self, request: AppendRequest, seq: int, prev: Sha256Hex, head_ts: str | None
     ) -> AuditRecord | None:
         """The record after ``seq``, its ts held at the head's; None if it alone is malformed."""
-        ts = request.ts
-        if head_ts is not None and ts < head_ts:
-            _log_held_ts(ts, head_ts)
-            ts = head_ts
+        ts = held_at_head(request.ts, head_ts)
         try:
             return seal(
                 seq=seq + 1, ts=ts, kind=request.kind, prev=prev,
@@ -912,7 +904,7 @@ class PostgresAuditStore:
         ):
             return None
         return sign_checkpoint(
-            self._origin, size, _frontier_root(frontier), signer=self._signer,
+            self._origin, size, frontier_root(frontier), signer=self._signer,
             key_hash=self._key_hash,
         )
 
@@ -936,7 +928,7 @@ class PostgresAuditStore:
             head = self._lock_head(conn)
             if head.seq == 0 or head.checkpointed > head.seq:
                 return None
-            root = _frontier_root(head.frontier)
+            root = frontier_root(head.frontier)
             if head.checkpointed == head.seq:
                 if only_if_grown:
                     return None
@@ -1222,33 +1214,6 @@ def _columns(rows: Sequence[tuple[object, ...]], width: int) -> tuple[list[objec
     if not rows:
         return tuple([] for _ in range(width))
     return tuple(list(column) for column in zip(*rows, strict=True))
-
-
-def _frontier_root(frontier: tuple[bytes, ...]) -> bytes:
-    """The root of the tree whose (non-empty) frontier is given, largest subtree first."""
-    root = frontier[-1]
-    for h in reversed(frontier[:-1]):
-        root = node_hash(h, root)
-    return root
-
-
-def _log_held_ts(ts: str, head_ts: str) -> None:
-    """Log a ts held at the head's: a warning only if it is far behind."""
-    try:
-        behind = parse_ts(head_ts) - parse_ts(ts)
-    except ValueError:
-        behind = timedelta.max
-    if behind.total_seconds() > _CLOCK_STEP_BACK_SECONDS:
-        log.warning("audit_clock_went_backwards", clock_ts=ts, head_ts=head_ts)
-    else:
-        log.debug("audit_ts_held_at_head", clock_ts=ts, head_ts=head_ts)
-
-
-def _public_key_of(signer: Signer) -> Ed25519PublicKey:
-    key = serialization.load_pem_public_key(signer.public_key_pem())
-    if not isinstance(key, Ed25519PublicKey):
-        raise ConfigurationError("the audit signer's public key is not Ed25519")
-    return key
 
 
 if TYPE_CHECKING:

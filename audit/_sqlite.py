@@ -53,26 +53,25 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Literal, Self
 
 import structlog
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from callward.audit._chain import (
     GENESIS_PREV,
     canonical_body,
     format_ts,
+    held_at_head,
     is_record_kind,
-    parse_ts,
     seal,
 )
 from callward.audit._checkpoint import Checkpoint, note_key_hash, sign_checkpoint
 from callward.audit._group_commit import AppendRequest, GroupCommit
-from callward.audit._merkle import leaf_hash, node_hash, root_from_inclusion_proof
+from callward.audit._merkle import frontier_root, leaf_hash, root_from_inclusion_proof
 from callward.audit._pending_calls import (
     call_links,
     interrupted_body,
@@ -110,9 +109,9 @@ from callward.audit._writer_lock import (
     writer_alive,
     writer_lock_path,
 )
-from callward.audit.signer import Signer
+from callward.audit.signer import Signer, public_key_of
 from callward.core._canonical import JSONValue, Sha256Hex
-from callward.core.errors import AuditUnavailable, ConfigurationError, VerificationFailed
+from callward.core.errors import AuditUnavailable, VerificationFailed
 from callward.core.types import AuditRecord, KeyId, Receipt, ReceiptProof
 
 log = structlog.get_logger()
@@ -136,9 +135,6 @@ _FLUSH_SECONDS: Final = 0.5
 # How many of this store's newest records keep their inclusion proof in memory.
 _PROOF_CACHE: Final = 1024
 _PAGE_ROWS: Final = 512
-# A writer that waited for the lock stamps a time just before the head's; that is
-# expected. A step back larger than this is the clock itself going backwards.
-_CLOCK_STEP_BACK_SECONDS: Final = 1.0
 
 
 def _utc_now() -> datetime:
@@ -286,7 +282,7 @@ class SQLiteAuditStore:
                     conn.close()
                     raise
             self._origin = origin
-            self._key_hash = note_key_hash(origin, _public_key_of(self._signer))
+            self._key_hash = note_key_hash(origin, public_key_of(self._signer))
             self._conn = conn
             self._synchronous = "FULL"
             self._unsynced = False
@@ -474,10 +470,7 @@ class SQLiteAuditStore:
             and not is_pending(conn, request.completes)
         ):
             return None
-        ts = request.ts
-        if head_ts is not None and ts < str(head_ts):
-            _log_held_ts(ts, str(head_ts))
-            ts = str(head_ts)
+        ts = held_at_head(request.ts, None if head_ts is None else str(head_ts))
         try:
             record = seal(
                 seq=seq + 1,
@@ -517,7 +510,7 @@ class SQLiteAuditStore:
         if request.rotate_to is not None:
             set_meta(conn, "current_key_id", request.rotate_to.key_id)
             self._signer = request.rotate_to
-            self._key_hash = note_key_hash(self._origin, _public_key_of(request.rotate_to))
+            self._key_hash = note_key_hash(self._origin, public_key_of(request.rotate_to))
         return record, rows[0][2], frontier[::-1], new_frontier
 
     def _check_current_key(self, conn: sqlite3.Connection) -> None:
@@ -542,7 +535,7 @@ class SQLiteAuditStore:
             self._checkpoint_seconds > 0 and elapsed >= self._checkpoint_seconds
         ):
             return None
-        return self._write_checkpoint(conn, size, _frontier_root(frontier))
+        return self._write_checkpoint(conn, size, frontier_root(frontier))
 
     def _write_checkpoint(self, conn: sqlite3.Connection, size: int, root: bytes) -> Checkpoint:
         checkpoint = sign_checkpoint(
@@ -692,7 +685,7 @@ class SQLiteAuditStore:
         Raises:
             AuditUnavailable: The rotation record is not durable; the old key stays.
         """
-        raw = _public_key_of(new_signer).public_bytes(
+        raw = public_key_of(new_signer).public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
         body: dict[str, JSONValue] = {
@@ -834,33 +827,6 @@ class SQLiteAuditStore:
                 conn.execute(f"PRAGMA busy_timeout = {wait_ms}")
             self._busy_zero = appending
         return conn
-
-
-def _frontier_root(frontier: tuple[bytes, ...]) -> bytes:
-    """The root of the tree whose (non-empty) frontier is given, largest subtree first."""
-    root = frontier[-1]
-    for h in reversed(frontier[:-1]):
-        root = node_hash(h, root)
-    return root
-
-
-def _log_held_ts(ts: str, head_ts: str) -> None:
-    """Log a ts held at the head's: a warning only if the clock really stepped back."""
-    try:
-        behind = parse_ts(head_ts) - parse_ts(ts)
-    except ValueError:
-        behind = timedelta.max
-    if behind.total_seconds() > _CLOCK_STEP_BACK_SECONDS:
-        log.warning("audit_clock_went_backwards", clock_ts=ts, head_ts=head_ts)
-    else:
-        log.debug("audit_ts_held_at_head", clock_ts=ts, head_ts=head_ts)
-
-
-def _public_key_of(signer: Signer) -> Ed25519PublicKey:
-    key = serialization.load_pem_public_key(signer.public_key_pem())
-    if not isinstance(key, Ed25519PublicKey):
-        raise ConfigurationError("the audit signer's public key is not Ed25519")
-    return key
 
 
 if TYPE_CHECKING:

@@ -56,6 +56,19 @@ class Signer(Protocol):
         ...
 
 
+def public_key_of(signer: Signer) -> Ed25519PublicKey:
+    """
+    The Ed25519 public key ``signer`` signs for.
+
+    Raises:
+        ConfigurationError: Its public key is not Ed25519.
+    """
+    key = serialization.load_pem_public_key(signer.public_key_pem())
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigurationError("the audit signer's public key is not Ed25519")
+    return key
+
+
 def key_id_of(public_key: Ed25519PublicKey) -> KeyId:
     """First 16 hex digits of SHA-256 over the raw 32-byte public key."""
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
