@@ -310,6 +310,43 @@ def retry_once_on_broken_connection(connections: Pool, work: Callable[[Connectio
                 retries -= 1
 
 
+def migrated_pool(
+    url: StoreUrl,
+    *,
+    component: str,
+    steps: Sequence[str],
+    error: Callable[..., CallwardError],
+    what: str,
+    application_name: str,
+    max_size: int = 8,
+    timeout: float = 5.0,
+    autocommit: bool = False,
+    configure: Callable[[Connection], None] | None = None,
+) -> Pool:
+    """
+    A store's pool (``pool``), its ``component``'s tables migrated before it is handed
+    out; closed again if that fails, so the next use tries afresh.
+
+    Raises:
+        ``error``: The server cannot be reached, or its tables were migrated by a newer
+            callward (a ``ConfigurationError`` kept as it is when ``error`` is that).
+    """
+    opened = pool(url, application_name=application_name, max_size=max_size,
+                  timeout=timeout, autocommit=autocommit, configure=configure)
+    try:
+        with store_errors(error, what, url=url), opened.connection() as conn:
+            migrate(conn, component, steps)
+    except ConfigurationError as exc:
+        opened.close()
+        if error is ConfigurationError:
+            raise
+        raise error(exc.message, exc.remediation) from exc  # a newer callward's tables
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
 def migrate(conn: psycopg.Connection[tuple[object, ...]], component: str,
             steps: Sequence[str]) -> int:
     """
@@ -358,6 +395,7 @@ __all__ = [
     "describe",
     "is_store_url",
     "migrate",
+    "migrated_pool",
     "pool",
     "raise_as",
     "retry_once_on_broken_connection",

@@ -26,12 +26,10 @@ from typing import TYPE_CHECKING, Final, TypeAlias, TypeVar
 
 from callward.core._postgres import (
     StoreUrl,
-    migrate,
-    pool,
+    migrated_pool,
     retry_once_on_broken_connection,
     store_errors,
 )
-from callward.core.errors import ConfigurationError
 from callward.policies._anomaly_state import Anomaly, AnomalyStateUnavailable, _row
 
 if TYPE_CHECKING:
@@ -91,7 +89,6 @@ class PostgresAnomalyState:
         self._pool_size = pool_size
         self._timeout = timeout
         self._pool: psycopg_pool.ConnectionPool[_Connection] | None = None
-        self._migrated = False
         self._closed = False
         self._lock = threading.Lock()
 
@@ -108,18 +105,12 @@ class PostgresAnomalyState:
             if self._closed:
                 raise AnomalyStateUnavailable(f"{_WHAT} at {self.url.url} is closed")
             if self._pool is None:
-                self._pool = pool(self.url, application_name="callward anomaly state",
-                                  max_size=self._pool_size, timeout=self._timeout,
-                                  autocommit=True)
-            connections = self._pool
-        if not self._migrated:
-            with connections.connection() as conn:
-                try:
-                    migrate(conn, COMPONENT, _STEPS)
-                except ConfigurationError as exc:  # a newer callward's tables: deny
-                    raise AnomalyStateUnavailable(exc.message, exc.remediation) from exc
-            self._migrated = True
-        return connections
+                self._pool = migrated_pool(
+                    self.url, component=COMPONENT, steps=_STEPS,
+                    error=AnomalyStateUnavailable, what=_WHAT,
+                    application_name="callward anomaly state", max_size=self._pool_size,
+                    timeout=self._timeout, autocommit=True)
+            return self._pool
 
     @contextlib.contextmanager
     def _use(self) -> Iterator[_Connection]:

@@ -38,12 +38,11 @@ from typing import TYPE_CHECKING, Final, TypeAlias, TypeVar
 from callward.core import RuleId
 from callward.core._postgres import (
     StoreUrl,
-    migrate,
-    pool,
+    migrated_pool,
     retry_once_on_broken_connection,
     store_errors,
 )
-from callward.core.errors import ConfigurationError, StateUnavailable
+from callward.core.errors import StateUnavailable
 from callward.policies._state import Proposal, RateCharge
 
 if TYPE_CHECKING:
@@ -178,7 +177,6 @@ class PostgresPolicyState:
         self._pool_size = pool_size
         self._timeout = timeout
         self._pool: psycopg_pool.ConnectionPool[_Connection] | None = None
-        self._migrated = False
         self._closed = False
         self._lock = threading.Lock()
 
@@ -195,18 +193,12 @@ class PostgresPolicyState:
             if self._closed:
                 raise StateUnavailable(f"{_WHAT} at {self.url.url} is closed")
             if self._pool is None:
-                self._pool = pool(self.url, application_name="callward policy state",
-                                  max_size=self._pool_size, timeout=self._timeout,
-                                  autocommit=True, configure=_configure)
-            connections = self._pool
-        if not self._migrated:
-            with connections.connection() as conn:
-                try:
-                    migrate(conn, COMPONENT, _STEPS)
-                except ConfigurationError as exc:  # a newer callward's tables: deny
-                    raise StateUnavailable(exc.message, exc.remediation) from exc
-            self._migrated = True
-        return connections
+                self._pool = migrated_pool(
+                    self.url, component=COMPONENT, steps=_STEPS, error=StateUnavailable,
+                    what=_WHAT, application_name="callward policy state",
+                    max_size=self._pool_size, timeout=self._timeout, autocommit=True,
+                    configure=_configure)
+            return self._pool
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[_Connection]:

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Final
 
 from callward.core._postgres import (
     StoreUrl,
-    migrate,
-    pool,
+    migrated_pool,
     retry_once_on_broken_connection,
     store_errors,
 )
@@ -92,19 +91,12 @@ class PostgresPinStore:
 
     def _connections(self) -> psycopg_pool.ConnectionPool[Connection]:
         with self._open_lock:
-            if self._pool is not None:
-                return self._pool
-            opened = pool(self.url, application_name=_APPLICATION, timeout=self._timeout,
-                          autocommit=True)
-            try:
-                with store_errors(ConfigurationError, "the pin table cannot be opened",
-                                  url=self.url), opened.connection() as conn:
-                    migrate(conn, COMPONENT, STEPS)
-            except BaseException:
-                opened.close()
-                raise
-            self._pool = opened
-            return opened
+            if self._pool is None:
+                self._pool = migrated_pool(
+                    self.url, component=COMPONENT, steps=STEPS, error=ConfigurationError,
+                    what="the pin table cannot be opened", application_name=_APPLICATION,
+                    timeout=self._timeout, autocommit=True)
+            return self._pool
 
     def load(self) -> dict[str, dict[str, str]]:
         """

@@ -36,8 +36,7 @@ from typing import TYPE_CHECKING, Final, TypeVar
 from callward.core._canonical import canonical_bytes
 from callward.core._postgres import (
     StoreUrl,
-    migrate,
-    pool,
+    migrated_pool,
     retry_once_on_broken_connection,
     store_errors,
 )
@@ -153,18 +152,11 @@ class PostgresRegistryStore:
                 are newer than this callward.
         """
         with self._open_lock:
-            if self._pool is not None:
-                return
-            opened = pool(self._url, application_name=_APPLICATION, timeout=self._timeout,
-                          autocommit=True)
-            try:
-                with store_errors(ConfigurationError, "the registry database cannot be opened",
-                                  url=self._url), opened.connection() as conn:
-                    migrate(conn, COMPONENT, STEPS)
-            except BaseException:
-                opened.close()
-                raise
-            self._pool = opened
+            if self._pool is None:
+                self._pool = migrated_pool(
+                    self._url, component=COMPONENT, steps=STEPS, error=ConfigurationError,
+                    what="the registry database cannot be opened",
+                    application_name=_APPLICATION, timeout=self._timeout, autocommit=True)
 
     def close(self) -> None:
         with self._open_lock:
