@@ -14,13 +14,13 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from callward.core._canonical import STRICT_DECODER
 from callward.core.parse._common import (
     Found,
     ParameterOrder,
     Read,
     Scan,
     decode_at,
+    decode_json,
     fail,
     inside,
     make_call,
@@ -116,7 +116,7 @@ def _natural_value(text: str, index: int) -> tuple[object, int]:
     """A JSON value if one stands there whole, else the bare words up to the next separator."""
     if index < len(text) and text[index] in '"{[-0123456789tfn':
         try:
-            value, end = STRICT_DECODER.raw_decode(text, index)
+            value, end = decode_json(text, index)
         except (ValueError, RecursionError):
             if text[index] in '"{[':
                 raise fail("a quoted or bracketed value is not valid JSON", index,

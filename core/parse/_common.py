@@ -76,6 +76,12 @@ def fail(message: str, offset: int | None, dialect: str) -> MalformedCall:
     return MalformedCall(f"{dialect} call{where}: {message}", offset=offset, dialect=dialect)
 
 
+def shown(value: object) -> str:
+    """A value from a payload as an error may quote it: its repr, cut to 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def inside(spans: Spans, index: int) -> bool:
     return any(start <= index < end for start, end in spans)
 
@@ -83,6 +89,52 @@ def inside(spans: Spans, index: int) -> bool:
 def skip_ws(text: str, index: int) -> int:
     match = _WHITESPACE.match(text, index)
     return match.end() if match else index
+
+
+class JSONError(ValueError):
+    """JSON that does not decode: the decoder's reason and the offset in the whole text."""
+
+    def __init__(self, msg: str, pos: int) -> None:
+        super().__init__(f"{msg} at offset {pos}")
+        self.msg = msg
+        self.pos = pos
+
+
+_FIRST_WINDOW: Final = 4096
+# An error this close to the window's end may be the window's doing (a cut escape).
+_WINDOW_MARGIN: Final = 16
+
+
+def decode_json(text: str, index: int) -> tuple[object, int]:
+    """
+    ``STRICT_DECODER.raw_decode(text, index)`` at a cost that grows with the JSON read,
+    not with ``index``.
+
+    json's own error counts the lines of everything before it, so each refused
+    candidate deep in a long message cost the whole text before it: quadratic over a
+    message of many candidates. The value is decoded in a window that grows until the
+    outcome cannot depend on what lies past it.
+
+    Raises:
+        JSONError: No valid JSON value starts at ``index``.
+        ValueError: The strict decoder's own refusals (NaN, duplicate keys).
+        RecursionError: Nesting beyond the interpreter's limit.
+    """
+    window = _FIRST_WINDOW
+    while True:
+        end = min(len(text), index + window)
+        piece = text[index:end]
+        whole = end == len(text)
+        try:
+            value, after = STRICT_DECODER.raw_decode(piece)
+        except json.JSONDecodeError as exc:
+            if whole or (exc.pos < len(piece) - _WINDOW_MARGIN
+                         and not exc.msg.startswith("Unterminated string")):
+                raise JSONError(exc.msg, index + exc.pos) from None
+        else:
+            if whole or after < len(piece):
+                return value, index + after
+        window *= 4
 
 
 def decode_at(text: str, index: int, dialect: str) -> tuple[object, int]:
@@ -93,8 +145,8 @@ def decode_at(text: str, index: int, dialect: str) -> tuple[object, int]:
         MalformedCall: No valid JSON value starts there.
     """
     try:
-        return STRICT_DECODER.raw_decode(text, index)
-    except json.JSONDecodeError as exc:
+        return decode_json(text, index)
+    except JSONError as exc:
         raise fail(f"invalid JSON ({exc.msg})", exc.pos, dialect) from exc
     except (ValueError, RecursionError) as exc:
         raise fail(f"invalid JSON ({exc})", index, dialect) from exc

@@ -3,6 +3,13 @@ Call objects without tags, as small models write them: ``{"name": ..., "argument
 in a fenced ```` ```json ```` block, or bare at the start of a line (one or several, or a
 list of them). ``parameters`` is read as ``arguments`` (Llama's spelling).
 
+Several call objects in a row are all read, in order: one per line, or on one line
+separated by nothing, ``;`` or ``,`` (``{…}; {…}``, ``{…} {…}``, ``{…},{…}``). A call
+object standing inside a line of prose (not at its start, not after a call) is
+refused: reading it could run a call the model was only describing, and dropping it
+would lose a call the model meant. In a call fence, anything after the calls but
+before the closing fence is refused for the same reason.
+
 JSON that is not shaped like a call (no ``name`` with ``arguments``) is text, not a
 call; JSON that fails to decode but names a ``name`` key is a call that cannot be
 read, and is refused.
@@ -10,19 +17,19 @@ read, and is refused.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Final
 
-from callward.core._canonical import STRICT_DECODER
 from callward.core.parse._common import (
     Found,
+    JSONError,
     NewId,
     Read,
     Scan,
     Spans,
     arguments_from,
     call_id,
+    decode_json,
     fail,
     make_call,
     skip_ws,
@@ -32,9 +39,18 @@ from callward.core.types import Dialect
 _FENCE_OPEN: Final = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\r?\n")
 _CALL_FENCES: Final = frozenset({"", "json", "JSON", "tool_call", "tool_code"})
 _FENCE_CLOSE: Final = "```"
-# A JSON value at a line start, or right after Llama's <|python_tag|>.
-_LINE_JSON: Final = re.compile(r"(?:^[ \t]*|<\|python_tag\|>\s*)([{\[])", re.MULTILINE)
 _NAME_KEY: Final = re.compile(r"""["']name["']\s*:""")
+# Where another JSON value may follow a call on the same line: blanks, then ';' or ','.
+_SEQUENCE_GAP: Final = re.compile(r"[ \t]*(?:[;,][ \t]*)?")
+# A line-start JSON value, or an object opening with a key anywhere else.
+_ANY_JSON: Final = re.compile(
+    r"(?:^[ \t]*|<\|python_tag\|>\s*)([{\[])|(\{)(?=\s*\")", re.MULTILINE)
+# The markers after which a JSON body stands, in the order they are looked for.
+_MARKED_JSON: Final = re.compile(
+    r"<tool_call>\s*|\[TOOL_CALLS\]\s*|\[ARGS\]\s*|<function=[^>\n]{0,256}>\s*"
+    r"|<\|python_tag\|>\s*|^[ \t]*(?=[{\[])",
+    re.MULTILINE,
+)
 _CALL_KEYS: Final = frozenset({"name", "arguments", "parameters", "id", "type"})
 
 
@@ -101,8 +117,8 @@ def _decode_candidate(
     refused with the offset where decoding stopped, never repaired.
     """
     try:
-        return STRICT_DECODER.raw_decode(text, index)
-    except json.JSONDecodeError as exc:
+        return decode_json(text, index)
+    except JSONError as exc:
         line_end = text.find("\n", index)
         region = text[index : max(exc.pos, len(text) if line_end == -1 else line_end)]
         if _NAME_KEY.search(region):
@@ -119,6 +135,7 @@ def read_fenced(text: str, scan: Scan) -> Read:
     position = 0
     while match := _FENCE_OPEN.search(text, position):
         index = skip_ws(text, match.end())
+        read_any = False
         # Code in another language is the model's prose, never a call.
         while match.group(1) in _CALL_FENCES and index < len(text) and text[index] in "{[":
             decoded = _decode_candidate(text, index, "json")
@@ -129,9 +146,14 @@ def read_fenced(text: str, scan: Scan) -> Read:
             if calls is None:
                 break
             found.extend(calls)
+            read_any = True
             index = skip_ws(text, after)
+            if index < len(text) and text[index] in ";,":
+                index = skip_ws(text, index + 1)
         # The fence closes after the last call read: a JSON string may hold backticks.
         close = text.find(_FENCE_CLOSE, index)
+        if read_any and text[index : len(text) if close == -1 else close].strip():
+            raise fail("unexpected text after the calls in a fenced block", index, "json")
         end = len(text) if close == -1 else close + len(_FENCE_CLOSE)
         spans.append((match.start(), end))
         position = end
@@ -139,14 +161,20 @@ def read_fenced(text: str, scan: Scan) -> Read:
 
 
 def read_bare(text: str, scan: Scan) -> Read:
-    """Call objects standing at the start of a line, outside everything ``scan.taken``."""
+    """
+    Call objects at the start of a line (and those following one on its line), outside
+    everything ``scan.taken``; a call object elsewhere in prose is refused.
+    """
     found: list[Found] = []
     position = 0
-    while match := _LINE_JSON.search(text, position):
-        index = match.start(1)
+    while match := _ANY_JSON.search(text, position):
+        index = match.start(1) if match.group(1) else match.start(2)
         inside = next((end for start, end in scan.taken if start <= index < end), None)
         if inside is not None:
             position = inside
+            continue
+        if not match.group(1):
+            position = _refuse_call_in_prose(text, index)
             continue
         decoded = _decode_candidate(text, index, "json")
         if decoded is None:
@@ -156,25 +184,63 @@ def read_bare(text: str, scan: Scan) -> Read:
         calls = _calls_from_value(value, index, after, "json", scan.new_id)
         if calls is not None:
             found.extend(calls)
+            after = _read_sequence(text, after, found, scan)
         position = after
     return Read.of_calls(found)
 
 
+def _read_sequence(text: str, after: int, found: list[Found], scan: Scan) -> int:
+    """The calls that follow a call on its line (``{…}; {…}``); returns where they end."""
+    while True:
+        gap = _SEQUENCE_GAP.match(text, after)
+        index = gap.end() if gap else after
+        if index >= len(text) or text[index] not in "{[":
+            return after
+        decoded = _decode_candidate(text, index, "json")
+        if decoded is None:
+            raise fail("a call is followed by JSON that cannot be read", index, "json")
+        value, end = decoded
+        calls = _calls_from_value(value, index, end, "json", scan.new_id)
+        if calls is None:
+            raise fail("a call is followed by JSON that is not a call", index, "json")
+        found.extend(calls)
+        after = end
+
+
+def _refuse_call_in_prose(text: str, index: int) -> int:
+    """An object inside a line of prose is data unless it is a call, which is refused."""
+    try:
+        value, after = decode_json(text, index)
+    except (ValueError, RecursionError):
+        return index + 1
+    if is_call_object(value):
+        raise fail("a call object inside a line of prose; write each call at the start of "
+                   "a line", index, "json")
+    return after
+
+
 def call_object_spans(text: str) -> Spans:
     """
-    Where call objects stand at line starts or after ``<|python_tag|>``: tags and call
-    syntax inside their JSON strings are data, never calls of their own.
+    The JSON bodies of calls, found in text order before any reader runs: call objects
+    at line starts, and the JSON after ``<tool_call>``, ``[TOOL_CALLS]``, ``[ARGS]``,
+    ``<function=name>`` and ``<|python_tag|>``. Tags and call syntax inside their JSON
+    strings are data, never calls of their own. A body that does not decode is not
+    protected; its reader refuses it.
     """
     spans: list[tuple[int, int]] = []
     position = 0
-    while match := _LINE_JSON.search(text, position):
-        index = match.start(1)
+    while match := _MARKED_JSON.search(text, position):
+        index = match.end()
+        if index >= len(text) or text[index] not in "{[":
+            position = max(index, match.start() + 1)
+            continue
         try:
-            value, after = STRICT_DECODER.raw_decode(text, index)
+            value, after = decode_json(text, index)
         except (ValueError, RecursionError):
             position = index + 1
             continue
-        if is_call_object(value) or (
+        at_line_start = not match.group().strip()
+        if not at_line_start or is_call_object(value) or (
             isinstance(value, list) and any(is_call_object(item) for item in value)
         ):
             spans.append((index, after))

@@ -1,7 +1,8 @@
 """
 Llama's ``<|python_tag|>``: after the tag, JSON call objects, ``name.call(k=v, ...)``
 calls with JSON values, or a pythonic list (see ``_pythonic``), separated by ``;``,
-up to ``<|eom_id|>``, ``<|eot_id|>``, the next tag or the end of the message.
+up to ``<|eom_id|>``, ``<|eot_id|>``, the next tag or the end of the message; and
+Llama 3.1's user-defined ``<function=name>{...}</function>`` tags.
 """
 
 from __future__ import annotations
@@ -93,3 +94,54 @@ def read_python_tag(text: str, scan: Scan) -> Read:
                 raise fail("expected ';' between calls", index, "llama")
         position = end
     return Read(found, tuple(spans))
+
+
+# --- <function=name>{...}</function> ------------------------------------------
+
+_FUNCTION_OPEN: Final = "<function="
+_FUNCTION_CLOSE: Final = "</function>"
+_FUNCTION_NAME: Final = re.compile(r"([A-Za-z_][A-Za-z0-9_.-]{0,127})>")
+
+
+def read_function_tag(text: str, scan: Scan) -> Read:
+    """
+    Llama 3.1's user-defined format, ``<function=name>{"k": v}</function>``, as Meta's
+    prompt-format guide defines it and ``ToolUtils.encode_tool_call`` writes it: one
+    JSON object of arguments per tag, several tags per message. The JSON is decoded
+    before the closing tag is looked for (a string may hold ``</function>``); a tag
+    that is not closed, holds anything but one JSON object (Qwen3-Coder's
+    ``<parameter=...>`` form included), or a stray closing tag, is refused.
+    """
+    found: list[Found] = []
+    position = 0
+    while (start := text.find(_FUNCTION_OPEN, position)) != -1:
+        _refuse_stray_function_close(text, position, start, scan)
+        if inside(scan.protected, start) or inside(scan.taken, start):
+            position = start + len(_FUNCTION_OPEN)
+            continue
+        name = _FUNCTION_NAME.match(text, start + len(_FUNCTION_OPEN))
+        if name is None:
+            raise fail("expected a tool name and '>' after <function=",
+                       start + len(_FUNCTION_OPEN), "llama")
+        body = skip_ws(text, name.end())
+        if not text.startswith("{", body):
+            raise fail("expected a JSON object of arguments after <function=name>", body,
+                       "llama")
+        arguments, after = decode_at(text, body, "llama")
+        close = skip_ws(text, after)
+        if not text.startswith(_FUNCTION_CLOSE, close):
+            reason = "is never closed" if close >= len(text) else "holds text after its JSON"
+            raise fail(f"<function={name.group(1)}> {reason}", close, "llama")
+        found.append(Found(start, make_call(call_id=scan.new_id(), name=name.group(1),
+                                            arguments=arguments, dialect="llama",
+                                            offset=body), close + len(_FUNCTION_CLOSE)))
+        position = close + len(_FUNCTION_CLOSE)
+    _refuse_stray_function_close(text, position, len(text), scan)
+    return Read.of_calls(found)
+
+
+def _refuse_stray_function_close(text: str, start: int, end: int, scan: Scan) -> None:
+    while (stray := text.find(_FUNCTION_CLOSE, start, end)) != -1:
+        if not (inside(scan.protected, stray) or inside(scan.taken, stray)):
+            raise fail(f"{_FUNCTION_CLOSE} without an opening tag", stray, "llama")
+        start = stray + len(_FUNCTION_CLOSE)

@@ -413,21 +413,24 @@ class TestMoreProperties:
         assert arguments == call.arguments
 
 
-CORPUS = Path(__file__).resolve().parents[2] / "corpus" / "model_outputs.jsonl"
+CORPUS = Path(__file__).resolve().parents[2] / "corpus"
+
+
+def _corpus_entries():
+    return [json.loads(line) for path in sorted(CORPUS.glob("*.jsonl"))
+            for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 class TestCorpus:
-    @pytest.mark.parametrize(
-        "entry",
-        [json.loads(line) for line in CORPUS.read_text(encoding="utf-8").splitlines()],
-        ids=lambda entry: entry["text"][:40],
-    )
+    @pytest.mark.parametrize("entry", _corpus_entries(), ids=lambda entry: entry["text"][:40])
     def test_real_outputs_parse_to_what_was_meant(self, parse, entry):
         """Each recorded output gives exactly its calls, or is refused at its offset."""
         if "error_offset" in entry:
             with pytest.raises(MalformedCall) as caught:
                 parse(entry["text"])
             assert entry["error_offset"] == caught.value.offset
+            if "error_dialect" in entry:
+                assert entry["error_dialect"] == caught.value.dialect
             return
 
         calls = parse(entry["text"])
@@ -435,3 +438,8 @@ class TestCorpus:
         assert [tuple(pair) for pair in entry["calls"]] == [
             (call.name, call.arguments) for call in calls
         ]
+
+    def test_every_corpus_entry_cites_its_source(self):
+        """A corpus entry without a source cannot be checked against the real thing."""
+        assert [] == [entry["text"][:40] for entry in _corpus_entries()
+                      if not entry.get("source")]
