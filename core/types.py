@@ -39,7 +39,8 @@ RuleId = NewType("RuleId", str)
 KeyId = NewType("KeyId", str)
 CallId = NewType("CallId", str)
 
-Dialect = Literal["article", "openai", "hermes", "api", "anthropic", "json", "llama", "mcp"]
+Dialect = Literal["article", "openai", "openai_responses", "hermes", "api", "anthropic", "json",
+                  "llama", "mistral", "mcp"]
 Effect = Literal["allow", "deny"]
 #: Where a call runs: a fresh container (``call``) or its agent session's (``session``).
 Isolation = Literal["call", "session"]
@@ -390,6 +391,67 @@ class Provenance:
         )
 
 
+#: The most roles, and the most groups, one identity may carry.
+MAX_IDENTITY_NAMES: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """
+    What a verified access token says of its principal, beside the name itself.
+
+    Made only from a token whose signature, issuer, audience and lifetime were
+    checked (``callward.core.mcp._oidc``). The policy adds ``roles`` and
+    ``groups`` to those its document gives the principal; every record of the
+    call carries ``to_json()``, which holds a hash of the token's ``jti`` and
+    never the token.
+
+    Attributes:
+        issuer: The token's ``iss``, as configured and checked.
+        roles: Role names from the configured roles claim.
+        groups: Group names from the configured groups claim.
+        token_id_sha256: Hex SHA-256 of the token's ``jti``; None when it has none.
+    """
+
+    issuer: str
+    roles: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()
+    token_id_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.issuer or len(self.issuer) > 1024:
+            raise ValueError("an issuer has 1 to 1024 characters")
+        for names in (self.roles, self.groups):
+            if len(names) > MAX_IDENTITY_NAMES:
+                raise ValueError(f"an identity holds at most {MAX_IDENTITY_NAMES} roles "
+                                 "and as many groups")
+            if not all(isinstance(n, str) and 0 < len(n) <= 256 for n in names):
+                raise ValueError("a role or group name has 1 to 256 characters")
+        if self.token_id_sha256 is not None and not _HEX64.match(self.token_id_sha256):
+            raise ValueError("token_id_sha256 is 64 lower-case hex digits")
+
+    def to_json(self) -> dict[str, JSONValue]:
+        return {"issuer": self.issuer, "roles": sorted(self.roles),
+                "groups": sorted(self.groups), "token_id_sha256": self.token_id_sha256}
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, JSONValue]) -> Identity:
+        """
+        The identity a record carries (``to_json``), e.g. to replay a decision.
+
+        Raises:
+            KeyError, TypeError, ValueError: ``value`` is not a recorded identity.
+        """
+        roles, groups = value.get("roles", []), value.get("groups", [])
+        token_id = value.get("token_id_sha256")
+        if not isinstance(roles, list) or not isinstance(groups, list):
+            raise TypeError("an identity has a list of roles and of groups")
+        if token_id is not None and not isinstance(token_id, str):
+            raise TypeError("token_id_sha256 is a string")
+        return cls(str(value["issuer"]), frozenset(str(r) for r in roles),
+                   frozenset(str(g) for g in groups), token_id)
+
+
 @dataclass(frozen=True, slots=True)
 class CallContext:
     """
@@ -398,11 +460,16 @@ class CallContext:
     Attributes:
         provenance: None when the origin of the arguments is unknown (the policy
             applies flow rules to the whole session); see ``Provenance``.
+        identity: What a verified access token says of the principal (issuer,
+            roles, groups); None for a principal known only by configuration.
+            The policy gives the caller the document's roles and groups for the
+            principal together with the identity's.
     """
 
     principal: str
     session_id: str = ""
     provenance: Provenance | None = None
+    identity: Identity | None = None
 
     def __post_init__(self) -> None:
         if not self.principal or len(self.principal) > 256:

@@ -131,8 +131,8 @@ class Approvals:
         Pass on a valid approval of this exact call (``pending.approval``, used at the
         commit), or deny and name the proposal it records when ``commit``.
         """
-        roles = document.roles_of(context.principal)
-        groups = document.groups_of(context.principal)
+        roles = document.caller_roles(context)
+        groups = document.caller_groups(context)
         rules = [rule for rule in document.approvals
                  if (spec.name in rule.tools or "*" in rule.tools)
                  and rule.who.matches(context.principal, roles, groups)]

@@ -20,7 +20,11 @@ and one more rule closes Cedar's open door: a policy that errors during
 evaluation is skipped by Cedar, so any evaluation error denies the call.
 
 The policy set and the principals are parsed once per loaded document; a
-tool's entity is added once per tool digest.
+tool's entity is added once per tool digest. A caller with an ``Identity`` (a
+verified access token) is ``Principal::"<name>"`` with the document's roles and
+groups for that name and the token's as parents; its entity set is built once
+per (tool digest, name, roles, groups) and kept in a bounded cache. A caller
+without one takes the unchanged path.
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ from typing import Any, Final
 
 import cedarpy
 
-from callward.core import JSONValue, PolicyInvalid, RuleId, ToolSpec
+from callward.core import Identity, JSONValue, PolicyInvalid, RuleId, ToolSpec
 from callward.policies._document import PolicyDocument, Rule
 
 ACTION: Final = {"type": "Action", "id": "Call"}
+#: How many (tool, caller identity) entity sets are kept before the oldest is dropped.
+_MAX_IDENTITY_ENTITIES: Final = 1024
 _DECIMAL_MAX: Final = Decimal("922337203685477.5807")
 
 
@@ -304,17 +310,53 @@ class CedarPermissions:
                                 f"{sorted(duplicates)[0]!r}")
         self._document = document
         self._entities: dict[str, cedarpy.Entities] = {}
+        self._callers: dict[tuple[str, str, frozenset[str], frozenset[str]],
+                            cedarpy.Entities] = {}
         self._lock = Lock()
+
+    def _tool_entity(self, spec: ToolSpec) -> dict[str, Any]:
+        labels = sorted(self._document.labels_of(spec.name, spec.labels))
+        return {"uid": _uid("Tool", spec.name), "attrs": {"labels": labels}, "parents": []}
 
     def _entities_for(self, spec: ToolSpec) -> cedarpy.Entities:
         entities = self._entities.get(spec.digest)
         if entities is None:
-            labels = sorted(self._document.labels_of(spec.name, spec.labels))
-            entities = self._base.with_added_json_str(json.dumps([
-                {"uid": _uid("Tool", spec.name), "attrs": {"labels": labels}, "parents": []}
-            ]))
+            entities = self._base.with_added_json_str(json.dumps([self._tool_entity(spec)]))
             with self._lock:
                 self._entities[spec.digest] = entities
+        return entities
+
+    def _entities_of(self, spec: ToolSpec, principal: str,
+                     identity: Identity | None) -> cedarpy.Entities:
+        """
+        The entities of a call by ``principal``: with an identity that carries roles or
+        groups, the principal's parents are the document's and the identity's.
+        """
+        if identity is None or not (identity.roles or identity.groups):
+            return self._entities_for(spec)
+        key = (spec.digest, principal, identity.roles, identity.groups)
+        entities = self._callers.get(key)
+        if entities is not None:
+            return entities
+        document = self._document
+        roles = document.roles_of(principal) | identity.roles
+        groups = document.groups_of(principal) | identity.groups
+        caller = {"uid": _uid("Principal", principal), "attrs": {},
+                  "parents": [_uid("Role", r) for r in sorted(roles)]
+                  + [_uid("Group", g) for g in sorted(groups)]}
+        if principal in document.principal_roles or principal in document.principal_groups:
+            # Listed in the document: its entity is in the base, so the set is built anew
+            # with this one in its place (Cedar refuses a second entity of one uid).
+            others = [entity for entity in principal_entities(document)
+                      if entity["uid"] != caller["uid"]]
+            entities = cedarpy.Entities.from_json_str(
+                json.dumps([*others, caller, self._tool_entity(spec)]))
+        else:
+            entities = self._entities_for(spec).with_added_json_str(json.dumps([caller]))
+        with self._lock:
+            if len(self._callers) >= _MAX_IDENTITY_ENTITIES:
+                self._callers.pop(next(iter(self._callers)))
+            self._callers[key] = entities
         return entities
 
     def decide(
@@ -326,9 +368,10 @@ class CedarPermissions:
         session_id: str,
         session_labels: frozenset[str],
         now: float,
+        identity: Identity | None = None,
     ) -> CedarAnswer:
         """
-        Ask Cedar about one call.
+        Ask Cedar about one call (by ``principal``, with its token's ``identity``).
 
         Raises:
             ContextError: An argument has no Cedar form.
@@ -347,7 +390,8 @@ class CedarPermissions:
             "resource": _uid("Tool", spec.name),
             "context": context,
         }
-        result = cedarpy.is_authorized(request, self._policies, self._entities_for(spec))
+        result = cedarpy.is_authorized(request, self._policies,
+                                       self._entities_of(spec, principal, identity))
         diagnostics = result.diagnostics
         reasons = diagnostics.reasons
         permits = tuple(self.ids[p] for p in reasons if self._effects.get(p) == "permit")
@@ -355,7 +399,8 @@ class CedarPermissions:
         errors = tuple(str(e)[:300] for e in diagnostics.errors)
         return CedarAnswer(result.allowed and not errors, permits, forbids, errors)
 
-    def may_discover(self, *, principal: str, spec: ToolSpec, now: float) -> bool:
+    def may_discover(self, *, principal: str, spec: ToolSpec, now: float,
+                     identity: Identity | None = None) -> bool:
         """
         Whether some call of this tool by this principal could be permitted, asked of
         Cedar without arguments: yes if a permit matched, or failed only because it
@@ -371,7 +416,8 @@ class CedarPermissions:
                         "time": {"epoch_seconds": int(now), "hour_utc": moment.tm_hour,
                                  "weekday_utc": moment.tm_wday}},
         }
-        result = cedarpy.is_authorized(request, self._policies, self._entities_for(spec))
+        result = cedarpy.is_authorized(request, self._policies,
+                                       self._entities_of(spec, principal, identity))
         diagnostics = result.diagnostics
         if any(self._effects.get(p) == "forbid" for p in diagnostics.reasons):
             return False

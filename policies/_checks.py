@@ -41,7 +41,7 @@ def pin_check(document: PolicyDocument, spec: ToolSpec, record: CheckRecord) -> 
 
 
 def input_checks(schema: SchemaCheck, document: PolicyDocument, call: ToolCall, spec: ToolSpec,
-                 record: CheckRecord, *, principal: str) -> bool:
+                 record: CheckRecord, *, context: CallContext) -> bool:
     """Bounds, schema and argument constraints; False when the input is out of bounds."""
     bounds = _bounds(call)
     if bounds is not None:
@@ -60,9 +60,9 @@ def input_checks(schema: SchemaCheck, document: PolicyDocument, call: ToolCall, 
             "" if path is None else f"a path argument leaves {confinement.root}", path))
     constraints = document.argument_constraints.get(spec.name, ())
     if constraints:
-        broken = first_violation(constraints, call.arguments, principal=principal,
-                                 roles=document.roles_of(principal),
-                                 groups=document.groups_of(principal))
+        broken = first_violation(constraints, call.arguments, principal=context.principal,
+                                 roles=document.caller_roles(context),
+                                 groups=document.caller_groups(context))
         record.add("constraint", Check(
             "constraint", broken is None,
             (broken.rule,) if broken else tuple(c.id for c in constraints),
@@ -101,7 +101,8 @@ def permission_check(cedar: CedarPermissions, call: ToolCall, spec: ToolSpec, *,
     try:
         answer = cedar.decide(
             principal=context.principal, spec=spec, arguments=call.arguments,
-            session_id=context.session_id, session_labels=session_labels, now=now)
+            session_id=context.session_id, session_labels=session_labels, now=now,
+            identity=context.identity)
     except ContextError as exc:
         record.add("constraint", Check("cedar.context", False, (CEDAR_CONTEXT_RULE,),
                                        str(exc), exc.json_path))
@@ -124,8 +125,8 @@ def anomaly_check(anomalies: OpenAnomalies | None, document: PolicyDocument, spe
                   *, context: CallContext, pending: Pending, record: CheckRecord,
                   now: float) -> None:
     """Deny, or ask for approval, while an anomaly a gate names is open for the caller."""
-    roles = document.roles_of(context.principal)
-    groups = document.groups_of(context.principal)
+    roles = document.caller_roles(context)
+    groups = document.caller_groups(context)
     gates = [g for g in document.anomaly_gates
              if g.applies(context.principal, roles, groups, spec.name)]
     if not gates:

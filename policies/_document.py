@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Literal
 
-from callward.core import ResourceLimits, RuleId, Sha256Hex
+from callward.core import CallContext, ResourceLimits, RuleId, Sha256Hex
 from callward.core.types import MIB
 from callward.policies._argument_constraints import ArgumentConstraint
 
@@ -218,6 +218,16 @@ class PolicyDocument:
 
     def groups_of(self, principal: str) -> frozenset[str]:
         return self.principal_groups.get(principal, frozenset())
+
+    def caller_roles(self, context: CallContext) -> frozenset[str]:
+        """The caller's roles: the document's for its principal and its token's (identity)."""
+        own = self.principal_roles.get(context.principal, frozenset())
+        return own if context.identity is None else own | context.identity.roles
+
+    def caller_groups(self, context: CallContext) -> frozenset[str]:
+        """The caller's groups: the document's for its principal and its token's (identity)."""
+        own = self.principal_groups.get(context.principal, frozenset())
+        return own if context.identity is None else own | context.identity.groups
 
     def limits_for(self, tool: str, defaults: ResourceLimits) -> ResourceLimits:
         """The tool's limits with the policy's settings for it applied on top."""

@@ -35,8 +35,8 @@ def rate_limit_check(state: PolicyStateStore, document: PolicyDocument, spec: To
                      *, context: CallContext, labels: frozenset[str], pending: Pending,
                      record: CheckRecord, now: float, commit: bool) -> None:
     """Gather the charges of every rate limit that applies; check them unless ``commit`` will."""
-    roles = document.roles_of(context.principal)
-    groups = document.groups_of(context.principal)
+    roles = document.caller_roles(context)
+    groups = document.caller_groups(context)
     for limit in document.rate_limits:
         if not limit.applies(context.principal, roles, groups, spec.name, labels):
             continue

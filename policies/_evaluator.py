@@ -43,6 +43,7 @@ import structlog
 from callward.core import (
     CallContext,
     Decision,
+    Identity,
     JSONValue,
     PolicyDenied,
     RuleId,
@@ -175,7 +176,8 @@ class Policy:
         """
         try:
             return self._compiled.cedar.may_discover(principal=context.principal, spec=spec,
-                                                     now=self._clock())
+                                                     now=self._clock(),
+                                                     identity=context.identity)
         except Exception:  # noqa: BLE001 - a listing boundary: what cannot be shown allowed is hidden
             log.warning("tool_discovery_failed", tool=spec.name)
             return False
@@ -258,8 +260,7 @@ class Policy:
             return Trace(decision, (Check("unknown_tool", False, (UNKNOWN_TOOL_RULE,)),))
         record = CheckRecord()
         pin_check(document, spec, record)
-        in_bounds = input_checks(self._schema, document, call, spec, record,
-                                 principal=context.principal)
+        in_bounds = input_checks(self._schema, document, call, spec, record, context=context)
         now = self._clock()
         labels = document.labels_of(spec.name, spec.labels)
         inflows: tuple[Inflow, ...] | None = None
@@ -338,13 +339,15 @@ class Policy:
     # -- upstream MCP resources and prompts -----------------------------------
 
     def mcp_content_rule(self, server: str, kind: Literal["resource", "prompt"], name: str,
-                         principal: str) -> RuleId | None:
+                         principal: str, identity: Identity | None = None) -> RuleId | None:
         """
         The rule that enables one upstream resource (by URI) or prompt (by name) for
-        ``principal``, or None: resources and prompts are off unless a rule names them.
+        ``principal`` (with its token's ``identity``), or None: resources and prompts are
+        off unless a rule names them.
         """
         document = self._compiled.document
-        roles, groups = document.roles_of(principal), document.groups_of(principal)
+        context = CallContext(principal, identity=identity)
+        roles, groups = document.caller_roles(context), document.caller_groups(context)
         for rule in document.mcp_content:
             if rule.enables(server, kind, name) and rule.who.matches(principal, roles, groups):
                 return rule.id

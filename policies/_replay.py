@@ -17,6 +17,7 @@ from typing import Any, Final
 from callward.core import (
     CallContext,
     Decision,
+    Identity,
     JSONValue,
     Provenance,
     ToolCall,
@@ -130,8 +131,11 @@ def _recorded_call(body: Mapping[str, Any]) -> tuple[ToolCall, CallContext]:
                            dialect="api")
     # A plan step's provenance replays too, so its flow labels are judged per value again.
     provenance = body.get("provenance")
+    # A token's roles and groups replay too (the document's are the candidate's own).
+    identity = body.get("identity")
     return call, CallContext(str(body["principal"]), str(body.get("session_id", "")),
-                             None if provenance is None else Provenance.from_json(provenance))
+                             None if provenance is None else Provenance.from_json(provenance),
+                             None if identity is None else Identity.from_json(identity))
 
 
 def _compare(report: ReplayReport, call: ToolCall, context: CallContext,

@@ -28,6 +28,7 @@ def _serve(args: argparse.Namespace, home: Home) -> int:
     from callward.core.mcp._auth import parse_clients  # noqa: PLC0415
     from callward.core.mcp._content import UpstreamContent  # noqa: PLC0415
     from callward.core.mcp._gateway import open_upstreams  # noqa: PLC0415
+    from callward.core.mcp._oidc import OidcVerifier, parse_oidc  # noqa: PLC0415
     from callward.core.mcp._section import raw_mcp_section  # noqa: PLC0415
     from callward.core.mcp._server import (  # noqa: PLC0415
         McpFace,
@@ -40,11 +41,15 @@ def _serve(args: argparse.Namespace, home: Home) -> int:
     path = config_path(args, home)
     section = raw_mcp_section(path)
     tokens = parse_clients(section.get("clients") if isinstance(section, dict) else None)
+    oidc_settings = parse_oidc(section.get("auth") if isinstance(section, dict) else None,
+                               base=path.parent)
+    oidc = None if oidc_settings is None else OidcVerifier(oidc_settings)
     if args.transport == "http":
         require_loopback(args.host)
-    if args.principal is None and (args.transport == "stdio" or tokens is None):
+    if args.principal is None and (args.transport == "stdio" or (tokens is None
+                                                                  and oidc is None)):
         raise ConfigurationError("--principal is needed unless HTTP clients are configured "
-                                 "with bearer tokens (mcp.clients)")
+                                 "with bearer tokens (mcp.clients) or OIDC (mcp.auth.oidc)")
     with open_upstreams(path, home=home.root,
                         unsafe_skip_probes=skip_probes(args)) as (gateway, upstreams), \
             serving_metrics(gateway, args.metrics_port):
@@ -57,7 +62,7 @@ def _serve(args: argparse.Namespace, home: Home) -> int:
                 log.info("mcp_serve_interrupted")
         else:
             serve_http(face, host=args.host, port=args.port, tokens=tokens,
-                       audit=gateway.audit)
+                       audit=gateway.audit, oidc=oidc)
     return EXIT_OK
 
 

@@ -35,7 +35,7 @@ from callward.core.mcp._connection import UpstreamConnection
 from callward.core.mcp._pins import McpContentPolicy
 from callward.core.mcp._section import NAMESPACE_SEPARATOR, namespaced
 from callward.core.protocols import AuditLog, PolicyEngine
-from callward.core.types import RuleId
+from callward.core.types import Identity, RuleId
 
 if TYPE_CHECKING:
     from callward.core.gateway import Gateway
@@ -112,34 +112,38 @@ class UpstreamContent:
         """The content of ``connections`` under ``gateway``'s policy, audit log and reloads."""
         return cls(connections, gateway.policy, gateway.audit, before=gateway.poll_policy_reload)
 
-    def _rule(self, server: str, kind: Kind, name: str, principal: str) -> RuleId | None:
+    def _rule(self, server: str, kind: Kind, name: str, principal: str,
+              identity: Identity | None) -> RuleId | None:
         if self._policy is None:
             return None
         if self._before is not None:
             self._before()
-        return self._policy.mcp_content_rule(server, kind, name, principal)
+        return self._policy.mcp_content_rule(server, kind, name, principal, identity)
 
     # -- listings -------------------------------------------------------------
 
-    def list_resources(self, principal: str) -> list[types.Resource]:
+    def list_resources(self, principal: str,
+                       identity: Identity | None = None) -> list[types.Resource]:
         """The enabled resources of every upstream, namespaced."""
         listed = []
         for server, connection in sorted(self._connections.items()):
             for resource in self._listing(server, connection.list_resources):
-                if self._rule(server, "resource", resource.uri, principal) is not None:
+                if self._rule(server, "resource", resource.uri, principal,
+                              identity) is not None:
                     listed.append(resource.model_copy(update={
                         "uri": resource_uri(server, resource.uri),
                         "name": f"{server}{NAMESPACE_SEPARATOR}{resource.name}"}))
         return listed
 
-    def list_prompts(self, principal: str) -> list[types.Prompt]:
+    def list_prompts(self, principal: str,
+                     identity: Identity | None = None) -> list[types.Prompt]:
         """The enabled prompts of every upstream, namespaced."""
         listed = []
         for server, connection in sorted(self._connections.items()):
             for prompt in self._listing(server, connection.list_prompts):
                 name = namespaced(server, prompt.name)
                 if name is not None and self._rule(server, "prompt", prompt.name,
-                                                   principal) is not None:
+                                                   principal, identity) is not None:
                     listed.append(prompt.model_copy(update={"name": name}))
         return listed
 
@@ -154,8 +158,8 @@ class UpstreamContent:
 
     # -- reads ----------------------------------------------------------------
 
-    def read_resource(self, uri: str, *, principal: str,
-                      session_id: str = "") -> types.ReadResourceResult:
+    def read_resource(self, uri: str, *, principal: str, session_id: str = "",
+                      identity: Identity | None = None) -> types.ReadResourceResult:
         """
         Read one enabled resource, treated by the result rules and audited.
 
@@ -164,14 +168,15 @@ class UpstreamContent:
             AuditUnavailable: The record could not be written; nothing is returned.
         """
         body: dict[str, JSONValue] = {"uri": uri[:2048], "principal": principal,
-                                      "session_id": session_id}
+                                      "session_id": session_id, **_identity_fields(identity)}
         split = split_resource_uri(uri)
         if split is None:
             raise self._refuse("resource", body, "unknown_uri",
                                "no upstream resource has that URI")
         server, original = split
         body.update(server=server, upstream_uri=original[:2048])
-        connection, rule = self._enabled(server, "resource", original, principal, body)
+        connection, rule = self._enabled(server, "resource", original, principal, body,
+                                         identity=identity)
         try:
             result = connection.read_resource(original, _WALL_SECONDS)
         except Exception as exc:  # timeouts and protocol errors alike: refused, audited
@@ -183,7 +188,8 @@ class UpstreamContent:
         return out
 
     def get_prompt(self, name: str, arguments: Mapping[str, str] | None, *, principal: str,
-                   session_id: str = "") -> types.GetPromptResult:
+                   session_id: str = "",
+                   identity: Identity | None = None) -> types.GetPromptResult:
         """
         Get one enabled prompt, treated by the result rules and audited.
 
@@ -196,7 +202,8 @@ class UpstreamContent:
         arguments_json = canonical_bytes(given)
         body: dict[str, JSONValue] = {"name": name[:256], "principal": principal,
                                       "session_id": session_id,
-                                      "arguments_sha256": sha256_hex(arguments_json)}
+                                      "arguments_sha256": sha256_hex(arguments_json),
+                                      **_identity_fields(identity)}
         server, _, prompt = name.partition(NAMESPACE_SEPARATOR)
         if not prompt or namespaced(server, prompt) != name:
             raise self._refuse("prompt", body, "unknown_name", "no upstream prompt has that name")
@@ -204,7 +211,8 @@ class UpstreamContent:
         if len(arguments_json) > MAX_PROMPT_ARGUMENTS_BYTES:
             raise self._refuse("prompt", body, "arguments_too_large",
                                "the prompt's arguments are over 64 KiB")
-        connection, rule = self._enabled(server, "prompt", prompt, principal, body)
+        connection, rule = self._enabled(server, "prompt", prompt, principal, body,
+                                         identity=identity)
         try:
             result = connection.get_prompt(prompt, given, _WALL_SECONDS)
         except Exception as exc:  # timeouts and protocol errors alike: refused, audited
@@ -217,12 +225,13 @@ class UpstreamContent:
     # -- steps ----------------------------------------------------------------
 
     def _enabled(self, server: str, kind: Kind, name: str, principal: str,
-                 body: dict[str, JSONValue]) -> tuple[UpstreamConnection, RuleId]:
+                 body: dict[str, JSONValue], *,
+                 identity: Identity | None) -> tuple[UpstreamConnection, RuleId]:
         connection = self._connections.get(server)
         if connection is None:
             raise self._refuse(kind, body, "unknown_server", f"no upstream server is named "
                                f"{server[:64]!r}")
-        rule = self._rule(server, kind, name, principal)
+        rule = self._rule(server, kind, name, principal, identity)
         if rule is None:
             raise self._refuse(kind, body, "not_enabled",
                                f"the policy does not enable this {kind} for {principal!r}",
@@ -285,3 +294,8 @@ class UpstreamContent:
             "policy_digest": self._policy.digest if self._policy is not None else None})
         log.info("mcp_content_refused", kind=kind, reason=reason)
         return ContentRefused(message, reason)
+
+
+def _identity_fields(identity: Identity | None) -> dict[str, JSONValue]:
+    """The caller's token identity for a record (issuer, roles, groups, ``jti`` hash)."""
+    return {} if identity is None else {"identity": identity.to_json()}

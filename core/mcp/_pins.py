@@ -22,6 +22,7 @@ from callward.core.protocols import PolicyEngine, PolicyHooks, PolicyReload, Sha
 from callward.core.types import (
     CallContext,
     Decision,
+    Identity,
     ResultTreatment,
     RuleId,
     ToolCall,
@@ -44,7 +45,8 @@ class McpContentPolicy(Protocol):
     def digest(self) -> Sha256Hex: ...
 
     def mcp_content_rule(self, server: str, kind: Literal["resource", "prompt"], name: str,
-                         principal: str) -> RuleId | None: ...
+                         principal: str, identity: Identity | None = None
+                         ) -> RuleId | None: ...
 
     def treat_content(self, name: str, content_json: bytes) -> ResultTreatment: ...
 
@@ -186,11 +188,11 @@ class PinGate:
         return self._inner.decide(call, spec, context), None
 
     def mcp_content_rule(self, server: str, kind: Literal["resource", "prompt"], name: str,
-                         principal: str) -> RuleId | None:
+                         principal: str, identity: Identity | None = None) -> RuleId | None:
         """The inner policy's rule enabling an upstream resource or prompt (None: off)."""
         if not isinstance(self._inner, McpContentPolicy):
             return None
-        return self._inner.mcp_content_rule(server, kind, name, principal)
+        return self._inner.mcp_content_rule(server, kind, name, principal, identity)
 
     def treat_content(self, name: str, content_json: bytes) -> ResultTreatment:
         """

@@ -42,6 +42,7 @@ MCP_SECTION_SCHEMA: Final = {
     "additionalProperties": False,
     "properties": {
         "clients": {"type": "array"},  # validated by callward.core.mcp._auth
+        "auth": {"type": "object"},  # validated by callward.core.mcp._oidc
         "servers": {
             "type": "object",
             "propertyNames": {"pattern": _SERVER_NAME, "maxLength": 24},
