@@ -18,7 +18,10 @@ the signed record that explains it.
 
 Observers (``callward.core.observe._events``: the metrics, the anomaly detector) see a
 call only after its final record is durable; one that raises is logged and
-skipped, so observing can neither fail, lose nor change a call.
+skipped, so observing can neither fail, lose nor change a call. With tracing on
+(``callward.core.observe._tracing``), a call is an ``execute_tool`` span with a child
+per stage, and each record names the span it was written in; spans hold no
+argument or result value, and with tracing off the records are as without it.
 """
 
 from __future__ import annotations
@@ -58,6 +61,13 @@ from callward.core.gateway._start import (
     start_body,
 )
 from callward.core.observe._events import CallEvent, CallObserver, RecordObserver
+from callward.core.observe._tracing import (
+    Tracing,
+    annotate_decision,
+    annotate_outcome,
+    annotate_record,
+    annotate_result,
+)
 from callward.core.parse._front import parse_model_output
 from callward.core.protocols import (
     AuditLog,
@@ -75,6 +85,7 @@ from callward.core.types import (
     CallId,
     Decision,
     Execution,
+    Identity,
     Placement,
     Provenance,
     Receipt,
@@ -156,6 +167,7 @@ class Gateway:
         closers: tuple[Callable[[], None], ...] = (),
         observers: tuple[CallObserver, ...] = (),
         max_argument_bytes: int = DEFAULT_MAX_ARGUMENT_BYTES,
+        tracing: Tracing | None = None,
     ) -> None:
         if max_argument_bytes < MIN_MAX_ARGUMENT_BYTES:
             raise ValueError(f"max_argument_bytes is at least {MIN_MAX_ARGUMENT_BYTES}")
@@ -172,6 +184,8 @@ class Gateway:
         self._new_id = new_id
         self._closers = closers
         self.observers = observers
+        # Spans of the calls (callward.core.observe._tracing); off unless configured.
+        self.tracing = tracing if tracing is not None else Tracing.from_global()
         # Set by join_fleet when this gateway is a replica of a fleet.
         self._replica: ReplicaRegistry | None = None
         self._replica_id: str | None = None
@@ -200,7 +214,7 @@ class Gateway:
         parts = build_parts(path, home=home)
         gateway = cls(registry=parts.registry, policy=parts.policy, runner=parts.runner,
                       audit=parts.audit, closers=parts.closers, observers=parts.observers,
-                      max_argument_bytes=parts.max_argument_bytes)
+                      max_argument_bytes=parts.max_argument_bytes, tracing=parts.tracing)
         try:
             gateway.prove_start(parts.start, unsafe_skip_probes=unsafe_skip_probes)
             if parts.fleet is not None and parts.start.replica is not None:
@@ -263,13 +277,14 @@ class Gateway:
         """Makes an id for a call whose model gave none (callers that parse use it too)."""
         return self._new_id
 
-    def tools_for(self, principal: str, *, session_id: str = "") -> tuple[ToolSpec, ...]:
+    def tools_for(self, principal: str, *, session_id: str = "",
+                  identity: Identity | None = None) -> tuple[ToolSpec, ...]:
         """
         The registered tools a listing shows this caller (MCP ``tools/list``, the agent's
         prompt): those the policy could allow it. A tool left out is still decided, and
         denied, when called by name; a listing is never an authorization.
         """
-        context = CallContext(principal=principal, session_id=session_id)
+        context = CallContext(principal=principal, session_id=session_id, identity=identity)
         return tuple(spec for spec in self.registry if self.policy.may_discover(spec, context))
 
     def record(self, kind: str, body: Mapping[str, JSONValue]) -> Receipt:
@@ -284,7 +299,7 @@ class Gateway:
         """
         if kind.startswith("call.") or not _RECORD_KIND.match(kind):
             raise ValueError("a record kind is dotted snake_case and not call.*")
-        receipt = self._receipt(self.audit.append(kind, body))
+        receipt = self._receipt(self._append("callward.audit.record", kind, body))
         for observer in self.observers:
             if isinstance(observer, RecordObserver):
                 try:
@@ -314,6 +329,7 @@ class Gateway:
         *,
         principal: str,
         session_id: str = "",
+        identity: Identity | None = None,
     ) -> tuple[ToolResult, ...]:
         """
         Parse one model message and run every call in it through the gateway.
@@ -326,18 +342,21 @@ class Gateway:
         Raises:
             AuditUnavailable: A record could not be written; see the module invariants.
         """
-        context = CallContext(principal=principal, session_id=session_id)
+        context = CallContext(principal=principal, session_id=session_id, identity=identity)
         started = self._clock()
         self.registry.refresh()
-        try:
-            calls = parse_model_output(
-                text, parameter_order=self.registry.parameter_order, new_id=self._new_id
-            )
-        except MalformedCall as exc:
-            return (self._reject(text, exc, context),)
+        with self.tracing.span("callward.parse") as span:
+            try:
+                calls = parse_model_output(
+                    text, parameter_order=self.registry.parameter_order, new_id=self._new_id
+                )
+            except MalformedCall as exc:
+                annotate_outcome(span, "malformed")
+                return (self._reject(text, exc, context),)
+            span.set_attribute("callward.parse.calls", len(calls))
         parse_ms = _ms(started, self._clock())
         return tuple(self.handle(call, principal=principal, session_id=session_id,
-                                 parse_ms=parse_ms) for call in calls)
+                                 parse_ms=parse_ms, identity=identity) for call in calls)
 
     def handle(
         self,
@@ -347,6 +366,7 @@ class Gateway:
         session_id: str = "",
         parse_ms: float = 0.0,
         provenance: Provenance | None = None,
+        identity: Identity | None = None,
     ) -> ToolResult:
         """
         Run one parsed call: decide, audit, execute, audit, return.
@@ -358,17 +378,26 @@ class Gateway:
             provenance: Where the arguments came from (a plan step's ``$ref`` edges);
                 the policy checks flow rules per value with it, and every record of
                 the call carries it. None: unknown, flow rules apply to the session.
+            identity: What the caller's verified access token says (issuer, roles,
+                groups, a hash of its ``jti``); the policy adds its roles and groups to
+                the document's, and every record of the call carries it.
 
         Raises:
             AuditUnavailable: A record could not be written; nothing is returned.
         """
-        step = self._authorize(call, principal=principal, session_id=session_id,
-                               parse_ms=parse_ms, provenance=provenance)
-        if isinstance(step, ToolResult):
-            return step
-        started = self._clock()
-        outcome = self._execute(call, step.spec, step.decision, step.context)
-        return self._complete(step, outcome, _ms(started, self._clock()))
+        with self.tracing.tool_span(call) as span:
+            step = self._authorize(call, principal=principal, session_id=session_id,
+                                   parse_ms=parse_ms, provenance=provenance, identity=identity)
+            if isinstance(step, ToolResult):
+                annotate_result(span, step)
+                return step
+            started = self._clock()
+            with self.tracing.span("callward.sandbox") as run_span:
+                outcome = self._execute(call, step.spec, step.decision, step.context)
+                annotate_outcome(run_span, outcome.kind)
+            result = self._complete(step, outcome, _ms(started, self._clock()))
+            annotate_result(span, result)
+            return result
 
     async def handle_awaiting(
         self,
@@ -377,6 +406,7 @@ class Gateway:
         principal: str,
         session_id: str = "",
         run: AwaitedRun,
+        identity: Identity | None = None,
     ) -> ToolResult:
         """
         ``handle``, with the tool's run awaited (``run``) instead of blocking a thread.
@@ -394,27 +424,41 @@ class Gateway:
         Raises:
             AuditUnavailable: A record could not be written; nothing is returned.
         """
-        step = self._authorize(call, principal=principal, session_id=session_id)
-        if isinstance(step, ToolResult):
-            return step
-        decision = step.decision
-        started = self._clock()
-        if Placement.of(decision, step.context).anywhere:
-            try:
-                execution = await run(step.spec, call, _limits_of(decision, step.spec))
-            except Exception as exc:  # noqa: BLE001 - stage boundary, as in _execute
-                outcome = self._failed_run(call, exc)
-            except BaseException:  # cancelled while it ran: its record first, then go on
-                cancelled = SandboxUnavailable("the call was cancelled while it ran")
-                self._complete(step, self._failed_run(call, cancelled),
-                               _ms(started, self._clock()))
-                raise
-            else:
-                outcome = _outcome_of(execution)
-        else:
-            outcome = await anyio.to_thread.run_sync(
+        with self.tracing.tool_span(call) as span:
+            step = self._authorize(call, principal=principal, session_id=session_id,
+                                   identity=identity)
+            if isinstance(step, ToolResult):
+                annotate_result(span, step)
+                return step
+            started = self._clock()
+            with self.tracing.span("callward.sandbox") as run_span:
+                outcome = await self._run_awaiting(step, run, started)
+                annotate_outcome(run_span, outcome.kind)
+            result = self._complete(step, outcome, _ms(started, self._clock()))
+            annotate_result(span, result)
+            return result
+
+    async def _run_awaiting(self, step: _Authorized, run: AwaitedRun, started: float
+                            ) -> _Outcome:
+        """
+        ``handle_awaiting``'s run: awaited on this loop when the decision places the call
+        anywhere, else ``_execute`` on a worker thread. A run cancelled while it ran gets
+        its ``call.completed`` first, then the cancellation goes on.
+        """
+        call, decision = step.call, step.decision
+        if not Placement.of(decision, step.context).anywhere:
+            return await anyio.to_thread.run_sync(
                 self._execute, call, step.spec, decision, step.context)
-        return self._complete(step, outcome, _ms(started, self._clock()))
+        try:
+            execution = await run(step.spec, call, _limits_of(decision, step.spec))
+        except Exception as exc:  # noqa: BLE001 - stage boundary, as in _execute
+            return self._failed_run(call, exc)
+        except BaseException:  # cancelled while it ran: its record first, then go on
+            cancelled = SandboxUnavailable("the call was cancelled while it ran")
+            self._complete(step, self._failed_run(call, cancelled),
+                           _ms(started, self._clock()))
+            raise
+        return _outcome_of(execution)
 
     def _authorize(
         self,
@@ -424,18 +468,21 @@ class Gateway:
         session_id: str,
         parse_ms: float = 0.0,
         provenance: Provenance | None = None,
+        identity: Identity | None = None,
     ) -> ToolResult | _Authorized:
         """Decide; a denial is audited and returned, an allowance made durable first."""
         context = CallContext(principal=principal, session_id=session_id,
-                              provenance=provenance)
+                              provenance=provenance, identity=identity)
         clog = log.bind(call_id=call.id, tool_name_sha256=sha256_hex(call.name.encode())[:16])
         clog.info("call_received", dialect=call.dialect, arguments_bytes=len(call.arguments_json))
 
         self.registry.refresh()  # versions loaded, activated or unloaded since the last call
         spec = self.registry.get(call.name)
         started = self._clock()
-        self.poll_policy_reload()
-        decision = self._decide(call, spec, context)
+        with self.tracing.span("callward.policy") as span:
+            self.poll_policy_reload()
+            decision = self._decide(call, spec, context)
+            annotate_decision(span, decision)
         policy_ms = _ms(started, self._clock())
 
         if decision.effect == "deny" or spec is None:
@@ -449,8 +496,9 @@ class Gateway:
             )
 
         started = self._clock()
-        authorized = self.audit.append(
-            "call.authorized", self._call_body(call, spec, decision, context)
+        authorized = self._append(
+            "callward.audit.authorized", "call.authorized",
+            self._call_body(call, spec, decision, context)
         )
         authorize_ms = _ms(started, self._clock())
         clog.info("call_authorized", seq=authorized.seq)
@@ -471,8 +519,8 @@ class Gateway:
         outcome, result_body = self._treat_result(call, spec, context, outcome)
         execution = outcome.execution
         started = self._clock()
-        completed = self.audit.append(
-            "call.completed",
+        completed = self._append(
+            "callward.audit.completed", "call.completed",
             {
                 "call_id": call.id,
                 "tool": spec.ref,
@@ -493,6 +541,7 @@ class Gateway:
                 **result_body,
                 **_origin_fields(),
                 **_provenance_fields(context),
+                **_identity_fields(context),
             },
         )
         stages = (*step.durations_ms, ("sandbox", sandbox_ms),
@@ -663,7 +712,7 @@ class Gateway:
         body = self._call_body(call, spec, decision, context)
         body["durations_ms"] = {"parse": parse_ms, "policy": policy_ms}
         started = self._clock()
-        record = self.audit.append("call.denied", body)
+        record = self._append("callward.audit.denied", "call.denied", body)
         log.info("call_denied", call_id=call.id, kind=kind, rule=decision.reasons[0],
                  seq=record.seq)
         self._notify(CallEvent(
@@ -689,8 +738,8 @@ class Gateway:
     ) -> ToolResult:
         raw = _message_bytes(text)
         call_id = CallId(self._new_id())
-        record = self.audit.append(
-            "call.rejected",
+        record = self._append(
+            "callward.audit.rejected", "call.rejected",
             {
                 "call_id": call_id,
                 "principal": context.principal,
@@ -704,6 +753,7 @@ class Gateway:
                 "text_sha256": sha256_hex(raw),
                 "text_bytes": len(raw),
                 **_origin_fields(),
+                **_identity_fields(context),
             },
         )
         log.info("call_rejected", call_id=call_id, dialect=error.dialect, offset=error.offset,
@@ -720,6 +770,18 @@ class Gateway:
         )
 
     # -- records --------------------------------------------------------------
+
+    def _append(self, span_name: str, kind: str, body: Mapping[str, JSONValue]) -> AuditRecord:
+        """
+        Append a record in its own span: with tracing on, the body names that span
+        (``"trace"``) and the span the record's seq and hash.
+        """
+        with self.tracing.span(span_name) as span:
+            if span.is_recording():
+                body = {**body, **self.tracing.record_fields()}
+            record = self.audit.append(kind, body)
+            annotate_record(span, record)
+        return record
 
     def _receipt(self, record: AuditRecord) -> Receipt:
         """The record's receipt, with an inclusion proof when the log can give one."""
@@ -771,6 +833,7 @@ class Gateway:
             "image_digest": self._image_digest(),
             **_origin_fields(),
             **_provenance_fields(context),
+            **_identity_fields(context),
         }
 
 
@@ -788,6 +851,11 @@ def _outcome_of(execution: Execution) -> _Outcome:
 
 def _provenance_fields(context: CallContext) -> dict[str, JSONValue]:
     return {} if context.provenance is None else {"provenance": context.provenance.to_json()}
+
+
+def _identity_fields(context: CallContext) -> dict[str, JSONValue]:
+    """The caller's token identity (issuer, roles, groups, ``jti`` hash), never the token."""
+    return {} if context.identity is None else {"identity": context.identity.to_json()}
 
 
 def _origin_fields() -> dict[str, JSONValue]:

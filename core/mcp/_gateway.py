@@ -73,6 +73,7 @@ def open_upstreams(path: Path, *, home: Path, servers: tuple[str, ...] | None = 
                           runner=UpstreamRunner(base.runner, upstreams.routes,
                                                 frozenset(upstreams.routes)
                                                 | frozenset(upstreams.blocked)),
-                          audit=base.audit, new_id=base.new_id, observers=base.observers)
+                          audit=base.audit, new_id=base.new_id, observers=base.observers,
+                          tracing=base.tracing)
         gateway.share_fleet_membership(base)
         yield gateway, upstreams

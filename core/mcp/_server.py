@@ -12,13 +12,18 @@ Invariants:
   offered, so a client cannot reach a tool or data through it.
 - The principal of a call is the face's (stdio), or the one the HTTP request's
   bearer token maps to (``callward.core.mcp._auth``); a request without one is
-  refused before it reaches this face.
+  refused before it reaches this face. A verified OIDC access token also gives
+  the call its ``Identity`` (issuer, roles, groups), which the policy and every
+  record of the call see; ``tools/list`` shows what that identity could be allowed.
 - Every outcome but ``ok`` comes back as an MCP tool error (``isError``) whose
   structured content carries callward's stable ``kind`` and the receipt of the
   record that was signed for it; a failed audit write returns no result at all,
   only ``audit_unavailable``.
 - Streamable HTTP listens on a loopback address only, with the SDK's DNS-rebinding
   protection on.
+- With tracing on (the gateway's ``Tracing``), each ``tools/call`` is a ``SERVER``
+  span that continues the client's W3C trace (``traceparent`` in the request's
+  ``_meta``, else in its HTTP headers); the call's spans are its children.
 
 Calls are handed to the gateway one at a time. A call of an upstream tool runs on
 the upstream clients' event loop (``Gateway.handle_awaiting``: its request to the
@@ -48,19 +53,31 @@ from mcp.server.lowlevel import Server
 
 from callward.core._canonical import JSONValue, canonical_bytes
 from callward.core.errors import AuditUnavailable, ConfigurationError, SandboxUnavailable
-from callward.core.mcp._auth import PRINCIPAL_SCOPE_KEY, BearerPrincipals, ClientTokens
+from callward.core.mcp._auth import (
+    IDENTITY_SCOPE_KEY,
+    PRINCIPAL_SCOPE_KEY,
+    BearerPrincipals,
+    ClientTokens,
+)
 from callward.core.mcp._content import UpstreamContent
 from callward.core.mcp._pins import PinGate
 from callward.core.mcp._runner import UpstreamRunner
 from callward.core.mcp._stdio import loop_stdio
-from callward.core.types import ToolCall, ToolResult, ToolSpec
+from callward.core.observe._tracing import (
+    annotate_outcome,
+    asgi_trace_headers,
+    continued_context,
+)
+from callward.core.types import Identity, ToolCall, ToolResult, ToolSpec
 
 if TYPE_CHECKING:
     from anyio.from_thread import BlockingPortal
+    from opentelemetry.context import Context
     from starlette.applications import Starlette
     from starlette.types import ASGIApp
 
     from callward.core.gateway import Gateway
+    from callward.core.mcp._oidc import OidcVerifier
     from callward.core.protocols import AuditLog
 
 log = structlog.get_logger()
@@ -115,6 +132,25 @@ def principal_of(ctx: ServerRequestContext[Any], default: str) -> str:
     return principal if isinstance(principal, str) else default
 
 
+def trace_parent(ctx: ServerRequestContext[Any], params: types.RequestParams
+                 ) -> Context | None:
+    """
+    The client's trace to continue: a W3C ``traceparent`` (and ``tracestate``) in the
+    request's ``_meta``, else in its HTTP headers; None when neither has a valid one.
+    """
+    scope = getattr(ctx.request, "scope", None)
+    headers = scope.get("headers") if isinstance(scope, dict) else None
+    return continued_context(params.meta,
+                             asgi_trace_headers(headers) if headers is not None else None)
+
+
+def identity_of(ctx: ServerRequestContext[Any]) -> Identity | None:
+    """The identity of the HTTP request's verified OIDC token, else None."""
+    scope = getattr(ctx.request, "scope", None)
+    identity = scope.get(IDENTITY_SCOPE_KEY) if isinstance(scope, dict) else None
+    return identity if isinstance(identity, Identity) else None
+
+
 class McpFace:
     """
     Serves one gateway's registry to MCP clients.
@@ -149,9 +185,9 @@ class McpFace:
             on_list_prompts=self._list_prompts if served else None,
             on_get_prompt=self._get_prompt if served else None,
         )
-        # The SDK wraps every request in an OpenTelemetry span: a no-op object built
-        # per request, as callward neither ships nor configures an OTel SDK. Its
-        # evidence is the audit log, its telemetry the metrics (--metrics-port).
+        # The SDK wraps every request in an OpenTelemetry span of the global provider;
+        # callward makes its own, with the gateway's Tracing (off unless configured),
+        # and leaves the SDK's out so that tracing off costs nothing.
         server.middleware = [middleware for middleware in server.middleware
                              if type(middleware).__name__ != _SDK_OTEL_MIDDLEWARE]
         return server
@@ -163,7 +199,7 @@ class McpFace:
     ) -> types.ListResourcesResult:
         content, principal = self._content_for(ctx)
         resources = await anyio.to_thread.run_sync(content.list_resources, principal,
-                                                    limiter=self._limiter)
+                                                    identity_of(ctx), limiter=self._limiter)
         return types.ListResourcesResult(resources=resources)
 
     async def _read_resource(
@@ -172,14 +208,15 @@ class McpFace:
         content, principal = self._content_for(ctx)
         return await anyio.to_thread.run_sync(
             functools.partial(content.read_resource, str(params.uri), principal=principal,
-                              session_id=self._session_id), limiter=self._limiter)
+                              session_id=self._session_id, identity=identity_of(ctx)),
+            limiter=self._limiter)
 
     async def _list_prompts(
         self, ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
     ) -> types.ListPromptsResult:
         content, principal = self._content_for(ctx)
         prompts = await anyio.to_thread.run_sync(content.list_prompts, principal,
-                                                 limiter=self._limiter)
+                                                 identity_of(ctx), limiter=self._limiter)
         return types.ListPromptsResult(prompts=prompts)
 
     async def _get_prompt(
@@ -188,7 +225,8 @@ class McpFace:
         content, principal = self._content_for(ctx)
         return await anyio.to_thread.run_sync(
             functools.partial(content.get_prompt, params.name, params.arguments,
-                              principal=principal, session_id=self._session_id),
+                              principal=principal, session_id=self._session_id,
+                              identity=identity_of(ctx)),
             limiter=self._limiter)
 
     def _content_for(self, ctx: ServerRequestContext[Any]) -> tuple[UpstreamContent, str]:
@@ -206,23 +244,38 @@ class McpFace:
         principal = principal_of(ctx, self._principal)
         self._gateway.registry.refresh()  # versions loaded or unloaded while serving
         return types.ListToolsResult(tools=tool_definitions(
-            self._gateway.tools_for(principal, session_id=self._session_id)))
+            self._gateway.tools_for(principal, session_id=self._session_id,
+                                    identity=identity_of(ctx))))
 
     async def _call_tool(
         self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
-        principal = principal_of(ctx, self._principal)
+        tracing = self._gateway.tracing
+        if not tracing.enabled:
+            return await self._serve_call(ctx, params)
+        with tracing.server_span("tools/call", params.name,
+                                 parent=trace_parent(ctx, params)) as span:
+            result = await self._serve_call(ctx, params)
+            kind = (result.meta or {}).get(KIND_META_KEY)
+            annotate_outcome(span, kind if isinstance(kind, str) else "ok")
+            return result
+
+    async def _serve_call(
+        self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        principal, identity = principal_of(ctx, self._principal), identity_of(ctx)
         upstream_loop = self._upstream_loop(params.name)
         if upstream_loop is None:
             return await anyio.to_thread.run_sync(
-                functools.partial(self.call, params.name, params.arguments, principal=principal),
+                functools.partial(self.call, params.name, params.arguments, principal=principal,
+                                  identity=identity),
                 limiter=self._limiter,
             )
         # An upstream tool: the whole call runs on its client's loop (one hop each way,
         # none for the request to the server), never blocking this one.
         async with self._limiter:
             return await _result_from(upstream_loop, self._call_upstream(
-                params.name, params.arguments, principal=principal))
+                params.name, params.arguments, principal=principal, identity=identity))
 
     def _upstream_loop(self, name: str) -> asyncio.AbstractEventLoop | None:
         """The loop of the upstream client ``name`` is routed to (None: not an upstream tool)."""
@@ -237,7 +290,8 @@ class McpFace:
         return runner.loop_of(name)
 
     async def _call_upstream(self, name: str, arguments: dict[str, Any] | None, *,
-                             principal: str) -> types.CallToolResult:
+                             principal: str, identity: Identity | None = None
+                             ) -> types.CallToolResult:
         """``call`` of an upstream tool, awaited on its client's loop (where this runs)."""
         call = self._tool_call(name, arguments)
         if isinstance(call, types.CallToolResult):
@@ -249,7 +303,7 @@ class McpFace:
             async with gate.rechecked(call.name):
                 result = await gateway.handle_awaiting(
                     call, principal=principal, session_id=self._session_id,
-                    run=runner.run_awaited)
+                    run=runner.run_awaited, identity=identity)
         except AuditUnavailable as exc:
             log.exception("mcp_call_unaudited", call_id=call.id)
             return _error_result(exc.kind, exc.message, {"call_id": call.id})
@@ -269,10 +323,11 @@ class McpFace:
         return call
 
     def call(self, name: str, arguments: dict[str, Any] | None, *,
-             principal: str | None = None) -> types.CallToolResult:
+             principal: str | None = None,
+             identity: Identity | None = None) -> types.CallToolResult:
         """
         Run one ``tools/call`` through the gateway (blocking), as ``principal``
-        (default: the face's).
+        (default: the face's) with its token's ``identity`` (if any).
 
         Arguments that are not I-JSON, or too large, are refused before any
         decision, as ``malformed``; everything else is decided and audited.
@@ -283,7 +338,7 @@ class McpFace:
         try:
             result = self._gateway.handle(
                 call, principal=self._principal if principal is None else principal,
-                session_id=self._session_id)
+                session_id=self._session_id, identity=identity)
         except AuditUnavailable as exc:
             log.exception("mcp_call_unaudited", call_id=call.id)
             return _error_result(exc.kind, exc.message, {"call_id": call.id})
@@ -343,21 +398,22 @@ def require_loopback(host: str) -> None:
 
 
 def http_app(face: McpFace, *, host: str, tokens: ClientTokens | None = None,
-             audit: AuditLog | None = None) -> ASGIApp:
+             audit: AuditLog | None = None, oidc: OidcVerifier | None = None) -> ASGIApp:
     """
     The Streamable HTTP app at ``/mcp``, guarded against DNS rebinding; with
-    ``tokens``, each request is its bearer token's principal or a 401 (audited).
+    ``tokens`` or ``oidc``, each request is its bearer token's principal or a 401
+    (audited).
 
     Raises:
         ConfigurationError: ``host`` is not loopback, or tokens come without an audit log.
     """
     require_loopback(host)
     app: Starlette = face.server().streamable_http_app(host=host)
-    if tokens is None:
+    if tokens is None and oidc is None:
         return app
     if audit is None:
         raise ConfigurationError("bearer tokens need an audit log for the refusals")
-    return BearerPrincipals(app, tokens, audit)
+    return BearerPrincipals(app, tokens, audit, oidc=oidc)
 
 
 async def serve_stdio(face: McpFace) -> None:
@@ -406,10 +462,10 @@ def run_stdio(face: McpFace, *, portal: BlockingPortal | None = None) -> None:
 
 
 def serve_http(face: McpFace, *, host: str, port: int, tokens: ClientTokens | None = None,
-               audit: AuditLog | None = None) -> None:
+               audit: AuditLog | None = None, oidc: OidcVerifier | None = None) -> None:
     """Serve Streamable HTTP on ``host:port`` (loopback only) until interrupted."""
     import uvicorn  # noqa: PLC0415 - only the HTTP transport needs it
 
-    app = http_app(face, host=host, tokens=tokens, audit=audit)
+    app = http_app(face, host=host, tokens=tokens, audit=audit, oidc=oidc)
     log.info("mcp_http_listening", host=host, port=port)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

@@ -1,5 +1,6 @@
 """
-Observers of the gateway's calls: events, Prometheus metrics and anomaly detection.
+Observers of the gateway's calls: events, Prometheus metrics, anomaly detection and
+OpenTelemetry traces.
 
 Observers help an operator; they are not the audit log, and a failing observer never
 changes a call's outcome.
@@ -13,6 +14,7 @@ Example::
 from callward.core.observe._anomaly import AnomalyDetector, DetectorSettings
 from callward.core.observe._events import CallEvent, CallObserver, RecordObserver
 from callward.core.observe._metrics import Metrics, serve_metrics
+from callward.core.observe._tracing import Tracing, configure_tracing
 
 __all__ = [
     "AnomalyDetector",
@@ -21,5 +23,7 @@ __all__ = [
     "DetectorSettings",
     "Metrics",
     "RecordObserver",
+    "Tracing",
+    "configure_tracing",
     "serve_metrics",
 ]

@@ -19,11 +19,16 @@ Invariants:
 - A plan runs in a session of its own unless told otherwise, so the labels of
   earlier, model-driven calls do not taint its literal arguments and the
   labels of its steps do not taint other sessions.
+
+With tracing on (the gateway's ``Tracing``), a plan run is one trace: a
+``callward.plan {name}`` span holding its records' spans and each step's
+``execute_tool`` span, whichever worker thread runs the step.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import time
 import uuid
 from collections.abc import Mapping
@@ -35,6 +40,7 @@ import structlog
 
 from callward.core._canonical import JSONValue, canonical_loads, sha256_hex
 from callward.core.errors import DENY_KINDS
+from callward.core.observe._tracing import annotate_outcome
 from callward.core.plans._document import (
     DEFAULT_MAX_PARALLEL,
     MAX_PARALLEL,
@@ -205,6 +211,13 @@ class _PlanRun:
 
     def run(self, limit: int) -> PlanReport:
         plan = self._plan
+        with self._gateway.tracing.plan_span(plan.name, plan.digest, len(plan.steps)) as span:
+            report = self._run(limit)
+            annotate_outcome(span, "ok" if report.ok else "failed")
+            return report
+
+    def _run(self, limit: int) -> PlanReport:
+        plan = self._plan
         started_at = time.perf_counter()
         started = self._gateway.record("plan.started", {
             **self._plan_fields(), "max_parallel": limit,
@@ -219,7 +232,9 @@ class _PlanRun:
                 while ready or running:
                     while ready and len(running) < limit:
                         step = plan.step(ready.pop(0))
-                        running[pool.submit(self._run_step, step)] = step.id
+                        # In this thread's context, so the step's spans join the plan's.
+                        running[pool.submit(contextvars.copy_context().run,
+                                            self._run_step, step)] = step.id
                     done, _ = concurrent.futures.wait(
                         running, return_when=concurrent.futures.FIRST_COMPLETED)
                     for future in done:
