@@ -23,6 +23,7 @@ Every error callward raises, in one tree, each with a stable ``kind``.
     │   ├── PolicyInvalid              policy_invalid
     │   ├── PlanInvalid                plan_invalid          a plan (core.plans)
     │   └── ModelUnavailable           model_unavailable     the model's files or runtime
+    │       └── ModelEndpointFailed    model_unavailable     a served model's answer
     └── VerificationFailed             verification_failed   an audit log does not verify
 
 Kinds are the contract: users, the audit log and the model all see them, and
@@ -247,6 +248,34 @@ class ModelUnavailable(ConfigurationError):
         remediation: str = "reinstall the model (scripts/setup-venv.sh) or point to another",
     ) -> None:
         super().__init__(message, kind="model_unavailable", remediation=remediation)
+
+
+class ModelEndpointFailed(ModelUnavailable):
+    """
+    A served model (an OpenAI-compatible endpoint) gave no usable turn. Kind
+    ``model_unavailable``, like any model that cannot run; ``reason`` says which way.
+
+    Args:
+        reason: ``timeout``, ``connection_failed``, ``http_status``, ``malformed_response``
+            or ``no_api_key``.
+        endpoint: The endpoint's base URL (never carries credentials).
+        status: The HTTP status, for ``http_status``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: Literal["timeout", "connection_failed", "http_status", "malformed_response",
+                        "no_api_key"],
+        endpoint: str,
+        status: int | None = None,
+        remediation: str = "check that the model server runs and answers at model.endpoint",
+    ) -> None:
+        super().__init__(message, remediation=remediation)
+        self.reason = reason
+        self.endpoint = endpoint
+        self.status = status
 
 
 class VerificationFailed(CallwardError):

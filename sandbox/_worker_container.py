@@ -103,6 +103,8 @@ class WorkerSpec:
         collection: For ``embed``: the JSON Lines file of documents, mounted read-only.
         load_seconds: How long loading may take before the worker is given up.
         max_input_tokens: For ``generate``: the longest prompt the server accepts.
+        dtype: For ``generate``: ``auto`` (bfloat16 where the CPU has bfloat16
+            arithmetic, else float32), ``float32`` or ``bfloat16``.
     """
 
     name: str
@@ -113,6 +115,7 @@ class WorkerSpec:
     collection: Path | None = None
     load_seconds: float = 300.0
     max_input_tokens: int = 2048
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
     def __post_init__(self) -> None:
         if self.task not in ("embed", "generate"):
@@ -121,6 +124,8 @@ class WorkerSpec:
             raise ValueError("an embed worker, and only one, has a collection")
         if not 0 < self.load_seconds <= 3600:
             raise ValueError("load_seconds must be in (0, 3600]")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError("a worker's dtype is auto, float32 or bfloat16")
 
 
 class LoadFailed(Exception):
@@ -153,6 +158,7 @@ class WorkerContainer:
         self.load_ms = 0.0
         self.requests = 0
         self.dead = False
+        self.dtype = ""
         self._client = client
         self._clock = clock
         self._stream: AttachStream | None = None
@@ -169,7 +175,8 @@ class WorkerContainer:
         client = self._client
         threads = str(max(1, round(self.limits.cpus)))
         command = ["--task", spec.task, "--weights", WEIGHTS_IN_CONTAINER,
-                   "--threads", threads, "--max-input-tokens", str(spec.max_input_tokens)]
+                   "--threads", threads, "--max-input-tokens", str(spec.max_input_tokens),
+                   "--dtype", spec.dtype]
         volumes = {
             str(site_packages): {"bind": SITE_IN_CONTAINER, "mode": "ro"},
             str(spec.weights_dir.resolve()): {"bind": WEIGHTS_IN_CONTAINER, "mode": "ro"},
@@ -209,11 +216,14 @@ class WorkerContainer:
             self.discard()
             raise
         self.load_ms = (self._clock() - started) * 1000
-        if _ready_line(loaded.stdout) is None:
+        ready = _ready_line(loaded.stdout)
+        if ready is None:
             self._load_failed(loaded.stdout, loaded.output_bytes, deadline_hit=loaded.deadline_hit)
         self.last_used = self._clock()
+        self.dtype = str((ready or {}).get("dtype", ""))
         log.info("model_worker_loaded", worker=spec.name, digest=spec.digest,
-                 container_id=self.container_id[:12], load_ms=round(self.load_ms, 1))
+                 container_id=self.container_id[:12], load_ms=round(self.load_ms, 1),
+                 dtype=self.dtype, dtype_reason=str((ready or {}).get("dtype_reason", "")))
 
     def request(self, payload: bytes, limits: ResourceLimits) -> Execution:
         """

@@ -24,7 +24,15 @@ def _agent(args: argparse.Namespace, home: Home) -> int:
     # The CLI edge loads the model and wires the gateway; nothing heavy loads before.
     from callward.core.agent._loop import Agent, AgentLimits  # noqa: PLC0415
     from callward.core.gateway import Gateway  # noqa: PLC0415
-    from callward.core.models._chat import GenerationConfig, TransformersChatModel  # noqa: PLC0415
+    from callward.core.models._chat import (  # noqa: PLC0415
+        ChatModel,
+        GenerationConfig,
+        TransformersChatModel,
+    )
+    from callward.core.models._endpoint import (  # noqa: PLC0415
+        DEFAULT_TIMEOUT_SECONDS,
+        EndpointChatModel,
+    )
     from callward.core.models._gguf import load_demo_model  # noqa: PLC0415
 
     path = config_path(args, home)
@@ -32,13 +40,20 @@ def _agent(args: argparse.Namespace, home: Home) -> int:
     generation = GenerationConfig(
         max_new_tokens=args.max_new_tokens or settings.max_new_tokens or DEFAULT_NEW_TOKENS)
     directory = Path(args.model_dir) if args.model_dir else settings.directory
-    if directory is not None:
+    model: ChatModel
+    if directory is None and settings.endpoint is not None and settings.name is not None:
+        model = EndpointChatModel(
+            settings.endpoint, settings.name, api_key_env=settings.api_key_env,
+            timeout_seconds=settings.timeout_seconds or DEFAULT_TIMEOUT_SECONDS,
+            generation=generation, tool_role=args.tool_role or settings.tool_role or "tool")
+    elif directory is not None:
         model = TransformersChatModel.from_directory(
             directory, generation=generation,
-            tool_role=args.tool_role or settings.tool_role or "tool")
+            tool_role=args.tool_role or settings.tool_role or "tool", dtype=settings.dtype)
     else:
         model = load_demo_model(home.root / "models", generation=generation,
-                                tool_role=args.tool_role or settings.tool_role or "user")
+                                tool_role=args.tool_role or settings.tool_role or "user",
+                                dtype=settings.dtype)
     limits = AgentLimits(max_steps=args.max_steps, wall_seconds=args.wall_seconds)
     with Gateway.from_config(path, home=home.root,
                              unsafe_skip_probes=skip_probes(args)) as gateway:
@@ -50,7 +65,9 @@ def _agent(args: argparse.Namespace, home: Home) -> int:
         "answer": run.answer,
         "stop": run.stop,
         "seconds": round(run.seconds, 3),
-        "model": {"id": model.model_id, "digest": model.digest},
+        "model": {"id": model.model_id, "digest": model.digest,
+                  **({"endpoint": model.endpoint} if isinstance(model, EndpointChatModel)
+                     else {})},
         "steps": [
             {
                 "turn": step.number,
@@ -77,8 +94,9 @@ def add_commands(commands: Subcommands) -> None:
     agent.add_argument("--principal", default="alice", help="who is asking (default alice)")
     agent.add_argument("--session", default="")
     agent.add_argument("--model-dir", help="a transformers model directory (safetensors); "
-                       "default: the configuration's model.directory, else the demo model, "
-                       "verified by digest")
+                       "default: the configuration's model.directory, else its "
+                       "model.endpoint (a served model), else the demo model, verified by "
+                       "digest")
     agent.add_argument("--tool-role", choices=["tool", "user"],
                        help="how results go back: the template's tool role, or folded into a "
                        "user turn (default: user for the demo model, tool otherwise)")

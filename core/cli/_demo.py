@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
 from callward.core.errors import VerificationFailed
-from callward.core.gateway._config import Home, example_config_path
+from callward.core.gateway._config import Home, example_config_path, load_config
 from callward.core.types import ResourceLimits, ToolResult
 
 if TYPE_CHECKING:
@@ -176,15 +176,17 @@ def _warm_sandbox(gateway: Gateway) -> tuple[int, int, float]:
     return len(profiles), ready, time.perf_counter() - started
 
 
-def _run_model(gateway: Gateway, home: Home) -> None:
+def _run_model(gateway: Gateway, home: Home, *, dtype: str = "auto") -> None:
     from callward.core.agent._loop import Agent  # noqa: PLC0415 - loads no model by itself
     from callward.core.models._gguf import load_demo_model  # noqa: PLC0415
 
     started = time.perf_counter()
-    model = load_demo_model(home.root / "models")
+    model = load_demo_model(home.root / "models", dtype=dtype)
     load_seconds = time.perf_counter() - started
+    choice = model.dtype_choice.describe() if model.dtype_choice else "dtype unknown"
     print(f"  model:  {model.model_id}  sha256 {model.digest[:16]}…  "
-          f"loaded in {load_seconds:.1f} s (bf16, cached under {home.root / 'models'})")
+          f"loaded in {load_seconds:.1f} s (cached under {home.root / 'models'})\n"
+          f"  dtype:  {choice}")
     profiles, ready, warm_seconds = _warm_sandbox(gateway)
     print(f"  set-up: sandbox pool warmed in {warm_seconds:.1f} s ({ready}/{profiles} limits "
           "profiles with a container ready), before the first question; not counted below\n")
@@ -279,7 +281,8 @@ def run_demo(*, home: Home, config: Path | None = None, model: bool = True,
         print(f"  policy: {gateway.policy.digest[:16]}…  image: "
               f"{str(gateway.runner.image_digest)[:16]}…")
         if model:
-            _run_model(gateway, home)
+            settings = load_config(config_path).model
+            _run_model(gateway, home, dtype=settings.dtype if settings else "auto")
         else:
             print()
             _run_dialects(gateway)

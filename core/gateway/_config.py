@@ -18,6 +18,9 @@ Configuration, version 1; paths are relative to the file::
     anomalies:             # optional: anomaly monitoring (core/observe/_anomaly.py), on by default
       enabled: true
       quiet_seconds: 900   # and any other DetectorSettings field
+    observability:         # optional: traces over OTLP (core/observe/_tracing.py); off by default
+      otlp_endpoint: http://127.0.0.1:4318   # OTLP/HTTP (protobuf); /v1/traces is added
+      service_name: callward
 
 State lives under the home directory: ``audit.db``, ``keys/``, ``registry.db`` (tool
 versions loaded at run time; they add to and override the ``tools:`` base set).
@@ -63,6 +66,12 @@ from callward.core.observe._anomaly import (
 )
 from callward.core.observe._events import CallObserver
 from callward.core.observe._metrics import Metrics
+from callward.core.observe._tracing import (
+    DEFAULT_SERVICE_NAME,
+    Tracing,
+    configure_tracing,
+    otlp_traces_url,
+)
 from callward.core.protocols import AuditLog, PolicyEngine, ToolRunner
 from callward.core.registry._registry import ToolRegistry
 from callward.core.registry._store import RegistryStore
@@ -133,9 +142,20 @@ CONFIG_SCHEMA: Final = {
                    for name in ANOMALY_SETTING_NAMES},
             },
         },
+        # Traces over OTLP/HTTP (callward.core.observe._tracing); none without an endpoint.
+        "observability": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "otlp_endpoint": {"type": "string", "pattern": "^https?://[^/?#]+",
+                                  "maxLength": 2048},
+                "service_name": {"type": "string", "minLength": 1, "maxLength": 256},
+            },
+        },
         # Upstream MCP servers; callward.core.mcp._section validates the section itself.
         "mcp": {"type": "object"},
-        # The model `callward agent` runs: a transformers directory, or the demo model.
+        # The model `callward agent` runs: a transformers directory, a served model
+        # (endpoint), or the demo model.
         "model": {
             "type": "object",
             "additionalProperties": False,
@@ -143,7 +163,20 @@ CONFIG_SCHEMA: Final = {
                 "directory": {"type": "string", "minLength": 1},
                 "tool_role": {"enum": ["tool", "user"]},
                 "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": 8192},
+                # bfloat16 only where the CPU computes it natively (core.models._cpu).
+                "dtype": {"enum": ["auto", "float32", "bfloat16"]},
+                # A served model: any OpenAI-compatible chat-completions server
+                # (core.models._endpoint); exclusive with directory.
+                "endpoint": {"type": "string", "pattern": "^https?://[^/?#]+",
+                             "maxLength": 2048},
+                "name": {"type": "string", "minLength": 1, "maxLength": 512},
+                "api_key_env": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,127}$"},
+                "timeout_seconds": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
             },
+            "dependentRequired": {"endpoint": ["name"], "name": ["endpoint"],
+                                  "api_key_env": ["endpoint"],
+                                  "timeout_seconds": ["endpoint"]},
+            "not": {"required": ["endpoint", "directory"]},
         },
         # A fleet: every replica's durable state in one PostgreSQL (core.gateway._fleet).
         "store": STORE_SCHEMA,
@@ -227,11 +260,24 @@ class ModelSettings:
         directory: A transformers model directory (safetensors); None for the demo model.
         tool_role: How results go back: the template's ``tool`` role or a ``user`` turn.
         max_new_tokens: The generation budget per turn.
+        dtype: ``auto`` (bfloat16 where the CPU has bfloat16 arithmetic, else
+            float32), ``float32`` or ``bfloat16``.
     """
 
     directory: Path | None = None
     tool_role: Literal["tool", "user"] | None = None
     max_new_tokens: int | None = None
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    #: A served model's OpenAI-compatible base URL (``http://127.0.0.1:8000/v1``);
+    #: None runs a local model. Exclusive with ``directory``.
+    endpoint: str | None = None
+    #: The model the requests name; required with ``endpoint``.
+    name: str | None = None
+    #: The environment variable holding the endpoint's API key (read at each request,
+    #: never recorded); None sends no key.
+    api_key_env: str | None = None
+    #: The time one request may take, generation included.
+    timeout_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +301,25 @@ class GatewayConfig:
     secrets: Mapping[str, Any] | None = None
     #: ``store``: the fleet's PostgreSQL; None keeps the state in SQLite files at home.
     store: FleetSettings | None = None
+    #: ``observability``: traces to this OTLP/HTTP endpoint; None: no traces exported.
+    tracing: TracingSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TracingSettings:
+    """
+    The ``observability`` section: where traces go.
+
+    Attributes:
+        otlp_endpoint: The collector's OTLP/HTTP URL (``/v1/traces`` added without a path).
+        service_name: The ``service.name`` the spans carry.
+    """
+
+    otlp_endpoint: str
+    service_name: str = DEFAULT_SERVICE_NAME
+
+    def __post_init__(self) -> None:
+        otlp_traces_url(self.otlp_endpoint)  # raises ValueError on anything but http(s)
 
 
 def example_config_path() -> Path:
@@ -304,7 +369,18 @@ def load_config(path: Path) -> GatewayConfig:
         anomalies=_detector_settings(raw.get("anomalies") or {}, path),
         secrets=_secret_settings((raw.get("sandbox") or {}).get("secrets"), resolve),
         store=fleet_settings(raw.get("store"), resolve),
+        tracing=_tracing_settings(raw.get("observability"), path),
     )
+
+
+def _tracing_settings(section: Mapping[str, Any] | None, path: Path) -> TracingSettings | None:
+    if not section or "otlp_endpoint" not in section:
+        return None
+    try:
+        return TracingSettings(section["otlp_endpoint"],
+                               section.get("service_name", DEFAULT_SERVICE_NAME))
+    except ValueError as exc:
+        raise ConfigurationError(f"configuration {path}: observability: {exc}") from exc
 
 
 def _secret_settings(
@@ -336,10 +412,20 @@ def _model_settings(
     if section is None:
         return None
     directory = section.get("directory")
+    endpoint = section.get("endpoint")
+    if endpoint is not None:
+        from callward.core.models._endpoint import check_endpoint  # noqa: PLC0415
+
+        endpoint = check_endpoint(endpoint, api_key_env=section.get("api_key_env"))
     return ModelSettings(
         directory=Path(resolve(directory)) if directory else None,
         tool_role=section.get("tool_role"),
         max_new_tokens=section.get("max_new_tokens"),
+        dtype=section.get("dtype", "auto"),
+        endpoint=endpoint,
+        name=section.get("name"),
+        api_key_env=section.get("api_key_env"),
+        timeout_seconds=section.get("timeout_seconds"),
     )
 
 
@@ -408,6 +494,9 @@ class GatewayParts:
     start: StartFacts
     #: The ``store`` section when this gateway is a replica of a fleet.
     fleet: FleetSettings | None = None
+    #: Spans of the calls: to the ``observability`` endpoint, else off (or the global
+    #: provider an embedding application installed).
+    tracing: Tracing | None = None
 
 
 def build_parts(path: object, *, home: object = None) -> GatewayParts:
@@ -471,13 +560,15 @@ def build_parts(path: object, *, home: object = None) -> GatewayParts:
         # From the state file, so anomalies resolved by an operator's command count too.
         metrics.count_open_anomalies(lambda: len(anomalies.all_open()))
         observers = (metrics, detector)
+    tracing = (None if config.tracing is None else configure_tracing(
+        config.tracing.otlp_endpoint, service_name=config.tracing.service_name))
     return GatewayParts(
         registry=registry,
         policy=policy,
         runner=runner,
         audit=audit,
         closers=(audit.close, policy.state.close, anomalies.close, runner.close,
-                 registry_store.close),
+                 registry_store.close, *(() if tracing is None else (tracing.shutdown,))),
         observers=observers,
         max_argument_bytes=int(str((config.audit or {}).get(
             "max_argument_bytes", DEFAULT_MAX_ARGUMENT_BYTES))),
@@ -488,6 +579,7 @@ def build_parts(path: object, *, home: object = None) -> GatewayParts:
             replica=None if config.store is None else new_replica_id(),
         ),
         fleet=config.store,
+        tracing=tracing,
     )
 
 

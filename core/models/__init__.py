@@ -1,5 +1,6 @@
 """
-The model side: chat models that propose tool calls, and the offline demo model.
+The model side: chat models that propose tool calls (local ``transformers`` models,
+and any OpenAI-compatible server: ``EndpointChatModel``), and the offline demo model.
 
 Nothing here imports ``torch`` or ``transformers`` until a model is loaded; the model
 tools (models run as tools in the sandbox) live in ``callward.core.models._tools``,
@@ -19,12 +20,14 @@ from callward.core.models._chat import (
     ModelTurn,
     TransformersChatModel,
 )
+from callward.core.models._endpoint import EndpointChatModel
 from callward.core.models._gguf import DEMO_MODEL_SHA256, load_demo_model
 
 __all__ = [
     "DEMO_MODEL_SHA256",
     "ChatMessage",
     "ChatModel",
+    "EndpointChatModel",
     "GenerationConfig",
     "ModelTurn",
     "TransformersChatModel",

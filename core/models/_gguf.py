@@ -12,6 +12,9 @@ Invariants:
   bfloat16 safetensors copy under the cache directory; the copy carries a manifest
   of its files' hashes, checked on every later load, and is written to a temporary
   directory renamed into place, so a crash never leaves a half copy that loads.
+- The copy stays bfloat16 whatever the CPU: a model loaded from it in float32 (the
+  ``auto`` choice on a CPU without bfloat16 arithmetic) is cast on load, exactly, so it
+  starts from the same values.
 """
 
 from __future__ import annotations
@@ -197,6 +200,8 @@ def load_demo_model(
     *,
     generation: GenerationConfig | None = None,
     tool_role: ToolRole = "user",
+    dtype: str = "auto",
+    prefix_cache_entries: int = 4,
 ) -> TransformersChatModel:
     """
     The demo model, ready to generate; its digest is the GGUF file's pinned SHA-256.
@@ -204,8 +209,13 @@ def load_demo_model(
     Results are folded into a user turn by default: in Qwen's native tool role this
     0.5B model repeats the call it just made instead of answering.
 
+    Args:
+        dtype: ``auto``, ``float32`` or ``bfloat16`` (``TransformersChatModel.from_directory``).
+        prefix_cache_entries: How many shared prompt prefixes to keep (0: none).
+
     Raises:
         ModelUnavailable: See ``prepare_demo_model``.
+        ValueError: ``dtype`` is not one of the three.
     """
     directory = prepare_demo_model(cache_dir)
     return TransformersChatModel.from_directory(
@@ -214,4 +224,6 @@ def load_demo_model(
         digest=DEMO_MODEL_SHA256,
         generation=generation,
         tool_role=tool_role,
+        dtype=dtype,
+        prefix_cache_entries=prefix_cache_entries,
     )

@@ -21,6 +21,8 @@ Configuration (``callward.yaml``; paths relative to the file)::
       collection: news.jsonl          # default: the example news collection
       embed: {memory_mebibytes: 1024} # MiniLM's worker (under runsc give it 2048)
       generator: {directory: DIR, memory_mebibytes: 3072}   # default: the demo model
+      # generator.dtype: auto (default: bfloat16 where the CPU computes it natively,
+      # else float32), float32 or bfloat16
       memory_budget_mebibytes: 4096   # the loaded workers' memory limits add up to this
       load_seconds: 300               # how long a model may take to load
 
@@ -39,7 +41,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
@@ -88,6 +90,7 @@ SETTINGS_SCHEMA: Final = {
             "properties": {
                 "directory": {"type": "string", "minLength": 1},
                 "memory_mebibytes": {"type": "integer", "minimum": 64, "maximum": 65536},
+                "dtype": {"enum": ["auto", "float32", "bfloat16"]},
             },
         },
         "memory_budget_mebibytes": {"type": "integer", "minimum": 64, "maximum": 1 << 20},
@@ -143,6 +146,9 @@ class ModelToolsSettings:
             sandbox also holds the mounted libraries it reads, so 1 GiB is not enough.
         generator_directory: The causal LM for summarize/sentiment; None for the demo model.
         generator_memory_bytes: Its worker's memory limit.
+        generator_dtype: What it computes in: ``auto`` (bfloat16 where the CPU has
+            bfloat16 arithmetic, else float32; decided in the worker), ``float32`` or
+            ``bfloat16``. A float32 demo model holds about 2 GiB.
         memory_budget_bytes: What the loaded workers' memory limits may add up to.
         load_seconds: How long a model may take to load.
     """
@@ -152,6 +158,7 @@ class ModelToolsSettings:
     embed_memory_bytes: int = 1024 * MIB
     generator_directory: Path | None = None
     generator_memory_bytes: int = 3072 * MIB
+    generator_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     memory_budget_bytes: int = 4096 * MIB
     load_seconds: float = 300.0
 
@@ -175,6 +182,7 @@ def model_tools_settings(
         embed_memory_bytes=int(embed.get("memory_mebibytes", 1024)) * MIB,
         generator_directory=Path(resolve(directory)) if directory else None,
         generator_memory_bytes=int(generator.get("memory_mebibytes", 3072)) * MIB,
+        generator_dtype=generator.get("dtype", "auto"),
         memory_budget_bytes=int(section.get("memory_budget_mebibytes", 4096)) * MIB,
         load_seconds=float(section.get("load_seconds", 300.0)),
     )
@@ -286,6 +294,7 @@ class _WorkerRecipe:
     limits: ResourceLimits
     collection: Path | None
     load_seconds: float
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
 def _limits(memory_bytes: int, wall_seconds: float) -> ResourceLimits:
@@ -381,7 +390,8 @@ def model_tool_set(
         worker = canonical_sha256({"weights": model.sha256, "server": server_sha256})
         recipes[GENERATE_WORKER] = _WorkerRecipe(
             GENERATE_WORKER, "generate", directory, worker,
-            _limits(settings.generator_memory_bytes, 120.0), None, settings.load_seconds)
+            _limits(settings.generator_memory_bytes, 120.0), None, settings.load_seconds,
+            settings.generator_dtype)
         models[GENERATE_WORKER] = model
     specs = []
     routes: dict[str, tuple[str, Sha256Hex]] = {}
@@ -430,7 +440,8 @@ def build_model_runner(
         workers = ModelWorkers(
             {name: WorkerSpec(name=r.name, task=r.task,  # type: ignore[arg-type]
                               weights_dir=r.weights_dir, digest=r.digest, limits=r.limits,
-                              collection=r.collection, load_seconds=r.load_seconds)
+                              collection=r.collection, load_seconds=r.load_seconds,
+                              dtype=r.dtype)
              for name, r in tool_set.workers.items()},
             memory_budget_bytes=tool_set.memory_budget_bytes,
             runtime=runtime,

@@ -18,8 +18,15 @@ Invariants:
 - Nothing but this server writes to the result stream: file descriptor 1 (and
   ``sys.stdout``) is pointed at stderr before ``torch`` is imported; results go to
   a private duplicate of the original stdout.
-- Every answer is a pure function of the weights, the request and (for ``embed``)
-  the collection: decoding is greedy, nothing of one request is kept for the next.
+- Every answer is a pure function of the weights, the dtype, the request and (for
+  ``embed``) the collection: decoding is greedy, and nothing of one request is kept for
+  the next but the key/value caches of the fixed task prompts' leading tokens (the
+  system message and the instruction before the text), keyed by their exact token
+  ids; a request continues from a copy of one, never from the kept cache itself.
+- The generator computes in ``--dtype``; ``auto`` is bfloat16 only where the CPU has
+  bfloat16 arithmetic (``avx512_bf16`` or ``amx_bf16`` in ``/proc/cpuinfo``), float32
+  otherwise: the rule of ``callward.core.models._cpu.choose_dtype``, which this
+  server, run without callward on its path, repeats (a unit test holds them equal).
 - The host bounds each request's time and kills the container past it; the server
   itself never decides that a request ran too long.
 """
@@ -27,6 +34,7 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
 import math
@@ -41,6 +49,30 @@ SENTIMENT_LABELS: Final = ("positive", "negative", "neutral")
 SUMMARY_SYSTEM: Final = "You are a careful news editor. You write short, factual summaries."
 SENTIMENT_SYSTEM: Final = "You classify the sentiment of texts."
 _EMBED_MAX_TOKENS: Final = 256
+NATIVE_BF16_FLAGS: Final = ("avx512_bf16", "amx_bf16")
+PREFIX_CACHE_ENTRIES: Final = 4
+
+
+def choose_dtype(flags: frozenset[str], requested: str) -> tuple[str, str]:
+    """The dtype to load the generator in and why (see ``core.models._cpu``)."""
+    if requested in ("float32", "bfloat16"):
+        return requested, "set in the configuration"
+    for flag in NATIVE_BF16_FLAGS:
+        if flag in flags:
+            return "bfloat16", f"cpu flag {flag}: native bfloat16"
+    return "float32", f"no {' or '.join(NATIVE_BF16_FLAGS)} cpu flag: bfloat16 would be emulated"
+
+
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as stream:
+            for line in stream:
+                name, _, value = line.partition(":")
+                if name.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def _truncate(text: str) -> str:
@@ -134,22 +166,61 @@ class EmbedServer:
         ]}
 
 
-class GenerateServer:
-    """Summaries and sentiment from one causal LM with a chat template, greedy."""
+class PrefixCache:
+    """Key/value caches of prompt prefixes by exact token ids, least recently used dropped."""
 
-    def __init__(self, torch: Any, transformers: Any, weights: str, max_input_tokens: int) -> None:
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self.hits = 0
+        self._entries: collections.OrderedDict[tuple[int, ...], Any] = \
+            collections.OrderedDict()
+
+    def copy_of(self, key: tuple[int, ...]) -> Any | None:
+        cache = self._entries.get(key)
+        if cache is None:
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return copy.deepcopy(cache)
+
+    def keep(self, key: tuple[int, ...], cache: Any) -> None:
+        if self.max_entries == 0:
+            return
+        self._entries[key] = cache
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
+class GenerateServer:
+    """
+    Summaries and sentiment from one causal LM with a chat template, greedy.
+
+    Each task's prompt starts the same way (its system message and the instruction
+    before the text): the keys and values of those tokens are computed once and kept
+    (``PrefixCache``), and each request computes only the rest, from a copy.
+    """
+
+    def __init__(self, torch: Any, transformers: Any, weights: str, max_input_tokens: int,
+                 *, dtype: str = "bfloat16", prefix_cache_entries: int = PREFIX_CACHE_ENTRIES,
+                 ) -> None:
         self._torch = torch
+        self._dynamic_cache = transformers.DynamicCache
         self._tokenizer = transformers.AutoTokenizer.from_pretrained(weights, local_files_only=True)
         self._model = transformers.AutoModelForCausalLM.from_pretrained(
-            weights, local_files_only=True, use_safetensors=True, dtype=torch.bfloat16
+            weights, local_files_only=True, use_safetensors=True, dtype=getattr(torch, dtype)
         ).eval()
         self._max_input_tokens = max_input_tokens
+        self.prefix_cache = PrefixCache(prefix_cache_entries)
+
+    def _render(self, system: str, user: str, *, tokenize: bool) -> Any:
+        return self._tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            add_generation_prompt=True, tokenize=tokenize,
+        )
 
     def _prompt_ids(self, system: str, user: str) -> list[int]:
-        ids = self._tokenizer.apply_chat_template(
-            [{"role": "system", "content": system}, {"role": "user", "content": user}],
-            add_generation_prompt=True, tokenize=True,
-        )
+        ids = self._render(system, user, tokenize=True)
         if hasattr(ids, "input_ids"):  # a BatchEncoding in newer transformers
             ids = ids["input_ids"]
         ids = list(ids)
@@ -157,6 +228,38 @@ class GenerateServer:
             raise RequestError(
                 f"the prompt has {len(ids)} tokens, more than {self._max_input_tokens}")
         return ids
+
+    def _fixed_prefix(self, system: str, head: str, text: str, ids: list[int]) -> tuple[int, ...]:
+        """
+        The prompt's leading tokens that do not depend on ``text``: the tokens of the
+        rendered prompt up to the end of ``head``, as far as they agree with ``ids`` (a
+        token spanning the boundary is left to the request). At least one token of the
+        prompt is always left to compute.
+        """
+        rendered = self._render(system, head + text, tokenize=False)
+        end = rendered.rfind(head + text) if isinstance(rendered, str) else -1
+        if end < 0:
+            return ()
+        prefix = self._tokenizer(rendered[: end + len(head)],
+                                 add_special_tokens=False)["input_ids"]
+        length = 0
+        for cached, actual in zip(prefix, ids[:-1], strict=False):
+            if cached != actual:
+                break
+            length += 1
+        return tuple(ids[:length])
+
+    def _cache_for(self, prefix: tuple[int, ...]) -> Any | None:
+        """A copy of the prefix's key/value cache (computed and kept on a miss)."""
+        if not prefix or self.prefix_cache.max_entries == 0:
+            return None
+        cache = self.prefix_cache.copy_of(prefix)
+        if cache is None:
+            kept = self._dynamic_cache(config=self._model.config)
+            self._model(self._torch.tensor([prefix]), past_key_values=kept, use_cache=True)
+            self.prefix_cache.keep(prefix, kept)
+            cache = copy.deepcopy(kept)
+        return cache
 
     def handle(self, op: str, arguments: dict[str, Any]) -> Any:
         if op == "summarize":
@@ -169,13 +272,15 @@ class GenerateServer:
         torch = self._torch
         text = _text(arguments, "text")
         max_words = _int(arguments, "max_words", 40, 5, 200)
-        ids = self._prompt_ids(
-            SUMMARY_SYSTEM, f"Summarise this article in at most {max_words} words.\n\n{text}")
+        head = f"Summarise this article in at most {max_words} words.\n\n"
+        ids = self._prompt_ids(SUMMARY_SYSTEM, head + text)
         with torch.inference_mode():
+            cache = self._cache_for(self._fixed_prefix(SUMMARY_SYSTEM, head, text, ids))
             output = self._model.generate(
                 torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
                 max_new_tokens=max_words * 2, do_sample=False, num_beams=1,
                 pad_token_id=self._tokenizer.pad_token_id or self._tokenizer.eos_token_id,
+                **({} if cache is None else {"past_key_values": cache}),
             )
         summary = self._tokenizer.decode(output[0][len(ids):], skip_special_tokens=True).strip()
         return {"summary": summary, "input_tokens": len(ids),
@@ -184,17 +289,21 @@ class GenerateServer:
     def _sentiment(self, arguments: dict[str, Any]) -> Any:
         torch = self._torch
         text = _text(arguments, "text")
-        ids = self._prompt_ids(
-            SENTIMENT_SYSTEM,
-            "Is the sentiment of this text positive, negative or neutral? "
-            f"Answer with one word.\n\nText: {text}",
-        )
+        head = ("Is the sentiment of this text positive, negative or neutral? "
+                "Answer with one word.\n\nText: ")
+        ids = self._prompt_ids(SENTIMENT_SYSTEM, head + text)
         # Each label's log-probability as the continuation of the prompt: the answer
         # is always one of the three labels, never free text to be parsed. The prompt
         # runs once; a label of several tokens continues from a copy of its cache.
         logprobs = {}
         with torch.inference_mode():
-            prompt = self._model(torch.tensor([ids]), use_cache=True)
+            cache = self._cache_for(self._fixed_prefix(SENTIMENT_SYSTEM, head, text, ids))
+            if cache is None:
+                prompt = self._model(torch.tensor([ids]), use_cache=True)
+            else:
+                done = cache.get_seq_length()
+                prompt = self._model(torch.tensor([ids[done:]]), past_key_values=cache,
+                                     use_cache=True)
             first = torch.log_softmax(prompt.logits[0, -1].float(), dim=-1)
             for label in SENTIMENT_LABELS:
                 label_ids = self._tokenizer.encode(label, add_special_tokens=False)
@@ -235,6 +344,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--collection", default="")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-input-tokens", type=int, default=2048)
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     return parser.parse_args()
 
 
@@ -249,14 +359,20 @@ def main() -> None:
         torch.set_num_threads(max(1, options.threads))
         transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
         server: EmbedServer | GenerateServer
+        dtype, reason = choose_dtype(cpu_flags(), options.dtype)
         if options.task == "embed":
+            # A 22M-parameter encoder: float32 always; a text is embedded whole, so
+            # there is no shared prefix to keep.
+            dtype, reason = "float32", "the embedding model runs in float32"
             server = EmbedServer(torch, transformers, options.weights, options.collection)
         else:
-            server = GenerateServer(torch, transformers, options.weights, options.max_input_tokens)
+            server = GenerateServer(torch, transformers, options.weights,
+                                    options.max_input_tokens, dtype=dtype)
     except BaseException as exc:  # noqa: BLE001 - reported to the host, then exit
         results.write(_failure(exc))
         os._exit(1)
-    ready: dict[str, Any] = {"ready": True, "load_ms": round((time.monotonic() - started) * 1000)}
+    ready: dict[str, Any] = {"ready": True, "load_ms": round((time.monotonic() - started) * 1000),
+                             "dtype": dtype, "dtype_reason": reason}
     if isinstance(server, EmbedServer):
         ready["documents"] = server.documents
     results.write(ready)

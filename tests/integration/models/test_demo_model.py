@@ -3,7 +3,7 @@ The real demo model (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF from the six pinne
 chunk wheels) end to end: real Docker sandbox, real SQLite log, real keys.
 
 Kept to a few short turns: the model is converted once per session (about a
-minute on 2 cores) and each turn takes a few seconds.
+minute on 2 cores; ``conftest.py``) and each turn takes a few seconds.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -20,18 +19,8 @@ from callward.audit import read_records, verify
 from callward.core.agent import Agent
 from callward.core.gateway import Gateway
 from callward.core.gateway._config import example_config_path
-from callward.core.models._gguf import DEMO_MODEL_ID, DEMO_MODEL_SHA256, load_demo_model
+from callward.core.models._gguf import DEMO_MODEL_ID, DEMO_MODEL_SHA256
 from callward.core.testing import kinds
-
-
-@pytest.fixture(scope="session", name="model_cache")
-def _model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("models")
-
-
-@pytest.fixture(scope="session", name="demo_model")
-def _demo_model(model_cache: Path):
-    return load_demo_model(model_cache)
 
 
 # A turn takes seconds on an idle 2-core machine, much longer on a shared one.

@@ -59,6 +59,7 @@ CLASSES = {
     "PolicyInvalid": errors.PolicyInvalid,
     "PlanInvalid": __import__("callward.core.plans", fromlist=["PlanInvalid"]).PlanInvalid,
     "ModelUnavailable": errors.ModelUnavailable,
+    "ModelEndpointFailed": errors.ModelEndpointFailed,
     "VerificationFailed": errors.VerificationFailed,
 }
 

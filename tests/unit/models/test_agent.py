@@ -213,6 +213,25 @@ class TestWithTinyModel:
         assert {model.digest} == {body["model"]["digest"] for body in turns}
         assert all(body["tokens"]["prompt"] > 100 for body in turns)
 
+    def test_model_turn_records_the_dtype_and_the_reused_prefix(self, gateway, store,
+                                                                 tiny_model_dir):
+        """
+        model.turn names the dtype the turn was computed in, and how many prompt tokens
+        came from the kept prefix cache (the second question reuses the first's prefix).
+        """
+        from callward.core.models._chat import GenerationConfig
+
+        model = TransformersChatModel.from_directory(
+            tiny_model_dir, generation=GenerationConfig(max_new_tokens=4), dtype="float32")
+        for question in ("What is 2 + 3?", "What is 4 + 5?"):
+            Agent(gateway=gateway, model=model, principal="alice",
+                  limits=AgentLimits(max_steps=1)).run(question)
+
+        turns = [r.body for r in store.records() if r.kind == "model.turn"]
+        assert ["float32", "float32"] == [body["model"]["dtype"] for body in turns]
+        assert "prompt_cached" not in turns[0]["tokens"]
+        assert 100 < turns[1]["tokens"]["prompt_cached"] < turns[1]["tokens"]["prompt"]
+
 
 class TestGatewayRecord:
     def test_record_signs_into_the_same_log(self, gateway, store):

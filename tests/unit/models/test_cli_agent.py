@@ -37,6 +37,24 @@ class TestModelSettings:
         assert (tmp_path / "models" / "mine", "tool", 32) == (
             settings.directory, settings.tool_role, settings.max_new_tokens)
 
+    def test_dtype_is_auto_unless_set(self, tmp_path, examples):
+        """model.dtype is auto by default; float32 or bfloat16 when set."""
+        unset = write_config(tmp_path, examples, "model: {max_new_tokens: 32}\n")
+        other = tmp_path / "other"
+        other.mkdir()
+        forced = write_config(other, examples, "model: {dtype: float32}\n")
+
+        assert ("auto", "float32") == (load_config(unset).model.dtype,  # type: ignore[union-attr]
+                                       load_config(forced).model.dtype)  # type: ignore[union-attr]
+
+    @pytest.mark.parametrize("dtype", ["float16", "fp32", "true"])
+    def test_an_unknown_dtype_is_refused(self, tmp_path, examples, dtype):
+        """A dtype other than auto, float32 or bfloat16 is a configuration error."""
+        config = write_config(tmp_path, examples, f"model: {{dtype: {dtype}}}\n")
+
+        with pytest.raises(ConfigurationError, match="model"):
+            load_config(config)
+
     def test_no_model_section_means_the_demo_model(self, tmp_path, examples):
         """Without a model section, the agent uses the demo model."""
         assert load_config(write_config(tmp_path, examples, "")).model is None

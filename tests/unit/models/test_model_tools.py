@@ -28,6 +28,7 @@ from callward.core.gateway._config import load_config
 from callward.core.models._tools import (
     MINILM_NAME,
     ModelToolsSettings,
+    build_model_runner,
     example_collection_path,
     model_tool_set,
     model_tools_settings,
@@ -202,6 +203,21 @@ class TestSettings:
         assert (tmp_path / "tiny").resolve() == settings.generator_directory
         assert 512 * MIB == settings.generator_memory_bytes
         assert 2048 * MIB == settings.memory_budget_bytes
+        assert "auto" == settings.generator_dtype
+
+    def test_the_generators_dtype_reaches_its_worker(self, tmp_path, generator_dir):
+        """generator.dtype is parsed, refused unless a known dtype, and sent to the worker."""
+        settings = model_tools_settings(
+            {"tools": ["summarize"], "generator": {"directory": str(generator_dir),
+                                                   "dtype": "float32"}}, str)
+        tool_set = model_tool_set(settings, model_cache=tmp_path / "models",
+                                  server_sha256=SERVER)
+        runner = build_model_runner(tool_set, StubRunner(ok_execution(1)))
+
+        assert "float32" == settings.generator_dtype
+        assert "float32" == runner.workers.spec("generator").dtype
+        with pytest.raises(ConfigurationError, match="models_as_tools"):
+            model_tools_settings({"generator": {"dtype": "float16"}}, str)
 
 
 class TestAuditNamesTheModel:

@@ -15,6 +15,7 @@ from callward.core import ModelUnavailable
 from callward.core.models._chat import (
     ChatMessage,
     GenerationConfig,
+    PrefixCache,
     TransformersChatModel,
     directory_digest,
 )
@@ -102,6 +103,134 @@ class TestTransformersChatModel:
 
         with pytest.raises(ModelUnavailable, match="no chat template"):
             TransformersChatModel.from_directory(copy)
+
+
+SQUARE_TOOL = {"type": "function", "function": {
+    "name": "square", "description": "Return x * x.",
+    "parameters": {"type": "object", "properties": {"x": {"type": "number"}}}}}
+SYSTEM = ChatMessage("system", "You answer with tools when a tool helps.")
+QUESTIONS = ("What is 2 + 3?", "square 7", "hello there", "What is 12 + 30?")
+
+
+@pytest.fixture(name="tiny_f32", scope="module")
+def _tiny_f32(tiny_model_dir: Path) -> TransformersChatModel:
+    return TransformersChatModel.from_directory(
+        tiny_model_dir, generation=GenerationConfig(max_new_tokens=12), dtype="float32")
+
+
+class TestPrefixCache:
+    @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+    def test_cached_turns_equal_uncached_turns(self, tiny_model_dir, dtype):
+        """
+        Turns sharing the system prompt and tools reuse its keys and values and generate
+        exactly what the full prompt generates, for two tool sets and a second turn.
+        """
+        model = TransformersChatModel.from_directory(
+            tiny_model_dir, generation=GenerationConfig(max_new_tokens=12), dtype=dtype)
+        conversations = [([SYSTEM, ChatMessage("user", q)], tools)
+                         for tools in ([ADD_TOOL], [ADD_TOOL, SQUARE_TOOL]) for q in QUESTIONS]
+        conversations.append(([SYSTEM, ChatMessage("user", "What is 2 + 3?"),
+                               ChatMessage("assistant", '{"name": "add"}'),
+                               ChatMessage("user", "add returned 5")], [ADD_TOOL]))
+
+        model.prefix_cache = PrefixCache(0)
+        uncached = [model.generate(m, t) for m, t in conversations]
+        model.prefix_cache = PrefixCache(4)
+        cached = [model.generate(m, t) for m, t in conversations]
+
+        assert [(t.text, t.output_tokens, t.prompt_sha256) for t in uncached] == \
+            [(t.text, t.output_tokens, t.prompt_sha256) for t in cached]
+        assert [0] * len(uncached) == [t.cached_prompt_tokens for t in uncached]
+        assert (2, len(conversations) - 2, 2) == (len(model.prefix_cache),
+                                                  model.prefix_cache.hits,
+                                                  model.prefix_cache.misses)
+        assert {dtype} == {t.dtype for t in cached}
+
+    def test_the_prefix_is_the_system_part_and_tools_as_tokens(self, tiny_f32):
+        """The prefix is the leading system message with the tools, a strict token prefix."""
+        messages = [SYSTEM, ChatMessage("user", "What is 2 + 3?")]
+        prompt = tiny_f32.render(messages, [ADD_TOOL])
+        ids = tiny_f32.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+        prefix = tiny_f32.shared_prefix(messages, [ADD_TOOL], prompt, ids)
+        other = tiny_f32.shared_prefix(messages, [ADD_TOOL, SQUARE_TOOL],
+                                       tiny_f32.render(messages, [ADD_TOOL, SQUARE_TOOL]),
+                                       tiny_f32.tokenizer(
+                                           tiny_f32.render(messages, [ADD_TOOL, SQUARE_TOOL]),
+                                           add_special_tokens=False)["input_ids"])
+
+        assert tuple(ids[: len(prefix)]) == prefix
+        assert 0 < len(prefix) < len(ids)
+        assert '"name": "add"' in tiny_f32.tokenizer.decode(prefix)
+        assert "What is 2 + 3?" not in tiny_f32.tokenizer.decode(prefix)
+        assert prefix != other
+
+    def test_no_system_message_or_a_mismatch_caches_nothing(self, tiny_f32):
+        """Without a leading system message, or when the prefix is not the prompt's, nothing."""
+        user_only = [ChatMessage("user", "hi")]
+        messages = [SYSTEM, ChatMessage("user", "hi")]
+        prompt = tiny_f32.render(messages, [ADD_TOOL])
+        ids = tiny_f32.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+        assert () == tiny_f32.shared_prefix(user_only, [ADD_TOOL],
+                                            tiny_f32.render(user_only, [ADD_TOOL]), ids)
+        assert () == tiny_f32.shared_prefix(messages, [ADD_TOOL], "another prompt", ids)
+        assert () == tiny_f32.shared_prefix(messages, [ADD_TOOL], prompt, [1, 2, 3])
+
+    def test_the_kept_cache_is_never_extended(self, tiny_f32):
+        """Generation continues from a copy: the kept cache stays the prefix's length."""
+        tiny_f32.prefix_cache = PrefixCache(4)
+        messages = [SYSTEM, ChatMessage("user", "What is 2 + 3?")]
+        first = tiny_f32.generate(messages, [ADD_TOOL])
+        second = tiny_f32.generate(messages, [ADD_TOOL])
+        (key,) = tiny_f32.prefix_cache._entries
+
+        kept = tiny_f32.prefix_cache._entries[key]
+        assert len(key) == kept.get_seq_length() == second.cached_prompt_tokens
+        assert (0, first.text) == (first.cached_prompt_tokens, second.text)
+
+    def test_the_cache_keeps_at_most_its_entries(self):
+        """Least recently used prefixes are dropped past max_entries; 0 keeps none."""
+        cache = PrefixCache(2)
+        for key in ((1,), (2,), (3,)):
+            cache.keep(key, {"k": key})
+        none = PrefixCache(0)
+        none.keep((1,), {})
+
+        assert (None, {"k": (3,)}) == (cache.copy_of((1,)), cache.copy_of((3,)))
+        assert (2, 0) == (len(cache), len(none))
+        with pytest.raises(ValueError, match="at least 0"):
+            PrefixCache(-1)
+
+
+class TestDtype:
+    def test_float32_from_bfloat16_weights_is_an_exact_cast(self, tiny_model_dir, tiny_f32):
+        """The bf16 weights loaded as float32 hold exactly the bf16 values."""
+        bf16 = TransformersChatModel.from_directory(tiny_model_dir, dtype="bfloat16")
+        f32 = tiny_f32.model.state_dict()
+
+        assert "bfloat16 float32" == f"{bf16.dtype} {tiny_f32.dtype}"
+        for name, value in bf16.model.state_dict().items():
+            assert str(f32[name].dtype) == "torch.float32"
+            assert bool((f32[name] == value.float()).all()), name
+
+    def test_the_choice_is_recorded_and_threads_use_every_cpu(self, tiny_model_dir):
+        """The model says what it computes in and why; torch uses every usable CPU."""
+        import os
+
+        import torch
+
+        model = TransformersChatModel.from_directory(tiny_model_dir)
+
+        assert model.dtype_choice is not None
+        assert model.dtype == model.dtype_choice.dtype
+        assert "cpu flag" in model.dtype_choice.reason
+        assert len(os.sched_getaffinity(0)) == torch.get_num_threads()
+
+    def test_an_unknown_dtype_is_refused(self, tiny_model_dir):
+        """Only auto, float32 and bfloat16."""
+        with pytest.raises(ValueError, match="dtype must be one of"):
+            TransformersChatModel.from_directory(tiny_model_dir, dtype="float16")
 
 
 def make_parts(tmp_path: Path, contents: tuple[bytes, ...] | list[bytes]) -> tuple[Path, ...]:

@@ -1,0 +1,117 @@
+"""
+Which floating-point type a model computes in on this CPU, and how many threads it uses.
+
+bfloat16 halves the memory a model's weights take, but only a CPU with bfloat16
+arithmetic runs it fast: without it, ``torch`` converts every operand to float32 and back,
+and a turn of the demo model takes several times as long as in float32. The choice is
+therefore made from the CPU's own flags (``/proc/cpuinfo``), not from what ``torch``
+happens to support.
+
+Invariants:
+
+- ``choose_dtype`` is a pure function of the flags and the requested dtype: the same
+  flags always give the same choice, and its ``reason`` names the flag (or the setting)
+  it rests on.
+- ``auto`` chooses bfloat16 only when a flag of ``NATIVE_BF16_FLAGS`` is present;
+  anything else (no flags readable, an unknown CPU) chooses float32, which is correct
+  everywhere and only slower where bfloat16 would have been native.
+- An explicit ``float32`` or ``bfloat16`` is always honoured.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal, get_args
+
+Dtype = Literal["float32", "bfloat16"]
+DtypeSetting = Literal["auto", "float32", "bfloat16"]
+DTYPE_SETTINGS: Final[tuple[str, ...]] = get_args(DtypeSetting)
+
+#: The ``/proc/cpuinfo`` flags of bfloat16 arithmetic: AVX512_BF16 (AMD Zen 4 and later,
+#: Intel Cooper Lake and Sapphire Rapids) and AMX-BF16 (Intel Sapphire Rapids and later).
+NATIVE_BF16_FLAGS: Final = ("avx512_bf16", "amx_bf16")
+#: The flags a benchmark reports beside its figures.
+REPORTED_FLAGS: Final = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+CPUINFO: Final = Path("/proc/cpuinfo")
+
+
+@dataclass(frozen=True, slots=True)
+class DtypeChoice:
+    """
+    The dtype a model is loaded in, and why.
+
+    Attributes:
+        dtype: ``float32`` or ``bfloat16``.
+        reason: What decided it, e.g. ``cpu flag avx512_bf16`` or ``model.dtype setting``.
+    """
+
+    dtype: Dtype
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.dtype} ({self.reason})"
+
+
+def choose_dtype(flags: Iterable[str], requested: str = "auto") -> DtypeChoice:
+    """
+    The dtype to compute in, given the CPU's flags and the configured setting.
+
+    Args:
+        flags: The CPU's flags as ``/proc/cpuinfo`` spells them (``cpu_flags()``).
+        requested: ``auto``, ``float32`` or ``bfloat16``.
+
+    Raises:
+        ValueError: ``requested`` is none of the three.
+    """
+    if requested not in DTYPE_SETTINGS:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_SETTINGS)}, not {requested!r}")
+    if requested == "float32":
+        return DtypeChoice("float32", "set in the configuration")
+    if requested == "bfloat16":
+        return DtypeChoice("bfloat16", "set in the configuration")
+    present = frozenset(flags)
+    for flag in NATIVE_BF16_FLAGS:
+        if flag in present:
+            return DtypeChoice("bfloat16", f"cpu flag {flag}: native bfloat16")
+    return DtypeChoice(
+        "float32", f"no {' or '.join(NATIVE_BF16_FLAGS)} cpu flag: bfloat16 would be emulated")
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
+    """
+    The flags of the first processor in ``/proc/cpuinfo``; empty where it cannot be read
+    (another OS, a restricted sandbox), which makes ``choose_dtype`` choose float32.
+    """
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_model_name(cpuinfo: Path = CPUINFO) -> str:
+    """The first processor's model name, or ``unknown``."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "unknown"
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "model name":
+            return value.strip()
+    return "unknown"
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), at least one."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)

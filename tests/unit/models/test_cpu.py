@@ -1,0 +1,112 @@
+"""The dtype choice from the CPU's flags, the flags read from /proc/cpuinfo, and the threads."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from callward.core.models._cpu import (
+    NATIVE_BF16_FLAGS,
+    DtypeChoice,
+    choose_dtype,
+    cpu_flags,
+    cpu_model_name,
+    usable_cpus,
+)
+
+SERVER = Path(__file__).resolve().parents[3] / "sandbox" / "image" / "model_server.py"
+
+# The issue's reporter: a 2-core AMD EPYC with AVX2 and no AVX-512 (Zen 2/3).
+AVX2_ONLY = frozenset(["fpu", "sse", "sse2", "ssse3", "sse4_1", "sse4_2", "avx", "f16c", "fma",
+                       "avx2", "bmi2"])
+# This project's machine: AMD EPYC family 25 model 17 (Zen 4), AVX512_BF16, no AMX.
+ZEN4 = AVX2_ONLY | frozenset(["avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"])
+# Intel Sapphire Rapids: AMX (and AVX512_BF16).
+SAPPHIRE_RAPIDS = AVX2_ONLY | frozenset(["avx512f", "avx512_bf16", "amx_bf16", "amx_tile",
+                                         "amx_int8"])
+AMX_ONLY = AVX2_ONLY | frozenset({"amx_bf16", "amx_tile"})
+
+
+class TestChooseDtype:
+    def test_a_cpu_without_bfloat16_arithmetic_computes_in_float32(self):
+        """AVX2 alone (and AVX-512 without BF16) chooses float32, saying which flag is missing."""
+        choice = choose_dtype(AVX2_ONLY)
+        avx512_only = choose_dtype(AVX2_ONLY | {"avx512f", "avx512bw"})
+
+        assert "float32" == choice.dtype == avx512_only.dtype
+        assert "no avx512_bf16 or amx_bf16 cpu flag" in choice.reason
+
+    @pytest.mark.parametrize(("flags", "flag"), [(ZEN4, "avx512_bf16"),
+                                                 (SAPPHIRE_RAPIDS, "avx512_bf16"),
+                                                 (AMX_ONLY, "amx_bf16")])
+    def test_native_bfloat16_chooses_bfloat16_and_names_the_flag(self, flags, flag):
+        """avx512_bf16 or amx_bf16 chooses bfloat16; the reason names the flag."""
+        assert DtypeChoice("bfloat16", f"cpu flag {flag}: native bfloat16") == \
+            choose_dtype(flags)
+
+    @pytest.mark.parametrize("flags", [AVX2_ONLY, ZEN4, frozenset()])
+    @pytest.mark.parametrize("requested", ["float32", "bfloat16"])
+    def test_a_configured_dtype_is_honoured_on_any_cpu(self, flags, requested):
+        """An explicit dtype wins over the flags, and says it was configured."""
+        assert DtypeChoice(requested, "set in the configuration") == \
+            choose_dtype(flags, requested)
+
+    def test_no_flags_read_is_float32(self):
+        """Unreadable flags (another OS, a restricted sandbox) fail safe to float32."""
+        assert "float32" == choose_dtype(frozenset()).dtype
+
+    @pytest.mark.parametrize("requested", ["fp16", "float16", "", "AUTO"])
+    def test_another_dtype_is_refused(self, requested):
+        """Only auto, float32 and bfloat16 exist."""
+        with pytest.raises(ValueError, match="dtype must be one of"):
+            choose_dtype(ZEN4, requested)
+
+    @pytest.mark.parametrize("flags", [AVX2_ONLY, ZEN4, SAPPHIRE_RAPIDS, AMX_ONLY, frozenset()])
+    @pytest.mark.parametrize("requested", ["auto", "float32", "bfloat16"])
+    def test_the_worker_server_chooses_as_core_does(self, flags, requested):
+        """model_server.py, which cannot import callward, repeats the same rule."""
+        server = _server()
+        core = choose_dtype(flags, requested)
+
+        assert (core.dtype, core.reason) == server.choose_dtype(flags, requested)
+        assert NATIVE_BF16_FLAGS == server.NATIVE_BF16_FLAGS
+
+
+class TestCpuInfo:
+    def test_flags_and_model_name_are_read_from_the_first_processor(self, tmp_path):
+        """The first processor's flags line and model name."""
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(
+            "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n\n"
+            "processor\t: 1\nmodel name\t: other\nflags\t\t: avx512_bf16\n", encoding="utf-8")
+
+        assert frozenset({"fpu", "avx2", "fma"}) == cpu_flags(cpuinfo)
+        assert "AMD EPYC 7B13" == cpu_model_name(cpuinfo)
+
+    def test_an_unreadable_cpuinfo_gives_no_flags(self, tmp_path):
+        """No file, no flags: the choice is then float32."""
+        assert (frozenset(), "unknown") == (cpu_flags(tmp_path / "absent"),
+                                            cpu_model_name(tmp_path / "absent"))
+
+    def test_this_machines_flags_are_read(self):
+        """On Linux the real /proc/cpuinfo gives flags (x86: at least sse2)."""
+        if not Path("/proc/cpuinfo").is_file():
+            pytest.skip("no /proc/cpuinfo")
+        assert cpu_flags()
+
+    def test_every_cpu_of_the_affinity_mask_is_used(self):
+        """usable_cpus counts the CPUs this process may run on."""
+        assert len(os.sched_getaffinity(0)) == usable_cpus()
+
+
+def _server() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("callward_model_server", SERVER)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
