@@ -21,6 +21,7 @@ import structlog
 from callward.core.cli import (
     _agent,
     _audit,
+    _console,
     _mcp,
     _models,
     _plan,
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stats.add_commands(commands)
     _tools.add_commands(commands)
     _models.add_commands(commands)
+    _console.add_commands(commands)
     return parser
 
 

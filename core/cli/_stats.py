@@ -297,7 +297,8 @@ def _anomalies_resolve(args: argparse.Namespace, home: Home) -> int:
     store = audit_store_for(load_config(config_path(args, home)), home)
     store.open()
     try:
-        resolved = resolve(state, store, args.id, by=args.by, now=time.time())
+        resolved = resolve(state, store, args.id, by=args.by, now=time.time(),
+                           reason=args.reason)
     finally:
         store.close()
         state.close()
@@ -331,4 +332,5 @@ def add_commands(commands: Subcommands) -> None:
                              help="close an open anomaly (audited as anomaly.resolved)")
     resolve.add_argument("id")
     resolve.add_argument("--by", required=True, help="who resolves it")
+    resolve.add_argument("--reason", help="why it is resolved (kept in anomaly.resolved)")
     resolve.set_defaults(handler=_anomalies_resolve)

@@ -399,10 +399,15 @@ class AnomalyDetector:
                     del self._open[key]
 
 
+#: The longest resolution reason recorded, in characters (a longer one is cut).
+MAX_REASON_CHARS: Final = 2000
+
+
 def resolve(state: AnomalyStore, audit: AuditLog, anomaly_id: str, *, by: str,
-            now: float) -> Anomaly | None:
+            now: float, reason: str | None = None) -> Anomaly | None:
     """
-    Close an open anomaly and sign ``anomaly.resolved``.
+    Close an open anomaly and sign ``anomaly.resolved``; a ``reason`` (why it is
+    resolved, cut to ``MAX_REASON_CHARS``) is part of that record.
 
     Returns:
         The resolved anomaly, or None when none with that id is open (nothing written).
@@ -415,10 +420,13 @@ def resolve(state: AnomalyStore, audit: AuditLog, anomaly_id: str, *, by: str,
     if anomaly is None or anomaly.status != "open":
         return None
     # The record first: an anomaly is never closed without its signed resolution.
-    audit.append("anomaly.resolved", {
+    body: dict[str, JSONValue] = {
         "anomaly_id": anomaly.id, "principal": anomaly.principal, "tool": anomaly.tool,
         "metric": anomaly.metric, "by": by[:256], "detected_at": anomaly.detected_at,
-        "last_seen": anomaly.last_seen, "resolved_at": now})
+        "last_seen": anomaly.last_seen, "resolved_at": now}
+    if reason is not None:
+        body["reason"] = reason[:MAX_REASON_CHARS]
+    audit.append("anomaly.resolved", body)
     resolved = state.resolve(anomaly_id, by=by, at=now)
     log.info("anomaly_resolved", anomaly_id=anomaly.id, by=by)
     return resolved if resolved is not None else anomaly

@@ -152,3 +152,20 @@ class TestAnomaliesCli:
         assert "sec-oncall" == json.loads(shown.stdout)["body"]["by"]
         assert [] == json.loads(cli("anomalies", "list").stdout)
         assert 0 == verified.returncode, verified.stdout
+
+    def test_a_resolution_keeps_its_reason(self, cli, engine, home):
+        """`anomalies resolve ID --by P --reason R`: R is in the anomaly.resolved record."""
+        cli("call", 'call function("square", [2])', "--principal", "alice")  # makes keys
+        state = AnomalyState(home / "anomaly-state.db")
+        state.add(Anomaly(id="anm_2", principal="alice", tool="square", metric="call_rate",
+                          evidence={"observed": 200}, detected_at=time.time(),
+                          last_seen=time.time()))
+        state.close()
+
+        resolved = cli("anomalies", "resolve", "anm_2", "--by", "sec-oncall",
+                       "--reason", "the nightly load test")
+        shown = cli("audit", "show", "--kind", "anomaly.resolved", "--last", "1")
+
+        assert 0 == resolved.returncode
+        assert ("sec-oncall", "the nightly load test") == (
+            json.loads(shown.stdout)["body"]["by"], json.loads(shown.stdout)["body"]["reason"])

@@ -32,6 +32,7 @@ from callward.core import CallContext, ToolRegistry
 from callward.core._yaml import strict_yaml_load
 from callward.core.gateway._config import CONFIG_SCHEMA, load_config
 from callward.core.mcp._auth import parse_clients
+from callward.core.mcp._oidc import parse_oidc
 from callward.core.mcp._section import parse_mcp_section
 from callward.core.parse import parse_model_output
 from callward.core.plans import parse_plan
@@ -163,6 +164,7 @@ def _check_config(example: Example, directory: Path) -> None:
     if "mcp" in raw:
         parse_mcp_section(raw["mcp"], base=directory)
         parse_clients(raw["mcp"].get("clients"))
+        parse_oidc(raw["mcp"].get("auth"), base=directory)
 
 
 def _import_names(tree: ast.AST) -> list[tuple[str, str | None]]:

@@ -12,7 +12,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from callward.audit import SQLiteAuditStore, verify
-from callward.core.observe._anomaly import AnomalyDetector, DetectorSettings, resolve
+from callward.core.observe._anomaly import (
+    MAX_REASON_CHARS,
+    AnomalyDetector,
+    DetectorSettings,
+    resolve,
+)
 from callward.core.observe._events import CallEvent
 from callward.policies._anomaly_state import AnomalyState
 
@@ -197,6 +202,24 @@ class TestLifecycle:
         assert resolve(state, store, anomaly.id, by="sec-oncall", now=clock.now) is None
         assert [("anomaly.resolved", "sec-oncall")] == [
             (r.kind, r.body["by"]) for r in store.records() if r.kind == "anomaly.resolved"]
+        assert [False] == ["reason" in r.body for r in store.records()
+                           if r.kind == "anomaly.resolved"]
+
+    def test_a_reason_is_kept_in_the_resolution_record(self, detector, state, store, clock):
+        """resolve(reason=...) puts the reason in anomaly.resolved itself, cut to its cap."""
+        replay_normal(detector, clock, seconds=600)
+        for _ in range(100):
+            clock.now += 0.02
+            detector.observe(call())
+        (anomaly,) = state.all_open()
+
+        resolve(state, store, anomaly.id, by="sec-oncall", now=clock.now,
+                reason="a load test " + "x" * MAX_REASON_CHARS)
+
+        (body,) = [r.body for r in store.records() if r.kind == "anomaly.resolved"]
+        assert (MAX_REASON_CHARS, True) == (len(body["reason"]),
+                                            body["reason"].startswith("a load test x"))
+        assert () == state.open_for("alice", clock.now)
 
     def test_calls_held_by_an_anomaly_feed_no_baseline(self, detector, clock, store):
         """Denials caused by an open anomaly do not raise a denial-ratio anomaly of their own."""
