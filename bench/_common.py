@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -50,6 +51,16 @@ def configure_logging() -> None:
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
     )
+
+
+def timed(function: Callable[[], object], count: int) -> list[float]:
+    """Milliseconds of each of ``count`` calls of ``function``, in order."""
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        function()
+        samples.append((time.perf_counter() - start) * 1000)
+    return samples
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

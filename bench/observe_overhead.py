@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench._common import EXAMPLES, NullRunner, configure_logging, print_table, summarize
+from bench._common import EXAMPLES, NullRunner, configure_logging, print_table, summarize, timed
 from callward.audit import FileSigner, SQLiteAuditStore
 from callward.core import ToolRegistry
 from callward.core.gateway import Gateway
@@ -49,14 +49,6 @@ class SteppingClock:
         self.now += 1.0
         return self.now
 
-
-def timed(function: Callable[[], object], count: int) -> list[float]:
-    samples = []
-    for _ in range(count):
-        start = time.perf_counter()
-        function()
-        samples.append((time.perf_counter() - start) * 1000)
-    return samples
 
 
 def main() -> None:

@@ -21,15 +21,13 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import jwt
 import structlog
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from bench._common import EXAMPLES, cpu_summary, print_table, summarize
+from bench._common import EXAMPLES, cpu_summary, print_table, summarize, timed
 from callward.core import CallContext, Identity, ToolCall, ToolRegistry
 from callward.core.mcp._auth import parse_clients, token_sha256
 from callward.core.mcp._oidc import OidcSettings, OidcVerifier
@@ -37,14 +35,6 @@ from callward.policies import Policy
 
 ISSUER = "https://login.example.com/"
 
-
-def timed(function: Callable[[], Any], count: int) -> list[float]:
-    samples = []
-    for _ in range(count):
-        start = time.perf_counter()
-        function()
-        samples.append((time.perf_counter() - start) * 1000)
-    return samples
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import structlog
 from jsonschema import Draft202012Validator
 from referencing import Registry
 
-from bench._common import REPO, print_table, summarize
+from bench._common import REPO, print_table, summarize, timed
 from callward.core import CallContext, ToolCall, ToolRegistry
 from callward.policies import Policy, PolicyState
 from callward.policies._cedar import principal_entities
@@ -99,14 +99,6 @@ flows:
 """)
     return directory / "policy.yaml"
 
-
-def timed(function, count: int) -> list[float]:
-    samples = []
-    for _ in range(count):
-        start = time.perf_counter()
-        function()
-        samples.append((time.perf_counter() - start) * 1000)
-    return samples
 
 
 def main() -> None:

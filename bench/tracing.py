@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -50,6 +49,7 @@ from bench._common import (
     cpu_summary,
     print_table,
     summarize,
+    timed,
 )
 from callward.audit import FileSigner, SQLiteAuditStore
 from callward.core import AuditRecord, ToolCall, ToolRegistry, ToolResult
@@ -75,14 +75,6 @@ class DroppingExporter(SpanExporter):
     def shutdown(self) -> None:
         return None
 
-
-def timed(function: Callable[[], object], count: int) -> list[float]:
-    samples = []
-    for _ in range(count):
-        start = time.perf_counter()
-        function()
-        samples.append((time.perf_counter() - start) * 1000)
-    return samples
 
 
 def provider_with(processor: BatchSpanProcessor | SimpleSpanProcessor) -> TracerProvider:
