@@ -6,17 +6,12 @@ audited. A real uvicorn server on loopback, the SDK's own client, a real signed 
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import anyio
 import httpx2
 import pytest
-import uvicorn
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
@@ -26,6 +21,7 @@ from callward.core.gateway import Gateway
 from callward.core.mcp._auth import parse_clients, token_sha256
 from callward.core.mcp._server import McpFace, http_app
 from callward.core.testing import StubRunner, ok_execution
+from tests.unit.mcp._serving import serving
 
 ALICE_TOKEN = "alice-" + "a" * 40
 DANA_TOKEN = "dana-" + "d" * 40
@@ -35,31 +31,6 @@ DANA_TOKEN = "dana-" + "d" * 40
 def _runner() -> StubRunner:
     """Every tool answers 0, as a container would return a value."""
     return StubRunner(ok_execution(0))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """The app under a real uvicorn server on a loopback port; its MCP URL."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture(name="url")

@@ -25,7 +25,6 @@ import anyio
 import httpx2
 import jwt
 import pytest
-import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from mcp import Client
@@ -45,6 +44,7 @@ from callward.core.mcp._oidc import (
     parse_oidc,
 )
 from callward.core.mcp._server import McpFace, http_app
+from tests.unit.mcp._serving import serving
 
 ISSUER = "https://login.example.com/"
 AUDIENCE = "callward"
@@ -510,31 +510,6 @@ class TestConfiguration:
 # -- through the MCP HTTP face -------------------------------------------------------
 
 ALICE_TOKEN = "alice-" + "a" * 40
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """The app under a real uvicorn server on a loopback port; its MCP URL."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture(name="face_url")

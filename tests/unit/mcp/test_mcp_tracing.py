@@ -7,18 +7,13 @@ loopback, the SDK's own client, a real signed log, the SDK's in-memory span expo
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import httpx2
 import pytest
-import uvicorn
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from opentelemetry import trace
@@ -29,36 +24,12 @@ from opentelemetry.trace import SpanKind
 from callward.core.gateway import Gateway
 from callward.core.mcp._server import McpFace, http_app
 from callward.core.observe import Tracing, configure_tracing
+from tests.unit.mcp._serving import serving
 
 HEADER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 HEADER_PARENT = "00f067aa0ba902b7"
 META_TRACE = "0af7651916cd43dd8448eb211c80319c"
 META_PARENT = "b7ad6b7169203331"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """The app under a real uvicorn server on a loopback port; its MCP URL."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture(name="spans")
