@@ -21,9 +21,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from callward.core.gateway import Gateway
@@ -161,6 +161,23 @@ def _browser(tmp_path: Path) -> Iterator[object]:
         driver.quit()
 
 
+def detached(element: object) -> bool:
+    """
+    Whether ``element`` has left the page (its document was replaced). Selenium's
+    ``staleness_of`` knows only the stale-element error; chromedriver may answer a node
+    of a document just replaced with an inspector error instead, which means the same.
+    """
+    try:
+        element.is_enabled()  # type: ignore[attr-defined]
+    except StaleElementReferenceException:
+        return True
+    except WebDriverException as exc:
+        if "does not belong to the document" in str(exc):
+            return True
+        raise
+    return False
+
+
 @pytest.fixture(name="sign_in")
 def _sign_in(browser: object, console_url: str) -> Callable[[str], None]:
     """Sign the browser in with a token (the login form, as a person would)."""
@@ -172,6 +189,6 @@ def _sign_in(browser: object, console_url: str) -> Callable[[str], None]:
         browser.find_element(By.ID, "sign-in").click()  # type: ignore[attr-defined]
         # The answer has replaced the form's page: a get() now cannot cut the POST short.
         WebDriverWait(browser, 15, poll_frequency=0.1).until(  # type: ignore[arg-type]
-            expected_conditions.staleness_of(form))
+            lambda _: detached(form))
 
     return sign_in
