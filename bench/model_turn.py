@@ -9,7 +9,10 @@ interleaved question by question in one process:
 - ``bf16, prefix cached``: bfloat16 with the shared prefix (system prompt and tools) kept;
 - ``fp32, full prompt`` and ``fp32, prefix cached``: the same in float32, the dtype
   ``auto`` picks on a CPU without bfloat16 arithmetic (AVX2 only, as the issue's
-  reporter's); on a CPU with it, these rows show float32's cost, not an AVX2 machine's.
+  reporter's); on a CPU with it, these rows show float32's cost, not an AVX2 machine's;
+- ``fp32, prefix cached, output-major weights``: the float32 model with its widening
+  linear weights left as stored (``store_for_decoding`` undone), the baseline of that
+  layout change.
 
 Per way: demo turn p50 and mean, the first turn of a question once the prefix is warm,
 output tokens per second, and the demo's answers (which must agree: cached turns are the
@@ -42,6 +45,7 @@ from callward.core.models._cpu import (
     usable_cpus,
 )
 
+OUTPUT_MAJOR = "float32, output-major"
 ISA_CAPS = {
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
              "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
@@ -53,7 +57,7 @@ class Way:
     """One way of running the questions, and what it measured."""
 
     name: str
-    dtype: str
+    model: str
     cached: bool
     turns: list[float] = field(default_factory=list)
     first_turns: list[float] = field(default_factory=list)
@@ -119,20 +123,26 @@ def run(home: Path, *, rounds: int, questions: int, isa: str | None) -> None:  #
         loads[dtype] = (time.perf_counter() - started, _rss_mib() - rss)
     import torch  # noqa: PLC0415 - loaded with the models
 
+    models[OUTPUT_MAJOR] = load_demo_model(models_dir, dtype="float32")
+    for module in models[OUTPUT_MAJOR].model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data = module.weight.data.contiguous()
+
     print(f"torch {torch.__version__}: {torch.get_num_threads()} threads, "
           f"capability {torch.backends.cpu.get_cpu_capability()}")
 
     ways = [Way("bf16, full prompt (before #17)", "bfloat16", cached=False),
             Way("bf16, prefix cached", "bfloat16", cached=True),
             Way("fp32, full prompt", "float32", cached=False),
-            Way("fp32, prefix cached", "float32", cached=True)]
+            Way("fp32, prefix cached", "float32", cached=True),
+            Way("fp32, prefix cached, output-major weights", OUTPUT_MAJOR, cached=True)]
     caches = {dtype: PrefixCache(4) for dtype in models}
     asked = QUESTIONS[:questions]
     with Gateway.from_config(example_config_path(), home=home / "gateway") as gateway:
         # Warm-up, not measured: each principal's prefix kept for the cached ways (one
         # prefill each, no generation), so every measured first turn finds it warm.
-        for dtype, model in models.items():
-            model.prefix_cache = caches[dtype]
+        for key, model in models.items():
+            model.prefix_cache = caches[key]
             for principal in sorted({item.principal for item in asked}):
                 agent = Agent(gateway=gateway, model=model, principal=principal)
                 messages = [ChatMessage("system", agent.system_prompt),
@@ -147,8 +157,8 @@ def run(home: Path, *, rounds: int, questions: int, isa: str | None) -> None:  #
             for item in asked:
                 print(f"round {number + 1}: {item.question}", flush=True)
                 for way in ways:
-                    model = models[way.dtype]
-                    model.prefix_cache = caches[way.dtype] if way.cached else PrefixCache(0)
+                    model = models[way.model]
+                    model.prefix_cache = caches[way.model] if way.cached else PrefixCache(0)
                     result = Agent(gateway=gateway, model=model,
                                    principal=item.principal).run(item.question)
                     way.runs += 1
@@ -180,8 +190,9 @@ def run(home: Path, *, rounds: int, questions: int, isa: str | None) -> None:  #
         rows,
     )
     same = {way.name: way.answers == ways[0].answers for way in ways
-            if way.dtype == ways[0].dtype}
+            if way.model == ways[0].model}
     same_fp32 = ways[2].answers == ways[3].answers
+    same_layout = ways[3].answers == ways[4].answers
     print_table(
         "Summary",
         ["measure", "value"],
@@ -195,6 +206,7 @@ def run(home: Path, *, rounds: int, questions: int, isa: str | None) -> None:  #
              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             ("cached answers = full-prompt answers (bf16 / fp32)",
              f"{all(same.values())} / {same_fp32}"),
+            ("fp32 answers, input-major = output-major weights", f"{same_layout}"),
             ("prefix cache hits bf16 / fp32", f"{caches['bfloat16'].hits} / "
                                               f"{caches['float32'].hits}"),
             ("load average at start / end (1 min)", f"{load_before[0]:.2f} / "

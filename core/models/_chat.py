@@ -38,7 +38,13 @@ import structlog
 
 from callward.core._canonical import JSONValue, Sha256Hex, canonical_bytes, sha256_hex
 from callward.core.errors import ModelUnavailable
-from callward.core.models._cpu import DtypeChoice, choose_dtype, cpu_flags, usable_cpus
+from callward.core.models._cpu import (
+    DtypeChoice,
+    choose_dtype,
+    cpu_flags,
+    store_for_decoding,
+    usable_cpus,
+)
 from callward.core.types import ToolCall
 
 log = structlog.get_logger()
@@ -319,11 +325,12 @@ class TransformersChatModel:
                 f"model directory {path} cannot be loaded ({type(exc).__name__})"
             ) from exc
         model.eval()
+        input_major = store_for_decoding(torch, model, choice.dtype)
         if tokenizer.chat_template is None:
             raise ModelUnavailable(f"model directory {path} has no chat template")
         log.info("model_loaded", model_id=model_id or path.name, digest=digest[:16],
                  dtype=choice.dtype, dtype_reason=choice.reason,
-                 threads=torch.get_num_threads(),
+                 threads=torch.get_num_threads(), input_major_weights=input_major,
                  seconds=round(time.perf_counter() - started, 3))
         return cls(model=model, tokenizer=tokenizer, model_id=model_id or path.name,
                    digest=digest, generation=generation or GenerationConfig(),

@@ -26,7 +26,9 @@ Invariants:
 - The generator computes in ``--dtype``; ``auto`` is bfloat16 only where the CPU has
   bfloat16 arithmetic (``avx512_bf16`` or ``amx_bf16`` in ``/proc/cpuinfo``), float32
   otherwise: the rule of ``callward.core.models._cpu.choose_dtype``, which this
-  server, run without callward on its path, repeats (a unit test holds them equal).
+  server, run without callward on its path, repeats (a unit test holds them equal);
+  so does ``store_for_decoding``, which lays the float32 weights of widening linear
+  layers out input-major (same numbers, faster decoding).
 - The host bounds each request's time and kills the container past it; the server
   itself never decides that a request ran too long.
 """
@@ -61,6 +63,19 @@ def choose_dtype(flags: frozenset[str], requested: str) -> tuple[str, str]:
         if flag in flags:
             return "bfloat16", f"cpu flag {flag}: native bfloat16"
     return "float32", f"no {' or '.join(NATIVE_BF16_FLAGS)} cpu flag: bfloat16 would be emulated"
+
+
+def store_for_decoding(torch: Any, model: Any, dtype: str) -> int:
+    """Widening float32 linear weights stored input-major (see ``core.models._cpu``)."""
+    if dtype != "float32":
+        return 0
+    changed = 0
+    for module in model.modules():
+        if (isinstance(module, torch.nn.Linear) and module.out_features > module.in_features
+                and module.weight.dtype == torch.float32 and module.weight.is_contiguous()):
+            module.weight.data = module.weight.data.t().contiguous().t()
+            changed += 1
+    return changed
 
 
 def cpu_flags() -> frozenset[str]:
@@ -210,6 +225,7 @@ class GenerateServer:
         self._model = transformers.AutoModelForCausalLM.from_pretrained(
             weights, local_files_only=True, use_safetensors=True, dtype=getattr(torch, dtype)
         ).eval()
+        store_for_decoding(torch, self._model, dtype)
         self._max_input_tokens = max_input_tokens
         self.prefix_cache = PrefixCache(prefix_cache_entries)
 

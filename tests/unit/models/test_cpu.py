@@ -15,6 +15,7 @@ from callward.core.models._cpu import (
     choose_dtype,
     cpu_flags,
     cpu_model_name,
+    store_for_decoding,
     usable_cpus,
 )
 
@@ -74,6 +75,61 @@ class TestChooseDtype:
 
         assert (core.dtype, core.reason) == server.choose_dtype(flags, requested)
         assert NATIVE_BF16_FLAGS == server.NATIVE_BF16_FLAGS
+
+
+def _layers(torch, dtype):
+    """A model's kinds of linear layer: square, narrowing, widening (with and without bias)."""
+    torch.manual_seed(7)
+    return torch.nn.Sequential(
+        torch.nn.Linear(16, 16), torch.nn.Linear(16, 4, bias=False),
+        torch.nn.Linear(4, 64, bias=False), torch.nn.Linear(64, 8),
+    ).to(dtype)
+
+
+class TestStoreForDecoding:
+    def test_widening_float32_weights_are_stored_input_major_with_the_same_numbers(self):
+        """Only the 4->64 layer widens; its values stay, its memory order flips."""
+        torch = pytest.importorskip("torch")
+        model = _layers(torch, torch.float32)
+        before = [layer.weight.detach().clone() for layer in model]
+        rows = torch.randn(5, 16)
+        with torch.inference_mode():
+            expected = model(rows)
+
+        changed = store_for_decoding(torch, model, "float32")
+
+        assert 1 == changed
+        assert [(16, 1), (16, 1), (1, 64), (64, 1)] == [layer.weight.stride() for layer in model]
+        assert all(torch.equal(old, layer.weight) for old, layer in zip(before, model, strict=True))
+        with torch.inference_mode():
+            assert torch.allclose(expected, model(rows), rtol=0, atol=1e-5)
+
+    def test_it_is_done_once(self):
+        """A second pass finds nothing left to change."""
+        torch = pytest.importorskip("torch")
+        model = _layers(torch, torch.float32)
+        store_for_decoding(torch, model, "float32")
+
+        assert 0 == store_for_decoding(torch, model, "float32")
+
+    def test_bfloat16_weights_are_left_as_they_are(self):
+        """In bfloat16 the output-major product is the faster one: nothing moves."""
+        torch = pytest.importorskip("torch")
+        model = _layers(torch, torch.bfloat16)
+
+        assert 0 == store_for_decoding(torch, model, "bfloat16")
+        assert all(layer.weight.is_contiguous() for layer in model)
+
+    @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+    def test_the_worker_server_stores_as_core_does(self, dtype):
+        """model_server.py repeats the rule: the same layers change, the same way."""
+        torch = pytest.importorskip("torch")
+        ours, theirs = _layers(torch, getattr(torch, dtype)), _layers(torch, getattr(torch, dtype))
+
+        assert store_for_decoding(torch, ours, dtype) == _server().store_for_decoding(
+            torch, theirs, dtype)
+        assert ([layer.weight.stride() for layer in ours]
+                == [layer.weight.stride() for layer in theirs])
 
 
 class TestCpuInfo:
