@@ -35,11 +35,17 @@ Helping a small model (measured by ``bench/agent_accuracy.py``):
 - A run that called tools and then answers while its question still names things
   no call covered (``_coverage.uncovered``: numbers, proper nouns, identifiers) is
   asked once more, naming them, to call the tool for them, if the step budget allows.
-  If it calls nothing new, or a budget ends the run first, the answer before the
-  follow-up stands; if it calls, the run goes on and its final answer is taken. Folded
-  results then show the run's earlier successes and refusals too, so that the final
-  answer can state every part. The follow-up is audited as ``model.follow_up``
-  (counts only).
+  The answer it gave is kept aside, not shown to it (a small model asked after its own
+  answer repeats it): the follow-up replaces the cue to answer after the results, and
+  that turn is required to be a call (``require_call``: ``tool_choice: "required"``
+  for a served model, the turn started as a call object for a local one); which tool,
+  and whether the policy allows it, is decided as for any call. If it calls nothing
+  new (no call, an unreadable one, only repeats), or a budget ends the run first, the
+  answer before the follow-up stands; if it calls, the run goes on and its final
+  answer is taken. Folded results then show the run's earlier successes and refusals
+  too, so that the final answer can state every part. The follow-up is audited as
+  ``model.follow_up`` (counts only) and its turn's ``model.turn`` says
+  ``call_required``.
 
 With tracing on (the gateway's ``Tracing``), a run is one trace: an ``invoke_agent``
 span holding each turn's ``chat`` span, the ``callward.parse`` of its output, the
@@ -195,6 +201,7 @@ class Agent:
         folded: list[str] = []  # the run's results so far, in words (tool_role user)
         followed_up: str | None = None  # the answer a follow-up was asked after
         just_followed_up = False  # this turn answers the follow-up
+        answer_cue = ""  # the closing words of the last folded results ("Now answer ...")
         rlog = log.bind(run_id=run_id, model_id=self.model.model_id)
         rlog.info("agent_run_started", tools=len(tools))
         while True:
@@ -209,7 +216,7 @@ class Agent:
                                     steps=steps, started=started)
             with self.gateway.tracing.chat_span(self.model.model_id, len(steps) + 1) as span:
                 try:
-                    turn = self.model.generate(messages, tools)
+                    turn = self.model.generate(messages, tools, require_call=just_followed_up)
                 except ModelUnavailable as exc:
                     self._record_failure(run_id, len(steps) + 1, exc)
                     raise
@@ -233,7 +240,7 @@ class Agent:
             rlog.info("agent_step", step=step.number, calls=len(results), seq=receipt.seq)
             named += [call.arguments for call in calls]
             named += [result.content for result in results if result.ok]
-            if not calls and not results and just_followed_up:
+            if just_followed_up and (not calls or all(repeats)):
                 # Asked once more, it called nothing new: its answer before stands.
                 return self._finish(run_id, question=question, answer=followed_up,
                                     stop="answered", steps=steps, started=started)
@@ -250,12 +257,17 @@ class Agent:
                     "run_id": run_id, "turn": step.number, "principal": self.principal,
                     "session_id": self.session_id, "reason": "question_parts_uncovered",
                     "uncovered": len(missing)})
-                messages.append(ChatMessage("assistant", turn.text))
-                messages.append(ChatMessage("user", FOLLOW_UP.format(
-                    parts=", ".join(repr(part) for part in missing))))
+                follow_up = FOLLOW_UP.format(parts=", ".join(repr(part) for part in missing))
+                if answer_cue and messages[-1].role == "user":
+                    # Folded results: the follow-up takes the place of their cue to answer.
+                    results_text = messages[-1].content.removesuffix(answer_cue)
+                    messages[-1] = ChatMessage("user", results_text + follow_up)
+                else:
+                    messages.append(ChatMessage("user", follow_up))
                 continue
             messages.append(ChatMessage("assistant", turn.text, calls=calls))
-            messages.extend(self._result_messages(results, repeats, calls, folded))
+            returned, answer_cue = self._result_messages(results, repeats, calls, folded)
+            messages.extend(returned)
 
     # -- one turn -------------------------------------------------------------
 
@@ -353,6 +365,7 @@ class Agent:
             "output_bytes": len(turn.text.encode("utf-8", "surrogatepass")),
             "tokens": _tokens(turn),
             "duration_ms": round(turn.duration_seconds * 1000, 3),
+            **({"call_required": True} if turn.call_required else {}),
             "calls": calls,
             "results": [
                 {"call_id": result.call_id, "kind": result.kind, "seq": result.receipt.seq,
@@ -367,7 +380,7 @@ class Agent:
         repeats: tuple[bool, ...],
         calls: tuple[ToolCall, ...],
         folded: list[str],
-    ) -> list[ChatMessage]:
+    ) -> tuple[list[ChatMessage], str]:
         """
         The results as the model reads them. In the tool role, one ``tool`` message per
         call, paired by ``tool_call_id`` with the call this turn stated (a repeat's
@@ -375,22 +388,23 @@ class Agent:
         message refused as malformed stated no call, so its refusal has no id (a served
         model gets it as a user turn). Folded, one user turn that says per call what
         became of it, after the run's earlier successes and refusals (``folded``, which
-        this extends), so that an answer after several turns can state every part.
+        this extends), so that an answer after several turns can state every part,
+        ending with the cue to answer, which is returned too ("" in the tool role).
         """
         stated: tuple[ToolCall | None, ...] = (
             calls if len(calls) == len(results) else (None,) * len(results))
         if self.model.tool_role == "tool":
             return [ChatMessage("tool", _for_model(result, repeat=repeat), name=result.tool,
                                 tool_call_id=call.id if call is not None else "")
-                    for result, repeat, call in zip(results, repeats, stated, strict=True)]
+                    for result, repeat, call in zip(results, repeats, stated, strict=True)], ""
         lines = [_folded(result, repeat=repeat, call=call)
                  for result, repeat, call in zip(results, repeats, stated, strict=True)]
         shown = [line for line in folded if line not in lines] + lines
         folded.extend(line for result, line in zip(results, lines, strict=True)
                       if (result.ok or _refused(result)) and line not in folded)
-        refused = any(" was REFUSED " in line for line in shown)
-        return [ChatMessage("user", FOLDED_RESULTS.format(results="\n".join(shown))
-                            + (ANSWER_WITH_REFUSALS if refused else ANSWER_NOW))]
+        cue = ANSWER_WITH_REFUSALS if any(" was REFUSED " in line for line in shown) \
+            else ANSWER_NOW
+        return [ChatMessage("user", FOLDED_RESULTS.format(results="\n".join(shown)) + cue)], cue
 
     def _finish(
         self,

@@ -19,6 +19,11 @@ Invariants:
   stale cache. Each generation continues from a copy, so the kept cache is never
   changed, and the tokens generated are those of the same prompt computed without it
   (tests/integration/models/test_prefix_cache.py compares them on the demo model).
+- A turn asked to be a call (``require_call``, the local form of the chat API's
+  ``tool_choice: "required"``) starts with ``CALL_OPENING``, the opening of the bare
+  call object every dialect of callward's parser reads; the opening is part of the
+  hashed prompt and of the turn's text, and the turn says it was required
+  (``call_required``), so the record never passes callward's words off as the model's.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ Role = Literal["system", "user", "assistant", "tool"]
 ToolRole = Literal["tool", "user"]
 ROLES: Final = frozenset({"system", "user", "assistant", "tool"})
 WEIGHT_SUFFIXES: Final = (".safetensors", ".json", ".jinja", ".txt", ".model")
+#: How a turn that must be a call starts: the model writes the tool's name and arguments.
+CALL_OPENING: Final = '{"name": "'
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +123,8 @@ class ModelTurn:
             the model does not say (a served model).
         cached_prompt_tokens: Leading prompt tokens whose keys and values came from the
             prefix cache instead of being computed again (0: none).
+        call_required: The turn was asked to be a call (``require_call``): a local
+            model's text then starts with ``CALL_OPENING``, which callward wrote.
     """
 
     text: str
@@ -132,6 +141,7 @@ class ModelTurn:
     #: What ``model.turn`` records of a served model beside id and digest (endpoint,
     #: the model the server reports, finish_reason, usage); None for a local model.
     served: Mapping[str, JSONValue] | None = None
+    call_required: bool = False
 
 
 class ChatModel(Protocol):
@@ -151,10 +161,19 @@ class ChatModel(Protocol):
         ...
 
     def generate(
-        self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, JSONValue]]
+        self,
+        messages: Sequence[ChatMessage],
+        tools: Sequence[Mapping[str, JSONValue]],
+        *,
+        require_call: bool = False,
     ) -> ModelTurn:
         """
         Generate the assistant's next turn.
+
+        Args:
+            require_call: The turn must be a call of one of ``tools`` (the chat API's
+                ``tool_choice: "required"``); which tool and arguments is the model's
+                choice, and the call is checked by the policy like any other.
 
         Raises:
             ModelUnavailable: The model cannot render the prompt or generate.
@@ -414,11 +433,16 @@ class TransformersChatModel:
         return copy.deepcopy(kept), False
 
     def generate(
-        self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, JSONValue]]
+        self,
+        messages: Sequence[ChatMessage],
+        tools: Sequence[Mapping[str, JSONValue]],
+        *,
+        require_call: bool = False,
     ) -> ModelTurn:
         torch, _ = import_transformers()
         started = time.perf_counter()
-        prompt = self.render(messages, tools)
+        opening = CALL_OPENING if require_call and tools else ""
+        prompt = self.render(messages, tools) + opening
         encoded = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
         prompt_tokens = int(encoded["input_ids"].shape[1])
         if prompt_tokens > self.generation.max_prompt_tokens:
@@ -447,7 +471,7 @@ class TransformersChatModel:
                 options["past_key_values"], reused = self._prefix_cache_for(torch, prefix)
             output = self.model.generate(**encoded, **options)
         new_tokens = output[0, prompt_tokens:]
-        text = str(self.tokenizer.decode(new_tokens, skip_special_tokens=True)).strip()
+        text = (opening + str(self.tokenizer.decode(new_tokens, skip_special_tokens=True))).strip()
         duration = time.perf_counter() - started
         log.info("model_turn", model_id=self.model_id, prompt_tokens=prompt_tokens,
                  prefix_tokens=len(prefix), prefix_reused=reused,
@@ -461,6 +485,7 @@ class TransformersChatModel:
             duration_seconds=duration,
             dtype=self.dtype,
             cached_prompt_tokens=len(prefix) if reused else 0,
+            call_required=bool(opening),
         )
 
 

@@ -148,9 +148,16 @@ class EndpointChatModel:
     # -- one turn -------------------------------------------------------------
 
     def request_body(
-        self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, JSONValue]]
+        self,
+        messages: Sequence[ChatMessage],
+        tools: Sequence[Mapping[str, JSONValue]],
+        *,
+        require_call: bool = False,
     ) -> dict[str, JSONValue]:
-        """The JSON body of the request for this conversation (no key in it)."""
+        """
+        The JSON body of the request for this conversation (no key in it); a turn that
+        must be a call asks for ``tool_choice: "required"``.
+        """
         body: dict[str, JSONValue] = {
             "model": self.name,
             "messages": [wire_message(message) for message in messages],
@@ -160,10 +167,16 @@ class EndpointChatModel:
         }
         if tools:
             body["tools"] = [dict(spec) for spec in tools]
+            if require_call:
+                body["tool_choice"] = "required"
         return body
 
     def generate(
-        self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, JSONValue]]
+        self,
+        messages: Sequence[ChatMessage],
+        tools: Sequence[Mapping[str, JSONValue]],
+        *,
+        require_call: bool = False,
     ) -> ModelTurn:
         """
         One turn from the server.
@@ -172,7 +185,7 @@ class EndpointChatModel:
             ModelEndpointFailed: No well-formed chat completion came back (see the module).
         """
         started = time.perf_counter()
-        body = self.request_body(messages, tools)
+        body = self.request_body(messages, tools, require_call=require_call)
         prompt_sha256 = sha256_hex(canonical_bytes(
             {"messages": body["messages"], "tools": body.get("tools", [])}))
         payload = self._post(body)
@@ -209,6 +222,7 @@ class EndpointChatModel:
             duration_seconds=duration,
             response=payload,
             served=served,
+            call_required="tool_choice" in body,
         )
 
     def _post(self, body: dict[str, JSONValue]) -> dict[str, JSONValue]:

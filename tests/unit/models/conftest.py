@@ -93,6 +93,7 @@ class StubChatModel:
         self._outputs = iter(outputs)
         self.seen: list[list[ChatMessage]] = []
         self.tools: list[object] = []
+        self.required: list[bool] = []  # per turn: was it asked to be a call?
         self._tool_role: ToolRole = tool_role
 
     @property
@@ -107,11 +108,13 @@ class StubChatModel:
     def tool_role(self) -> ToolRole:
         return self._tool_role
 
-    def generate(self, messages, tools) -> ModelTurn:
+    def generate(self, messages, tools, *, require_call: bool = False) -> ModelTurn:
         self.seen.append(list(messages))
         self.tools = list(tools)
+        self.required.append(require_call)
         text = next(self._outputs)
-        return ModelTurn(text, Sha256Hex("01" * 32), Sha256Hex("02" * 32), 10, 5, 0.01)
+        return ModelTurn(text, Sha256Hex("01" * 32), Sha256Hex("02" * 32), 10, 5, 0.01,
+                         call_required=require_call)
 
 
 @pytest.fixture(name="stub_model")

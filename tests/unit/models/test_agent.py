@@ -8,6 +8,7 @@ import json
 import pytest
 
 from callward.audit import verify
+from callward.core._canonical import sha256_hex
 from callward.core.agent._loop import Agent, AgentLimits
 from callward.core.models._chat import TransformersChatModel
 from callward.core.testing import kinds
@@ -231,6 +232,31 @@ class TestWithTinyModel:
         assert ["float32", "float32"] == [body["model"]["dtype"] for body in turns]
         assert "prompt_cached" not in turns[0]["tokens"]
         assert 100 < turns[1]["tokens"]["prompt_cached"] < turns[1]["tokens"]["prompt"]
+
+
+    def test_a_required_call_starts_with_the_call_opening(self, tiny_model_dir):
+        """
+        require_call: the turn's text starts with CALL_OPENING, the opening is part of the
+        hashed prompt, and the turn says it was required; without tools nothing is opened.
+        """
+        from callward.core.models._chat import CALL_OPENING, ChatMessage, GenerationConfig
+
+        model = TransformersChatModel.from_directory(
+            tiny_model_dir, generation=GenerationConfig(max_new_tokens=4), dtype="float32")
+        messages = [ChatMessage("system", "Use tools."), ChatMessage("user", "2 + 3?")]
+        tools = [{"type": "function", "function": {
+            "name": "add", "description": "Add.", "parameters": {"type": "object"}}}]
+
+        free = model.generate(messages, tools)
+        required = model.generate(messages, tools, require_call=True)
+        no_tools = model.generate(messages, [], require_call=True)
+
+        assert (False, True, False) == (free.call_required, required.call_required,
+                                        no_tools.call_required)
+        assert required.text.startswith(CALL_OPENING)
+        prompt = model.render(messages, tools) + CALL_OPENING
+        assert sha256_hex(prompt.encode("utf-8")) == required.prompt_sha256
+        assert free.prompt_tokens < required.prompt_tokens
 
 
 class TestGatewayRecord:

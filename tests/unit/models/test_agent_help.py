@@ -104,6 +104,55 @@ class TestFollowUp:
             run.answer, 'square({"x": 13}) succeeded. Result: 169' in folded,
             'capital({"country": "France"}) succeeded' in folded)
 
+    def test_the_follow_up_turn_must_be_a_call_and_does_not_see_the_earlier_answer(
+            self, stub_model, gateway, store):
+        """
+        Folded: the follow-up takes the place of the cue to answer after the results, the
+        prose answer is kept aside (not shown to the model), only the follow-up turn is
+        asked to be a call, and its model.turn record says so.
+        """
+        model = stub_model([SQUARE_13, "13 squared is 169.", CAPITAL_FRANCE, "169 and Paris."],
+                           tool_role="user")
+
+        Agent(gateway=gateway, model=model, principal="alice").run(TWO_PARTS)
+
+        asked = model.seen[2]
+        assert [False, False, True, False] == model.required
+        assert ["system", "user", "assistant", "user"] == [m.role for m in asked]
+        assert all("13 squared is 169." not in m.content for m in asked)
+        assert asked[-1].content.startswith("Tool results")
+        assert 'square({"x": 13}) succeeded. Result: 169' in asked[-1].content
+        assert asked[-1].content.endswith("Reply with the tool call for it.")
+        assert "Now answer" not in asked[-1].content
+        turns = [r.body for r in store.records() if r.kind == "model.turn"]
+        assert [False, False, True, False] == [body.get("call_required", False)
+                                               for body in turns]
+
+    def test_in_the_tool_role_the_follow_up_comes_after_the_results(self, stub_model,
+                                                                     gateway):
+        """Native tool messages: the follow-up is one more user turn after them, no prose."""
+        model = stub_model([SQUARE_13, "169.", CAPITAL_FRANCE, "169 and Paris."])
+
+        Agent(gateway=gateway, model=model, principal="alice").run(TWO_PARTS)
+
+        assert ["system", "user", "assistant", "tool", "user"] == [
+            m.role for m in model.seen[2]]
+        assert "'France'" in model.seen[2][-1].content
+
+    @pytest.mark.parametrize("follow_up_output", [
+        SQUARE_13,  # the call already made: a repeat, not run again
+        '{"name": "square", "arguments": {"x": ',  # a call that cannot be read
+    ])
+    def test_a_follow_up_with_nothing_new_keeps_the_earlier_answer(
+            self, stub_model, gateway, runner, follow_up_output):
+        """A required call that repeats or cannot be read adds nothing: the answer stands."""
+        model = stub_model([SQUARE_13, "169.", follow_up_output])
+
+        run = Agent(gateway=gateway, model=model, principal="alice").run(TWO_PARTS)
+
+        assert ("answered", "169.", 3, ["square"]) == (
+            run.stop, run.answer, len(run.steps), [call.name for call in runner.calls])
+
     def test_no_follow_up_past_the_step_budget(self, stub_model, gateway, store):
         """The last turn the budget allows: its answer is taken, not thrown away."""
         model = stub_model([SQUARE_13, "169."])

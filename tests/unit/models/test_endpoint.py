@@ -151,6 +151,33 @@ class TestServedTurns:
         assert ("tool", "call_7", 42) == (result["role"], result["tool_call_id"],
                                           json.loads(result["content"])["result"])
 
+    def test_a_follow_up_turn_asks_the_server_for_a_required_call(
+            self, server, gateway, store, runner, key):
+        """
+        A two-part question answered after one call: the follow-up request carries
+        tool_choice "required" (the others do not), its model.turn says call_required, and
+        the earlier prose answer is not sent back.
+        """
+        server.answer(
+            completion({"content": None, "tool_calls": [
+                tool_call("call_1", "square", {"x": 13})]}, finish_reason="tool_calls"),
+            completion({"content": "13 squared is 169."}),
+            completion({"content": None, "tool_calls": [
+                tool_call("call_2", "capital", {"country": "France"})]},
+                finish_reason="tool_calls"),
+            completion({"content": "169, and Paris."}))
+
+        with served(server.url) as model:
+            run = Agent(gateway=gateway, model=model, principal="alice").run(
+                "What is 13 squared, and what is the capital of France?")
+
+        assert ("answered", "169, and Paris.") == (run.stop, run.answer)
+        bodies = [body for _, body in server.requests]
+        assert [None, None, "required", None] == [body.get("tool_choice") for body in bodies]
+        assert "13 squared is 169." not in json.dumps(bodies[2]["messages"])
+        assert [False, False, True, False] == [
+            body.get("call_required", False) for body in record_bodies(store, "model.turn")]
+
     def test_model_turn_records_the_served_model(self, server, gateway, store, key):
         """
         model.turn: the endpoint, the model asked for and the one the server reports, no
