@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt requirements-model.txt | sha256sum | cut -c1-16)
 
-.PHONY: demo fleet-demo test setup engine image browser postgres lint unit bench clean-containers
+.PHONY: demo fleet-demo test setup engine image browser postgres model lint unit bench clean-containers
 
 demo: image
 	$(VENV)/bin/callward demo
@@ -17,8 +17,8 @@ demo: image
 fleet-demo: image postgres
 	$(VENV)/bin/callward demo --fleet
 
-test: image browser postgres lint
-	$(PY) -m pytest
+test: image browser postgres model lint
+	CALLWARD_TEST_MODEL_CACHE=$(abspath $(MODELS)) $(PY) -m pytest
 
 unit: setup browser
 	$(PY) -m pytest tests/unit
@@ -40,6 +40,13 @@ engine:
 # callward's own PostgreSQL on 127.0.0.1:54329, for the fleet's tests and demo.
 postgres:
 	scripts/ensure-postgres.sh >/dev/null
+
+# The demo model's verified safetensors copy, converted once from the pinned GGUF chunks
+# (about a minute on 2 cores); the model tests load it instead of converting their own.
+# Every load checks its manifest and the chunks' SHA-256, so a stale copy is remade.
+MODELS := $(VENV)/callward-models
+model: setup
+	$(PY) -c 'import sys, pathlib; from callward.core.models._gguf import prepare_demo_model; prepare_demo_model(pathlib.Path(sys.argv[1]))' $(MODELS)
 
 # The audit report test renders the report in Debian's headless chromium.
 browser:

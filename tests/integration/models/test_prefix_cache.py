@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -21,7 +22,7 @@ from callward.core.agent import Agent
 from callward.core.gateway import Gateway
 from callward.core.gateway._config import example_config_path
 from callward.core.models._chat import ChatMessage, PrefixCache, TransformersChatModel
-from callward.core.models._gguf import load_demo_model, prepare_demo_model
+from callward.core.models._gguf import prepare_demo_model
 from callward.core.models._tools import example_collection_path
 
 SERVER = Path(__file__).resolve().parents[3] / "sandbox" / "image" / "model_server.py"
@@ -59,15 +60,21 @@ def _conversations(engine, tmp_path_factory: pytest.TempPathFactory) -> list[Con
 
 
 @pytest.fixture(scope="module", name="model", params=["float32", "bfloat16"])
-def _model(request: pytest.FixtureRequest, model_cache: Path) -> Iterator[TransformersChatModel]:
-    return load_demo_model(model_cache, dtype=request.param)
+def _model(request: pytest.FixtureRequest,
+           demo_model_in: Callable[[str], TransformersChatModel]) -> TransformersChatModel:
+    return demo_model_in(request.param)
+
+
+# text, output tokens, prompt tokens from the kept prefix, the dtype the turn names
+Turn = tuple[str, int, int, str]
 
 
 def _turns(model: TransformersChatModel, conversations: list[Conversation], *,
-           cache: PrefixCache) -> list[tuple[str, int, int]]:
+           cache: PrefixCache) -> list[Turn]:
     model.prefix_cache = cache
     turns = [model.generate(messages, tools) for messages, tools in conversations]
-    return [(turn.text, turn.output_tokens, turn.cached_prompt_tokens) for turn in turns]
+    return [(turn.text, turn.output_tokens, turn.cached_prompt_tokens, turn.dtype)
+            for turn in turns]
 
 
 def _prefix(model: TransformersChatModel, messages: list[ChatMessage],
@@ -77,11 +84,50 @@ def _prefix(model: TransformersChatModel, messages: list[ChatMessage],
     return model.shared_prefix(messages, tools, prompt, ids)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class Runs:
+    """
+    The conversations' turns computed each way once per dtype, for the tests to compare.
+
+    Attributes:
+        shared: One cache for all four in order: alice's prefix and mallory's are new in
+            turns 1 and 2 (misses), kept for turns 3 and 4 (hits).
+        cold: Each conversation's turn from an empty cache (a miss: the prefix computed
+            in that turn), in conversation order.
+        warm: Each conversation's turn from a cache that already held its prefix (a hit).
+        full: Each turn with no prefix cache at all, the prompt in one pass (float32
+            only; the code before the cache).
+    """
+
+    shared: list[Turn]
+    shared_counts: tuple[int, int, int]  # the shared cache's entries, hits, misses after it
+    cold: list[Turn]
+    warm: list[Turn]
+    full: list[Turn] | None
+
+
+@pytest.fixture(scope="module", name="runs")
+def _runs(model: TransformersChatModel, conversations: list[Conversation]) -> Runs:
+    """
+    Twelve turns in float32 (eight in bfloat16), where each test computing its own took
+    seventeen (nine): the shared
+    run gives the cold turns of conversations 1 and 2 and the warm turns of 3 and 4;
+    the rest are computed once each.
+    """
+    full = (_turns(model, conversations, cache=PrefixCache(0))
+            if model.dtype == "float32" else None)
+    shared_cache = PrefixCache(4)
+    shared = _turns(model, conversations, cache=shared_cache)
+    counts = (len(shared_cache), shared_cache.hits, shared_cache.misses)
+    cold = shared[:2] + [_turns(model, [conversation], cache=PrefixCache(4))[0]
+                         for conversation in conversations[2:]]
+    warm = _turns(model, conversations[:2], cache=shared_cache) + shared[2:]
+    return Runs(shared, counts, cold, warm, full)
+
+
 @pytest.mark.timeout(1200)
 class TestPrefixCacheOnTheDemoModel:
-    def test_float32_cached_turns_are_the_full_prompt_turns_token_for_token(
-        self, model, conversations
-    ):
+    def test_float32_cached_turns_are_the_full_prompt_turns_token_for_token(self, model, runs):
         """
         In float32, greedy turns from the kept prefix equal the turns of the prompt
         computed in one pass (the code before the cache), for both tool sets and a
@@ -93,36 +139,27 @@ class TestPrefixCacheOnTheDemoModel:
         it may between two thread counts. docs/performance.md has the measurement; the
         next test holds what bfloat16 does guarantee.
         """
-        if model.dtype != "float32":
+        if runs.full is None:
             pytest.skip("bfloat16 rounds a prefix computed alone differently (see docstring)")
-        uncached = _turns(model, conversations, cache=PrefixCache(0))
-        cache = PrefixCache(4)
-        cached = _turns(model, conversations, cache=cache)
 
-        assert [(text, count) for text, count, _ in uncached] == \
-            [(text, count) for text, count, _ in cached]
-        assert all(reused == 0 for _, _, reused in uncached)
+        assert [(text, count) for text, count, _, _ in runs.full] == \
+            [(text, count) for text, count, _, _ in runs.shared]
+        assert all(reused == 0 for _, _, reused, _ in runs.full)
         # alice's prefix is new in turn 1, mallory's in turn 2: reused in the others.
-        assert [False, False, True, True] == [reused > 0 for _, _, reused in cached]
-        assert (2, 2, 2) == (len(cache), cache.hits, cache.misses)
+        assert [False, False, True, True] == [reused > 0 for _, _, reused, _ in runs.shared]
+        assert (2, 2, 2) == runs.shared_counts
 
-    def test_a_warm_prefix_gives_the_tokens_of_a_cold_one(self, model, conversations):
+    def test_a_warm_prefix_gives_the_tokens_of_a_cold_one(self, model, runs):
         """
         In either dtype, a turn is the same whether its prefix was kept (a hit) or is
         computed in this turn (a miss, an empty cache): the cache's state never changes
         what the model says, so a replay gives the same tokens.
         """
-        caches = [PrefixCache(4) for _ in conversations]
-        cold = [_turns(model, [conversation], cache=cache)[0]
-                for conversation, cache in zip(conversations, caches, strict=True)]
-        warm = [_turns(model, [conversation], cache=cache)[0]
-                for conversation, cache in zip(conversations, caches, strict=True)]
-
-        assert [(text, count) for text, count, _ in cold] == \
-            [(text, count) for text, count, _ in warm]
-        assert [0] * len(cold) == [reused for _, _, reused in cold]
-        assert all(reused > 0 for _, _, reused in warm)
-        assert model.dtype == model.generate(*conversations[0]).dtype
+        assert [(text, count) for text, count, _, _ in runs.cold] == \
+            [(text, count) for text, count, _, _ in runs.warm]
+        assert [0] * len(runs.cold) == [reused for _, _, reused, _ in runs.cold]
+        assert all(reused > 0 for _, _, reused, _ in runs.warm)
+        assert {model.dtype} == {dtype for _, _, _, dtype in runs.cold + runs.warm}
 
     def test_another_system_prompt_or_tool_set_is_another_key(self, model, conversations):
         """
@@ -144,13 +181,14 @@ class TestPrefixCacheOnTheDemoModel:
         assert keys[0] == keys[3]
 
 
-def test_float32_from_the_bfloat16_copy_is_an_exact_cast(model_cache: Path):
+def test_float32_from_the_bfloat16_copy_is_an_exact_cast(
+        model_cache: Path, demo_model_in: Callable[[str], TransformersChatModel]):
     """Every weight of the float32 model is the stored bfloat16 value, cast exactly."""
     directory = prepare_demo_model(model_cache)
     stored: dict[str, object] = {}
     for file in sorted(directory.glob("*.safetensors")):
         stored.update(load_file(str(file)))
-    model = load_demo_model(model_cache, dtype="float32")
+    model = demo_model_in("float32")
     weights = model.model.state_dict()
 
     compared = [name for name in stored if name in weights]
