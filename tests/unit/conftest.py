@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from callward.audit import FileSigner, SQLiteAuditStore
 from callward.core import (
@@ -25,7 +26,7 @@ from callward.core import (
     ToolSpec,
 )
 from callward.core.gateway import Gateway
-from callward.core.observe import CallObserver
+from callward.core.observe import CallObserver, Tracing, configure_tracing
 from callward.core.testing import StubRunner, ok_execution
 from callward.policies import Policy
 
@@ -106,3 +107,17 @@ def _make_gateway(
 def _gateway(make_gateway: Callable[..., Gateway]) -> Gateway:
     """A gateway over this test's registry, policy, runner and store."""
     return make_gateway()
+
+
+@pytest.fixture(name="spans")
+def _spans() -> InMemorySpanExporter:
+    """The SDK's in-memory exporter: every span the test's gateway ended."""
+    return InMemorySpanExporter()
+
+
+@pytest.fixture(name="tracing")
+def _tracing(spans: InMemorySpanExporter) -> Iterator[Tracing]:
+    """Tracing on, into ``spans``; its provider is the test's own, never the global one."""
+    tracing = configure_tracing(exporter=spans, service_name="callward-test")
+    yield tracing
+    tracing.shutdown()

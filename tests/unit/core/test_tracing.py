@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -66,20 +66,6 @@ default: deny
 rules:
   - {id: anyone-echoes, effect: allow, principals: ["*"], tools: [echo, shout]}
 """
-
-
-@pytest.fixture(name="spans")
-def _spans() -> InMemorySpanExporter:
-    """The SDK's in-memory exporter: every span the test's gateway ended."""
-    return InMemorySpanExporter()
-
-
-@pytest.fixture(name="tracing")
-def _tracing(spans: InMemorySpanExporter) -> Iterator[Tracing]:
-    """Tracing on, into ``spans``; its provider is the test's own, never the global one."""
-    tracing = configure_tracing(exporter=spans, service_name="callward-test")
-    yield tracing
-    tracing.shutdown()
 
 
 @pytest.fixture(name="traced")

@@ -23,26 +23,12 @@ from opentelemetry.trace import SpanKind
 
 from callward.core.gateway import Gateway
 from callward.core.mcp._server import McpFace, http_app
-from callward.core.observe import Tracing, configure_tracing
 from tests.unit.mcp._serving import serving
 
 HEADER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 HEADER_PARENT = "00f067aa0ba902b7"
 META_TRACE = "0af7651916cd43dd8448eb211c80319c"
 META_PARENT = "b7ad6b7169203331"
-
-
-@pytest.fixture(name="spans")
-def _spans() -> InMemorySpanExporter:
-    return InMemorySpanExporter()
-
-
-@pytest.fixture(name="tracing")
-def _tracing(spans: InMemorySpanExporter) -> Iterator[Tracing]:
-    """Tracing on, into ``spans``; never the global provider."""
-    tracing = configure_tracing(exporter=spans)
-    yield tracing
-    tracing.shutdown()
 
 
 @pytest.fixture(name="url")

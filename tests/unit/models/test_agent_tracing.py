@@ -7,8 +7,6 @@ The SDK's in-memory exporter handed to the gateway's own ``Tracing``; canned mod
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
@@ -16,22 +14,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from callward.core.agent._loop import Agent
 from callward.core.gateway import Gateway
-from callward.core.observe import Tracing, configure_tracing
 
 ADD = '{"name": "add", "arguments": {"a": 2, "b": 40}}'
-
-
-@pytest.fixture(name="spans")
-def _spans() -> InMemorySpanExporter:
-    return InMemorySpanExporter()
-
-
-@pytest.fixture(name="tracing")
-def _tracing(spans: InMemorySpanExporter) -> Iterator[Tracing]:
-    """Tracing on, into ``spans``; never the global provider."""
-    tracing = configure_tracing(exporter=spans)
-    yield tracing
-    tracing.shutdown()
 
 
 @pytest.fixture(name="traced_gateway")
