@@ -20,13 +20,7 @@ from mcp import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from callward.policies._anomaly_state import Anomaly, AnomalyState
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from tests._net import free_port
 
 
 def _wait_for(port: int, process: subprocess.Popen[bytes]) -> None:
@@ -90,7 +84,7 @@ class TestStatsFromLog:
 @pytest.fixture(name="live")
 def _live(home: Path, examples: Path) -> Iterator[tuple[str, str]]:
     """`callward mcp serve --transport http --metrics-port`: (MCP URL, metrics URL)."""
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "callward.core.cli", "--home", str(home), "mcp", "serve",
          "--config", str(examples / "callward.yaml"), "--principal", "alice",

@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from callward.core.gateway import Gateway
+from tests._net import free_port
 
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 #: The OIDC issuer the console trusts (``mcp.auth.oidc``, its JWKS a file) and its key.
@@ -76,12 +76,6 @@ def _oidc_token() -> Callable[..., str]:
                           OIDC_KEY, algorithm="EdDSA", headers={"kid": "ed-1"})
 
     return oidc_token
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Site:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
+
+from tests._net import free_port
 
 REPO = Path(__file__).resolve().parents[3]
 PASSFILE = "/var/lib/callward-postgres/callward.pgpass"
@@ -53,12 +54,6 @@ def _postgres_url(postgres_server: str) -> Iterator[str]:
                 time.sleep(0.5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PrivateServer:
     """
     A PostgreSQL server of one test's own (initdb in a temporary directory, run as the
@@ -73,7 +68,7 @@ class PrivateServer:
         self.bin = found[-1].parent
         self.root = root
         self.data = root / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"postgresql://callward@127.0.0.1:{self.port}/callward"
         shutil.chown(root, "postgres", "postgres")
         self._as_postgres("initdb", "-D", str(self.data), "-U", "callward", "--auth=trust",

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
-import sys
 import time
 
 import anyio
 import httpx2
 import jwt
-import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from mcp import Client
@@ -25,15 +21,9 @@ from mcp.client.streamable_http import streamable_http_client
 
 from callward.audit import read_records
 from callward.core.mcp._auth import token_sha256
+from tests.integration.mcp._serving import mcp_serve_http
 
 ISSUER = "https://login.example.com/"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class TestServeHttpOidc:
@@ -62,13 +52,6 @@ class TestServeHttpOidc:
                              "exp": now + 600, "roles": ["dba"]},
                             ed25519.Ed25519PrivateKey.generate(), algorithm="EdDSA",
                             headers={"kid": "k1"})
-        port = _free_port()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "callward.core.cli", "--home", str(home), "mcp", "serve",
-             "--config", str(config), "--transport", "http", "--port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        url = f"http://127.0.0.1:{port}/mcp"
-
         async def exercise() -> tuple[str, str, int]:
             kinds = []
             for bearer in (token, "t-dana"):
@@ -83,19 +66,8 @@ class TestServeHttpOidc:
                                           headers={"Authorization": f"Bearer {forged}"})
             return kinds[0], kinds[1], refused.status_code
 
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                if process.poll() is not None:
-                    pytest.fail(f"mcp serve exited: {process.stderr.read().decode()[-2000:]}")
-                with socket.socket() as sock:
-                    if sock.connect_ex(("127.0.0.1", port)) == 0:
-                        break
-                time.sleep(0.1)
+        with mcp_serve_http(home, "--config", str(config)) as url:
             erin, dana, status = anyio.run(exercise)
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
 
         assert ("ok", "ok", 401) == (erin, dana, status)
         records = list(read_records(home / "audit.db"))

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,18 +18,12 @@ from mcp.client.streamable_http import streamable_http_client
 
 from callward.audit import read_records
 from callward.core.mcp._auth import token_sha256
+from tests.integration.mcp._serving import mcp_serve_http
 
 
 def _serve_args(home: Path, examples: Path, *extra: str) -> list[str]:
     return ["-m", "callward.core.cli", "--home", str(home), "mcp", "serve",
             "--config", str(examples / "callward.yaml"), "--principal", "alice", *extra]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def _exercise(target: Any) -> dict[str, Any]:
@@ -81,24 +72,9 @@ class TestServeStdio:
 @pytest.fixture(name="http_server")
 def _http_server(home: Path, examples: Path) -> Iterator[str]:
     """`callward mcp serve --transport http` on a free loopback port; its URL."""
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, *_serve_args(home, examples, "--transport", "http",
-                                      "--port", str(port))],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"mcp serve exited: {process.stderr.read().decode()[-2000:]}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
-    try:
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with mcp_serve_http(home, "--config", str(examples / "callward.yaml"),
+                        "--principal", "alice") as url:
+        yield url
 
 
 class TestServeHttp:
@@ -133,13 +109,6 @@ class TestServeHttpClients:
                                 {"principal": "mallory",
                                  "token_sha256": token_sha256("t-mallory")}]}}))
         stdio = cli("mcp", "serve", "--config", str(config))
-        port = _free_port()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "callward.core.cli", "--home", str(home), "mcp", "serve",
-             "--config", str(config), "--transport", "http", "--port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        url = f"http://127.0.0.1:{port}/mcp"
-
         async def exercise() -> tuple[str, str, int]:
             kinds = []
             for token in ("t-dana", "t-mallory"):
@@ -153,19 +122,8 @@ class TestServeHttpClients:
                                                      "method": "ping"})
             return kinds[0], kinds[1], refused.status_code
 
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                if process.poll() is not None:
-                    pytest.fail(f"mcp serve exited: {process.stderr.read().decode()[-2000:]}")
-                with socket.socket() as sock:
-                    if sock.connect_ex(("127.0.0.1", port)) == 0:
-                        break
-                time.sleep(0.1)
+        with mcp_serve_http(home, "--config", str(config)) as url:
             dana, mallory, status = anyio.run(exercise)
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
 
         assert 2 == stdio.returncode
         assert "--principal" in stdio.stderr

@@ -9,7 +9,6 @@ port by the fixture and stopped after. The agent asks it through
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,16 +24,11 @@ from callward.core.gateway import Gateway
 from callward.core.gateway._config import example_config_path
 from callward.core.models import EndpointChatModel, GenerationConfig
 from callward.core.models._gguf import prepare_demo_model
+from tests._net import free_port
 
 START_SECONDS = 600
 #: A turn of the 0.5B model takes seconds on an idle machine, minutes on a busy one.
 LIMITS = AgentLimits(wall_seconds=1500)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module", name="served")
