@@ -9,7 +9,6 @@ module; the tests of limits and lifecycle drive ``ModelWorkers`` directly.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from callward.core.models._tools import ModelToolsSettings, model_tool_set
 from callward.core.types import MIB
 from callward.sandbox import ModelWorkers, WorkerSpec, server_sha256
 from callward.sandbox._limits import OWNER_LABEL, OWNER_PID_LABEL
+from tests._modules import module_from_file
 
 POLICY = """
 version: 1
@@ -43,11 +43,7 @@ LABELS = {"positive", "negative", "neutral"}
 def _tiny_qwen2_builder() -> Callable[[Path], Path]:
     """The unit tests' tiny Qwen2 builder (one definition of the tiny model)."""
     path = Path(__file__).resolve().parents[2] / "unit" / "models" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_tiny_qwen2", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = module_from_file("_tiny_qwen2", path)
     return module.build_tiny_qwen2  # type: ignore[no-any-return]
 
 

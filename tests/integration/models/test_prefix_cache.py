@@ -8,7 +8,6 @@ copy holds exactly the copy's values.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from callward.core.gateway._config import example_config_path
 from callward.core.models._chat import ChatMessage, PrefixCache, TransformersChatModel
 from callward.core.models._gguf import prepare_demo_model
 from callward.core.models._tools import example_collection_path
+from tests._modules import module_from_file
 
 SERVER = Path(__file__).resolve().parents[3] / "sandbox" / "image" / "model_server.py"
 Conversation = tuple[list[ChatMessage], list[dict[str, object]]]
@@ -200,12 +200,7 @@ def test_float32_from_the_bfloat16_copy_is_an_exact_cast(
 
 
 def _server() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("callward_model_server", SERVER)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module_from_file("callward_model_server", SERVER)
 
 
 @pytest.mark.timeout(1200)

@@ -7,7 +7,6 @@ in-process (StubRunner) because a unit test starts no container.
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -39,18 +38,14 @@ from callward.core.testing import (
 )
 from callward.policies import Policy
 from callward.policies._replay import replay
+from tests._modules import module_from_file
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "core" / "examples" / "plans"
 IMAGE = Sha256Hex("cd" * 32)
 
 
 def _tools_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("plan_example_tools", EXAMPLE / "tools.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module_from_file("plan_example_tools", EXAMPLE / "tools.py")
 
 
 TOOLS = _tools_module()

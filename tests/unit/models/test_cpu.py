@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +17,7 @@ from callward.core.models._cpu import (
     store_for_decoding,
     usable_cpus,
 )
+from tests._modules import module_from_file
 
 SERVER = Path(__file__).resolve().parents[3] / "sandbox" / "image" / "model_server.py"
 
@@ -160,9 +160,4 @@ class TestCpuInfo:
 
 
 def _server() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("callward_model_server", SERVER)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module_from_file("callward_model_server", SERVER)

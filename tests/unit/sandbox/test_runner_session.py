@@ -6,7 +6,6 @@ single-call runner does, compiling each tool's source once per session.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import textwrap
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from runner_alone import run_runner_alone
 
 import callward.sandbox
+from tests._modules import module_from_file
 
 RUNNER = Path(callward.sandbox.__file__).parent / "image" / "runner.py"
 
@@ -23,12 +23,7 @@ RUNNER = Path(callward.sandbox.__file__).parent / "image" / "runner.py"
 @pytest.fixture(name="runner")
 def _runner() -> ModuleType:
     """A fresh copy of the runner module (its compile cache empty)."""
-    spec = importlib.util.spec_from_file_location("callward_runner_under_test", RUNNER)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module_from_file("callward_runner_under_test", RUNNER)
 
 
 def request(

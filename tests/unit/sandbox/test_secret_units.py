@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import os
 import threading
 import urllib.parse
@@ -25,18 +24,14 @@ from callward.sandbox import (
 from callward.sandbox._interpret import redact_secrets
 from callward.sandbox._secrets import SecretRedactor, read_secrets
 from callward.sandbox.base import request_bytes
+from tests._modules import module_from_file
 
 TOKEN = "cwsecret-0123456789abcdef"  # noqa: S105 - a test value
 
 
 def _runner() -> ModuleType:
     path = Path(callward.sandbox.__file__).parent / "image" / "runner.py"
-    spec = importlib.util.spec_from_file_location("callward_runner_under_test", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module_from_file("callward_runner_under_test", path)
 
 
 runner = _runner()
