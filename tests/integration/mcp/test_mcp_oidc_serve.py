@@ -21,7 +21,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from callward.audit import read_records
 from callward.core.mcp._auth import token_sha256
-from tests.integration.mcp._serving import mcp_serve_http
+from tests.integration.mcp._mcp_serve import mcp_serve_http
 
 ISSUER = "https://login.example.com/"
 
