@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import os
 import threading
 import time
@@ -428,7 +429,8 @@ class TransformersChatModel:
         from transformers import DynamicCache  # noqa: PLC0415 - loaded with the model
 
         kept = DynamicCache(config=self.model.config)
-        self.model(input_ids=torch.tensor([prefix]), past_key_values=kept, use_cache=True)
+        self.model(input_ids=torch.tensor([prefix]), past_key_values=kept, use_cache=True,
+                   **last_logits_only(self.model))
         self.prefix_cache.keep(prefix, kept)
         return copy.deepcopy(kept), False
 
@@ -487,6 +489,21 @@ class TransformersChatModel:
             cached_prompt_tokens=len(prefix) if reused else 0,
             call_required=bool(opening),
         )
+
+
+def last_logits_only(model: Any) -> dict[str, int]:
+    """
+    The forward argument that computes the vocabulary's logits for the last position
+    only (``logits_to_keep=1``), or none where the model's forward does not take it.
+
+    Computing a shared prefix keeps only its key/value cache: the logits of its 650-odd
+    positions would each be a product with the whole vocabulary head (151,936 rows for the
+    demo model), about a quarter of the prefix's time, thrown away. The cache is the same
+    either way.
+    """
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return {"logits_to_keep": 1}
+    return {}
 
 
 def _conforms(model: TransformersChatModel) -> ChatModel:

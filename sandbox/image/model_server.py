@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import inspect
 import json
 import math
 import os
@@ -76,6 +77,13 @@ def store_for_decoding(torch: Any, model: Any, dtype: str) -> int:
             module.weight.data = module.weight.data.t().contiguous().t()
             changed += 1
     return changed
+
+
+def _last_logits_only(model: Any) -> dict[str, int]:
+    """``logits_to_keep=1`` where the forward takes it (see ``core.models._chat``)."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return {"logits_to_keep": 1}
+    return {}
 
 
 def cpu_flags() -> frozenset[str]:
@@ -272,7 +280,8 @@ class GenerateServer:
         cache = self.prefix_cache.copy_of(prefix)
         if cache is None:
             kept = self._dynamic_cache(config=self._model.config)
-            self._model(self._torch.tensor([prefix]), past_key_values=kept, use_cache=True)
+            self._model(self._torch.tensor([prefix]), past_key_values=kept, use_cache=True,
+                        **_last_logits_only(self._model))
             self.prefix_cache.keep(prefix, kept)
             cache = copy.deepcopy(kept)
         return cache
@@ -314,6 +323,10 @@ class GenerateServer:
         logprobs = {}
         with torch.inference_mode():
             cache = self._cache_for(self._fixed_prefix(SENTIMENT_SYSTEM, head, text, ids))
+            # Every position's logits, not _last_logits_only: the head's product with one
+            # row sliced from the others is summed in an order that follows the row's
+            # place in memory, and the cached and one-pass scores then differed in the
+            # fourth decimal (float32, the demo model).
             if cache is None:
                 prompt = self._model(torch.tensor([ids]), use_cache=True)
             else:

@@ -132,6 +132,20 @@ class TestStoreForDecoding:
                 == [layer.weight.stride() for layer in theirs])
 
 
+class TestLastLogitsOnly:
+    def test_the_worker_server_asks_as_core_does(self):
+        """model_server.py repeats last_logits_only: the same argument for either forward."""
+        torch = pytest.importorskip("torch")
+        from callward.core.models._chat import last_logits_only
+
+        class _Keeps(torch.nn.Module):
+            def forward(self, input_ids, logits_to_keep=0):
+                return input_ids, logits_to_keep
+
+        for model, expected in ((_Keeps(), {"logits_to_keep": 1}), (torch.nn.Linear(2, 2), {})):
+            assert expected == last_logits_only(model) == _server()._last_logits_only(model)
+
+
 class TestCpuInfo:
     def test_flags_and_model_name_are_read_from_the_first_processor(self, tmp_path):
         """The first processor's flags line and model name."""

@@ -18,6 +18,7 @@ from callward.core.models._chat import (
     PrefixCache,
     TransformersChatModel,
     directory_digest,
+    last_logits_only,
 )
 from callward.core.models._gguf import (
     DEMO_MODEL_PARTS,
@@ -188,6 +189,31 @@ class TestPrefixCache:
         kept = tiny_f32.prefix_cache._entries[key]
         assert len(key) == kept.get_seq_length() == second.cached_prompt_tokens
         assert (0, first.text) == (first.cached_prompt_tokens, second.text)
+
+    def test_the_prefix_is_computed_without_the_logits_of_its_positions(self, tiny_f32):
+        """
+        The kept prefix asks for the last position's logits only; its keys and values
+        are those of a pass that computes every position's logits, bit for bit (the last
+        logits agree up to the head product's summation order). A forward without
+        ``logits_to_keep`` is passed nothing.
+        """
+        torch = pytest.importorskip("torch")
+        from transformers import DynamicCache
+
+        ids = torch.tensor([list(range(5, 60))])
+        full, last = (DynamicCache(config=tiny_f32.model.config) for _ in range(2))
+        with torch.inference_mode():
+            every = tiny_f32.model(input_ids=ids, past_key_values=full, use_cache=True)
+            one = tiny_f32.model(input_ids=ids, past_key_values=last, use_cache=True,
+                                 **last_logits_only(tiny_f32.model))
+
+        assert {"logits_to_keep": 1} == last_logits_only(tiny_f32.model)
+        assert {} == last_logits_only(torch.nn.Linear(2, 2))
+        assert (55, 1) == (every.logits.shape[1], one.logits.shape[1])
+        assert torch.allclose(every.logits[:, -1], one.logits[:, -1], atol=1e-5)
+        for layer_full, layer_last in zip(full.layers, last.layers, strict=True):
+            assert bool((layer_full.keys == layer_last.keys).all())
+            assert bool((layer_full.values == layer_last.values).all())
 
     def test_the_cache_keeps_at_most_its_entries(self):
         """Least recently used prefixes are dropped past max_entries; 0 keeps none."""
