@@ -1,7 +1,7 @@
 """
 The demo model's turns on this CPU, per dtype, with and without the prefix cache.
 
-Four ways of running the same demo questions through the agent and the real gateway,
+Six ways of running the same demo questions through the agent and the real gateway,
 interleaved question by question in one process:
 
 - ``bf16, full prompt``: the code before issue 17, the baseline (bfloat16 whatever the
@@ -12,7 +12,11 @@ interleaved question by question in one process:
   reporter's); on a CPU with it, these rows show float32's cost, not an AVX2 machine's;
 - ``fp32, prefix cached, output-major weights``: the float32 model with its widening
   linear weights left as stored (``store_for_decoding`` undone), the baseline of that
-  layout change.
+  layout change;
+- ``bf16, prefix cached, float32 prompts``: bfloat16 set explicitly as on a CPU without
+  bfloat16 arithmetic (the flags passed without ``avx512_bf16``/``amx_bf16``): products
+  of several rows in float32 from exact float32 copies of the weights, one-row decoding
+  products in bfloat16 (``prompts_in_float32``).
 
 Per way: demo turn p50 and mean, the first turn of a question once the prefix is warm,
 output tokens per second, and the demo's answers (which must agree: cached turns are the
@@ -22,7 +26,8 @@ uncached turns token for token). Printed with the CPU's model name and flags, th
 Run: .venv/bin/python -m bench.model_turn [--home DIR] [--rounds N] [--isa avx2]
 (needs the Docker Engine). ``--isa avx2`` caps torch, oneDNN and MKL at AVX2 before
 torch loads (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``, ``MKL_ENABLE_INSTRUCTIONS``),
-so bfloat16 is emulated as on the reporter's CPU: an approximation of such a machine.
+so bfloat16 is emulated as on the reporter's CPU, and gives the models that CPU's flags
+(without ``avx512_bf16``/``amx_bf16``): an approximation of such a machine.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from pathlib import Path
 
 from bench._common import configure_logging, percentile, print_table
 from callward.core.models._cpu import (
+    NATIVE_BF16_FLAGS,
     REPORTED_FLAGS,
     choose_dtype,
     cpu_flags,
@@ -46,6 +52,7 @@ from callward.core.models._cpu import (
 )
 
 OUTPUT_MAJOR = "float32, output-major"
+FLOAT32_PROMPTS = "bfloat16, float32 prompts"
 ISA_CAPS = {
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
              "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
@@ -102,11 +109,14 @@ def run(home: Path, *, rounds: int, questions: int, isa: str | None) -> None:  #
     from callward.core.models._gguf import load_demo_model  # noqa: PLC0415
 
     flags = cpu_flags()
+    without_bf16 = flags - frozenset(NATIVE_BF16_FLAGS)
+    model_flags = without_bf16 if isa else flags
     load_before = os.getloadavg()
     print(f"CPU: {cpu_model_name()}, {usable_cpus()} usable CPUs; "
           + ", ".join(f"{flag}: {'yes' if flag in flags else 'no'}" for flag in REPORTED_FLAGS))
-    print(f"dtype auto chooses here: {choose_dtype(flags).describe()}"
-          + (f"; instruction set capped at {isa} for torch" if isa else ""))
+    print(f"dtype auto chooses here: {choose_dtype(model_flags).describe()}"
+          + (f"; instruction set capped at {isa} for torch, models given the flags "
+             "without bfloat16 arithmetic" if isa else ""))
     print(f"load average at start: {load_before[0]:.2f} {load_before[1]:.2f} "
           f"{load_before[2]:.2f}")
 
@@ -116,11 +126,13 @@ def run(home: Path, *, rounds: int, questions: int, isa: str | None) -> None:  #
     first_load = time.perf_counter() - started
     models = {}
     loads = {}
-    for dtype in ("bfloat16", "float32"):
+    for key, dtype, given in (("bfloat16", "bfloat16", model_flags),
+                              ("float32", "float32", model_flags),
+                              (FLOAT32_PROMPTS, "bfloat16", without_bf16)):
         rss = _rss_mib()
         started = time.perf_counter()
-        models[dtype] = load_demo_model(models_dir, dtype=dtype)
-        loads[dtype] = (time.perf_counter() - started, _rss_mib() - rss)
+        models[key] = load_demo_model(models_dir, dtype=dtype, flags=given)
+        loads[key] = (time.perf_counter() - started, _rss_mib() - rss)
     import torch  # noqa: PLC0415 - loaded with the models
 
     models[OUTPUT_MAJOR] = load_demo_model(models_dir, dtype="float32")
@@ -135,12 +147,14 @@ def run(home: Path, *, rounds: int, questions: int, isa: str | None) -> None:  #
             Way("bf16, prefix cached", "bfloat16", cached=True),
             Way("fp32, full prompt", "float32", cached=False),
             Way("fp32, prefix cached", "float32", cached=True),
-            Way("fp32, prefix cached, output-major weights", OUTPUT_MAJOR, cached=True)]
+            Way("fp32, prefix cached, output-major weights", OUTPUT_MAJOR, cached=True),
+            Way("bf16, prefix cached, float32 prompts", FLOAT32_PROMPTS, cached=True)]
     caches = {dtype: PrefixCache(4) for dtype in models}
     asked = QUESTIONS[:questions]
     with Gateway.from_config(example_config_path(), home=home / "gateway") as gateway:
         # Warm-up, not measured: each principal's prefix kept for the cached ways (one
         # prefill each, no generation), so every measured first turn finds it warm.
+        rss = _rss_mib()
         for key, model in models.items():
             model.prefix_cache = caches[key]
             for principal in sorted({item.principal for item in asked}):
@@ -153,6 +167,7 @@ def run(home: Path, *, rounds: int, questions: int, isa: str | None) -> None:  #
                 prefix = model.shared_prefix(messages, tools, prompt, ids)
                 with torch.inference_mode():
                     model._prefix_cache_for(torch, prefix)
+        warm_rss = _rss_mib() - rss
         for number in range(rounds):
             for item in asked:
                 print(f"round {number + 1}: {item.question}", flush=True)
@@ -202,13 +217,20 @@ def run(home: Path, *, rounds: int, questions: int, isa: str | None) -> None:  #
                                                     f"{loads['bfloat16'][1]:.0f}"),
             ("load fp32 (s; cast from the bf16 copy) / its RSS growth (MiB)",
              f"{loads['float32'][0]:.2f} / {loads['float32'][1]:.0f}"),
-            ("peak RSS, both models loaded (MiB)",
+            ("load bf16 with float32 prompts (s) / its RSS growth (MiB)",
+             f"{loads[FLOAT32_PROMPTS][0]:.2f} / {loads[FLOAT32_PROMPTS][1]:.0f}"),
+            ("RSS growth in the warm-up, all models (MiB; float32 prompt copies made)",
+             f"{warm_rss:.0f}"),
+            ("peak RSS, all models loaded (MiB)",
              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             ("cached answers = full-prompt answers (bf16 / fp32)",
              f"{all(same.values())} / {same_fp32}"),
             ("fp32 answers, input-major = output-major weights", f"{same_layout}"),
-            ("prefix cache hits bf16 / fp32", f"{caches['bfloat16'].hits} / "
-                                              f"{caches['float32'].hits}"),
+            ("bf16 answers, float32 prompts = bf16 prompts",
+             f"{ways[1].answers == ways[5].answers}"),
+            ("prefix cache hits bf16 / fp32 / bf16 float32 prompts",
+             f"{caches['bfloat16'].hits} / {caches['float32'].hits} / "
+             f"{caches[FLOAT32_PROMPTS].hits}"),
             ("load average at start / end (1 min)", f"{load_before[0]:.2f} / "
                                                     f"{load_after[0]:.2f}"),
         ],

@@ -35,7 +35,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol
@@ -48,6 +48,7 @@ from callward.core.models._cpu import (
     DtypeChoice,
     choose_dtype,
     cpu_flags,
+    prompts_in_float32,
     store_for_decoding,
     usable_cpus,
 )
@@ -309,6 +310,7 @@ class TransformersChatModel:
         dtype: str = "auto",
         prefix_cache_entries: int = 4,
         threads: int | None = None,
+        flags: Iterable[str] | None = None,
     ) -> TransformersChatModel:
         """
         Load a model saved with ``save_pretrained`` (safetensors), offline.
@@ -322,12 +324,14 @@ class TransformersChatModel:
             threads: ``torch``'s intra-op threads; by default every CPU this process
                 may run on. ``torch`` counts physical cores, which leaves half of a
                 machine whose CPUs are hyper-threads of one core idle.
+            flags: The CPU's flags the dtype is chosen from; by default those of
+                ``/proc/cpuinfo`` (``cpu_flags``). A benchmark passes another CPU's.
 
         Raises:
             ModelUnavailable: The directory is missing, incomplete or not loadable.
             ValueError: ``dtype`` is not one of the three.
         """
-        choice = choose_dtype(cpu_flags(), dtype)
+        choice = choose_dtype(cpu_flags() if flags is None else flags, dtype)
         if not path.is_dir():
             raise ModelUnavailable(f"model directory {path} does not exist")
         digest = digest or directory_digest(path)
@@ -346,11 +350,13 @@ class TransformersChatModel:
             ) from exc
         model.eval()
         input_major = store_for_decoding(torch, model, choice.dtype)
+        float32_prompts = prompts_in_float32(torch, model) if choice.prompts_in_float32 else 0
         if tokenizer.chat_template is None:
             raise ModelUnavailable(f"model directory {path} has no chat template")
         log.info("model_loaded", model_id=model_id or path.name, digest=digest[:16],
                  dtype=choice.dtype, dtype_reason=choice.reason,
                  threads=torch.get_num_threads(), input_major_weights=input_major,
+                 float32_prompt_layers=float32_prompts,
                  seconds=round(time.perf_counter() - started, 3))
         return cls(model=model, tokenizer=tokenizer, model_id=model_id or path.name,
                    digest=digest, generation=generation or GenerationConfig(),

@@ -25,7 +25,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -202,6 +202,7 @@ def load_demo_model(
     tool_role: ToolRole = "user",
     dtype: str = "auto",
     prefix_cache_entries: int = 4,
+    flags: Iterable[str] | None = None,
 ) -> TransformersChatModel:
     """
     The demo model, ready to generate; its digest is the GGUF file's pinned SHA-256.
@@ -212,6 +213,7 @@ def load_demo_model(
     Args:
         dtype: ``auto``, ``float32`` or ``bfloat16`` (``TransformersChatModel.from_directory``).
         prefix_cache_entries: How many shared prompt prefixes to keep (0: none).
+        flags: The CPU's flags the dtype is chosen from (default: this CPU's).
 
     Raises:
         ModelUnavailable: See ``prepare_demo_model``.
@@ -226,4 +228,5 @@ def load_demo_model(
         tool_role=tool_role,
         dtype=dtype,
         prefix_cache_entries=prefix_cache_entries,
+        flags=flags,
     )

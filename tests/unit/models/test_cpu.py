@@ -14,6 +14,7 @@ from callward.core.models._cpu import (
     choose_dtype,
     cpu_flags,
     cpu_model_name,
+    prompts_in_float32,
     store_for_decoding,
     usable_cpus,
 )
@@ -53,8 +54,21 @@ class TestChooseDtype:
     @pytest.mark.parametrize("requested", ["float32", "bfloat16"])
     def test_a_configured_dtype_is_honoured_on_any_cpu(self, flags, requested):
         """An explicit dtype wins over the flags, and says it was configured."""
-        assert DtypeChoice(requested, "set in the configuration") == \
-            choose_dtype(flags, requested)
+        choice = choose_dtype(flags, requested)
+
+        assert (requested, "set in the configuration") == (choice.dtype, choice.reason)
+
+    @pytest.mark.parametrize(("flags", "requested", "expected"), [
+        (AVX2_ONLY, "bfloat16", True), (frozenset(), "bfloat16", True),
+        (ZEN4, "bfloat16", False), (AMX_ONLY, "bfloat16", False),
+        (AVX2_ONLY, "float32", False), (AVX2_ONLY, "auto", False), (ZEN4, "auto", False)])
+    def test_bfloat16_without_its_arithmetic_computes_prompts_in_float32(
+            self, flags, requested, expected):
+        """Only a bfloat16 set for a CPU without bfloat16 arithmetic; describe() says so."""
+        choice = choose_dtype(flags, requested)
+
+        assert expected == choice.prompts_in_float32
+        assert expected == ("prompts computed in float32" in choice.describe())
 
     def test_no_flags_read_is_float32(self):
         """Unreadable flags (another OS, a restricted sandbox) fail safe to float32."""
@@ -130,6 +144,58 @@ class TestStoreForDecoding:
             torch, theirs, dtype)
         assert ([layer.weight.stride() for layer in ours]
                 == [layer.weight.stride() for layer in theirs])
+
+
+class TestPromptsInFloat32:
+    def test_several_rows_are_a_float32_product_and_one_row_a_bfloat16_product(self):
+        """
+        Several rows: the float32 product of the exact float32 weights, rounded once to
+        bfloat16. One row: the bfloat16 product. The weights and state dict stay.
+        """
+        torch = pytest.importorskip("torch")
+        model = _layers(torch, torch.bfloat16)
+        state = {name: value.clone() for name, value in model.state_dict().items()}
+        rows = torch.randn(5, 16).bfloat16()
+        expected_rows, expected_row = rows, rows[:1]
+        for layer in model:
+            bias = None if layer.bias is None else layer.bias.float()
+            expected_rows = torch.nn.functional.linear(
+                expected_rows.float(), layer.weight.float(), bias).bfloat16()
+            expected_row = torch.nn.functional.linear(expected_row, layer.weight, layer.bias)
+
+        assert 4 == prompts_in_float32(torch, model)
+        with torch.inference_mode():
+            several, one = model(rows), model(rows[:1])
+
+        assert (torch.bfloat16, torch.bfloat16) == (several.dtype, one.dtype)
+        assert bool((expected_rows == several).all())
+        assert bool((expected_row == one).all())
+        assert state.keys() == model.state_dict().keys()
+        assert all(bool((state[name] == value).all())
+                   for name, value in model.state_dict().items())
+
+    def test_a_second_pass_and_float32_layers_change_nothing(self):
+        """Idempotent; float32 layers are not bfloat16 products to begin with."""
+        torch = pytest.importorskip("torch")
+        bf16, f32 = _layers(torch, torch.bfloat16), _layers(torch, torch.float32)
+        prompts_in_float32(torch, bf16)
+
+        assert (0, 0) == (prompts_in_float32(torch, bf16), prompts_in_float32(torch, f32))
+        assert all("forward" not in layer.__dict__ for layer in f32)
+
+    def test_the_float32_copy_is_made_for_several_rows_only(self):
+        """A layer that only ever multiplies one row (a head fed the last row) gets none."""
+        torch = pytest.importorskip("torch")
+        model = _layers(torch, torch.bfloat16)
+        prompts_in_float32(torch, model)
+        with torch.inference_mode():
+            model(torch.randn(1, 16).bfloat16())
+        assert all(layer.forward._weight is None for layer in model)
+
+        with torch.inference_mode():
+            model(torch.randn(3, 16).bfloat16())
+        copies = [layer.forward._weight for layer in model]
+        assert all(copy.dtype == torch.float32 and not copy.is_inference() for copy in copies)
 
 
 class TestLastLogitsOnly:

@@ -120,14 +120,18 @@ def _tiny_f32(tiny_model_dir: Path) -> TransformersChatModel:
 
 
 class TestPrefixCache:
-    @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-    def test_cached_turns_equal_uncached_turns(self, tiny_model_dir, dtype):
+    @pytest.mark.parametrize(("dtype", "flags"), [
+        ("float32", None), ("bfloat16", None), ("bfloat16", frozenset({"avx2"}))])
+    def test_cached_turns_equal_uncached_turns(self, tiny_model_dir, dtype, flags):
         """
         Turns sharing the system prompt and tools reuse its keys and values and generate
-        exactly what the full prompt generates, for two tool sets and a second turn.
+        exactly what the full prompt generates, for two tool sets and a second turn; also
+        bfloat16 on an AVX2-only CPU, which computes prompts in float32.
         """
         model = TransformersChatModel.from_directory(
-            tiny_model_dir, generation=GenerationConfig(max_new_tokens=12), dtype=dtype)
+            tiny_model_dir, generation=GenerationConfig(max_new_tokens=12), dtype=dtype,
+            flags=flags)
+        assert (flags is not None) == model.dtype_choice.prompts_in_float32
         conversations = [([SYSTEM, ChatMessage("user", q)], tools)
                          for tools in ([ADD_TOOL], [ADD_TOOL, SQUARE_TOOL]) for q in QUESTIONS]
         conversations.append(([SYSTEM, ChatMessage("user", "What is 2 + 3?"),
