@@ -5,6 +5,7 @@ right arguments and answers right, on held-out questions over the example tools
 (``callward.core.cli._demo.QUESTIONS``).
 
 Run: .venv/bin/python -m bench.agent_accuracy [--home DIR] [--dtype float32]
+         [--without-native-bf16]
          [--json OUT.json] [--compare BEFORE.json]        (needs the Docker Engine)
 
 One run is slow (a few model turns per question on a CPU): run it once before a change
@@ -40,6 +41,7 @@ from callward.core.agent import Agent
 from callward.core.gateway import Gateway
 from callward.core.gateway._config import Home, example_config_path
 from callward.core.models._chat import TransformersChatModel
+from callward.core.models._cpu import NATIVE_BF16_FLAGS, cpu_flags
 from callward.core.models._gguf import DEMO_MODEL_ID, DEMO_MODEL_SHA256, prepare_demo_model
 
 Args = dict[str, object]
@@ -204,6 +206,9 @@ def main() -> None:
                         "(default: a fresh temporary one: the first load converts the model)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="the demo model's dtype (default float32, as issue 17 measured)")
+    parser.add_argument("--without-native-bf16", action="store_true",
+                        help="give the model this CPU's flags without avx512_bf16/amx_bf16, "
+                        "as an AVX2 CPU's (a bfloat16 model then computes prompts in float32)")
     parser.add_argument("--json", help="write the per-question scores here")
     parser.add_argument("--compare", help="a --json file of an earlier run, shown beside")
     args = parser.parse_args()
@@ -213,7 +218,9 @@ def main() -> None:
         directory = prepare_demo_model(home.root / "models")
         model = TransformersChatModel.from_directory(
             directory, model_id=DEMO_MODEL_ID, digest=DEMO_MODEL_SHA256, tool_role="user",
-            dtype=args.dtype)
+            dtype=args.dtype,
+            flags=cpu_flags() - frozenset(NATIVE_BF16_FLAGS) if args.without_native_bf16 else None)
+        print(f"dtype: {model.dtype_choice.describe() if model.dtype_choice else args.dtype}")
         started = time.perf_counter()
         scores = score_all(model, home)
         seconds = time.perf_counter() - started

@@ -79,6 +79,38 @@ def store_for_decoding(torch: Any, model: Any, dtype: str) -> int:
     return changed
 
 
+def prompts_in_float32(torch: Any, model: Any) -> int:
+    """bfloat16 products of several rows in float32 (see ``core.models._cpu``)."""
+    changed = 0
+    for module in model.modules():
+        if (isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.bfloat16
+                and not isinstance(module.__dict__.get("forward"), _RowsInFloat32)):
+            module.forward = _RowsInFloat32(torch, module)
+            changed += 1
+    return changed
+
+
+class _RowsInFloat32:
+    """One linear layer's forward for ``prompts_in_float32``."""
+
+    def __init__(self, torch: Any, layer: Any) -> None:
+        self._torch = torch
+        self._layer = layer
+        self._weight: Any = None
+        self._bias: Any = None
+
+    def __call__(self, rows: Any) -> Any:
+        linear = self._torch.nn.functional.linear
+        layer = self._layer
+        if rows.numel() == rows.shape[-1]:
+            return linear(rows, layer.weight, layer.bias)
+        if self._weight is None:
+            with self._torch.inference_mode(False), self._torch.no_grad():
+                self._bias = None if layer.bias is None else layer.bias.detach().float()
+                self._weight = layer.weight.detach().float()
+        return linear(rows.float(), self._weight, self._bias).to(rows.dtype)
+
+
 def _last_logits_only(model: Any) -> dict[str, int]:
     """``logits_to_keep=1`` where the forward takes it (see ``core.models._chat``)."""
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
@@ -226,7 +258,7 @@ class GenerateServer:
 
     def __init__(self, torch: Any, transformers: Any, weights: str, max_input_tokens: int,
                  *, dtype: str = "bfloat16", prefix_cache_entries: int = PREFIX_CACHE_ENTRIES,
-                 ) -> None:
+                 float32_prompts: bool = False) -> None:
         self._torch = torch
         self._dynamic_cache = transformers.DynamicCache
         self._tokenizer = transformers.AutoTokenizer.from_pretrained(weights, local_files_only=True)
@@ -234,6 +266,8 @@ class GenerateServer:
             weights, local_files_only=True, use_safetensors=True, dtype=getattr(torch, dtype)
         ).eval()
         store_for_decoding(torch, self._model, dtype)
+        if float32_prompts:
+            prompts_in_float32(torch, self._model)
         self._max_input_tokens = max_input_tokens
         self.prefix_cache = PrefixCache(prefix_cache_entries)
 
@@ -388,7 +422,9 @@ def main() -> None:
         torch.set_num_threads(max(1, options.threads))
         transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
         server: EmbedServer | GenerateServer
-        dtype, reason = choose_dtype(cpu_flags(), options.dtype)
+        flags = cpu_flags()
+        dtype, reason = choose_dtype(flags, options.dtype)
+        float32_prompts = dtype == "bfloat16" and flags.isdisjoint(NATIVE_BF16_FLAGS)
         if options.task == "embed":
             # A 22M-parameter encoder: float32 always; a text is embedded whole, so
             # there is no shared prefix to keep.
@@ -396,7 +432,10 @@ def main() -> None:
             server = EmbedServer(torch, transformers, options.weights, options.collection)
         else:
             server = GenerateServer(torch, transformers, options.weights,
-                                    options.max_input_tokens, dtype=dtype)
+                                    options.max_input_tokens, dtype=dtype,
+                                    float32_prompts=float32_prompts)
+            if float32_prompts:
+                reason += ", prompts computed in float32"
     except BaseException as exc:  # noqa: BLE001 - reported to the host, then exit
         results.write(_failure(exc))
         os._exit(1)

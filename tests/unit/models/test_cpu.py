@@ -197,6 +197,17 @@ class TestPromptsInFloat32:
         copies = [layer.forward._weight for layer in model]
         assert all(copy.dtype == torch.float32 and not copy.is_inference() for copy in copies)
 
+    def test_the_worker_server_computes_as_core_does(self):
+        """model_server.py repeats prompts_in_float32: the same layers, the same numbers."""
+        torch = pytest.importorskip("torch")
+        ours, theirs = _layers(torch, torch.bfloat16), _layers(torch, torch.bfloat16)
+        rows = torch.randn(6, 16).bfloat16()
+
+        assert prompts_in_float32(torch, ours) == _server().prompts_in_float32(torch, theirs)
+        with torch.inference_mode():
+            assert bool((ours(rows) == theirs(rows)).all())
+            assert bool((ours(rows[:1]) == theirs(rows[:1])).all())
+
 
 class TestLastLogitsOnly:
     def test_the_worker_server_asks_as_core_does(self):
