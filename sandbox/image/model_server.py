@@ -28,7 +28,9 @@ Invariants:
   otherwise: the rule of ``callward.core.models._cpu.choose_dtype``, which this
   server, run without callward on its path, repeats (a unit test holds them equal);
   so does ``store_for_decoding``, which lays the float32 weights of widening linear
-  layers out input-major (same numbers, faster decoding).
+  layers out input-major (same numbers, faster decoding), and ``prompts_in_float32``,
+  with which a bfloat16 set for a CPU without bfloat16 arithmetic computes its prompts
+  in float32.
 - The host bounds each request's time and kills the container past it; the server
   itself never decides that a request ran too long.
 """
@@ -56,14 +58,20 @@ NATIVE_BF16_FLAGS: Final = ("avx512_bf16", "amx_bf16")
 PREFIX_CACHE_ENTRIES: Final = 4
 
 
-def choose_dtype(flags: frozenset[str], requested: str) -> tuple[str, str]:
-    """The dtype to load the generator in and why (see ``core.models._cpu``)."""
-    if requested in ("float32", "bfloat16"):
-        return requested, "set in the configuration"
+def choose_dtype(flags: frozenset[str], requested: str) -> tuple[str, str, bool]:
+    """
+    The dtype to load the generator in, why, and whether its prompts are computed in
+    float32 (see ``core.models._cpu``).
+    """
+    if requested == "float32":
+        return requested, "set in the configuration", False
+    if requested == "bfloat16":
+        return requested, "set in the configuration", flags.isdisjoint(NATIVE_BF16_FLAGS)
     for flag in NATIVE_BF16_FLAGS:
         if flag in flags:
-            return "bfloat16", f"cpu flag {flag}: native bfloat16"
-    return "float32", f"no {' or '.join(NATIVE_BF16_FLAGS)} cpu flag: bfloat16 would be emulated"
+            return "bfloat16", f"cpu flag {flag}: native bfloat16", False
+    return ("float32", f"no {' or '.join(NATIVE_BF16_FLAGS)} cpu flag: bfloat16 would be "
+            "emulated", False)
 
 
 def store_for_decoding(torch: Any, model: Any, dtype: str) -> int:
@@ -422,9 +430,7 @@ def main() -> None:
         torch.set_num_threads(max(1, options.threads))
         transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
         server: EmbedServer | GenerateServer
-        flags = cpu_flags()
-        dtype, reason = choose_dtype(flags, options.dtype)
-        float32_prompts = dtype == "bfloat16" and flags.isdisjoint(NATIVE_BF16_FLAGS)
+        dtype, reason, float32_prompts = choose_dtype(cpu_flags(), options.dtype)
         if options.task == "embed":
             # A 22M-parameter encoder: float32 always; a text is embedded whole, so
             # there is no shared prefix to keep.

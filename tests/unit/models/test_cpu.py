@@ -87,7 +87,8 @@ class TestChooseDtype:
         server = _server()
         core = choose_dtype(flags, requested)
 
-        assert (core.dtype, core.reason) == server.choose_dtype(flags, requested)
+        assert (core.dtype, core.reason, core.prompts_in_float32) == server.choose_dtype(
+            flags, requested)
         assert NATIVE_BF16_FLAGS == server.NATIVE_BF16_FLAGS
 
 
