@@ -8,15 +8,19 @@ interleaved question by question in one process:
   CPU, every prompt computed in full);
 - ``bf16, prefix cached``: bfloat16 with the shared prefix (system prompt and tools) kept;
 - ``fp32, full prompt`` and ``fp32, prefix cached``: the same in float32, the dtype
-  ``auto`` picks on a CPU without bfloat16 arithmetic (AVX2 only, as the issue's
-  reporter's); on a CPU with it, these rows show float32's cost, not an AVX2 machine's;
+  ``auto`` picked on a CPU without bfloat16 arithmetic (AVX2 only, as the issue's
+  reporter's) until it measured the last way faster there; on a CPU with it, these rows
+  show float32's cost, not an AVX2 machine's;
 - ``fp32, prefix cached, output-major weights``: the float32 model with its widening
   linear weights left as stored (``store_for_decoding`` undone), the baseline of that
   layout change;
 - ``bf16, prefix cached, float32 prompts``: bfloat16 set explicitly as on a CPU without
   bfloat16 arithmetic (the flags passed without ``avx512_bf16``/``amx_bf16``): products
   of several rows in float32 from exact float32 copies of the weights, one-row decoding
-  products in bfloat16 (``prompts_in_float32``).
+  products in bfloat16 (``prompts_in_float32``): what ``auto`` chooses on an AVX2 CPU
+  without bfloat16 arithmetic.
+
+The way ``auto`` chooses with the flags the models are given is marked ``(auto)``.
 
 Per way: demo turn p50 and mean, the first turn of a question once the prefix is warm,
 output tokens per second, and the demo's answers (which must agree: cached turns are the
@@ -151,6 +155,9 @@ def run(home: Path, *, rounds: int, questions: int, isa: str | None) -> None:  #
             Way("fp32, prefix cached", "float32", cached=True),
             Way("fp32, prefix cached, output-major weights", OUTPUT_MAJOR, cached=True),
             Way("bf16, prefix cached, float32 prompts", FLOAT32_PROMPTS, cached=True)]
+    auto = choose_dtype(model_flags)
+    auto_way = ways[5 if auto.prompts_in_float32 else 3 if auto.dtype == "float32" else 1]
+    auto_way.name += " (auto)"
     caches = {dtype: PrefixCache(4) for dtype in models}
     asked = QUESTIONS[:questions]
     with Gateway.from_config(example_config_path(), home=home / "gateway") as gateway:

@@ -317,7 +317,8 @@ class TransformersChatModel:
 
         Args:
             digest: The digest to record; by default ``directory_digest(path)``.
-            dtype: ``auto`` (bfloat16 where the CPU computes it natively, else float32:
+            dtype: ``auto`` (bfloat16 where the CPU computes it natively; bfloat16
+                weights with float32 prompts on another AVX2 CPU; else float32:
                 ``choose_dtype``), ``float32`` or ``bfloat16``. Weights stored in another
                 dtype are cast on load.
             prefix_cache_entries: How many shared prompt prefixes to keep (0: none).

@@ -12,9 +12,12 @@ Invariants:
 - ``choose_dtype`` is a pure function of the flags and the requested dtype: the same
   flags always give the same choice, and its ``reason`` names the flag (or the setting)
   it rests on.
-- ``auto`` chooses bfloat16 only when a flag of ``NATIVE_BF16_FLAGS`` is present;
-  anything else (no flags readable, an unknown CPU) chooses float32, which is correct
-  everywhere and only slower where bfloat16 would have been native.
+- ``auto`` chooses native bfloat16 when a flag of ``NATIVE_BF16_FLAGS`` is present; on a
+  CPU with ``avx2`` but neither of them, bfloat16 weights with prompts computed in float32
+  (``prompts_in_float32``), unless the caller cannot afford the float32 copies that takes
+  (``float32_copies_allowed=False``: a worker with a tight memory limit), which gets
+  float32; anything else (no flags readable, an unknown CPU) chooses float32, which is
+  correct everywhere and only slower where bfloat16 would have been native.
 - An explicit ``float32`` or ``bfloat16`` is always honoured. An explicit bfloat16 on a
   CPU without bfloat16 arithmetic computes prompts in float32 (``prompts_in_float32``):
   the weights stay the model's bfloat16 values, and only how their products are summed
@@ -66,13 +69,25 @@ class DtypeChoice:
         return f"{self.dtype} ({self.reason}{how})"
 
 
-def choose_dtype(flags: Iterable[str], requested: str = "auto") -> DtypeChoice:
+def choose_dtype(flags: Iterable[str], requested: str = "auto", *,
+                 float32_copies_allowed: bool = True) -> DtypeChoice:
     """
     The dtype to compute in, given the CPU's flags and the configured setting.
+
+    ``auto`` on an AVX2 CPU without bfloat16 arithmetic chooses bfloat16 weights with
+    prompts computed in float32. Where it was measured (docs/performance.md), that is
+    the fastest way on such a CPU: its decoding products stream half float32's bytes
+    through torch's vectorised AVX2 kernels (``bf16_dot_with_fp32_arith`` and MKL's
+    ``xgemv_bf16bf16f32``, seen under valgrind, whose CPU has no AVX-512), and its prompts
+    are float32's products, never the emulated bfloat16 matrix product that made the
+    issue's reporter's turns 30-43 s.
 
     Args:
         flags: The CPU's flags as ``/proc/cpuinfo`` spells them (``cpu_flags()``).
         requested: ``auto``, ``float32`` or ``bfloat16``.
+        float32_copies_allowed: Whether ``auto`` may choose bfloat16 with float32 prompt
+            copies (about 1.4 times float32's memory in all, for the demo model: 2.4 GB
+            against 2.0 GB); without them it chooses float32 on such a CPU.
 
     Raises:
         ValueError: ``requested`` is none of the three.
@@ -88,8 +103,11 @@ def choose_dtype(flags: Iterable[str], requested: str = "auto") -> DtypeChoice:
     for flag in NATIVE_BF16_FLAGS:
         if flag in present:
             return DtypeChoice("bfloat16", f"cpu flag {flag}: native bfloat16")
-    return DtypeChoice(
-        "float32", f"no {' or '.join(NATIVE_BF16_FLAGS)} cpu flag: bfloat16 would be emulated")
+    missing = f"no {' or '.join(NATIVE_BF16_FLAGS)} cpu flag"
+    if "avx2" in present and float32_copies_allowed:
+        return DtypeChoice("bfloat16", f"cpu flag avx2, {missing}: bfloat16 weights",
+                           prompts_in_float32=True)
+    return DtypeChoice("float32", f"{missing}: bfloat16 would be emulated")
 
 
 def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:

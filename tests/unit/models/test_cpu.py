@@ -34,12 +34,39 @@ AMX_ONLY = AVX2_ONLY | frozenset({"amx_bf16", "amx_tile"})
 
 
 class TestChooseDtype:
-    def test_a_cpu_without_bfloat16_arithmetic_computes_in_float32(self):
-        """AVX2 alone (and AVX-512 without BF16) chooses float32, saying which flag is missing."""
+    def test_an_avx2_cpu_without_bfloat16_arithmetic_gets_bfloat16_weights_float32_prompts(
+            self):
+        """
+        AVX2 alone (and AVX-512 without BF16) chooses bfloat16 weights with prompts in
+        float32, naming the flag it rests on and the one missing; describe() says so.
+        """
         choice = choose_dtype(AVX2_ONLY)
         avx512_only = choose_dtype(AVX2_ONLY | {"avx512f", "avx512bw"})
 
-        assert "float32" == choice.dtype == avx512_only.dtype
+        assert DtypeChoice("bfloat16", "cpu flag avx2, no avx512_bf16 or amx_bf16 cpu flag: "
+                           "bfloat16 weights", prompts_in_float32=True) == choice == avx512_only
+        assert choice.describe().endswith("bfloat16 weights, prompts computed in float32)")
+
+    def test_without_room_for_the_float32_copies_it_is_float32(self):
+        """A caller that cannot afford the copies (a worker) gets float32 on that CPU."""
+        choice = choose_dtype(AVX2_ONLY, float32_copies_allowed=False)
+
+        assert DtypeChoice("float32", "no avx512_bf16 or amx_bf16 cpu flag: bfloat16 would "
+                           "be emulated") == choice
+        assert choice == choose_dtype(AVX2_ONLY, "auto", float32_copies_allowed=False)
+        # Native bfloat16 takes no copies, and a setting is a setting.
+        assert choose_dtype(ZEN4) == choose_dtype(ZEN4, float32_copies_allowed=False)
+        assert choose_dtype(AVX2_ONLY, "bfloat16").prompts_in_float32
+        assert choose_dtype(AVX2_ONLY, "bfloat16", float32_copies_allowed=False) == \
+            choose_dtype(AVX2_ONLY, "bfloat16")
+
+    @pytest.mark.parametrize("flags", [frozenset(), frozenset({"sse2", "avx", "fma"}),
+                                       frozenset({"fp", "asimd", "bf16"})])
+    def test_a_cpu_without_avx2_or_unknown_computes_in_float32(self, flags):
+        """No flags, an x86 CPU without AVX2, or another architecture: float32."""
+        choice = choose_dtype(flags)
+
+        assert ("float32", False) == (choice.dtype, choice.prompts_in_float32)
         assert "no avx512_bf16 or amx_bf16 cpu flag" in choice.reason
 
     @pytest.mark.parametrize(("flags", "flag"), [(ZEN4, "avx512_bf16"),
@@ -61,10 +88,11 @@ class TestChooseDtype:
     @pytest.mark.parametrize(("flags", "requested", "expected"), [
         (AVX2_ONLY, "bfloat16", True), (frozenset(), "bfloat16", True),
         (ZEN4, "bfloat16", False), (AMX_ONLY, "bfloat16", False),
-        (AVX2_ONLY, "float32", False), (AVX2_ONLY, "auto", False), (ZEN4, "auto", False)])
+        (AVX2_ONLY, "float32", False), (AVX2_ONLY, "auto", True), (ZEN4, "auto", False),
+        (frozenset(), "auto", False)])
     def test_bfloat16_without_its_arithmetic_computes_prompts_in_float32(
             self, flags, requested, expected):
-        """Only a bfloat16 set for a CPU without bfloat16 arithmetic; describe() says so."""
+        """Only bfloat16 on a CPU without bfloat16 arithmetic; describe() says so."""
         choice = choose_dtype(flags, requested)
 
         assert expected == choice.prompts_in_float32
@@ -80,16 +108,27 @@ class TestChooseDtype:
         with pytest.raises(ValueError, match="dtype must be one of"):
             choose_dtype(ZEN4, requested)
 
+    @pytest.mark.parametrize("copies", [True, False])
     @pytest.mark.parametrize("flags", [AVX2_ONLY, ZEN4, SAPPHIRE_RAPIDS, AMX_ONLY, frozenset()])
     @pytest.mark.parametrize("requested", ["auto", "float32", "bfloat16"])
-    def test_the_worker_server_chooses_as_core_does(self, flags, requested):
+    def test_the_worker_server_chooses_as_core_does(self, flags, requested, copies):
         """model_server.py, which cannot import callward, repeats the same rule."""
         server = _server()
-        core = choose_dtype(flags, requested)
+        core = choose_dtype(flags, requested, float32_copies_allowed=copies)
 
         assert (core.dtype, core.reason, core.prompts_in_float32) == server.choose_dtype(
-            flags, requested)
+            flags, requested, float32_copies_allowed=copies)
         assert NATIVE_BF16_FLAGS == server.NATIVE_BF16_FLAGS
+
+    @pytest.mark.parametrize("flags", [AVX2_ONLY, ZEN4, AMX_ONLY, frozenset()])
+    @pytest.mark.parametrize("requested", ["auto", "float32", "bfloat16"])
+    def test_the_generator_worker_takes_no_float32_copies_under_auto(self, flags, requested):
+        """Its memory limit is sized for float32: auto on AVX2 alone is float32 there."""
+        core = choose_dtype(flags, requested, float32_copies_allowed=False)
+
+        assert (core.dtype, core.reason, core.prompts_in_float32) == \
+            _server().generator_dtype(flags, requested)
+        assert ("float32", False) == _server().generator_dtype(AVX2_ONLY, "auto")[::2]
 
 
 def _layers(torch, dtype):
