@@ -86,8 +86,8 @@ def choose_dtype(flags: Iterable[str], requested: str = "auto", *,
         flags: The CPU's flags as ``/proc/cpuinfo`` spells them (``cpu_flags()``).
         requested: ``auto``, ``float32`` or ``bfloat16``.
         float32_copies_allowed: Whether ``auto`` may choose bfloat16 with float32 prompt
-            copies (about 1.4 times float32's memory in all, for the demo model: 2.4 GB
-            against 2.0 GB); without them it chooses float32 on such a CPU.
+            copies (for the demo model 1.4 GB of copies, 2.4 GB in all against float32's
+            2.0 GB); without them it chooses float32 on such a CPU.
 
     Raises:
         ValueError: ``requested`` is none of the three.
