@@ -359,6 +359,7 @@ class Agent:
             "session_id": self.session_id,
             "model": {"id": self.model.model_id, "digest": self.model.digest,
                       **({"dtype": turn.dtype} if turn.dtype else {}),
+                      **({"prompts_in_float32": True} if turn.prompts_in_float32 else {}),
                       **(dict(turn.served) if turn.served is not None else {})},
             "prompt_sha256": turn.prompt_sha256,
             "output_sha256": turn.output_sha256,

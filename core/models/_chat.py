@@ -123,6 +123,9 @@ class ModelTurn:
         duration_seconds: Wall-clock time of the generation, template included.
         dtype: What the weights computed in (``float32``, ``bfloat16``); empty where
             the model does not say (a served model).
+        prompts_in_float32: bfloat16 weights whose products of several rows (the
+            prompt) were computed in float32 (``prompts_in_float32``, a CPU without
+            bfloat16 arithmetic): a replay elsewhere must compute them so to match.
         cached_prompt_tokens: Leading prompt tokens whose keys and values came from the
             prefix cache instead of being computed again (0: none).
         call_required: The turn was asked to be a call (``require_call``): a local
@@ -144,6 +147,7 @@ class ModelTurn:
     #: the model the server reports, finish_reason, usage); None for a local model.
     served: Mapping[str, JSONValue] | None = None
     call_required: bool = False
+    prompts_in_float32: bool = False
 
 
 class ChatModel(Protocol):
@@ -495,6 +499,8 @@ class TransformersChatModel:
             dtype=self.dtype,
             cached_prompt_tokens=len(prefix) if reused else 0,
             call_required=bool(opening),
+            prompts_in_float32=(self.dtype_choice is not None
+                                and self.dtype_choice.prompts_in_float32),
         )
 
 

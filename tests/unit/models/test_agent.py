@@ -230,8 +230,29 @@ class TestWithTinyModel:
 
         turns = [r.body for r in store.records() if r.kind == "model.turn"]
         assert ["float32", "float32"] == [body["model"]["dtype"] for body in turns]
+        assert not any("prompts_in_float32" in body["model"] for body in turns)
         assert "prompt_cached" not in turns[0]["tokens"]
         assert 100 < turns[1]["tokens"]["prompt_cached"] < turns[1]["tokens"]["prompt"]
+
+    @pytest.mark.parametrize(("flags", "recorded"), [
+        (frozenset({"avx2", "fma"}), True), (frozenset({"avx2", "avx512_bf16"}), False)])
+    def test_model_turn_records_prompts_computed_in_float32(self, gateway, store,
+                                                            tiny_model_dir, flags, recorded):
+        """
+        bfloat16 on a CPU without bfloat16 arithmetic (auto on AVX2 alone): model.turn
+        says its prompt was computed in float32, which a replay must know; native
+        bfloat16 says nothing of it.
+        """
+        from callward.core.models._chat import GenerationConfig
+
+        model = TransformersChatModel.from_directory(
+            tiny_model_dir, generation=GenerationConfig(max_new_tokens=4), flags=flags)
+        Agent(gateway=gateway, model=model, principal="alice",
+              limits=AgentLimits(max_steps=1)).run("What is 2 + 3?")
+
+        [turn] = [r.body for r in store.records() if r.kind == "model.turn"]
+        assert "bfloat16" == turn["model"]["dtype"]
+        assert recorded == turn["model"].get("prompts_in_float32", False)
 
 
     def test_a_required_call_starts_with_the_call_opening(self, tiny_model_dir):
