@@ -156,7 +156,8 @@ def run(home: Path, *, rounds: int, questions: int, isa: str | None) -> None:  #
             Way("fp32, prefix cached, output-major weights", OUTPUT_MAJOR, cached=True),
             Way("bf16, prefix cached, float32 prompts", FLOAT32_PROMPTS, cached=True)]
     auto = choose_dtype(model_flags)
-    auto_way = ways[5 if auto.prompts_in_float32 else 3 if auto.dtype == "float32" else 1]
+    auto_model = FLOAT32_PROMPTS if auto.prompts_in_float32 else auto.dtype
+    auto_way = next(way for way in ways if way.model == auto_model and way.cached)
     auto_way.name += " (auto)"
     caches = {dtype: PrefixCache(4) for dtype in models}
     asked = QUESTIONS[:questions]

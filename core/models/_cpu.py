@@ -180,16 +180,17 @@ def prompts_in_float32(torch: Any, model: Any) -> int:
     a bfloat16 product.
 
     For a CPU without bfloat16 arithmetic (no flag of ``NATIVE_BF16_FLAGS``), where
-    ``bfloat16`` was set explicitly. There ``torch`` computes a bfloat16 matrix product of
-    many rows by converting operands one by one, about four times float32's time (the
-    demo model's 650-token prefix: 12.2 s against 3.4 s, capped at AVX2), while its
-    one-row product is a vectorised kernel that streams half float32's bytes, about twice
-    as fast as float32 (57 ms against 109 ms a decoding step). Each layer therefore keeps a
-    float32 copy of its weight, made the first time it multiplies several rows: exact,
-    since every bfloat16 value is a float32 value. The float32 product sums in float32
-    and is rounded to bfloat16 once, as a bfloat16 product's float32 accumulator is. The
-    copies cost memory (1.4 GB for the demo model; a vocabulary head that only ever
-    multiplies the last row gets none). Calling it twice changes nothing more.
+    ``bfloat16`` was set or ``auto`` chose it (``choose_dtype``). There ``torch``
+    computes a bfloat16 matrix product of many rows by converting operands one by one,
+    about four times float32's time (the demo model's 650-token prefix: 12.2 s against
+    3.4 s, capped at AVX2), while its one-row product is a vectorised kernel that
+    streams half float32's bytes, about twice as fast as float32 (57 ms against 109 ms a
+    decoding step). Each layer therefore keeps a float32 copy of its weight, made the
+    first time it multiplies several rows: exact, since every bfloat16 value is a
+    float32 value. The float32 product sums in float32 and is rounded to bfloat16 once,
+    as a bfloat16 product's float32 accumulator is. The copies cost memory (1.4 GB for
+    the demo model; a vocabulary head that only ever multiplies the last row gets none).
+    Calling it twice changes nothing more.
 
     Layers are changed by giving the instance its own ``forward``, as ``accelerate``'s
     module hooks do; the weights and the state dict stay as they are.
